@@ -256,6 +256,7 @@ def _dequantise(gguf_path: Path, folder: Path) -> None:
         tok.save_pretrained(tmp)
         if folder.exists():
             shutil.rmtree(folder)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         tmp.rename(folder)  # atomic: a half-written cache is never picked up
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -443,7 +444,6 @@ def tiny_model(
     ``arch="llama"`` with ``n_kv_heads < n_heads`` gives grouped-query attention.
     """
     from transformer_lens.model_bridge import TransformerBridge
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
     arch = arch.lower()
     if arch not in ("gpt2", "llama"):
@@ -455,31 +455,38 @@ def tiny_model(
             f"n_kv_heads={n_kv_heads} needs arch='llama' and to divide n_heads={n_heads}"
         )
     tok = tiny_tokenizer()
-    d_mlp = d_mlp or 4 * d_model
+    # Private RNG: building a model must not disturb the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if arch == "gpt2":
-            cfg = GPT2Config(
-                vocab_size=len(tok), n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
-                n_head=n_heads, n_inner=d_mlp, bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        hf = _tiny_hf_model(arch, tok, n_layers, n_heads, n_kv_heads, d_model, d_mlp or 4 * d_model, n_ctx)
+        with _quiet():
+            model = TransformerBridge.boot_transformers(
+                f"tiny-{arch}", hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32
             )
-            hf = GPT2LMHeadModel(cfg)
-        else:
-            cfg = LlamaConfig(
-                vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp,
-                num_hidden_layers=n_layers, num_attention_heads=n_heads,
-                num_key_value_heads=n_kv_heads or n_heads, max_position_embeddings=n_ctx,
-                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
-            )
-            hf = LlamaForCausalLM(cfg)
-    hf.config.architectures = [type(hf).__name__]
-    hf.eval()
-    with _quiet():
-        model = TransformerBridge.boot_transformers(
-            f"tiny-{arch}", hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32
-        )
     model.eval()
     return model
+
+
+def _tiny_hf_model(arch, tok, n_layers, n_heads, n_kv_heads, d_model, d_mlp, n_ctx):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    if arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=len(tok), n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
+            n_head=n_heads, n_inner=d_mlp, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        )
+        hf = GPT2LMHeadModel(cfg)
+    else:
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads or n_heads, max_position_embeddings=n_ctx,
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        )
+        hf = LlamaForCausalLM(cfg)
+    # The bridge picks its adapter from this field.
+    hf.config.architectures = [type(hf).__name__]
+    return hf.eval()

