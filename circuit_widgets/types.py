@@ -118,3 +118,191 @@ class Receiver:
 
     def __str__(self) -> str:
         return f"{self.layer}.{self.head}.{self.input.value}"
+
+
+@dataclass(frozen=True)
+class CircuitGroup:
+    """Heads that act together at one named position ("END", "query_label", ...; None = all)."""
+
+    name: str
+    heads: frozenset[Head]
+    position: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "heads", frozenset(Head.parse(h) for h in self.heads))
+
+
+@dataclass(frozen=True)
+class Circuit:
+    """A set of heads, optionally split into named groups each acting at its own position.
+
+    Set operations (|, &, -) work on heads; groups of the same name are merged.
+    """
+
+    groups: tuple[CircuitGroup, ...] = ()
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names):
+            raise ValueError(f"circuit group names must be unique, got {names}")
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_heads(cls, heads, *, position: str | None = None, name: str = "", group: str = "heads") -> "Circuit":
+        return cls((CircuitGroup(group, frozenset(Head.parse(h) for h in heads), position),), name)
+
+    @classmethod
+    def from_groups(cls, groups: dict, *, positions: dict | None = None, name: str = "") -> "Circuit":
+        """``{"A": [heads], ...}`` with ``positions={"A": "END", ...}``."""
+        positions = positions or {}
+        return cls(
+            tuple(CircuitGroup(g, frozenset(hs), positions.get(g)) for g, hs in groups.items()), name
+        )
+
+    @classmethod
+    def from_grid(
+        cls,
+        grid,
+        *,
+        top_k: int | None = None,
+        top_frac: float | None = None,
+        threshold: float | None = None,
+        sign: str = "abs",
+        position: str | None = None,
+        name: str = "",
+        group: str = "heads",
+    ) -> "Circuit":
+        """Heads of a [n_layers, n_heads] result: the top k, the top fraction, or |value| >= threshold.
+
+        ``sign`` ranks by "abs", "positive" or "negative" values; NaN cells never enter.
+        """
+        import torch
+
+        if sum(x is not None for x in (top_k, top_frac, threshold)) != 1:
+            raise ValueError("give exactly one of top_k, top_frac or threshold")
+        values = grid if isinstance(grid, torch.Tensor) else getattr(grid, "values", grid)
+        values = torch.as_tensor(values, dtype=torch.float32)
+        if values.dim() != 2:
+            raise ValueError(f"from_grid needs a [n_layers, n_heads] grid, got shape {tuple(values.shape)}")
+        score = {"abs": values.abs(), "positive": values, "negative": -values}.get(sign)
+        if score is None:
+            raise ValueError(f"sign must be 'abs', 'positive' or 'negative', got {sign!r}")
+        score = torch.nan_to_num(score, nan=float("-inf"))
+        flat = score.flatten()
+        finite = int(torch.isfinite(flat).sum())
+        if threshold is not None:
+            keep = (flat >= threshold).nonzero().flatten().tolist()
+        else:
+            if top_frac is not None:
+                if not 0 < top_frac <= 1:
+                    raise ValueError(f"top_frac must be in (0, 1], got {top_frac}")
+                # Fraction of all heads, as Merullo et al. take the top 2% per stage.
+                top_k = max(1, round(top_frac * flat.numel()))
+            if top_k < 0:
+                raise ValueError(f"top_k must be >= 0, got {top_k}")
+            keep = flat.argsort(descending=True, stable=True)[: min(top_k, finite)].tolist()
+        n_heads = values.shape[1]
+        heads = [Head(i // n_heads, i % n_heads) for i in keep]
+        return cls.from_heads(heads, position=position, name=name, group=group)
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def heads(self) -> frozenset[Head]:
+        return frozenset().union(*(g.heads for g in self.groups)) if self.groups else frozenset()
+
+    def group(self, name: str) -> CircuitGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise ValueError(f"circuit has no group {name!r}; it has {[g.name for g in self.groups]}")
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __iter__(self):
+        return iter(sorted(self.heads))
+
+    def __contains__(self, head) -> bool:
+        return Head.parse(head) in self.heads
+
+    def validate(self, n_layers: int, n_heads: int, position_names=None) -> None:
+        """Raise ValueError if a head or a group's position does not exist in this model/task."""
+        for g in self.groups:
+            for h in sorted(g.heads):
+                if h.layer >= n_layers or h.head >= n_heads:
+                    raise ValueError(
+                        f"head {h} of group {g.name!r} is outside the model "
+                        f"(layers 0-{n_layers - 1}, heads 0-{n_heads - 1})"
+                    )
+            if position_names is not None and g.position is not None and g.position not in position_names:
+                raise ValueError(
+                    f"group {g.name!r} acts at position {g.position!r}, which the task lacks; "
+                    f"it has {sorted(position_names)}"
+                )
+
+    # ------------------------------------------------------------------ set operations
+
+    def _combine(self, other: "Circuit", op) -> "Circuit":
+        mine = {g.name: g for g in self.groups}
+        theirs = {g.name: g for g in other.groups}
+        out = []
+        for name in list(mine) + [n for n in theirs if n not in mine]:
+            a, b = mine.get(name), theirs.get(name)
+            heads = op(a.heads if a else frozenset(), b.heads if b else frozenset(),
+                       self.heads, other.heads)
+            position = (a or b).position
+            if heads:
+                out.append(CircuitGroup(name, heads, position))
+        return Circuit(tuple(out), self.name or other.name)
+
+    def __or__(self, other: "Circuit") -> "Circuit":
+        return self._combine(other, lambda a, b, A, B: a | b)
+
+    def __and__(self, other: "Circuit") -> "Circuit":
+        return self._combine(other, lambda a, b, A, B: a & B)
+
+    def __sub__(self, other: "Circuit") -> "Circuit":
+        return self._combine(other, lambda a, b, A, B: a - B)
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "groups": [
+                {"name": g.name, "position": g.position, "heads": [[h.layer, h.head] for h in sorted(g.heads)]}
+                for g in self.groups
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Circuit":
+        try:
+            groups = tuple(
+                CircuitGroup(g["name"], frozenset(Head(int(l), int(h)) for l, h in g["heads"]), g.get("position"))
+                for g in data["groups"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a circuit description: {exc}") from None
+        return cls(groups, data.get("name", ""))
+
+    def to_json(self) -> str:
+        import json
+
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> "Circuit":
+        import json
+
+        return cls.from_dict(json.loads(text))
+
+    def __str__(self) -> str:
+        parts = [
+            f"{g.name}@{g.position or 'all'}: {', '.join(str(h) for h in sorted(g.heads))}"
+            for g in self.groups
+        ]
+        return f"Circuit({self.name + '; ' if self.name else ''}{'; '.join(parts)})"

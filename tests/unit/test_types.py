@@ -1,0 +1,85 @@
+"""The shared vocabulary: heads, receivers, enums and circuits (set algebra, JSON, grids)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuit_widgets.types import Circuit, CircuitGroup, Component, Head, Receiver, ReceiverInput
+
+
+def test_head_parse_forms_and_errors():
+    assert Head.parse("3.1") == Head.parse("L3H1") == Head.parse((3, 1)) == Head(3, 1)
+    assert str(Head(10, 2)) == "10.2"
+    with pytest.raises(ValueError, match="cannot read a head"):
+        Head.parse("three.one")
+    with pytest.raises(ValueError, match=">= 0"):
+        Head(-1, 0)
+    with pytest.raises(TypeError):
+        Head(1.5, 0)
+
+
+def test_receiver_and_component_coercion():
+    assert Receiver(2, 1, "K").input is ReceiverInput.K
+    assert Component.coerce("Z") is Component.Z and Component.coerce("attn_out").per_head is False
+    assert Component.K.per_kv_head and not Component.Q.per_kv_head
+    with pytest.raises(ValueError, match="'z', 'q'"):
+        Component.coerce("zz")
+    with pytest.raises(ValueError):
+        Receiver(1, 0, "o")
+
+
+def test_from_grid_top_k_top_frac_threshold_and_nan():
+    values = torch.tensor([[0.1, -0.9, float("nan")], [0.5, 0.0, 0.3]])
+    assert set(Circuit.from_grid(values, top_k=2).heads) == {Head(0, 1), Head(1, 0)}
+    assert set(Circuit.from_grid(values, top_k=1, sign="positive").heads) == {Head(1, 0)}
+    assert set(Circuit.from_grid(values, threshold=0.3).heads) == {Head(0, 1), Head(1, 0), Head(1, 2)}
+    # 2% of 6 heads rounds to 0 -> at least one head
+    assert len(Circuit.from_grid(values, top_frac=0.02)) == 1
+    # NaN cells never enter, even when k exceeds the finite cells
+    assert Head(0, 2) not in Circuit.from_grid(values, top_k=6)
+    assert len(Circuit.from_grid(values, top_k=6)) == 5
+    with pytest.raises(ValueError, match="exactly one"):
+        Circuit.from_grid(values, top_k=1, threshold=0.1)
+
+
+def test_from_grid_reads_a_result_object():
+    class Grid:
+        values = torch.zeros(2, 2).index_put_((torch.tensor([1]), torch.tensor([1])), torch.tensor(2.0))
+
+    assert list(Circuit.from_grid(Grid(), top_k=1, position="END")) == [Head(1, 1)]
+    assert Circuit.from_grid(Grid(), top_k=1, position="END").groups[0].position == "END"
+
+
+def test_set_operations_keep_groups():
+    a = Circuit.from_groups({"A": ["1.0", "2.0"], "B": ["0.1"]}, positions={"A": "END", "B": "S2"})
+    b = Circuit.from_groups({"A": ["2.0", "3.3"]}, positions={"A": "END"})
+    assert set((a | b).heads) == {Head(1, 0), Head(2, 0), Head(3, 3), Head(0, 1)}
+    assert set((a & b).heads) == {Head(2, 0)} and (a & b).group("A").position == "END"
+    assert set((a - b).heads) == {Head(1, 0), Head(0, 1)}
+    assert "1.0" in a and (3, 3) not in a and len(a) == 3
+
+
+def test_json_round_trip():
+    c = Circuit.from_groups(
+        {"A": ["1.0", "2.0"], "C": [(0, 3)]}, positions={"A": "END", "C": "query_label"}, name="et"
+    )
+    assert Circuit.from_json(c.to_json()) == c
+    with pytest.raises(ValueError, match="not a circuit"):
+        Circuit.from_json('{"groups": [{"heads": [[1]]}]}')
+
+
+def test_validate_names_the_problem():
+    c = Circuit((CircuitGroup("A", frozenset({Head(5, 0)}), "END"),))
+    with pytest.raises(ValueError, match=r"head 5.0 of group 'A' is outside the model \(layers 0-1"):
+        c.validate(n_layers=2, n_heads=4)
+    ok = Circuit((CircuitGroup("A", frozenset({Head(1, 0)}), "query_label"),))
+    with pytest.raises(ValueError, match="position 'query_label'.*lacks"):
+        ok.validate(2, 4, position_names=["END", "IO"])
+    ok.validate(2, 4, position_names=["query_label"])  # no error
+
+
+def test_duplicate_group_names_rejected():
+    g = CircuitGroup("A", frozenset({Head(0, 0)}))
+    with pytest.raises(ValueError, match="unique"):
+        Circuit((g, g))
