@@ -1,0 +1,120 @@
+"""Static matplotlib figures of results, for papers, nbconvert and notebook previews.
+
+Figures are built with ``matplotlib.figure.Figure`` directly (no pyplot): nothing touches the
+global pyplot state, and it works under any backend.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["figure_bytes", "grid_values", "plot_head_grid"]
+
+
+def grid_values(result: Any) -> np.ndarray:
+    """The [n_layers, n_heads] values of a HeadGrid-like result, a tensor or an array, as float32."""
+    values = getattr(result, "values", result)
+    if callable(values):  # a pandas object or similar: its .values is a method
+        values = result
+    if hasattr(values, "detach") and hasattr(values, "cpu"):
+        values = values.detach().cpu().float().numpy()
+    arr = np.asarray(values, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"a head grid needs [n_layers, n_heads] values, got shape {tuple(arr.shape)}")
+    return arr
+
+
+def plot_head_grid(
+    values: Any,
+    *,
+    heads: Sequence[Any] | None = None,
+    layers: Sequence[Any] | None = None,
+    title: str | None = None,
+    metric_name: str | None = None,
+    selected: Iterable[Any] | None = None,
+    ax: Any = None,
+):
+    """Layer x head heatmap (layers as rows, top to bottom), blue-white-red centred at 0.
+
+    ``values`` is a HeadGrid-like result (its labels and metric name are used unless given),
+    a 2-D tensor or an array. NaN cells (not computed) are hatched grey; ``selected`` heads
+    (``Head``s, ``(layer, head)`` pairs or a ``Circuit``) are outlined. Returns the Figure.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch, Rectangle
+
+    arr = grid_values(values)
+    n_layers, n_heads = arr.shape
+    heads = list(heads if heads is not None else getattr(values, "heads", None) or range(n_heads))
+    layers = list(layers if layers is not None else getattr(values, "layers", None) or range(n_layers))
+    metric_name = metric_name or getattr(values, "metric_name", None) or "value"
+
+    if ax is None:
+        width = min(16.0, 2.6 + 0.42 * n_heads)
+        height = min(16.0, 1.4 + 0.24 * n_layers)
+        fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure
+
+    finite = np.isfinite(arr)
+    scale = float(np.abs(arr[finite]).max()) if finite.any() else 0.0
+    scale = scale if scale > 0 else 1.0
+    # NaN cells show the hatched background through the masked (transparent) image.
+    ax.add_patch(Rectangle((-0.5, -0.5), n_heads, n_layers, facecolor="#c8c8c8", edgecolor="#8a8a8a",
+                           hatch="///", linewidth=0, zorder=0))
+    image = ax.imshow(np.ma.masked_invalid(arr), cmap="RdBu_r", vmin=-scale, vmax=scale,
+                      aspect="auto", interpolation="nearest", zorder=1)
+    cbar = fig.colorbar(image, ax=ax, fraction=0.06, pad=0.02, shrink=0.8 if n_layers > 8 else 1.0)
+    cbar.set_label(str(metric_name))
+
+    ax.set_xticks(range(n_heads), [str(h) for h in heads],
+                  rotation=90 if max((len(str(h)) for h in heads), default=0) > 3 else 0)
+    ax.set_yticks(range(n_layers), [str(l) for l in layers])
+    ax.tick_params(labelsize=7 if n_layers > 20 or n_heads > 20 else 9, length=2)
+    ax.xaxis.tick_top()
+    ax.xaxis.set_label_position("top")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    if title:
+        ax.set_title(str(title), loc="left", fontsize=11)
+
+    for layer, head in _pairs(selected):
+        if 0 <= layer < n_layers and 0 <= head < n_heads:
+            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black",
+                                   linewidth=2, zorder=3))
+    if not finite.all():
+        ax.legend(handles=[Patch(facecolor="#c8c8c8", edgecolor="#8a8a8a", hatch="///",
+                                 label="not computed")],
+                  loc="upper left", bbox_to_anchor=(0.0, 0.0), fontsize=8, frameon=False,
+                  handlelength=1.2)
+    return fig
+
+
+def figure_bytes(fig, fmt: str = "png", dpi: int = 100) -> bytes:
+    """Render a Figure to PNG or SVG bytes without pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if fig.canvas is None or not hasattr(fig.canvas, "print_figure"):
+        FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=dpi, facecolor="white")
+    return buf.getvalue()
+
+
+def _pairs(selected: Iterable[Any] | None) -> list[tuple[int, int]]:
+    if selected is None:
+        return []
+    heads = getattr(selected, "heads", selected)  # a Circuit's heads
+    out = []
+    for item in heads:
+        if hasattr(item, "layer") and hasattr(item, "head"):
+            out.append((int(item.layer), int(item.head)))
+        else:
+            layer, head = item
+            out.append((int(layer), int(head)))
+    return sorted(out)

@@ -1,0 +1,233 @@
+"""BaseWidget: strict keyword arguments, status/progress/error traits, one background worker."""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import logging
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from importlib import resources
+from typing import Any, ClassVar
+
+import anywidget
+import traitlets
+
+logger = logging.getLogger(__name__)
+
+_BUILD_HINT = "run `bash scripts/dev setup`, or `cd js && npm ci && npm run build`, in the source checkout"
+
+
+class BundleMissingError(RuntimeError):
+    """The widget's built JavaScript is not in circuit_widgets/static/."""
+
+
+def read_bundle(name: str) -> str:
+    """Text of circuit_widgets/static/<name>.js, the ESM a widget's view runs."""
+    path = resources.files("circuit_widgets") / "static" / f"{name}.js"
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BundleMissingError(
+            f"the widget front end {path} has not been built (an editable install from a git "
+            f"checkout does not build it); {_BUILD_HINT}"
+        ) from None
+
+
+class JobCancelled(Exception):
+    """Raised by Job.check() inside a job that was asked to stop."""
+
+
+class Job:
+    """What a background job sees: its cancel flag, progress reporting and its partial result."""
+
+    def __init__(self, widget: BaseWidget) -> None:
+        self._widget = widget
+        self._cancel = threading.Event()
+        self.future: Future | None = None
+        self.partial: Any = None
+        """Latest partial result the job reported (kept when it is cancelled or fails)."""
+        self.result: Any = None
+        """The job's return value once it finished normally."""
+        self.exception: BaseException | None = None
+        """The exception that ended the job, if any."""
+        self.traceback: str = ""
+        """Formatted traceback of that exception."""
+
+    @property
+    def cancelled(self) -> bool:
+        """True once cancel() was called; a job checks this between batches."""
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self.future is not None and self.future.done()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self.future is not None and self.future.cancel():  # never started
+            self._widget._finish(self, "cancelled")
+
+    def check(self) -> None:
+        """Raise JobCancelled if the job was cancelled (call it between batches)."""
+        if self._cancel.is_set():
+            raise JobCancelled()
+
+    def report(self, progress: float | None = None, partial: Any = None) -> None:
+        """Publish progress (0..1) and/or a partial result to the widget."""
+        if partial is not None:
+            self.partial = partial
+        if self._widget._job is not self:
+            return  # a newer job owns the widget's traits now
+        if partial is not None:
+            self._widget._on_partial(partial)
+        if progress is not None:
+            self._widget.progress = min(1.0, max(0.0, float(progress)))
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the job ends; return its result (or its partial result if it did not finish)."""
+        if self.future is not None:
+            # A cancelled future raises here; the outcome is recorded on the Job either way.
+            with contextlib.suppress(Exception):
+                self.future.result(timeout)
+        return self.result if self.result is not None else self.partial
+
+
+class BaseWidget(anywidget.AnyWidget):
+    """Base of circuit_widgets' widgets.
+
+    Refuses unknown keyword arguments with a TypeError, and runs long jobs on a single
+    background worker (``_submit``) that reports progress and can be cancelled.
+    """
+
+    status = traitlets.Enum(
+        ("idle", "running", "done", "cancelled", "error"), default_value="idle"
+    ).tag(sync=True)
+    """State of the background job: idle, running, done, cancelled or error."""
+    progress = traitlets.Float(0.0, min=0.0, max=1.0).tag(sync=True)
+    """Progress of the running job, 0..1."""
+    error = traitlets.Unicode("").tag(sync=True)
+    """Message of the exception that ended the last job ("" if none)."""
+
+    _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout",)
+    """Traits a user may set through the constructor, besides its named parameters."""
+    # Class-level defaults so close() (also called from __del__) works on a half-built widget.
+    _job: Job | None = None
+    _executor: ThreadPoolExecutor | None = None
+
+    def __init__(self, _state: dict | None = None, **kwargs: Any) -> None:
+        self._check_kwargs(kwargs)
+        self._executor_lock = threading.Lock()
+        super().__init__(**(_state or {}), **kwargs)
+
+    # ------------------------------------------------------------------ keyword arguments
+
+    @classmethod
+    def valid_kwargs(cls) -> list[str]:
+        """Keyword arguments the constructor accepts."""
+        params = inspect.signature(cls.__init__).parameters.values()
+        named = {
+            p.name for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not p.name.startswith("_")
+            and p.name != "self"
+        }
+        return sorted(named | set(cls._trait_kwargs))
+
+    @classmethod
+    def _check_kwargs(cls, kwargs: dict) -> None:
+        valid = cls.valid_kwargs()
+        unknown = [k for k in kwargs if k not in valid]
+        if not unknown:
+            return
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, valid, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(
+            f"{cls.__name__}() got unexpected keyword argument{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(hints)}; valid keyword arguments are: {', '.join(valid)}"
+        )
+
+    # ------------------------------------------------------------------ background work
+
+    def _submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Job:
+        """Run ``fn(job, *args, **kwargs)`` on this widget's single worker thread.
+
+        A running job is cancelled first; the worker runs jobs one after another. ``fn`` calls
+        ``job.check()`` (or reads ``job.cancelled``) between batches and ``job.report(...)``
+        to publish progress and partial results. Its return value is passed to ``_on_result``.
+        """
+        if self._job is not None and not self._job.done:
+            self._job.cancel()
+        job = Job(self)
+        self._job = job
+        with self.hold_sync():
+            self.error = ""
+            self.progress = 0.0
+            self.status = "running"
+        with self._executor_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="circuit_widgets")
+            job.future = self._executor.submit(self._run_job, job, fn, args, kwargs)
+        return job
+
+    def _run_job(self, job: Job, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        if job.cancelled:
+            self._finish(job, "cancelled")
+            return
+        try:
+            value = fn(job, *args, **kwargs)
+        except JobCancelled:
+            self._finish(job, "cancelled")
+        except Exception as exc:  # noqa: BLE001 - the widget shows it instead of losing it in a thread
+            job.exception = exc
+            job.traceback = traceback.format_exc()
+            logger.debug("background job failed\n%s", job.traceback)
+            self._finish(job, "error", f"{type(exc).__name__}: {exc}")
+        else:
+            if job.cancelled:
+                if value is not None:
+                    job.partial = value
+                self._finish(job, "cancelled")
+            else:
+                job.result = value
+                if self._job is job:
+                    self._on_result(value)
+                self._finish(job, "done")
+
+    def _finish(self, job: Job, status: str, error: str = "") -> None:
+        if self._job is not job:
+            return  # superseded by a newer job: leave its traits alone
+        with self.hold_sync():
+            if status == "done":
+                self.progress = 1.0
+            self.error = error
+            self.status = status
+
+    def _on_partial(self, partial: Any) -> None:
+        """Show a partial result (a subclass hook; called on the worker thread)."""
+
+    def _on_result(self, result: Any) -> None:
+        """Show a finished result (a subclass hook; called on the worker thread)."""
+
+    def cancel(self) -> bool:
+        """Ask the running job to stop after its current batch; True if there was one."""
+        job = self._job
+        if job is None or job.done:
+            return False
+        job.cancel()
+        return True
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until the current job ends; return its result (or partial result)."""
+        return self._job.wait(timeout) if self._job is not None else None
+
+    def close(self) -> None:
+        self.cancel()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        super().close()
