@@ -62,6 +62,38 @@ class Task:
         if self.metric_name not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {self.metric_name!r}")
 
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_pairs(
+        cls,
+        model: Any,
+        clean: Sequence[str],
+        corrupt: Sequence[str],
+        answers: Sequence[str | Sequence[str]],
+        wrong_answers: Sequence[str | Sequence[str]],
+        *,
+        positions: dict[str, Sequence[int] | Sequence[str]] | None = None,
+        metric: str = "logit_diff",
+        name: str = "custom",
+    ) -> Task:
+        """A Task from your own prompt pairs, tokenised as ``model.to_tokens`` would.
+
+        ``model`` is a TransformerBridge or a bare tokenizer. Each answer / wrong answer is a
+        string (or a list of k strings) that must be ONE token, leading space included
+        (" Paris"). ``positions`` maps names to one int per example (negative counts back
+        from the last real token) or one word per example (its first whole-word occurrence in
+        the clean prompt; the token holding its last character). END is always the last real
+        token. Clean and corrupt prompts of one example must tokenise to the same length
+        with the same kind of token at each named position, else a ValueError shows both.
+        """
+        from circuit_widgets.tasks.pairs import task_from_pairs  # pairs imports this module
+
+        return task_from_pairs(
+            model, clean, corrupt, answers, wrong_answers,
+            positions=positions, metric=metric, name=name,
+        )
+
     # ------------------------------------------------------------------ shape facts
 
     def __len__(self) -> int:
@@ -131,6 +163,19 @@ class Task:
         return getattr(self, self.metric_name)(logits)
 
     # ------------------------------------------------------------------ derived tasks
+
+    def to(self, device: str | torch.device) -> "Task":
+        """The same task with every tensor on ``device`` (generators build on the CPU)."""
+        return replace(
+            self,
+            clean_tokens=self.clean_tokens.to(device),
+            corrupt_tokens=self.corrupt_tokens.to(device),
+            attention_mask=self.attention_mask.to(device),
+            answers=self.answers.to(device),
+            wrong_answers=self.wrong_answers.to(device),
+            positions={k: v.to(device) for k, v in self.positions.items()},
+            position_sets={k: v.to(device) for k, v in self.position_sets.items()},
+        )
 
     def with_metric(self, metric_name: str) -> "Task":
         return replace(self, metric_name=metric_name)

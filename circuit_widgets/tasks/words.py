@@ -78,7 +78,8 @@ def corpus() -> list[str]:
     texts += BABA_TEMPLATES + ABBA_TEMPLATES
     texts += NAMES + PLACES + IOI_OBJECTS
     texts += COLORS + [c.title() for c in COLORS] + COLORED_OBJECTS
-    texts += [COLORED_TEMPLATE.format(context="a red pen, a blue cup, and a green book", query="cup")]
+    context = "a red pen, an orange cup, and a green book"
+    texts += [COLORED_TEMPLATE.format(context=context, query="cup")]
     texts += BOX_LABELS + BOX_OBJECTS
     texts += ["The " + ENTITY_SEGMENT + ", " + ENTITY_SEGMENT + "." + ENTITY_QUERY]
     texts += [str(d) for d in range(10)] + ["+", "=", "-", "*"]

@@ -1,0 +1,140 @@
+"""Entity tracking (Prakash et al. 2024): "The document is in Box X, ... Box X contains the"."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from circuit_widgets.tasks import words
+from circuit_widgets.tasks._tokenize import Prompt, Vocab, check_n
+from circuit_widgets.tasks.base import Task
+from circuit_widgets.tasks.pairs import assemble_task
+
+MIN_BOXES = 2
+
+
+@dataclass(frozen=True)
+class BoxVocab:
+    """The box labels and objects that are one token (with a leading space) for one tokenizer."""
+
+    vocab: Vocab
+    labels: dict[str, int]
+    objects: dict[str, int]
+
+    @classmethod
+    def of(cls, model: Any, n_boxes: int, what: str) -> BoxVocab:
+        vocab = Vocab.of(model)
+        if isinstance(n_boxes, bool) or not isinstance(n_boxes, int):
+            raise TypeError(f"{what}: n_boxes must be an int, got {n_boxes!r}")
+        labels = vocab.single_words(words.BOX_LABELS, "BOX_LABELS", 0, what)
+        objects = vocab.single_words(words.BOX_OBJECTS, "BOX_OBJECTS", 0, what)
+        # One label more than boxes: a corrupt query needs a letter that is in no box.
+        top = min(len(labels) - 1, len(objects))
+        if not MIN_BOXES <= n_boxes <= top:
+            raise ValueError(
+                f"{what}: n_boxes must be between {MIN_BOXES} and {top} for tokenizer "
+                f"{vocab.name!r} ({len(labels)} single-token labels, {len(objects)} objects), "
+                f"got {n_boxes}"
+            )
+        return cls(vocab, labels, objects)
+
+    def sample(
+        self, rng: random.Random, n_boxes: int, avoid_objects: tuple[str, ...] = ()
+    ) -> tuple[list[str], list[str]]:
+        """Distinct objects (avoiding ``avoid_objects`` where enough remain) and distinct labels."""
+        pool = [o for o in sorted(self.objects) if o not in avoid_objects]
+        if len(pool) < n_boxes:
+            pool = sorted(self.objects)
+        return rng.sample(pool, n_boxes), rng.sample(sorted(self.labels), n_boxes)
+
+
+@dataclass(frozen=True)
+class BoxPrompt:
+    """One tokenised boxes prompt and where its parts are."""
+
+    ids: list[int]
+    text: str
+    positions: dict[str, int]  # END, query_label, query_label_ctx, query_object_ctx (if any)
+    objects: list[str]
+    labels: list[str]
+    query_label: str
+    query_index: int | None  # the queried box, None when the query label is in no box
+
+
+def box_prompt(bv: BoxVocab, objects: list[str], labels: list[str], query_label: str) -> BoxPrompt:
+    """Tokenise "The o0 is in Box l0, the o1 is in Box l1, ... . Box q contains the"."""
+    prompt = Prompt()
+    for i, (obj, lab) in enumerate(zip(objects, labels)):
+        seg = words.ENTITY_SEGMENT
+        seg = seg[:1].upper() + seg[1:] if i == 0 else ", " + seg
+        slot = {"object": (obj, f"object{i}"), "label": (lab, f"label{i}")}
+        prompt.add_template(seg, lambda field, _k, slot=slot: slot[field])
+    prompt.add(".").add_template(words.ENTITY_QUERY, lambda _f, _k: (query_label, "query"))
+    expect = {f"object{i}": bv.objects[o] for i, o in enumerate(objects)}
+    expect |= {f"label{i}": bv.labels[lb] for i, lb in enumerate(labels)}
+    ids, pos = bv.vocab.encode_prompt(prompt, expect | {"query": bv.labels[query_label]})
+    q = labels.index(query_label) if query_label in labels else None
+    named = {"query_label": pos["query"], "END": pos["END"]}
+    # A query label in no box (a corrupt prompt) has no context slot; box 0's stands in.
+    named["query_label_ctx"] = pos[f"label{q if q is not None else 0}"]
+    named["query_object_ctx"] = pos[f"object{q if q is not None else 0}"]
+    return BoxPrompt(ids, prompt.text, named, list(objects), list(labels), query_label, q)
+
+
+def entity_tracking(model: Any, n: int, seed: int = 0, n_boxes: int = 7) -> Task:
+    """``n`` boxes prompts with ``n_boxes`` boxes; the answer is the queried box's object.
+
+    Corrupt = another context (objects not in the clean one, new labels) whose query label
+    is a letter in none of its boxes; same length. Answer: " <object>"; wrong answers
+    [batch, n_boxes-1]: the clean context's other objects. Positions: query_label, query_label_ctx,
+    query_object_ctx, END. Metric: probability of the answer.
+    """
+    check_n(n, "entity_tracking")
+    bv = BoxVocab.of(model, n_boxes, "entity_tracking")
+    rng = random.Random(seed)
+    out: dict[str, list] = {
+        k: [] for k in ("clean", "corrupt", "pos", "cp", "kp", "meta", "ans", "wrong")
+    }
+    for _ in range(n):
+        objs, labs = bv.sample(rng, n_boxes)
+        q = rng.randrange(n_boxes)
+        cobjs, clabs = bv.sample(rng, n_boxes, avoid_objects=tuple(objs))
+        cquery = rng.choice([lb for lb in sorted(bv.labels) if lb not in clabs])
+        clean = box_prompt(bv, objs, labs, labs[q])
+        corrupt = box_prompt(bv, cobjs, clabs, cquery)
+        out["clean"].append(clean.ids)
+        out["corrupt"].append(corrupt.ids)
+        # One structure, so the clean positions index the corrupt prompt's slots too.
+        out["pos"].append(dict(clean.positions))
+        out["ans"].append(bv.objects[objs[q]])
+        out["wrong"].append([bv.objects[o] for j, o in enumerate(objs) if j != q])
+        out["cp"].append(clean.text)
+        out["kp"].append(corrupt.text)
+        out["meta"].append(
+            {
+                "objects": objs,
+                "labels": labs,
+                "query_index": q,
+                "query_label": labs[q],
+                "answer": objs[q],
+                "corrupt_objects": cobjs,
+                "corrupt_labels": clabs,
+                "corrupt_query_label": cquery,
+            }
+        )
+    return assemble_task(
+        "entity_tracking",
+        bv.vocab,
+        out["clean"],
+        out["corrupt"],
+        out["pos"],
+        torch.tensor(out["ans"], dtype=torch.long),
+        torch.tensor(out["wrong"], dtype=torch.long),
+        metric="prob",
+        clean_prompts=out["cp"],
+        corrupt_prompts=out["kp"],
+        meta=out["meta"],
+    )
