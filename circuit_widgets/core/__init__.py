@@ -1,0 +1,9 @@
+"""The patching engine: plain torch functions returning result dataclasses. No UI imports."""
+
+from circuit_widgets.core.attribution import attribution_patch
+from circuit_widgets.core.cache import clear_cache
+from circuit_widgets.core.patching import activation_patch
+from circuit_widgets.core.path_patching import path_patch
+from circuit_widgets.core.results import HeadGrid
+
+__all__ = ["HeadGrid", "activation_patch", "attribution_patch", "clear_cache", "path_patch"]

@@ -1,0 +1,219 @@
+"""Attribution patching: a first-order preview of activation patching, every cell at once.
+
+Estimate of (metric patched - metric base) = (source act - base act) . d metric / d act at the
+base run, from one forward and one backward. Same value convention as ``activation_patch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuit_widgets.core import cache, hooks
+from circuit_widgets.core.common import (
+    MetricReader,
+    Progress,
+    Stop,
+    build_grid,
+    check_callbacks,
+    check_heads,
+    position_slots,
+)
+from circuit_widgets.core.fast_model import FastModel
+from circuit_widgets.core.forward import Trace, attend, causal_masks
+from circuit_widgets.core.results import HeadGrid
+from circuit_widgets.models import model_shape
+from circuit_widgets.types import Component, Direction, Head
+
+
+def attribution_patch(
+    model: Any,
+    task: Any,
+    component: str | Component = "z",
+    direction: str | Direction = "noise",
+    *,
+    positions: str | Sequence[str] = "all",
+    heads: Sequence[Head | str | tuple[int, int]] | None = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+) -> HeadGrid:
+    """First-order estimate of ``activation_patch`` for every cell, in one forward+backward.
+
+    For 'noise': (corrupt act - clean act) . grad of the metric at the clean run; for
+    'denoise': (clean - corrupt) . grad at the corrupt run, plus (corrupt - clean) so that
+    values still read mean(metric patched - metric clean). Arguments as in activation_patch;
+    batch_size here bounds the examples per backward pass. It is an approximation: exact
+    for a metric linear in the activation, off where the patch moves softmaxes or norms far.
+    """
+    comp = Component.coerce(component)
+    dirn = Direction.coerce(direction)
+    shape = model_shape(model)
+    subset = check_heads(heads, comp, shape)
+    check_callbacks(on_progress, should_stop, batch_size)
+    slots, labels, single = position_slots(task, positions)
+    n_cols = hooks.n_columns(comp, shape)
+    B, L, P = len(task), shape.n_layers, len(slots)
+    masks = torch.stack([s.mask for s in slots], 1).float()  # [b, P, s]
+
+    eng = cache.engine_for(model)
+    notes = ["first-order (attribution) estimate, not an exact patch"]
+    if eng is not None:
+        reader = MetricReader(task, eng.device)
+        # only the source run is cached; the base run is the forward we differentiate
+        src_name, base_name = ("corrupt", "clean") if dirn == Direction.NOISE else ("clean", "corrupt")
+        src = cache.fast_run(model, task, eng, src_name)
+        m_src = cache.fast_metric(model, task, eng, reader, src_name)
+        base_tokens = task.clean_tokens if dirn == Direction.NOISE else task.corrupt_tokens
+        m_base = torch.full((B,), float("nan"))
+
+        def step(sl: slice) -> Tensor:
+            contrib, metric = _fast_contrib(eng, comp, base_tokens[sl], src.subset(sl),
+                                            task.positions["END"][sl], reader, sl)
+            m_base[sl] = metric.float().cpu()
+            return contrib
+    else:
+        notes.append(f"generic path, gradients through bridge hooks: {cache.generic_reason(model)}")
+        c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
+        src_cache = x_cache if dirn == Direction.NOISE else c_cache
+        base_tokens = task.clean_tokens if dirn == Direction.NOISE else task.corrupt_tokens
+        step = lambda sl: _hooked_contrib(model, task, comp, base_tokens, src_cache, sl, L)
+
+    size = batch_size or B
+    steps = [slice(i, min(i + size, B)) for i in range(0, B, size)]
+    per_example = torch.full((B, L, P, n_cols), float("nan"))
+    complete = True
+    for i, sl in enumerate(steps):
+        if should_stop is not None and should_stop():
+            complete = False
+            break
+        contrib = step(sl).float().cpu()  # [b, L, s, cols]: per-position first-order effects
+        per_example[sl] = torch.einsum("bps,blsc->blpc", masks[sl], contrib)
+        if on_progress is not None:
+            on_progress(i + 1, len(steps))
+    if eng is not None:
+        if complete:
+            cache.set_metric(model, task, base_name, m_base)
+        m_clean, m_corrupt = (m_base, m_src) if dirn == Direction.NOISE else (m_src, m_base)
+    if dirn == Direction.DENOISE:
+        per_example = per_example + (m_corrupt - m_clean).float()[:, None, None, None]
+    done = ~per_example.isnan().any(0)  # a cell is done once every example's batch is
+    if subset is not None:
+        keep = torch.zeros(L, P, n_cols, dtype=torch.bool)
+        for h in subset:
+            keep[h.layer, :, h.head] = True
+        done &= keep
+    if labels is None:
+        per_example, done = per_example[:, :, 0], done[:, 0]
+    return build_grid(
+        per_example, done, m_clean, m_corrupt, shape=shape, component=comp,
+        direction=dirn.value, kind="attribution", metric_name=task.metric_name,
+        positions=labels, position=single, complete=complete, notes=notes,
+    )
+
+
+def _per_position(comp: Component, delta: Tensor, grad: Tensor) -> Tensor:
+    """delta . grad summed within a cell, kept per position: [b, s, cols]."""
+    if comp == Component.PATTERN:  # [b, H, q, k]: the query row is the position
+        return (delta * grad).sum(-1).transpose(1, 2)
+    if comp.per_head:  # [b, s, heads, dh]
+        return (delta * grad).sum(-1)
+    return (delta * grad).sum(-1, keepdim=True)  # [b, s, d]
+
+
+# ---------------------------------------------------------------------- fast path
+
+
+def _fast_contrib(eng: FastModel, comp: Component, tokens: Tensor, src: Trace, end: Tensor,
+                  reader: MetricReader, sl: slice) -> Tensor:
+    """Forward with grad on the base tokens, keeping ``comp`` at every layer, then one backward."""
+    with torch.enable_grad():
+        acts, final = _grad_forward(eng, comp, tokens.to(eng.device))
+        ar = torch.arange(tokens.shape[0], device=eng.device)
+        logits = eng.logits(final[ar, end.to(eng.device)], reader.cols)
+        metric = reader(logits, sl)
+        grads = torch.autograd.grad(metric.sum(), acts)
+    out = []
+    with torch.no_grad():
+        for layer, (act, grad) in enumerate(zip(acts, grads)):
+            out.append(_per_position(comp, _source(eng, comp, src, layer) - act, grad))
+    return torch.stack(out, 1), metric.detach()
+
+
+def _source(eng: FastModel, comp: Component, src: Trace, layer: int) -> Tensor:
+    if comp in (Component.Q, Component.K, Component.V):
+        return src.qkv_raw(eng, layer)["qkv".index(comp.value)]
+    if comp == Component.PATTERN:
+        return src.pattern(eng, layer)
+    name = {Component.Z: "z", Component.ATTN_OUT: "attn_out", Component.MLP_OUT: "mlp_out",
+            Component.RESID_PRE: "resid_pre"}[comp]
+    return getattr(src, name)[layer]
+
+
+def _grad_forward(eng: FastModel, comp: Component, tokens: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Full forward keeping ``comp`` per layer as graph nodes; returns (acts, final resid)."""
+    b, s = tokens.shape
+    pos = torch.arange(s, device=tokens.device).expand(b, s)
+    masks = causal_masks(eng, torch.zeros(b, dtype=torch.long, device=tokens.device), s, s)
+    x = eng.embed(tokens).detach().requires_grad_(True)
+    acts = []
+    for layer in range(eng.n_layers):
+        lay = eng.layers[layer]
+        if comp == Component.RESID_PRE:
+            acts.append(x)
+        q, k, v = eng.qkv(layer, lay.ln1(x))
+        if comp in (Component.Q, Component.K, Component.V):
+            acts.append({"q": q, "k": k, "v": v}[comp.value])
+        qr, kr = eng.rotate(layer, q[None], pos, "q"), eng.rotate(layer, k[None], pos, "k")
+        if comp == Component.PATTERN:
+            _, pattern = attend(eng, layer, qr, kr, v[None], None, masks, want_pattern=True)
+            pattern = pattern[0]
+            acts.append(pattern)
+            vv = v.repeat_interleave(eng.group, dim=2)
+            z = torch.einsum("bhqk,bkhd->bqhd", pattern, vv)
+        else:
+            z = attend(eng, layer, qr, kr, v[None], None, masks)[0][0]
+        if comp == Component.Z:
+            acts.append(z)
+        attn_out = eng.o_proj(layer, z)
+        if comp == Component.ATTN_OUT:
+            acts.append(attn_out)
+        mid = x + attn_out
+        mlp_out = eng.mlp(layer, mid)
+        if comp == Component.MLP_OUT:
+            acts.append(mlp_out)
+        x = mid + mlp_out
+    return acts, x
+
+
+# ---------------------------------------------------------------------- generic path
+
+
+def _hooked_contrib(model: Any, task: Any, comp: Component, tokens: Tensor, src_cache: dict,
+                    sl: slice, n_layers: int) -> Tensor:
+    names = [hooks.hook_name(comp, l) for l in range(n_layers)]
+    acts: dict[str, Tensor] = {}
+
+    def keep(name: str):
+        def fn(act: Tensor, hook: Any = None) -> Tensor:
+            out = act * 1.0  # a fresh graph node that the rest of the forward consumes
+            acts[name] = out
+            return out
+        return fn
+
+    with torch.enable_grad():
+        x = tokens[sl].to(model.cfg.device)
+        # a leaf that requires grad, so a graph exists even with frozen weights
+        leaf = [("hook_embed", lambda act, hook=None: act.detach().requires_grad_(True))]
+        logits = model.run_with_hooks(x, fwd_hooks=leaf + [(n, keep(n)) for n in names])
+        total = task.subset(sl).metric(logits).sum()
+        grads = torch.autograd.grad(total, [acts[n] for n in names])
+    out = []
+    with torch.no_grad():
+        for n, grad in zip(names, grads):
+            delta = src_cache[n][sl] - acts[n]
+            out.append(_per_position(comp, delta, grad))
+    return torch.stack(out, 1)

@@ -1,0 +1,271 @@
+"""What every sweep shares: validation, position plans, windows, metric reading, the grid."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+
+from circuit_widgets.core import hooks
+from circuit_widgets.core.results import HeadGrid
+from circuit_widgets.models import ModelShape
+from circuit_widgets.types import Component, Head
+
+Progress = Callable[[int, int], None] | None
+Stop = Callable[[], bool] | None
+
+# Rows x window positions of one pass; ~0.3 GB of activations on the demo model.
+DEFAULT_ROW_BUDGET = 6144
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def check_heads(heads: Sequence[Any] | None, component: Component, shape: ModelShape) -> list[Head] | None:
+    """Parse a heads subset; head indices are grid columns (kv heads for k/v)."""
+    if heads is None:
+        return None
+    n_cols = hooks.n_columns(component, shape)
+    what = "key/value heads" if component.per_kv_head else ("heads" if component.per_head else "columns")
+    out = []
+    for h in heads:
+        head = Head.parse(h)
+        if head.layer >= shape.n_layers:
+            raise ValueError(f"head {head}: layer {head.layer} is out of range; valid layers are "
+                             f"0..{shape.n_layers - 1}")
+        if head.head >= n_cols:
+            raise ValueError(f"head {head}: index {head.head} is out of range; {component.value} "
+                             f"has {what} 0..{n_cols - 1}")
+        out.append(head)
+    return out
+
+
+def check_head(head: Head, shape: ModelShape, label: str = "head") -> None:
+    if head.layer >= shape.n_layers:
+        raise ValueError(f"{label} {head}: layer {head.layer} is out of range; valid layers are "
+                         f"0..{shape.n_layers - 1}")
+    if head.head >= shape.n_heads:
+        raise ValueError(f"{label} {head}: head {head.head} is out of range; valid heads are "
+                         f"0..{shape.n_heads - 1}")
+
+
+def check_callbacks(on_progress: Progress, should_stop: Stop, batch_size: int | None) -> None:
+    if on_progress is not None and not callable(on_progress):
+        raise ValueError("on_progress must be a callable (done, total) or None")
+    if should_stop is not None and not callable(should_stop):
+        raise ValueError("should_stop must be a callable () -> bool or None")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+
+
+def check_position_name(task: Any, name: str) -> None:
+    if name not in task.positions:
+        raise ValueError(f"task {task.name!r} has no position {name!r}; valid positions are "
+                         f"{sorted(task.positions)} (or 'all')")
+
+
+# ---------------------------------------------------------------------- position plans
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One position setting of a sweep: which (example, position) cells get patched."""
+
+    label: str | None
+    mask: Bool[Tensor, "b s"]
+
+
+def position_slots(task: Any, positions: Any, allow_each: bool = True) -> tuple[list[Slot], list[str] | None, str | None]:
+    """(slots, position labels or None for 2-D grids, single-position description)."""
+    b, s = task.clean_tokens.shape
+    ar = torch.arange(s)
+    if isinstance(positions, str) and positions == "all":
+        return [Slot(None, torch.ones(b, s, dtype=torch.bool))], None, "all"
+    if isinstance(positions, str) and positions == "each":
+        if not allow_each:
+            raise ValueError("positions='each' is not supported here; use 'all' or a position name")
+        lengths = task.lengths
+        slots = [Slot(str(p), (ar[None] == p) & (p < lengths[:, None])) for p in range(s)]
+        return slots, [str(p) for p in range(s)], None
+    if isinstance(positions, str):
+        check_position_name(task, positions)
+        return [Slot(positions, ar[None] == task.positions[positions][:, None])], None, positions
+    if isinstance(positions, (list, tuple)) and positions and all(isinstance(p, str) for p in positions):
+        for p in positions:
+            check_position_name(task, p)
+        slots = [Slot(p, ar[None] == task.positions[p][:, None]) for p in positions]
+        return slots, list(positions), None
+    raise ValueError(f"positions must be 'all', 'each', a position name or a list of names; got "
+                     f"{positions!r} (task {task.name!r} has {sorted(task.positions)})")
+
+
+def first_diff(task: Any) -> Int[Tensor, " b"]:
+    """Per example, the first position where clean and corrupt tokens differ (its length if
+    none): every activation before it is identical in both runs, so patching there is a no-op."""
+    differ = (task.clean_tokens != task.corrupt_tokens) & task.attention_mask.bool()
+    s = differ.shape[1]
+    idx = torch.where(differ, torch.arange(s)[None], torch.full_like(differ, s, dtype=torch.long))
+    return torch.minimum(idx.min(1).values, task.lengths)
+
+
+@dataclass(frozen=True)
+class Window:
+    """Per example, the positions a patch can change: [starts[b], starts[b] + w) ⊇ [.., END]."""
+
+    starts: Int[Tensor, " b"]
+    w: int
+    patch: Bool[Tensor, "b w"]  # where the patch applies, in window coordinates
+    end_index: Int[Tensor, " b"]  # END in window coordinates
+
+
+def window_for(mask: Bool[Tensor, "b s"], fd: Tensor, end: Tensor, only_end: bool = False) -> Window:
+    """The smallest window per example that holds every effective patch cell and END."""
+    s = mask.shape[1]
+    ar = torch.arange(s)[None]
+    eff = mask & (ar >= fd[:, None]) & (ar <= end[:, None])
+    if only_end:
+        starts = end.clone()
+    else:
+        first = torch.where(eff, ar, torch.full_like(eff, s, dtype=torch.long)).min(1).values
+        starts = torch.minimum(first, end)
+    w = int((end - starts).max()) + 1
+    pos = (starts[:, None] + torch.arange(w)[None]).clamp(max=s - 1)
+    inside = (starts[:, None] + torch.arange(w)[None]) < s
+    patch = torch.gather(eff, 1, pos) & inside
+    return Window(starts, w, patch, end - starts)
+
+
+def split_window(win: Window, max_groups: int = 3) -> list[tuple[Tensor | None, Window]]:
+    """Examples grouped by window length, each group with its own (shorter) window, so that
+    short examples are not padded to the longest one. [(example indices or None, window)]."""
+    need = win.end_index + 1  # positions each example really needs
+    n = len(need)
+    order = torch.argsort(need, descending=True, stable=True)
+    lens = need[order].tolist()
+    # best cut of the sorted lengths into <= max_groups runs: minimise sum(size x longest)
+    best = {(0, 0): (0, [])}
+    for k in range(1, max_groups + 1):
+        for j in range(1, n + 1):
+            options = [(best[(i, k - 1)][0] + (j - i) * lens[i], [*best[(i, k - 1)][1], i])
+                       for i in range(j) if (i, k - 1) in best]
+            if options:
+                best[(j, k)] = min(options)
+    cost, cuts = min(best[(n, k)] for k in range(1, max_groups + 1) if (n, k) in best)
+    if len(cuts) == 1 or cost > 0.9 * n * lens[0]:  # under 10% saved: one pass is cheaper
+        return [(None, win)]
+    out = []
+    for a, b in zip(cuts, [*cuts[1:], n]):
+        idx = order[a:b].sort().values
+        w = lens[a]
+        out.append((idx, Window(win.starts[idx], w, win.patch[idx, :w], win.end_index[idx])))
+    return out
+
+
+# ---------------------------------------------------------------------- metric reading
+
+
+class MetricReader:
+    """task.metric on [batch, vocab] logits; for metrics that read only the answer columns
+    (logit_diff, candidate_accuracy) the unembedding is computed on those columns alone."""
+
+    def __init__(self, task: Any, device: torch.device | str) -> None:
+        self.task = task
+        self.cols = None
+        if task.metric_name in ("logit_diff", "candidate_accuracy"):
+            ids = torch.cat([task.answers.reshape(-1), task.wrong_answers.reshape(-1)])
+            cols = torch.unique(ids)
+            remap = lambda t: torch.searchsorted(cols, t.contiguous())
+            self.task = replace(task, answers=remap(task.answers), wrong_answers=remap(task.wrong_answers))
+            self.cols = cols.to(device)
+        self._subsets: dict = {}
+
+    def _subset(self, examples: slice | Tensor) -> Any:
+        if isinstance(examples, slice):
+            key = (examples.start, examples.stop)
+        else:
+            key = tuple(examples.tolist())
+        if key not in self._subsets:
+            self._subsets[key] = self.task.subset(examples)
+        return self._subsets[key]
+
+    def __call__(self, final_logits: Tensor, examples: slice | Tensor | None = None) -> Tensor:
+        """Metric per row of [b, vocab] (or [V, b, vocab] -> [V, b]) final logits."""
+        task = self.task if examples is None else self._subset(examples)
+        if final_logits.dim() == 3:
+            return torch.stack([task.metric(f) for f in final_logits])
+        return task.metric(final_logits)
+
+
+# ---------------------------------------------------------------------- chunking and grid
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
+
+
+def variants_per_pass(batch_size: int | None, n_examples: int, w: int) -> int:
+    """Patched copies of the batch per pass: batch_size rows if given, else a row budget."""
+    rows = batch_size if batch_size is not None else max(DEFAULT_ROW_BUDGET // max(w, 1), 1)
+    return max(rows // max(n_examples, 1), 1)
+
+
+def build_grid(
+    per_example: Tensor,
+    done: Tensor,
+    metric_clean: Tensor,
+    metric_corrupt: Tensor,
+    *,
+    shape: ModelShape,
+    component: Component,
+    direction: str,
+    kind: str,
+    metric_name: str,
+    positions: list[str] | None,
+    position: str | None,
+    complete: bool,
+    receivers: str | None = None,
+    notes: list[str] | None = None,
+) -> HeadGrid:
+    per_example = per_example.float()
+    per_example = torch.where(done[None], per_example, torch.full_like(per_example, math.nan))
+    values = per_example.mean(0)
+    gap = float((metric_corrupt.float() - metric_clean.float()).mean())
+    normalized = values / gap if gap != 0 else torch.full_like(values, math.nan)
+    notes = list(notes or [])
+    kvg = None
+    if component.per_kv_head:
+        kvg = hooks.kv_groups(shape)
+        if shape.group_size > 1:
+            notes.append(
+                f"{component.value} lives on {shape.n_kv_heads} key/value heads shared by "
+                f"{shape.group_size} query heads each: a column's patch affects its whole group "
+                f"(kv_groups)."
+            )
+    if gap == 0:
+        notes.append("metric corrupt - metric clean averages 0: normalized is undefined (NaN)")
+    return HeadGrid(
+        values=values,
+        normalized=normalized,
+        per_example=per_example,
+        metric_clean=metric_clean,
+        metric_corrupt=metric_corrupt,
+        done=done,
+        complete=complete,
+        layers=list(range(shape.n_layers)),
+        heads=hooks.column_labels(component, shape),
+        positions=positions,
+        component=component.value,
+        direction=direction,
+        kind=kind,
+        metric_name=metric_name,
+        receivers=receivers,
+        kv_groups=kvg,
+        position=position,
+        notes=notes,
+    )

@@ -1,0 +1,98 @@
+"""Result dataclasses: tensors plus the axis labels a widget or a plot needs."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from circuit_widgets.types import Head
+
+
+@dataclass(frozen=True, eq=False)
+class HeadGrid:
+    """One number per (layer, head) — or per (layer, position, head) — of a patching sweep.
+
+    ``values`` is the mean over examples of (metric patched - metric clean), whatever the
+    direction; ``normalized`` divides it by mean(metric corrupt - metric clean), so 1 means
+    "as much change as corrupting everything" and 0 "no change". Cells not computed (a
+    ``heads`` subset, a stopped sweep, non-sender heads) are NaN and ``done`` is False there.
+    For k/v on grouped-query models the columns are key/value heads and ``kv_groups[g]``
+    lists the query heads that share key/value head g.
+    """
+
+    values: Float[Tensor, "layer *pos head"]
+    normalized: Float[Tensor, "layer *pos head"]
+    per_example: Float[Tensor, "batch layer *pos head"]
+    metric_clean: Float[Tensor, " batch"]
+    metric_corrupt: Float[Tensor, " batch"]
+    done: Bool[Tensor, "layer *pos head"]
+    complete: bool
+    layers: list[int]
+    heads: list[str]
+    positions: list[str] | None
+    component: str
+    direction: str
+    kind: str
+    metric_name: str
+    receivers: str | None = None
+    kv_groups: list[list[int]] | None = None
+    position: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def recovered(self) -> Float[Tensor, "layer *pos head"]:
+        """1 - normalized: for 'denoise', the share of the clean-vs-corrupt gap a patch closes."""
+        return 1.0 - self.normalized
+
+    def top(self, k: int = 10) -> list[tuple[Head, float]]:
+        """The k cells of largest |value| as (Head, value), NaN skipped. By-position grids
+        rank each head by its largest-|value| position (each head listed once)."""
+        vals = self.values
+        if vals.dim() == 3:
+            idx = vals.nan_to_num(0.0).abs().argmax(1, keepdim=True)
+            best = vals.gather(1, idx).squeeze(1)
+            any_done = self.done.any(1)
+            vals = torch.where(any_done, best, torch.full_like(best, math.nan))
+        flat = vals.flatten()
+        order = torch.argsort(flat.abs().nan_to_num(nan=-1.0), descending=True, stable=True)
+        n_cols = vals.shape[-1]
+        out = []
+        for i in order.tolist():
+            v = float(flat[i])
+            if math.isnan(v) or len(out) >= k:
+                break
+            out.append((Head(self.layers[i // n_cols], i % n_cols), v))
+        return out
+
+    def to_dataframe(self):
+        """One row per cell: layer, head, head_label, [position], value, normalized, done."""
+        import pandas as pd
+
+        rows = []
+        by_pos = self.values.dim() == 3
+        n_pos = self.values.shape[1] if by_pos else 1
+        for li, layer in enumerate(self.layers):
+            for p in range(n_pos):
+                for h, label in enumerate(self.heads):
+                    ix = (li, p, h) if by_pos else (li, h)
+                    row = {"layer": layer, "head": h, "head_label": label}
+                    if by_pos:
+                        row["position"] = self.positions[p] if self.positions else p
+                    row["value"] = float(self.values[ix])
+                    row["normalized"] = float(self.normalized[ix])
+                    row["done"] = bool(self.done[ix])
+                    rows.append(row)
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else f"partial ({int(self.done.sum())} cells)"
+        return (f"HeadGrid({self.kind} patching of {self.component}, {self.direction}, "
+                f"shape={self.shape}, metric={self.metric_name}, {state})")
