@@ -9,6 +9,7 @@ the attribution one, whose hooks are checked under autograd in ``test_patching_r
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from circuit_widgets.models import model_shape, tiny_model
@@ -438,3 +439,19 @@ def ref_direct_effect(model, task: Task, layer: int, head: int, position="all"):
     clean_logits = logits_of(resid)
     patched_logits = logits_of(resid + dz @ w_o)
     return task.metric(patched_logits) - task.metric(clean_logits)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run several times faster on one thread than on two contended ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def core():
+    from circuit_widgets import core
+
+    return core

@@ -7,7 +7,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from micro_models import (
+from micro_models import (  # noqa: F401 - fixtures core and one_thread are used by name
+    core,
+    one_thread,
     COMPONENTS,
     PLANTED_HEADS,
     hook_name,
@@ -23,23 +25,6 @@ from micro_models import (
 
 ATOL = 1e-4
 ARCHS = ("gpt2", "llama")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def core():
-    from circuit_widgets import core
-
-    if not hasattr(core, "attribution_patch"):  # the engine is being written alongside
-        pytest.skip("circuit_widgets.core.attribution_patch does not exist yet")
-    return core
 
 
 @pytest.fixture(scope="module")

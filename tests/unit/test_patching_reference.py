@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from micro_models import (
+from micro_models import (  # noqa: F401 - fixtures core and one_thread are used by name
+    core,
+    one_thread,
     COMPONENTS,
     PER_LAYER,
     PLANTED_HEADS,
@@ -30,24 +32,6 @@ from circuit_widgets.types import Head
 
 ATOL = 1e-5
 ARCHS = ("gpt2", "llama")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models run several times faster on one thread than on two contended ones.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def core():
-    from circuit_widgets import core
-
-    if not hasattr(core, "activation_patch"):  # the engine is being written alongside these tests
-        pytest.skip("circuit_widgets.core.activation_patch does not exist yet")
-    return core
 
 
 @pytest.fixture(scope="module")

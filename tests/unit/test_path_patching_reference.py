@@ -11,7 +11,9 @@ from dataclasses import replace
 
 import pytest
 import torch
-from micro_models import (
+from micro_models import (  # noqa: F401 - fixtures core and one_thread are used by name
+    core,
+    one_thread,
     PLANTED_HEADS,
     late_diff_task,
     planted_micro_model,
@@ -28,23 +30,6 @@ from circuit_widgets.types import Head, Receiver
 
 ATOL = 1e-5
 ARCHS = ("gpt2", "llama")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def core():
-    from circuit_widgets import core
-
-    if not hasattr(core, "path_patch"):  # the engine is being written alongside these tests
-        pytest.skip("circuit_widgets.core.path_patch does not exist yet")
-    return core
 
 
 @pytest.fixture(scope="module")
