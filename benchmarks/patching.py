@@ -77,11 +77,11 @@ class Clock:
         self.forward()
         return time.perf_counter() - w, time.process_time() - c
 
-    def __call__(self, chunks, scale: float = 1.0) -> tuple[float, float]:
+    def __call__(self, chunks, scale: float = 1.0, desc: str = "") -> tuple[float, float]:
         """(wall, CPU) multiples of F of running every chunk, times ``scale``."""
         wall = cpu = 0.0
         before = self.f()
-        for chunk in chunks:
+        for chunk in tqdm(chunks, desc=desc[:40], leave=False, disable=len(chunks) < 2):
             w, c = time.perf_counter(), time.process_time()
             chunk()
             w, c = time.perf_counter() - w, time.process_time() - c
@@ -105,8 +105,7 @@ def main(argv=None) -> int:
     import pandas as pd
     from transformer_lens import patching as tl_patching
 
-    import circuit_widgets.core as core
-    from circuit_widgets import load_model, model_shape
+    from circuit_widgets import core, load_model, model_shape
 
     model = load_model(args.model)
     for p in model.parameters():
@@ -134,14 +133,14 @@ def main(argv=None) -> int:
     print(f"  {'item':<52} {'wall':>7} {'CPU':>7}")
 
     def report(label: str, chunks, scale: float = 1.0, note: str = "") -> tuple[float, float]:
-        wall, cpu = clock(chunks, scale)
+        wall, cpu = clock(chunks, scale, desc=label)
         tqdm.write(f"  {label:<52} {wall:6.1f}F {cpu:6.1f}F  {note}")
         return wall, cpu
 
     # --- baselines: TransformerLens' own functions and a plain per-head loop, one layer a chunk
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean)
-    metric = lambda logits: task.metric(logits).mean()  # noqa: E731
+    metric = lambda logits: task.metric(logits).mean()
     layers = list(range(0, L, 3)) if args.quick else list(range(L))
     scale = L / len(layers)
     tag = f"(extrapolated from {len(layers)} of {L} layers)" if args.quick else ""
@@ -183,7 +182,7 @@ def main(argv=None) -> int:
     # --- ours: every head, exact (attribution excepted), one layer's heads a chunk where the
     # sweep is long. Attribution runs first on a cold cache: its time includes the corrupt run.
     core.clear_cache()
-    per_layer = lambda fn: [lambda l=l: fn([(l, h) for h in range(H)]) for l in range(L)]  # noqa: E731
+    per_layer = lambda fn: [lambda l=l: fn([(l, h) for h in range(H)]) for l in range(L)]
     attribution = report("ours: attribution_patch z (cold cache, incl. corrupt run)",
                          [lambda: core.attribution_patch(model, task, "z")])
     report("ours: clean + corrupt runs (the cache, built once)",

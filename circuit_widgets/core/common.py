@@ -90,16 +90,16 @@ def position_slots(task: Any, positions: Any, allow_each: bool = True) -> tuple[
     if isinstance(positions, str) and positions == "each":
         if not allow_each:
             raise ValueError("positions='each' is not supported here; use 'all' or a position name")
-        lengths = task.lengths
+        lengths = task.lengths.cpu()
         slots = [Slot(str(p), (ar[None] == p) & (p < lengths[:, None])) for p in range(s)]
         return slots, [str(p) for p in range(s)], None
     if isinstance(positions, str):
         check_position_name(task, positions)
-        return [Slot(positions, ar[None] == task.positions[positions][:, None])], None, positions
+        return [Slot(positions, ar[None] == task.positions[positions].cpu()[:, None])], None, positions
     if isinstance(positions, (list, tuple)) and positions and all(isinstance(p, str) for p in positions):
         for p in positions:
             check_position_name(task, p)
-        slots = [Slot(p, ar[None] == task.positions[p][:, None]) for p in positions]
+        slots = [Slot(p, ar[None] == task.positions[p].cpu()[:, None]) for p in positions]
         return slots, list(positions), None
     raise ValueError(f"positions must be 'all', 'each', a position name or a list of names; got "
                      f"{positions!r} (task {task.name!r} has {sorted(task.positions)})")
@@ -108,10 +108,10 @@ def position_slots(task: Any, positions: Any, allow_each: bool = True) -> tuple[
 def first_diff(task: Any) -> Int[Tensor, " b"]:
     """Per example, the first position where clean and corrupt tokens differ (its length if
     none): every activation before it is identical in both runs, so patching there is a no-op."""
-    differ = (task.clean_tokens != task.corrupt_tokens) & task.attention_mask.bool()
+    differ = ((task.clean_tokens != task.corrupt_tokens) & task.attention_mask.bool()).cpu()
     s = differ.shape[1]
     idx = torch.where(differ, torch.arange(s)[None], torch.full_like(differ, s, dtype=torch.long))
-    return torch.minimum(idx.min(1).values, task.lengths)
+    return torch.minimum(idx.min(1).values, task.lengths.cpu())
 
 
 @dataclass(frozen=True)

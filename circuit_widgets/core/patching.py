@@ -95,7 +95,7 @@ def activation_patch(
         clean, corrupt = cache.fast_runs(model, task, eng)
         base, src = (clean, corrupt) if dirn == Direction.NOISE else (corrupt, clean)
         fd = first_diff(task)
-        end = task.positions["END"]
+        end = task.positions["END"].cpu()
         windows = [window_for(slot.mask, fd, end) for slot in slots]
         jobs = []
         for layer in range(L):

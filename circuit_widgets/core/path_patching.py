@@ -95,7 +95,7 @@ def path_patch(
     b_ = len(task)
     s = task.clean_tokens.shape[1]
     mask = (torch.ones(b_, s, dtype=torch.bool) if position == "all"
-            else torch.arange(s)[None] == task.positions[position][:, None])
+            else torch.arange(s)[None] == task.positions[position].cpu()[:, None])
     per_example = torch.full((b_, shape.n_layers, shape.n_heads), float("nan"))
     done = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.bool)
     by_layer: dict[int, list[int]] = {}
@@ -115,7 +115,7 @@ def path_patch(
         reader = MetricReader(task, eng.device)
         m_clean, m_corrupt = cache.fast_metrics(model, task, eng, reader)
         clean, corrupt = cache.fast_runs(model, task, eng)
-        win = window_for(mask, first_diff(task), task.positions["END"], only_end=to_logits)
+        win = window_for(mask, first_diff(task), task.positions["END"].cpu(), only_end=to_logits)
         per_pass = variants_per_pass(batch_size, b_, win.w)
         jobs = [(layer, c) for layer, cols in sorted(by_layer.items()) for c in chunks(cols, per_pass)]
         run = lambda layer, cols: _fast_senders(
