@@ -245,19 +245,31 @@ def _dequantise(gguf_path: Path, folder: Path) -> None:
     hf.config.architectures = [type(hf).__name__]
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         # save_pretrained refuses GGUF-loaded models; the weights are plain float32 tensors now.
         from safetensors.torch import save_model
 
         hf.config.save_pretrained(tmp)
         save_model(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tok.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
+
+    _write_dir_atomically(folder, write)
+
+
+def _write_dir_atomically(folder: Path, write) -> None:
+    """Fill a cache folder through a temp dir renamed into place: readers never see half of it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
+    try:
+        write(tmp)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
-        tmp.rename(folder)  # atomic: a half-written cache is never picked up
+        if folder.exists():  # only ever an incomplete leftover: callers check completeness first
+            shutil.rmtree(folder, ignore_errors=True)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process published the same folder first; theirs is identical
+            pass
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -274,15 +286,19 @@ def _quiet():
         yield
 
 
+def _placement(device, device_map, n_devices, default=None) -> dict:
+    """boot_transformers takes either a device map (several GPUs) or one device, not both."""
+    if device_map is not None or n_devices is not None:
+        return {"device_map": device_map, "n_devices": n_devices}
+    device = device if device is not None else default
+    return {} if device is None else {"device": device}
+
+
 def _boot_local(folder: Path, *, device, dtype, device_map, n_devices, **kwargs):
     from transformer_lens.model_bridge import TransformerBridge
 
-    if device_map is not None or n_devices is not None:
-        kwargs.update(device_map=device_map, n_devices=n_devices)
-    elif device is not None:
-        kwargs["device"] = device
-    else:
-        kwargs["device"] = "cpu" if not torch.cuda.is_available() else "cuda"
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs.update(_placement(device, device_map, n_devices, default=default))
     prev = os.environ.get("HF_HUB_OFFLINE")
     os.environ["HF_HUB_OFFLINE"] = "1"  # a local folder must never touch the network
     try:
@@ -300,10 +316,7 @@ def _boot_local(folder: Path, *, device, dtype, device_map, n_devices, **kwargs)
 def _boot_hub(name: str, *, device, dtype, device_map, n_devices, **kwargs):
     from transformer_lens.model_bridge import TransformerBridge
 
-    if device_map is not None or n_devices is not None:
-        kwargs.update(device_map=device_map, n_devices=n_devices)
-    elif device is not None:
-        kwargs["device"] = device
+    kwargs.update(_placement(device, device_map, n_devices))
     try:
         with _quiet():
             model = TransformerBridge.boot_transformers(name, dtype=dtype, **kwargs)
@@ -418,13 +431,7 @@ def tiny_tokenizer():
             pad_token="<|endoftext|>",
             unk_token="<unk>",
         )
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-        fast.save_pretrained(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process won the race; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
+        _write_dir_atomically(folder, fast.save_pretrained)
     return AutoTokenizer.from_pretrained(folder)
 
 
