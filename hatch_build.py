@@ -1,4 +1,4 @@
-"""Hatch build hook: build the widgets' JavaScript (js/ -> circuit_widgets/static/) for wheels.
+"""Hatch build hook: build the widgets' JavaScript (js/ -> circuit_widgets/static/) for wheels and sdists.
 
 A wheel build runs `npm ci` (when node_modules is missing or older than the lock file) and
 `npm run build` whenever a bundle is missing or older than its sources; the bundles are
@@ -23,12 +23,14 @@ class JSBuildHook(BuildHookInterface):
     PLUGIN_NAME = "custom"
 
     def initialize(self, version: str, build_data: dict) -> None:
-        if self.target_name != "wheel":
+        if self.target_name not in ("wheel", "sdist"):
             return
         root = Path(self.root)
         js = root / "js"
         static = root / "circuit_widgets" / "static"
-        if not (js / "package.json").is_file():  # a source tree shipped without js/
+        if not (js / "package.json").is_file() or (
+            not (js / "node_modules").exists() and any(static.glob("*.js"))
+        ):  # an sdist: its bundles were built when it was made
             if not any(static.glob("*.js")):
                 raise RuntimeError(f"no js/ sources and no built bundles in {static}")
             return
