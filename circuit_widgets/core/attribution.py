@@ -18,14 +18,11 @@ from circuit_widgets.core.common import (
     Progress,
     Stop,
     build_grid,
-    check_callbacks,
-    check_heads,
-    position_slots,
+    plan_sweep,
 )
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, attend, causal_masks
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.models import model_shape
 from circuit_widgets.types import Component, Direction, Head
 
 
@@ -49,13 +46,10 @@ def attribution_patch(
     batch_size here bounds the examples per backward pass. It is an approximation: exact
     for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
-    comp = Component.coerce(component)
-    dirn = Direction.coerce(direction)
-    shape = model_shape(model)
-    subset = check_heads(heads, comp, shape)
-    check_callbacks(on_progress, should_stop, batch_size)
-    slots, labels, single = position_slots(task, positions)
-    n_cols = hooks.n_columns(comp, shape)
+    plan = plan_sweep(model, task, component, direction, heads, positions, on_progress,
+                      should_stop, batch_size)
+    comp, dirn, shape, subset = plan.comp, plan.dirn, plan.shape, plan.subset
+    slots, labels, single, n_cols = plan.slots, plan.labels, plan.single, plan.n_cols
     B, L, P = len(task), shape.n_layers, len(slots)
     masks = torch.stack([s.mask for s in slots], 1).float()  # [b, P, s]
 

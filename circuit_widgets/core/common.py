@@ -13,8 +13,8 @@ from torch import Tensor
 
 from circuit_widgets.core import hooks
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.models import ModelShape
-from circuit_widgets.types import Component, Head
+from circuit_widgets.models import ModelShape, model_shape
+from circuit_widgets.types import Component, Direction, Head
 
 Progress = Callable[[int, int], None] | None
 Stop = Callable[[], bool] | None
@@ -68,6 +68,32 @@ def check_position_name(task: Any, name: str) -> None:
     if name not in task.positions:
         raise ValueError(f"task {task.name!r} has no position {name!r}; valid positions are "
                          f"{sorted(task.positions)} (or 'all')")
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """The checked arguments every per-cell sweep (activation, attribution) starts from."""
+
+    comp: Component
+    dirn: Direction
+    shape: ModelShape
+    subset: list[Head] | None
+    slots: list[Any]
+    labels: list[str] | None
+    single: str | None
+    n_cols: int
+
+
+def plan_sweep(model: Any, task: Any, component: Any, direction: Any, heads: Any, positions: Any,
+               on_progress: Progress, should_stop: Stop, batch_size: int | None) -> SweepPlan:
+    """Validate a sweep's arguments once, in the same order for every sweep."""
+    comp = Component.coerce(component)
+    dirn = Direction.coerce(direction)
+    shape = model_shape(model)
+    subset = check_heads(heads, comp, shape)
+    check_callbacks(on_progress, should_stop, batch_size)
+    slots, labels, single = position_slots(task, positions)
+    return SweepPlan(comp, dirn, shape, subset, slots, labels, single, hooks.n_columns(comp, shape))
 
 
 # ---------------------------------------------------------------------- position plans

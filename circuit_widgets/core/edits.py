@@ -53,7 +53,7 @@ def run_with_edits(
     for key, fn in edits.items():
         _check_key(model, key)
         if not callable(fn):
-            raise ValueError(f"edit for {key} must be a callable act -> act, got {type(fn).__name__}")
+            raise TypeError(f"edit for {key} must be a callable act -> act, got {type(fn).__name__}")
     if at is not None and (at.dim() != 1 or len(at) != tokens.shape[0]):
         raise ValueError(f"at must hold one position per example ({tokens.shape[0]}), "
                          f"got shape {tuple(at.shape)}")

@@ -21,11 +21,9 @@ from circuit_widgets.core.common import (
     Stop,
     Window,
     build_grid,
-    check_callbacks,
-    check_heads,
     chunks,
     first_diff,
-    position_slots,
+    plan_sweep,
     split_window,
     variants_per_pass,
     window_for,
@@ -33,7 +31,6 @@ from circuit_widgets.core.common import (
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.models import model_shape
 from circuit_widgets.types import Component, Direction, Head
 
 
@@ -69,14 +66,10 @@ def activation_patch(
     on_progress(done, total) and should_stop() are called between passes; once stopped, the
     partial grid comes back with complete=False.
     """
-    comp = Component.coerce(component)
-    dirn = Direction.coerce(direction)
-    shape = model_shape(model)
-    subset = check_heads(heads, comp, shape)
-    check_callbacks(on_progress, should_stop, batch_size)
-    slots, labels, single = position_slots(task, positions)
-
-    n_cols = hooks.n_columns(comp, shape)
+    plan = plan_sweep(model, task, component, direction, heads, positions, on_progress,
+                      should_stop, batch_size)
+    comp, dirn, shape, subset = plan.comp, plan.dirn, plan.shape, plan.subset
+    slots, labels, single, n_cols = plan.slots, plan.labels, plan.single, plan.n_cols
     L, P, B = shape.n_layers, len(slots), len(task)
     wanted = torch.zeros(L, P, n_cols, dtype=torch.bool)
     if subset is None:

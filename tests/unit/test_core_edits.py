@@ -68,7 +68,7 @@ def test_gradients_flow_through_an_edit_on_both_paths(arch, request):
     grads = []
     for hooked in (False, True):
         m = torch.ones(4, requires_grad=True)
-        edit = {(0, "z"): lambda z: z * m[None, None, :, None]}
+        edit = {(0, "z"): lambda z, m=m: z * m[None, None, :, None]}
         with cache.force_hooked(hooked):
             out = run_with_edits(model, tokens, edit, at=torch.tensor([6, 6, 6]), grad=True)
         out.logits[:, 5].sum().backward()
