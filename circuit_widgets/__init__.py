@@ -2,11 +2,17 @@
 
 from circuit_widgets import tasks
 from circuit_widgets.core import (
+    EditedRun,
     HeadGrid,
+    MaskResult,
+    SweepResult,
     activation_patch,
     attribution_patch,
     clear_cache,
+    dcm,
+    dcm_sweep,
     path_patch,
+    run_with_edits,
 )
 from circuit_widgets.models import ModelLoadError, load_model, model_shape, tiny_model
 from circuit_widgets.tasks import Task
@@ -39,18 +45,24 @@ __all__ = [
     "CircuitGroup",
     "Component",
     "Direction",
+    "EditedRun",
     "Head",
     "HeadGrid",
     "HeadGridWidget",
+    "MaskResult",
     "ModelLoadError",
     "Receiver",
+    "SweepResult",
     "Task",
     "activation_patch",
     "attribution_patch",
     "clear_cache",
+    "dcm",
+    "dcm_sweep",
     "load_model",
     "model_shape",
     "path_patch",
+    "run_with_edits",
     "tasks",
     "tiny_model",
 ]
