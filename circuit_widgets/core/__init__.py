@@ -2,23 +2,63 @@
 
 from circuit_widgets.core.attribution import attribution_patch
 from circuit_widgets.core.cache import clear_cache
+from circuit_widgets.core.circuits import (
+    AblationResult,
+    CompletenessResult,
+    FaithfulnessResult,
+    MinimalityResult,
+    OverlapResult,
+    PipelineResult,
+    Stage,
+    circuit_pipeline,
+    completeness,
+    default_stages,
+    faithfulness,
+    head_overlap,
+    mean_ablate,
+    minimality,
+)
 from circuit_widgets.core.dcm import MaskResult, SweepResult, TrainingCurve, dcm, dcm_sweep
 from circuit_widgets.core.edits import EditedRun, run_with_edits
+from circuit_widgets.core.interventions import (
+    AttentionResult,
+    Intervention,
+    head_attention,
+    intervene,
+)
 from circuit_widgets.core.patching import activation_patch
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.core.results import HeadGrid
 
 __all__ = [
+    "AblationResult",
+    "AttentionResult",
+    "CompletenessResult",
     "EditedRun",
+    "FaithfulnessResult",
     "HeadGrid",
+    "Intervention",
     "MaskResult",
+    "MinimalityResult",
+    "OverlapResult",
+    "PipelineResult",
+    "Stage",
     "SweepResult",
     "TrainingCurve",
     "activation_patch",
     "attribution_patch",
+    "circuit_pipeline",
     "clear_cache",
+    "completeness",
     "dcm",
     "dcm_sweep",
+    "default_stages",
+    "faithfulness",
+    "head_attention",
+    "head_overlap",
+    "intervene",
+    "mean_ablate",
+    "minimality",
     "path_patch",
     "run_with_edits",
 ]

@@ -1,0 +1,386 @@
+"""Head-level interventions bound to one task's prompts: force attention onto named keys,
+scale a head's output, or replace it by its output on other prompts (Merullo et al.'s repair).
+
+An ``Intervention`` is a set of edits; ``with intervene(...)`` puts them on the model as bridge
+hooks, so every experiment run inside the block (patching, ablation, widgets) sees them: the
+patching engine notices hooks left on a model and takes its hooked path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Self
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from circuit_widgets.core import hooks as hook_names
+from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.models import model_shape
+from circuit_widgets.types import Component, Head
+
+_TOKEN_HOOK = "embed.hook_in"
+
+
+class Intervention:
+    """Edits to chosen heads, for the prompts of one task (see ``intervene``).
+
+    ``edits()`` gives them as ``run_with_edits`` edits; entering the object as a context
+    manager registers them as hooks on the model and removes exactly those on exit.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        task: Any,
+        *,
+        heads: Iterable[Any],
+        attend_to: str | Sequence[str] | Tensor | None = None,
+        scale: float | dict | None = None,
+        replace_with: Any = None,
+        at: str = "END",
+    ) -> None:
+        self.model, self.task = model, task
+        self.shape = model_shape(model)
+        if isinstance(heads, (str, Head, tuple)):
+            heads = [heads]
+        self.heads = sorted({Head.parse(h) for h in heads})
+        if not self.heads:
+            raise ValueError("intervene needs at least one head")
+        for h in self.heads:
+            if h.layer >= self.shape.n_layers or h.head >= self.shape.n_heads:
+                raise ValueError(f"head {h} is outside the model (layers 0-{self.shape.n_layers - 1}, "
+                                 f"heads 0-{self.shape.n_heads - 1})")
+        if attend_to is None and scale is None and replace_with is None:
+            raise ValueError("intervene needs attend_to, scale or replace_with")
+        if at != "all" and at not in task.positions:
+            raise ValueError(f"at must be 'all' or a position of task {task.name!r}: "
+                             f"{sorted(task.positions)}; got {at!r}")
+        self.at = at
+        self.targets = None if attend_to is None else self._targets(attend_to)
+        self.scales = None if scale is None else self._scales(scale)
+        self.source_z = None if replace_with is None else self._source(replace_with)
+        self._handles: list[tuple[Any, Any]] = []
+
+    # ------------------------------------------------------------------ checking the inputs
+
+    def _targets(self, attend_to: Any) -> Tensor:
+        """[b, k] key positions per example."""
+        task = self.task
+        if self.at == "all":
+            raise ValueError("attention can only be forced at a named query position (at='END', ...), "
+                             "not at='all'")
+        if isinstance(attend_to, Tensor):
+            t = attend_to.long().cpu()
+            t = t[:, None] if t.dim() == 1 else t
+            if t.dim() != 2 or t.shape[0] != len(task):
+                raise ValueError(f"attend_to as a tensor must be [batch] or [batch, k] with batch "
+                                 f"{len(task)}, got {tuple(attend_to.shape)}")
+        else:
+            names = [attend_to] if isinstance(attend_to, str) else list(attend_to)
+            parts = []
+            for name in names:
+                if name in task.positions:
+                    parts.append(task.positions[name].cpu()[:, None])
+                elif name in task.position_sets:
+                    parts.append(task.position_sets[name].cpu().long())
+                else:
+                    raise ValueError(
+                        f"task {task.name!r} has no position or position set {name!r}; positions: "
+                        f"{sorted(task.positions)}, sets: {sorted(task.position_sets)}")
+            if not parts:
+                raise ValueError("attend_to names no positions")
+            t = torch.cat(parts, 1)
+        query = task.positions[self.at].cpu()
+        if (t < 0).any() or (t > query[:, None]).any():
+            b = int(((t < 0) | (t > query[:, None])).any(1).nonzero()[0, 0])
+            raise ValueError(f"attend_to positions {t[b].tolist()} of example {b} must lie in "
+                             f"0..{int(query[b])} (at or before its {self.at!r} query position)")
+        return t
+
+    def _scales(self, scale: Any) -> dict[Head, float]:
+        if isinstance(scale, dict):
+            out = {Head.parse(h): float(s) for h, s in scale.items()}
+            extra = sorted(set(out) - set(self.heads))
+            if extra:
+                raise ValueError(f"scale names heads {[str(h) for h in extra]} that are not in heads")
+            return out
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise ValueError(f"scale must be a number or a dict {{head: number}}, got {scale!r}")  # noqa: TRY004 - every input mistake is a ValueError
+        return {h: float(scale) for h in self.heads}
+
+    def _source(self, replace_with: Any) -> dict[int, Tensor]:
+        """layer -> z [b, s, H, dh] of the source prompts, aligned to this task's positions."""
+        task = self.task
+        if isinstance(replace_with, str):
+            if replace_with != "corrupt":
+                raise ValueError(f"replace_with must be a Task or 'corrupt', got {replace_with!r}")
+            src_task, tokens = task, task.corrupt_tokens
+        elif hasattr(replace_with, "clean_tokens") and hasattr(replace_with, "positions"):
+            src_task, tokens = replace_with, replace_with.clean_tokens
+        else:
+            raise ValueError(f"replace_with must be a Task or 'corrupt', got {type(replace_with).__name__}")
+        if len(src_task) != len(task):
+            raise ValueError(f"replace_with has {len(src_task)} examples; the task has {len(task)}: "
+                             f"one source prompt per example is needed")
+        if self.at == "all":
+            if tokens.shape != task.clean_tokens.shape or not torch.equal(src_task.lengths.cpu(),
+                                                                          task.lengths.cpu()):
+                raise ValueError("replace_with at='all' needs source prompts of the same lengths as "
+                                 "the task's; use a named position (at='END') otherwise")
+        elif self.at not in src_task.positions:
+            raise ValueError(f"replace_with task {src_task.name!r} has no position {self.at!r}")
+        layers = sorted({h.layer for h in self.heads})
+        run = run_with_edits(self.model, tokens, capture=[(l, "z") for l in layers])
+        out = {}
+        for l in layers:
+            z = run.captured[(l, "z")].detach()
+            if self.at != "all":
+                ar = torch.arange(len(task))
+                src_pos, dst_pos = src_task.positions[self.at].cpu(), task.positions[self.at].cpu()
+                aligned = torch.zeros(len(task), task.seq_len, *z.shape[2:], dtype=z.dtype)
+                aligned[ar, dst_pos] = z.cpu()[ar, src_pos]
+                z = aligned
+            out[l] = z.cpu()
+        return out
+
+    # ------------------------------------------------------------------ the edits
+
+    def _check_batch(self, act: Tensor, seq_axis: int) -> None:
+        b, s = act.shape[0], act.shape[seq_axis]
+        if b != len(self.task) or s != self.task.seq_len:
+            raise ValueError(
+                f"this intervention is bound to task {self.task.name!r} ({len(self.task)} prompts "
+                f"of {self.task.seq_len} tokens) but a forward ran on a batch of {b} x {s}; run "
+                f"other prompts outside the with-block, or make an intervention for them")
+
+    def _pattern_fn(self, layer: int):
+        cols = [h.head for h in self.heads if h.layer == layer]
+        t = self.targets
+        b = len(self.task)
+        query = self.task.positions[self.at].cpu()
+
+        def fn(act: Tensor) -> Tensor:  # [b, H, q, k]
+            self._check_batch(act, 2)
+            dev = act.device
+            row = torch.zeros(b, act.shape[-1], dtype=act.dtype, device=dev)
+            # Uniform over the targets (a position listed twice gets twice the weight).
+            row.scatter_add_(1, t.to(dev), torch.full(t.shape, 1.0 / t.shape[1], dtype=act.dtype, device=dev))
+            out = act.clone()
+            ar = torch.arange(b, device=dev)
+            for c in cols:
+                out[ar, c, query.to(dev)] = row
+            return out
+
+        return fn
+
+    def _z_fn(self, layer: int):
+        cols = [h.head for h in self.heads if h.layer == layer]
+        b, s = len(self.task), self.task.seq_len
+        where = torch.ones(b, s, dtype=torch.bool)
+        if self.at != "all":
+            where = torch.arange(s)[None] == self.task.positions[self.at].cpu()[:, None]
+        src = None if self.source_z is None else self.source_z[layer]
+        scales = self.scales
+
+        def fn(act: Tensor) -> Tensor:  # [b, s, H, dh]
+            self._check_batch(act, 1)
+            dev = act.device
+            out = act.clone()
+            w = where.to(dev)[:, :, None]
+            for c in cols:
+                new = out[:, :, c]
+                if src is not None:
+                    new = torch.where(w, src[:, :, c].to(dev, act.dtype), new)
+                if scales is not None and Head(layer, c) in scales:
+                    new = torch.where(w, new * scales[Head(layer, c)], new)
+                out[:, :, c] = new
+            return out
+
+        return fn
+
+    def edits(self) -> dict[tuple[int, str], Any]:
+        """The intervention as ``run_with_edits`` edits for this task's prompts."""
+        out = {}
+        for layer in sorted({h.layer for h in self.heads}):
+            if self.targets is not None:
+                out[(layer, "pattern")] = self._pattern_fn(layer)
+            if self.source_z is not None or self.scales is not None:
+                out[(layer, "z")] = self._z_fn(layer)
+        return out
+
+    def hooks(self) -> list[tuple[str, Any]]:
+        """The intervention as (hook name, fn) pairs for ``model.run_with_hooks``."""
+        site = {"pattern": Component.PATTERN, "z": Component.Z}
+        out = [(hook_names.hook_name(site[s], l), _as_hook(fn)) for (l, s), fn in self.edits().items()]
+        if _TOKEN_HOOK in (getattr(self.model, "hook_dict", None) or {}):
+            out.insert(0, (_TOKEN_HOOK, self._token_guard))
+        return out
+
+    def _token_guard(self, tokens: Tensor, hook: Any = None) -> None:
+        """Refuse forwards on prompts other than this task's (clean or corrupt)."""
+        if tokens.dim() != 2:
+            return
+        t = self.task
+        ok = tokens.shape == t.clean_tokens.shape and (
+            torch.equal(tokens.cpu(), t.clean_tokens.cpu()) or torch.equal(tokens.cpu(), t.corrupt_tokens.cpu()))
+        if not ok:
+            raise ValueError(
+                f"this intervention is bound to the prompts of task {t.name!r} ({len(t)} x "
+                f"{t.seq_len} tokens, clean or corrupt) but a forward ran on other tokens "
+                f"({tuple(tokens.shape)}); run them outside the with-block, or make an "
+                f"intervention for them")
+        return
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> Self:
+        if self._handles:
+            raise ValueError("this intervention is already active")
+        try:
+            for name, fn in self.hooks():
+                if name not in self.model.hook_dict:
+                    raise ValueError(f"the model has no hook point {name!r}")
+                hp = self.model.hook_dict[name]
+                self._handles.append((hp, hp.add_hook(fn)))
+        except Exception:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        for hp, handle in reversed(self._handles):
+            handle.hook.remove()
+            lst = getattr(hp, "fwd_hooks", None)
+            if isinstance(lst, list) and handle in lst:
+                lst.remove(handle)
+        self._handles = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def __repr__(self) -> str:
+        what = []
+        if self.targets is not None:
+            what.append(f"attention at {self.at} forced onto {self.targets.shape[1]} keys")
+        if self.scales is not None:
+            what.append("z scaled")
+        if self.source_z is not None:
+            what.append("z replaced")
+        heads = ", ".join(str(h) for h in self.heads)
+        return f"Intervention({heads}: {'; '.join(what)}{'; active' if self.active else ''})"
+
+
+def _as_hook(fn):
+    def hook(act: Tensor, hook: Any = None) -> Tensor:
+        return fn(act)
+
+    return hook
+
+
+def intervene(
+    model: Any,
+    task: Any,
+    *,
+    heads: Iterable[Any],
+    attend_to: str | Sequence[str] | Tensor | None = None,
+    scale: float | dict | None = None,
+    replace_with: Any = None,
+    at: str = "END",
+) -> Intervention:
+    """Edit chosen heads on ``task``'s prompts; use as ``with intervene(...):``.
+
+    attend_to: each head's attention row at query position ``at`` (default END, each example's
+    own) becomes uniform over these keys: a position name, a position-set name
+    (``task.position_sets``, e.g. Colored Objects' "wrong_colors"), a list of them, or a
+    LongTensor [batch] / [batch, k]; the edited pattern is used as is (values are not
+    renormalised). On grouped-query models this edits the query head's own pattern; the shared
+    key/value head is untouched. scale: multiply the heads' z (before W_O) at ``at`` (or
+    at='all' positions) by a number (0 zeroes the head) or per head {head: number}.
+    replace_with: another Task with one prompt per example (its z at its own ``at`` position)
+    or "corrupt" (this task's corrupt prompts); its z is computed now. Inside the block a
+    forward on any prompts other than this task's clean or corrupt ones raises ValueError.
+    """
+    return Intervention(model, task, heads=heads, attend_to=attend_to, scale=scale,
+                        replace_with=replace_with, at=at)
+
+
+# ====================================================================== attention readout
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionResult:
+    """Attention from query position ``at`` to the keys ``to``: per example [batch, n_heads]
+    (the attention mass summed over those keys), and its mean over examples per head."""
+
+    per_example: Float[Tensor, "batch head"]
+    heads: list[Head]
+    to: str
+    at: str
+    which: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mean(self) -> Float[Tensor, " head"]:
+        return self.per_example.mean(0)
+
+    def as_dict(self) -> dict[str, float]:
+        """{'layer.head': mean attention}."""
+        return {str(h): float(v) for h, v in zip(self.heads, self.mean)}
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame({"head": [str(h) for h in self.heads],
+                             "layer": [h.layer for h in self.heads],
+                             "head_index": [h.head for h in self.heads],
+                             "mean": self.mean.tolist(),
+                             "std": self.per_example.std(0, unbiased=False).tolist()})
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}: {v:.3f}" for k, v in self.as_dict().items())
+        return f"AttentionResult({self.at} -> {self.to}; {body})"
+
+
+def head_attention(
+    model: Any,
+    task: Any,
+    heads: Iterable[Any],
+    to: str | Sequence[str] | Tensor,
+    *,
+    at: str = "END",
+    which: str = "clean",
+) -> AttentionResult:
+    """How much each head attends from ``at`` (default END) to the keys ``to`` (a position
+    name, a position-set name, a list of them, or a LongTensor [batch] / [batch, k]), on the
+    task's clean (or ``which="corrupt"``) prompts. Inside ``intervene`` it reads the edited
+    patterns (the forward runs through the model's hooks)."""
+    if which not in ("clean", "corrupt"):
+        raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
+    heads = [heads] if isinstance(heads, (str, Head, tuple)) else list(heads)
+    order = list(dict.fromkeys(Head.parse(h) for h in heads))  # the caller's order, once each
+    # An Intervention object checks heads, positions and targets for us.
+    spec = Intervention(model, task, heads=heads, attend_to=to, scale=1.0, at=at)
+    tokens = task.clean_tokens if which == "clean" else task.corrupt_tokens
+    layers = sorted({h.layer for h in spec.heads})
+    run = run_with_edits(model, tokens, capture=[(l, "pattern") for l in layers],
+                         at=task.positions["END"])
+    b = len(task)
+    ar = torch.arange(b)
+    query = task.positions[at].cpu()
+    t = spec.targets
+    out = torch.zeros(b, len(order))
+    for i, h in enumerate(order):
+        rows = run.captured[(h.layer, "pattern")].detach().float().cpu()[ar, h.head, query]  # [b, k]
+        # Each distinct key once, so a repeated target is not counted twice.
+        hit = torch.zeros_like(rows, dtype=torch.bool)
+        hit[ar[:, None].expand_as(t), t] = True
+        out[:, i] = (rows * hit).sum(1)
+    label = to if isinstance(to, str) else ("tensor" if isinstance(to, Tensor) else "+".join(to))
+    return AttentionResult(per_example=out, heads=order, to=label, at=at, which=which)
