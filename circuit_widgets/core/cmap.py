@@ -1,0 +1,528 @@
+"""Cross-model activation patching (CMAP): a fine-tuned model's activations written into its base.
+
+Both models read the same prompts; the fine-tuned run's activations at chosen heads (or layers)
+and positions replace the base run's, and the base model's own weights do the rest (for "z",
+its own W_O). Both forwards go through ``run_with_edits``, i.e. through each model's real
+modules: a live (unmerged) LoRA adapter is part of the fine-tuned forward, merged or not.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from circuit_widgets.core import hooks
+from circuit_widgets.core.common import Progress, Stop, build_grid, check_callbacks, check_heads
+from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.results import HeadGrid
+from circuit_widgets.models import ModelShape, model_shape
+from circuit_widgets.types import Circuit, Component, Head
+
+COMPONENTS = (Component.Z, Component.Q, Component.K, Component.V, Component.ATTN_OUT, Component.MLP_OUT)
+# Rows x positions of one forward; ~0.3 GB of activations on the demo model.
+ROW_BUDGET = 6144
+WHOLE = "circuit"
+
+
+# ---------------------------------------------------------------------- compatibility
+
+
+def _bridge(model: Any, label: str) -> Any:
+    """A TransformerBridge; a peft wrapper is unwrapped (its adapters stay live in the modules)."""
+    inner = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    if getattr(inner, "cfg", None) is None or not callable(getattr(inner, "run_with_hooks", None)):
+        raise TypeError(
+            f"{label} must be a TransformerBridge (load_model(...)); got {type(model).__name__}. "
+            "Wrap a transformers/peft model with load_model(hf_model, tokenizer=tok)."
+        )
+    return inner
+
+
+def _architecture(model: Any) -> str:
+    hf = getattr(model, "original_model", None)
+    names = getattr(getattr(hf, "config", None), "architectures", None)
+    return (names or [type(hf).__name__])[0] if hf is not None else type(model).__name__
+
+
+def _vocab_fingerprint(tokenizer: Any) -> tuple[int, int] | None:
+    if tokenizer is None:
+        return None
+    vocab = tokenizer.get_vocab()
+    return len(vocab), hash(tuple(sorted(vocab.items())))
+
+
+def check_compatible(base: Any, finetuned: Any) -> None:
+    """Raise ValueError naming every difference that makes cross-model patching meaningless.
+
+    Compared: architecture class, n_layers, n_heads, n_kv_heads, d_head, d_model, vocabulary
+    size and the tokenizer's vocabulary (token -> id).
+    """
+    base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
+    a, b = model_shape(base), model_shape(finetuned)
+    diffs = []
+    arch_a, arch_b = _architecture(base), _architecture(finetuned)
+    if arch_a != arch_b:
+        diffs.append(f"architecture: base {arch_a}, finetuned {arch_b}")
+    for name, label in (("n_layers", "layers"), ("n_heads", "heads"), ("n_kv_heads", "key/value heads"),
+                        ("d_head", "d_head"), ("d_model", "d_model"), ("d_vocab", "vocabulary size")):
+        va, vb = getattr(a, name), getattr(b, name)
+        if va != vb:
+            diffs.append(f"{label} ({name}): base {va}, finetuned {vb}")
+    fa = _vocab_fingerprint(getattr(base, "tokenizer", None))
+    fb = _vocab_fingerprint(getattr(finetuned, "tokenizer", None))
+    if fa is not None and fb is not None and fa != fb:
+        diffs.append(f"vocabulary: the tokenizers differ (base {fa[0]} tokens, finetuned {fb[0]} "
+                     "tokens, different token -> id maps)")
+    if diffs:
+        raise ValueError("base and finetuned models are not compatible for cross-model patching: "
+                         + "; ".join(diffs))
+
+
+# ---------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True, eq=False)
+class CMAPResult:
+    """Base, fine-tuned and patched metric/accuracy, per example, per group and for the circuit.
+
+    Row g of ``patched_metric`` / ``patched_accuracy`` belongs to ``groups[g]``; with several
+    groups a last row "circuit" patches every group at once, each at its own position. ``recovered`` =
+    (patched - base) / (fine-tuned - base), from the means. Examples not run (a stopped run)
+    are NaN and ``done`` is False there.
+    """
+
+    groups: list[str]
+    heads: dict[str, list[Head]]
+    positions: dict[str, str | None]
+    base_metric: Float[Tensor, " batch"]
+    finetuned_metric: Float[Tensor, " batch"]
+    patched_metric: Float[Tensor, "group batch"]
+    base_accuracy: Float[Tensor, " batch"]
+    finetuned_accuracy: Float[Tensor, " batch"]
+    patched_accuracy: Float[Tensor, "group batch"]
+    done: Bool[Tensor, " batch"]
+    complete: bool
+    components: list[str]
+    metric_name: str
+    kv_groups: list[list[int]] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def _mean(x: Tensor) -> Tensor:
+        return x.nanmean(-1)
+
+    @property
+    def recovered(self) -> Float[Tensor, " group"]:
+        base, ft = self._mean(self.base_metric), self._mean(self.finetuned_metric)
+        gap = ft - base
+        if float(gap) == 0:
+            return torch.full((len(self.groups),), math.nan)
+        return (self._mean(self.patched_metric) - base) / gap
+
+    def group(self, name: str) -> dict[str, float]:
+        """Mean metric and accuracy of one group (or "circuit"): base, finetuned, patched."""
+        if name not in self.groups:
+            raise ValueError(f"no group {name!r}; this result has {self.groups}")
+        g = self.groups.index(name)
+        m = self._mean
+        return {
+            "base_metric": float(m(self.base_metric)),
+            "finetuned_metric": float(m(self.finetuned_metric)),
+            "patched_metric": float(m(self.patched_metric[g])),
+            "base_accuracy": float(m(self.base_accuracy)),
+            "finetuned_accuracy": float(m(self.finetuned_accuracy)),
+            "patched_accuracy": float(m(self.patched_accuracy[g])),
+            "recovered": float(self.recovered[g]),
+        }
+
+    def to_dataframe(self):
+        """One row per group: heads, position, and the means of ``group(name)``."""
+        import pandas as pd
+
+        rows = []
+        for name in self.groups:
+            hs = self.heads[name]
+            rows.append({"group": name, "n_heads": len(hs), "heads": " ".join(str(h) for h in hs),
+                         "position": self.positions.get(name) or "all", **self.group(name)})
+        return pd.DataFrame(rows)
+
+    def __repr__(self) -> str:
+        state = "complete" if self.complete else f"partial ({int(self.done.sum())} examples)"
+        parts = ", ".join(f"{g}: {self.group(g)['patched_accuracy']:.2f}" for g in self.groups)
+        return (f"CMAPResult({'+'.join(self.components)}, {self.metric_name}; accuracy base "
+                f"{self.group(self.groups[0])['base_accuracy']:.2f}, finetuned "
+                f"{self.group(self.groups[0])['finetuned_accuracy']:.2f}, patched {parts}; {state})")
+
+
+# ---------------------------------------------------------------------- patch specs
+
+
+@dataclass(frozen=True)
+class _Patch:
+    """One group's patch: columns per layer of each component, at one position (None = all)."""
+
+    name: str
+    columns: dict[tuple[int, str], list[int]]  # (layer, site) -> head/kv-head columns ([] = whole layer)
+    position: str | None
+    heads: list[Head]
+
+
+def _components(component: Any) -> list[Component]:
+    items = [component] if isinstance(component, (str, Component)) else list(component)
+    if not items:
+        raise ValueError(f"component must be one of {[c.value for c in COMPONENTS]} or a list of them")
+    out = []
+    for c in items:
+        comp = Component.coerce(c)
+        if comp not in COMPONENTS:
+            raise ValueError(f"CMAP patches {[c.value for c in COMPONENTS]}; got {comp.value!r}")
+        if comp not in out:
+            out.append(comp)
+    return out
+
+
+def _check_position(task: Any, position: Any) -> str | None:
+    if position is None or position == "all":
+        return None
+    if not isinstance(position, str) or position not in task.positions:
+        raise ValueError(f"position {position!r} is not one of task {task.name!r}'s positions "
+                         f"{sorted(task.positions)} (or 'all')")
+    return position
+
+
+def _group_patch(name: str, heads: list[Head], comps: list[Component], shape: ModelShape,
+                 position: str | None, query_heads: bool) -> _Patch:
+    """Columns each component patches; query heads map to their key/value head for k/v."""
+    cols: dict[tuple[int, str], set[int]] = {}
+    for h in heads:
+        for comp in comps:
+            key = (h.layer, comp.value)
+            if not comp.per_head:
+                cols.setdefault(key, set())
+            elif comp.per_kv_head and query_heads:
+                cols.setdefault(key, set()).add(shape.kv_head_of(h.head))
+            else:
+                cols.setdefault(key, set()).add(h.head)
+    return _Patch(name, {k: sorted(v) for k, v in cols.items()}, position, sorted(heads))
+
+
+def _plan(base: Any, task: Any, circuit: Any, heads: Any, comps: list[Component], positions: Any,
+          shape: ModelShape) -> tuple[list[_Patch], list[str]]:
+    """The groups to patch (each alone, then all together as "circuit") and notes."""
+    notes: list[str] = []
+    if (circuit is None) == (heads is None):
+        raise ValueError("give exactly one of circuit= (a Circuit) or heads= (a list of heads, or 'all')")
+    if circuit is not None:
+        if not isinstance(circuit, Circuit):
+            raise TypeError(f"circuit must be a Circuit, got {type(circuit).__name__}")
+        if not circuit.groups or not circuit.heads:
+            raise ValueError("the circuit has no heads")
+        circuit.validate(shape.n_layers, shape.n_heads, task.positions)
+        if positions is not None and not isinstance(positions, (str, dict)):
+            raise ValueError("with a circuit, positions is None (each group's own), 'all', a position "
+                             f"name or a dict group -> position; got {positions!r}")
+        patches = []
+        for g in circuit.groups:
+            pos = positions.get(g.name, g.position) if isinstance(positions, dict) else (
+                g.position if positions is None else positions)
+            patches.append(_group_patch(g.name, sorted(g.heads), comps, shape,
+                                        _check_position(task, pos), query_heads=True))
+        if isinstance(positions, dict):
+            unknown = set(positions) - {g.name for g in circuit.groups}
+            if unknown:
+                raise ValueError(f"positions names groups {sorted(unknown)} the circuit lacks; it has "
+                                 f"{[g.name for g in circuit.groups]}")
+    else:
+        pos = _check_position(task, "all" if positions is None else positions)
+        if isinstance(heads, str) and heads == "all":
+            parsed = [Head(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
+        elif isinstance(heads, str):
+            raise ValueError(f"heads must be a list of heads (Head, (layer, head), 'l.h') or 'all', got {heads!r}")
+        else:
+            # Per-layer components take plain layer numbers too.
+            items = [Head(h, 0) if isinstance(h, int) and not isinstance(h, bool) else h for h in heads]
+            if not items:
+                raise ValueError("heads is empty; give at least one head")
+            parsed = []
+            for comp in comps:
+                parsed = check_heads(items, comp if comp.per_head else Component.ATTN_OUT, shape)
+        # 'all' lists query heads, which cover every key/value head too.
+        patches = [_group_patch("heads", parsed, comps, shape, pos, query_heads=heads == "all")]
+    if any(c.per_kv_head for c in comps) and shape.group_size > 1:
+        kv = [f"kv{g}: q{shape.query_heads_of(g)[0]}-{shape.query_heads_of(g)[-1]}"
+              for g in range(shape.n_kv_heads)]
+        notes.append(f"k/v are patched per key/value head, shared by {shape.group_size} query heads "
+                     f"each ({', '.join(kv)}): patching one changes its whole group"
+                     + ("; circuit heads were mapped to their key/value head" if circuit is not None else ""))
+    if len(patches) > 1:
+        # Display only: its cells are the union of the groups' cells, each at its own position.
+        whole = _Patch(WHOLE, {}, "per group", sorted({h for p in patches for h in p.heads}))
+        patches.append(whole)
+    return patches, notes
+
+
+# ---------------------------------------------------------------------- edits
+
+
+def _site_needs(patches: Sequence[_Patch]) -> list[tuple[int, str]]:
+    return sorted({k for p in patches for k in p.columns})
+
+
+def _position_mask(task: Any, position: str | None, rows: slice) -> Tensor:
+    b = task.clean_tokens[rows].shape[0]
+    s = task.clean_tokens.shape[1]
+    if position is None:
+        return torch.ones(b, s, dtype=torch.bool)
+    return torch.arange(s)[None] == task.positions[position][rows].cpu()[:, None]
+
+
+def _cell_masks(patch_list: Sequence[_Patch], task: Any, rows: slice, shape: ModelShape
+                ) -> dict[tuple[int, str], Tensor]:
+    """(layer, site) -> bool mask [V*b, s, columns or 1] over all variants (patches) stacked."""
+    b = task.clean_tokens[rows].shape[0]
+    s = task.clean_tokens.shape[1]
+    out: dict[tuple[int, str], Tensor] = {}
+    for v, p in enumerate(patch_list):
+        pos = _position_mask(task, p.position, rows)
+        for key, cols in p.columns.items():
+            comp = Component.coerce(key[1])
+            n_cols = hooks.n_columns(comp, shape)
+            if key not in out:
+                out[key] = torch.zeros(len(patch_list) * b, s, n_cols, dtype=torch.bool)
+            colmask = torch.zeros(n_cols, dtype=torch.bool)
+            colmask[cols if comp.per_head else [0]] = True
+            out[key][v * b : (v + 1) * b] |= pos[:, :, None] & colmask[None, None]
+    return out
+
+
+def _edits_from(captured: dict, masks: dict, n_variants: int) -> dict:
+    """Edits that write the captured fine-tuned activations where the masks say."""
+    edits = {}
+    for key, mask in masks.items():
+        src = captured[key]
+
+        def fn(act: Tensor, src=src, mask=mask) -> Tensor:
+            m = mask.to(act.device)
+            full = src.repeat(n_variants, *([1] * (src.dim() - 1))).to(act.device, act.dtype)
+            # z/q/k/v are [b,s,heads,dh]; attn_out/mlp_out [b,s,d] with one "column".
+            m = m[..., None] if act.dim() == 4 else m[..., 0:1]
+            return torch.where(m, full, act)
+
+        edits[key] = fn
+    return edits
+
+
+def cmap_logits(base: Any, finetuned: Any, tokens: Tensor, patches: dict[tuple[int, str], Tensor],
+                *, at: Tensor | None = None) -> Tensor:
+    """The base model's logits with the fine-tuned model's activations written in.
+
+    ``patches[(layer, site)]`` is a bool mask [b, s, columns] (columns: heads for z/q, key/value
+    heads for k/v, 1 for attn_out/mlp_out) of where the fine-tuned activation replaces the base's.
+    """
+    base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
+    check_compatible(base, finetuned)
+    captured = run_with_edits(finetuned, tokens, capture=list(patches)).captured
+    return run_with_edits(base, tokens, _edits_from(captured, patches, 1), at=at).logits
+
+
+# ---------------------------------------------------------------------- cmap
+
+
+def _batches(n: int, rows_per_variant: int) -> list[slice]:
+    return [slice(i, min(i + rows_per_variant, n)) for i in range(0, n, rows_per_variant)]
+
+
+def cmap(
+    base: Any,
+    finetuned: Any,
+    task: Any,
+    *,
+    circuit: Circuit | None = None,
+    heads: Sequence[Any] | str | None = None,
+    component: str | Component | Sequence[str | Component] = "z",
+    positions: str | dict | None = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+) -> CMAPResult:
+    """Patch the fine-tuned model's ``component`` into the base model at a circuit's heads.
+
+    circuit: each group patched alone at its own position (``positions`` may override: a name,
+    'all', or {group: position}), then all groups together ("circuit"). Its heads are query
+    heads; for k/v each maps to its key/value head (shared with its group, see notes).
+    heads: one group at ``positions`` (a name or 'all', the default); columns as in the
+    grids (key/value heads for k/v, layer numbers for attn_out/mlp_out), or 'all'.
+    component: z, q, k, v (per head), attn_out, mlp_out (per layer), or a list of them.
+    batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
+    """
+    base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
+    check_compatible(base, finetuned)
+    check_callbacks(on_progress, should_stop, batch_size)
+    comps = _components(component)
+    shape = model_shape(base)
+    patches, notes = _plan(base, task, circuit, heads, comps, positions, shape)
+    if patches[-1].name == WHOLE:  # the whole circuit: every group's own cells at once
+        singles = patches[:-1]
+    else:
+        singles = patches
+    n, s = len(task), task.seq_len
+    rows = batch_size or max(1, ROW_BUDGET // max(s, 1) // (len(patches) + 1))
+    end = task.positions["END"]
+    out_metric = torch.full((len(patches), n), math.nan)
+    out_acc = torch.full((len(patches), n), math.nan)
+    base_m, ft_m, base_a, ft_a = (torch.full((n,), math.nan) for _ in range(4))
+    done = torch.zeros(n, dtype=torch.bool)
+    batches = _batches(n, rows)
+    complete = True
+    for i, sl in enumerate(batches):
+        if should_stop is not None and should_stop():
+            complete = False
+            break
+        sub = task.subset(torch.arange(n)[sl]) if n > 1 else task
+        sub_end = end[sl]
+        tokens = task.clean_tokens[sl]
+        ft_run = run_with_edits(finetuned, tokens, capture=_site_needs(singles), at=sub_end)
+        b = tokens.shape[0]
+        # Variant 0 is the unpatched base: same forward shape as the patched rows, so a patch
+        # that writes identical values gives bit-identical logits.
+        masks = _cell_masks([_Patch("base", {}, None, [])] + singles, task, sl, shape)
+        if len(singles) < len(patches):  # "circuit" = the union of every group's cells
+            for key, m in list(masks.items()):
+                union = m.view(len(singles) + 1, b, *m.shape[1:]).any(0)
+                masks[key] = torch.cat([m, union])
+        n_var = len(patches) + 1
+        logits = run_with_edits(base, tokens.repeat(n_var, 1),
+                                _edits_from(ft_run.captured, masks, n_var),
+                                at=sub_end.repeat(n_var)).logits
+        logits = logits.view(n_var, b, -1)
+        base_logits, patched = logits[0], logits[1:]
+        base_m[sl] = sub.metric(base_logits).float().cpu()
+        ft_m[sl] = sub.metric(ft_run.logits).float().cpu()
+        base_a[sl] = sub.accuracy(base_logits).cpu()
+        ft_a[sl] = sub.accuracy(ft_run.logits).cpu()
+        for v in range(n_var - 1):
+            out_metric[v, sl] = sub.metric(patched[v]).float().cpu()
+            out_acc[v, sl] = sub.accuracy(patched[v]).cpu()
+        done[sl] = True
+        if on_progress is not None:
+            on_progress(i + 1, len(batches))
+    if not complete:
+        notes.append(f"stopped after {int(done.sum())} of {n} examples")
+    kvg = hooks.kv_groups(shape) if any(c.per_kv_head for c in comps) else None
+    return CMAPResult(
+        groups=[p.name for p in patches],
+        heads={p.name: p.heads for p in patches},
+        positions={p.name: p.position for p in patches},
+        base_metric=base_m, finetuned_metric=ft_m, patched_metric=out_metric,
+        base_accuracy=base_a, finetuned_accuracy=ft_a, patched_accuracy=out_acc,
+        done=done, complete=complete, components=[c.value for c in comps],
+        metric_name=task.metric_name, kv_groups=kvg, notes=notes,
+    )
+
+
+# ---------------------------------------------------------------------- cmap_grid
+
+
+def cmap_grid(
+    base: Any,
+    finetuned: Any,
+    task: Any,
+    *,
+    component: str | Component = "z",
+    position: str = "END",
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+) -> HeadGrid:
+    """Every head (or layer, for attn_out/mlp_out) patched alone from the fine-tuned model.
+
+    values = mean(patched - base metric); normalized = values / mean(finetuned - base), so 1
+    means "this head alone carries the fine-tuned model's whole gain". The fine-tuned run is
+    captured once per batch of examples; each base forward patches several heads, stacked as
+    variants along the batch dimension. batch_size = rows (examples x heads) per forward.
+    """
+    base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
+    check_compatible(base, finetuned)
+    check_callbacks(on_progress, should_stop, batch_size)
+    comps = _components(component)
+    if len(comps) != 1:
+        raise ValueError("cmap_grid takes one component; use cmap for several at once")
+    comp = comps[0]
+    if not isinstance(position, str):
+        raise TypeError(f"position must be a task position name or 'all', got {position!r}")
+    pos = _check_position(task, position)
+    shape = model_shape(base)
+    n_cols = hooks.n_columns(comp, shape)
+    cells = [(l, c) for l in range(shape.n_layers) for c in range(n_cols)]
+    n, s = len(task), task.seq_len
+    end = task.positions["END"]
+    rows = batch_size or max(1, ROW_BUDGET // max(s, 1))
+    ex_per = max(1, min(n, rows // 2))
+    var_per = max(1, rows // ex_per - 1)
+    batches = _batches(n, ex_per)
+    per_example = torch.zeros(n, shape.n_layers, n_cols)
+    done = torch.zeros(shape.n_layers, n_cols, dtype=torch.bool)
+    ex_done = torch.zeros(n, dtype=torch.bool)
+    base_m, ft_m = torch.full((n,), math.nan), torch.full((n,), math.nan)
+    total = len(batches) * math.ceil(len(cells) / var_per)
+    step, complete = 0, True
+    site = comp.value
+    for sl in batches:
+        sub = task.subset(torch.arange(n)[sl]) if n > 1 else task
+        tokens, sub_end = task.clean_tokens[sl], end[sl]
+        b = tokens.shape[0]
+        keys = [(l, site) for l in range(shape.n_layers)]
+        ft_run = run_with_edits(finetuned, tokens, capture=keys, at=sub_end)
+        ft_m[sl] = sub.metric(ft_run.logits).float().cpu()
+        posmask = _position_mask(task, pos, sl)
+        for start in range(0, len(cells), var_per):
+            if should_stop is not None and should_stop():
+                complete = False
+                break
+            chunk = cells[start : start + var_per]
+            # Row block 0 is the unpatched base, run in the same forward as the patched blocks.
+            n_var = len(chunk) + 1
+            masks: dict[tuple[int, str], Tensor] = {}
+            for v, (l, c) in enumerate(chunk, start=1):
+                m = masks.setdefault((l, site), torch.zeros(n_var * b, s, n_cols, dtype=torch.bool))
+                m[v * b : (v + 1) * b, :, c] = posmask
+            logits = run_with_edits(base, tokens.repeat(n_var, 1),
+                                    _edits_from(ft_run.captured, masks, n_var),
+                                    at=sub_end.repeat(n_var)).logits
+            logits = logits.view(n_var, b, -1)
+            bm = sub.metric(logits[0]).float().cpu()
+            base_m[sl] = bm
+            for v, (l, c) in enumerate(chunk, start=1):
+                per_example[sl, l, c] = sub.metric(logits[v]).float().cpu() - bm
+                if sl.start == 0:
+                    done[l, c] = True
+            step += 1
+            if on_progress is not None:
+                on_progress(step, total)
+        if not complete:
+            break
+        ex_done[sl] = True
+    if not complete:
+        # A cell counts only when every finished example has it; unfinished examples drop out.
+        keep = ex_done
+        if not keep.any():
+            keep = torch.zeros(n, dtype=torch.bool)
+            keep[batches[0]] = True
+        per_example, base_m, ft_m = per_example[keep], base_m[keep], ft_m[keep]
+    notes = [
+        f"cross-model patching: the fine-tuned model's {site} at {position} written into the base "
+        "model, one " + ("head" if comp.per_head else "layer") + " at a time; values = patched - base "
+        "metric, normalized by (fine-tuned - base)",
+        f"base {task.metric_name} {float(base_m.nanmean()):.4g}, fine-tuned {float(ft_m.nanmean()):.4g}",
+    ]
+    return build_grid(
+        per_example, done, base_m, ft_m, shape=shape, component=comp, direction="denoise",
+        kind="cmap", metric_name=task.metric_name, positions=None, position=position,
+        complete=complete, notes=notes,
+    )

@@ -1,0 +1,56 @@
+"""Accuracy of the demo model with and without an arithmetic adapter, on held-out problems."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def load_with_adapter(adapter: str | Path, *, merge: bool = True):
+    """The demo model with the LoRA adapter in ``adapter`` (safetensors), as a bridge."""
+    from transformers import AutoTokenizer
+
+    from circuit_widgets.models import _lora_demo, load_model
+
+    folder, peft_model = _lora_demo(Path(adapter))
+    hf = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
+    return load_model(hf, tokenizer=AutoTokenizer.from_pretrained(folder))
+
+
+def accuracies(model: Any, *, n: int = 200, seed: int = 1) -> dict[str, float]:
+    """First-digit and whole-answer accuracy on held-out 2-digit + and -, and entity tracking."""
+    from circuit_widgets.tasks import entity_tracking
+    from circuit_widgets.tasks.arithmetic import arithmetic, exact_match
+
+    out: dict[str, float] = {}
+    with torch.no_grad():
+        for op, name in (("+", "add"), ("-", "sub")):
+            task = arithmetic(model, n=n, seed=seed, digits=2, ops=(op,))
+            logits = torch.cat([model(task.clean_tokens[i : i + 64]) for i in range(0, n, 64)])
+            out[f"arith_{name}_first_digit"] = float(task.accuracy(logits).mean())
+            out[f"arith_{name}_exact"] = float(exact_match(model, task).mean())
+        et = entity_tracking(model, n=n, seed=seed)
+        logits = torch.cat([model(et.clean_tokens[i : i + 32]) for i in range(0, n, 32)])
+        out["entity_tracking"] = float(et.accuracy(logits).mean())
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def evaluate(adapter: str | Path, *, n: int = 200, seed: int = 1) -> dict[str, Any]:
+    """Base vs fine-tuned accuracies, also written into ``adapter/metadata.json``."""
+    from circuit_widgets.models import load_model
+
+    torch.set_num_threads(2)
+    result = {
+        "n": n,
+        "seed": seed,
+        "base": accuracies(load_model("demo"), n=n, seed=seed),
+        "finetuned": accuracies(load_with_adapter(adapter), n=n, seed=seed),
+    }
+    path = Path(adapter) / "metadata.json"
+    meta = json.loads(path.read_text()) if path.exists() else {}
+    meta["accuracy"] = result
+    path.write_text(json.dumps(meta, indent=2) + "\n")
+    return result
