@@ -1,16 +1,38 @@
 """circuit_widgets: path patching, DCM and CMAP on TransformerLens models, inline in JupyterLab."""
 
-from circuit_widgets import tasks
+from circuit_widgets import studies, tasks
 from circuit_widgets.core import (
+    AblationResult,
+    AttentionResult,
+    CMAPResult,
+    CompletenessResult,
     EditedRun,
+    FaithfulnessResult,
     HeadGrid,
+    Intervention,
     MaskResult,
+    MinimalityResult,
+    OverlapResult,
+    PipelineResult,
+    Stage,
     SweepResult,
     activation_patch,
     attribution_patch,
+    check_compatible,
+    circuit_pipeline,
     clear_cache,
+    cmap,
+    cmap_grid,
+    completeness,
     dcm,
     dcm_sweep,
+    default_stages,
+    faithfulness,
+    head_attention,
+    head_overlap,
+    intervene,
+    mean_ablate,
+    minimality,
     path_patch,
     run_with_edits,
 )
@@ -28,7 +50,14 @@ from circuit_widgets.types import (
 __version__ = "0.1.0"
 
 # Widgets need the [widgets] extra (anywidget, ipywidgets); import them only when asked.
-_WIDGETS = ("HeadGridWidget",)
+_WIDGETS = (
+    "AttentionWidget",
+    "CMAPWidget",
+    "CircuitExplorer",
+    "DCMWidget",
+    "HeadGridWidget",
+    "PathPatchingWidget",
+)
 
 
 def __getattr__(name: str):
@@ -41,28 +70,56 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AblationResult",
+    "AttentionResult",
+    "AttentionWidget",
+    "CMAPResult",
+    "CMAPWidget",
     "Circuit",
+    "CircuitExplorer",
     "CircuitGroup",
+    "CompletenessResult",
     "Component",
+    "DCMWidget",
     "Direction",
     "EditedRun",
+    "FaithfulnessResult",
     "Head",
     "HeadGrid",
     "HeadGridWidget",
+    "Intervention",
     "MaskResult",
+    "MinimalityResult",
     "ModelLoadError",
+    "OverlapResult",
+    "PathPatchingWidget",
+    "PipelineResult",
     "Receiver",
+    "Stage",
     "SweepResult",
     "Task",
     "activation_patch",
     "attribution_patch",
+    "check_compatible",
+    "circuit_pipeline",
     "clear_cache",
+    "cmap",
+    "cmap_grid",
+    "completeness",
     "dcm",
     "dcm_sweep",
+    "default_stages",
+    "faithfulness",
+    "head_attention",
+    "head_overlap",
+    "intervene",
     "load_model",
+    "mean_ablate",
+    "minimality",
     "model_shape",
     "path_patch",
     "run_with_edits",
+    "studies",
     "tasks",
     "tiny_model",
 ]

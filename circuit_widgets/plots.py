@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["figure_bytes", "grid_values", "plot_head_grid"]
+__all__ = ["figure_bytes", "grid_values", "plot_attention", "plot_bars", "plot_curve", "plot_head_grid"]
 
 
 def grid_values(result: Any) -> np.ndarray:
@@ -92,6 +92,113 @@ def plot_head_grid(
                                  label="not computed")],
                   loc="upper left", bbox_to_anchor=(0.0, 0.0), fontsize=8, frameon=False,
                   handlelength=1.2)
+    return fig
+
+
+def plot_attention(
+    patterns: Any,
+    tokens: Sequence[str],
+    head_labels: Sequence[str] | None = None,
+    *,
+    title: str | None = None,
+    max_heads: int = 8,
+):
+    """Attention patterns [n_heads, query, key] as small heatmaps side by side (white = 0,
+    dark = 1), tokens on both axes. Shows the first ``max_heads`` heads. Returns the Figure."""
+    from matplotlib.figure import Figure
+
+    arr = np.asarray(patterns.detach().cpu() if hasattr(patterns, "detach") else patterns, dtype=np.float32)
+    if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
+        raise ValueError(f"patterns must be [n_heads, s, s], got shape {tuple(arr.shape)}")
+    n, s = arr.shape[0], arr.shape[1]
+    if len(tokens) != s:
+        raise ValueError(f"{len(tokens)} tokens for patterns over {s} positions")
+    labels = list(head_labels) if head_labels is not None else [f"head {i}" for i in range(n)]
+    shown = min(n, max_heads)
+    side = min(4.5, 1.2 + 0.16 * s)
+    fig = Figure(figsize=(max(3.0, side * max(shown, 1)), side + 1.8), dpi=100, layout="constrained")  # room for rotated tokens
+    if title:
+        fig.suptitle(str(title), x=0.01, ha="left", fontsize=11)
+    if shown == 0:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no heads selected", ha="center", va="center", color="#666")
+        return fig
+    ticks = [repr(t)[1:-1] if t.strip() != t or not t else t for t in tokens]  # show edge spaces
+    size = 7 if s <= 24 else 5
+    axes = fig.subplots(1, shown, squeeze=False)[0]
+    for i, ax in enumerate(axes):
+        ax.imshow(arr[i], cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="auto")
+        ax.set_title(str(labels[i]), fontsize=9)
+        ax.set_xticks(range(s), ticks if s <= 40 else [""] * s, rotation=90, fontsize=size)
+        ax.set_yticks(range(s), ticks if (s <= 40 and i == 0) else [""] * s, fontsize=size)
+        ax.tick_params(length=1)
+        ax.set_xlabel("key", fontsize=8)
+        if i == 0:
+            ax.set_ylabel("query", fontsize=8)
+    if n > shown:
+        fig.text(0.99, 0.01, f"+{n - shown} more heads", ha="right", fontsize=8, color="#666")
+    return fig
+
+
+def plot_bars(
+    values: dict[str, dict[str, float]],
+    *,
+    title: str | None = None,
+    ylabel: str = "accuracy",
+    ylim: tuple[float, float] | None = (0.0, 1.0),
+):
+    """Grouped bars: ``{group: {series: value}}`` (e.g. {"A": {"base": .66, "patched": .8}}). NaN
+    bars are left out. Returns the Figure."""
+    from matplotlib.figure import Figure
+
+    groups = list(values)
+    series: list[str] = []
+    for g in groups:
+        series += [k for k in values[g] if k not in series]
+    fig = Figure(figsize=(max(3.5, 1.0 + 0.45 * len(groups) * max(1, len(series))), 3.0), dpi=100,
+                 layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(series))
+    colors = ["#9e9e9e", "#2166ac", "#b2182b", "#4d9221", "#7b3294"]
+    for j, name in enumerate(series):
+        xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        ys = [float(values[g].get(name, np.nan)) for g in groups]
+        bars = ax.bar(xs, ys, width=width * 0.92, label=name, color=colors[j % len(colors)])
+        ax.bar_label(bars, labels=["" if np.isnan(y) else f"{y:.2f}" for y in ys], fontsize=7, padding=1)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.legend(fontsize=8, frameon=False, ncols=max(1, len(series)), loc="upper left", bbox_to_anchor=(0, 1.15))
+    if title:
+        ax.set_title(str(title), loc="left", fontsize=11, pad=22)
+    return fig
+
+
+def plot_curve(
+    curves: dict[str, Sequence[float]],
+    *,
+    title: str | None = None,
+    xlabel: str = "step",
+    ylabel: str = "loss",
+):
+    """Line plot of one or more curves (e.g. a training loss). Returns the Figure."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.5, 2.6), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
+    for name, ys in curves.items():
+        ys = np.asarray(ys, dtype=np.float32).reshape(-1)
+        ax.plot(np.arange(len(ys)), ys, label=str(name), linewidth=1.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.spines[["top", "right"]].set_visible(False)
+    if len(curves) > 1:
+        ax.legend(fontsize=8, frameon=False)
+    if title:
+        ax.set_title(str(title), loc="left", fontsize=11)
     return fig
 
 

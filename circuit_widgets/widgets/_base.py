@@ -37,6 +37,22 @@ def read_bundle(name: str) -> str:
         ) from None
 
 
+_MODEL_LOCKS: dict[int, threading.RLock] = {}
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def using(*models: Any):
+    """Hold these models for one batch of work: widgets run on their own worker threads, and a
+    bridge's hooks are shared state, so two widgets never run the same model at once."""
+    with _MODEL_LOCKS_GUARD:
+        locks = [_MODEL_LOCKS.setdefault(i, threading.RLock()) for i in sorted({id(m) for m in models})]
+    with contextlib.ExitStack() as stack:
+        for lock in locks:  # one global order (by id): no deadlock between two widgets
+            stack.enter_context(lock)
+        yield
+
+
 class JobCancelled(Exception):
     """Raised by Job.check() inside a job that was asked to stop."""
 

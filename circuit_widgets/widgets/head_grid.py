@@ -57,6 +57,14 @@ def _read_result(result: Any) -> dict[str, Any]:
         if normalized.shape != arr.shape:
             raise ValueError(f"normalized values have shape {normalized.shape}, values {arr.shape}")
 
+    pending = getattr(result, "pending", None)
+    if pending is not None:
+        pending = as_float32(pending)
+        if pending.shape != arr.shape:
+            raise ValueError(f"pending mask has shape {pending.shape}, values {arr.shape}")
+        if not pending.any():
+            pending = None
+
     def text(name: str) -> str:
         value = getattr(result, name, None)
         return "" if value is None else str(getattr(value, "value", value))  # enums -> their value
@@ -65,6 +73,7 @@ def _read_result(result: Any) -> dict[str, Any]:
     return {
         "values": arr,
         "normalized": normalized,
+        "pending": pending,
         "heads": _labels(getattr(result, "heads", None), n_heads, "head"),
         "layers": layer_labels,
         "layer_numbers": layer_numbers,
@@ -111,6 +120,8 @@ class HeadGridWidget(BaseWidget):
     """[n_layers, n_heads] values, float32; NaN = not computed."""
     normalized = Float32Array(ndim=2, allow_none=True).tag(sync=True)
     """Optional normalised values of the same shape, shown on hover."""
+    pending = Float32Array(ndim=2, allow_none=True).tag(sync=True)
+    """Optional mask of the same shape: 1 where the value is a preview estimate, not yet exact."""
     heads = traitlets.List(traitlets.Unicode()).tag(sync=True)
     """Column labels, one per head."""
     layers = traitlets.List(traitlets.Unicode()).tag(sync=True)
@@ -156,8 +167,10 @@ class HeadGridWidget(BaseWidget):
         keep = [p for p in self.selected if p[0] in rows and p[1] < n_heads]
         with self.hold_sync():
             self.selected = []  # valid for any grid; the kept heads are set back below
+            values = state.pop("values")
             for name, value in state.items():
                 setattr(self, name, value)
+            self.values = values  # last: a `values` observer sees the matching labels and masks
             self.selected = keep
 
     def _on_partial(self, partial: Any) -> None:

@@ -20,6 +20,8 @@ let instance = 0;
 interface Grid {
   values: Float32Array;
   normalized: Float32Array | null;
+  pending: Float32Array | null; // 1 = the value is a preview estimate, not yet exact
+  nPending: number;
   nLayers: number;
   nHeads: number;
   layerLabels: string[];
@@ -39,6 +41,11 @@ function readGrid(model: AnyModel): Grid {
   let normalized: Float32Array | null = null;
   const norm = decodeFloat32(model.get("normalized") as WireArray | null);
   if (norm && norm.data.length === values.length) normalized = norm.data as Float32Array;
+  let pending: Float32Array | null = null;
+  const pend = decodeFloat32(model.get("pending") as WireArray | null);
+  if (pend && pend.data.length === values.length) pending = pend.data as Float32Array;
+  let nPending = 0;
+  if (pending) for (let i = 0; i < pending.length; i++) if (pending[i] > 0 && !Number.isNaN(values[i])) nPending++;
   const labels = (given: unknown, n: number) => {
     const list = Array.isArray(given) ? given.map(String) : [];
     return Array.from({ length: n }, (_, i) => (i < list.length ? list[i] : String(i)));
@@ -48,7 +55,7 @@ function readGrid(model: AnyModel): Grid {
   const layerNumbers = Array.from({ length: nLayers }, (_, r) =>
     Array.isArray(given) && given.length === nLayers ? Number(given[r]) : r);
   return {
-    values, normalized, nLayers, nHeads, layerNumbers,
+    values, normalized, pending, nPending, nLayers, nHeads, layerNumbers,
     rowOf: new Map(layerNumbers.map((layer, r) => [layer, r])),
     layerLabels: labels(model.get("layers"), nLayers),
     headLabels: labels(model.get("heads"), nHeads),
@@ -60,7 +67,9 @@ function subtitleOf(model: AnyModel, grid: Grid): string {
   const parts = [model.get("kind"), model.get("component")].filter((s) => typeof s === "string" && s);
   if (!model.get("complete")) {
     const total = grid.nLayers * grid.nHeads;
-    parts.push(`partial: ${grid.nFinite} of ${total} heads computed`);
+    parts.push(grid.nPending
+      ? `exact: ${grid.nFinite - grid.nPending} of ${total} heads, the rest a preview`
+      : `partial: ${grid.nFinite} of ${total} heads computed`);
   }
   return parts.join(" · ");
 }
@@ -118,6 +127,7 @@ function render({ model, el }: RenderProps): () => void {
   let mask: Uint8Array = new Uint8Array(0);
 
   function build(): void {
+    const t0 = performance.now();
     grid = readGrid(model);
     const title = String(model.get("title") ?? "");
     const subtitle = subtitleOf(model, grid);
@@ -130,7 +140,7 @@ function render({ model, el }: RenderProps): () => void {
     const legendWidth = Math.max(
       14 + 10 + Math.max(0, ...tickText.map((t) => textWidth(t, TICK_FONT))),
       textWidth(metric, AXIS_FONT, "bold"),
-      18 + textWidth("not computed", TICK_FONT),
+      18 + textWidth(grid.nPending ? "preview (estimate)" : "not computed", TICK_FONT),
     );
     layout = computeLayout({
       nLayers: grid.nLayers,
@@ -140,6 +150,7 @@ function render({ model, el }: RenderProps): () => void {
       titleWidth: title ? textWidth(title, TITLE_FONT, "bold") : 0,
       subtitleWidth: subtitle ? textWidth(subtitle, TICK_FONT) : 0,
       legendWidth,
+      swatches: grid.nPending ? 3 : 2,
     });
     const L = layout;
     svg = svgEl("svg", {
@@ -214,6 +225,12 @@ function render({ model, el }: RenderProps): () => void {
           fill: Number.isNaN(v) ? `url(#${nanId})` : divergingColor(v, grid.scale),
           "data-layer": grid.layerNumbers[l], "data-row": l, "data-head": h, "data-i": i, class: Number.isNaN(v) ? "cw-cell cw-nan" : "cw-cell",
         });
+        if (grid.pending && grid.pending[i] > 0 && !Number.isNaN(v)) {
+          r.classList.add("cw-preview");
+          r.setAttribute("stroke", "#666");
+          r.setAttribute("stroke-width", "1");
+          r.setAttribute("stroke-dasharray", "2 2");
+        }
         cells[i] = r;
         cellGroup.appendChild(r);
       }
@@ -247,12 +264,19 @@ function render({ model, el }: RenderProps): () => void {
     sy += 20;
     lg.appendChild(svgEl("rect", { x: barX + 1, y: sy + 1, width: 12, height: 10, fill: "#fff", stroke: "#111", "stroke-width": 2 }));
     lg.appendChild(svgEl("text", { x: barX + 20, y: sy + 6, "dominant-baseline": "central" }, "selected"));
+    if (grid.nPending) {
+      sy += 20;
+      lg.appendChild(svgEl("rect", { x: barX + 1, y: sy + 1, width: 12, height: 10, fill: "#f4a582", stroke: "#666", "stroke-width": 1, "stroke-dasharray": "2 2" }));
+      lg.appendChild(svgEl("text", { x: barX + 20, y: sy + 6, "dominant-baseline": "central", class: "cw-hg-preview-legend" }, "preview (estimate)"));
+    }
     svg.appendChild(lg);
 
     figure.replaceChildren(svg, tooltip);
     setupSliders();
     paintSelection();
     repaintFilter();
+    root.dataset.buildMs = (performance.now() - t0).toFixed(2);
+    root.dataset.builds = String(Number(root.dataset.builds ?? 0) + 1);
   }
 
   // ---- display filters (client only: they never change the data)
@@ -376,6 +400,7 @@ function render({ model, el }: RenderProps): () => void {
     if (grid.normalized && !Number.isNaN(grid.normalized[c.i])) {
       lines.push(["cw-tt-norm", `normalized: ${formatValue(grid.normalized[c.i], 4)}`]);
     }
+    if (grid.pending && grid.pending[c.i] > 0 && !Number.isNaN(v)) lines.push(["cw-tt-preview", "attribution preview; exact value pending"]);
     if (!mask[c.i]) lines.push(["cw-tt-dim", "(filtered out)"]);
     tooltip.replaceChildren(...lines.map(([cls, text]) => htmlEl("div", cls, text)));
     tooltip.hidden = false;
@@ -429,7 +454,7 @@ function render({ model, el }: RenderProps): () => void {
     });
   };
   const offs = [
-    listen(model, ["change:values", "change:normalized", "change:heads", "change:layers", "change:layer_numbers",
+    listen(model, ["change:values", "change:normalized", "change:pending", "change:heads", "change:layers", "change:layer_numbers",
       "change:title", "change:metric_name", "change:kind", "change:component", "change:complete"], scheduleBuild),
     listen(model, ["change:selected"], paintSelection),
     listen(model, ["change:threshold", "change:top_k"], () => {

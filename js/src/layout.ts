@@ -13,6 +13,7 @@ export interface LayoutInput {
   titleWidth: number; // 0 = no title
   subtitleWidth: number; // 0 = no subtitle
   legendWidth: number;
+  swatches?: number; // legend rows under the bar (default 2: not computed, selected)
 }
 
 export interface Layout {
@@ -65,7 +66,7 @@ export function computeLayout(inp: LayoutInput): Layout {
   const legendTop = gridTop;
   const legendBarH = Math.round(clamp(gridH - 70, 120, 260));
   // Legend: title, bar, then two swatch rows (not computed, selected).
-  const legendBottom = legendTop + 18 + legendBarH + 16 + 2 * 20;
+  const legendBottom = legendTop + 18 + legendBarH + 16 + (inp.swatches ?? 2) * 20;
   const width = Math.ceil(
     Math.max(legendX + inp.legendWidth + PAD, PAD + inp.titleWidth + PAD, PAD + inp.subtitleWidth + PAD),
   );

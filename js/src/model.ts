@@ -4,6 +4,7 @@ export interface AnyModel {
   get(name: string): any;
   set(name: string, value: unknown): void;
   save_changes(): void;
+  send(content: unknown, callbacks?: unknown, buffers?: unknown): void;
   on(event: string, callback: (...args: any[]) => void): void;
   off(event?: string | null, callback?: ((...args: any[]) => void) | null): void;
 }

@@ -23,3 +23,10 @@ describe("computeLayout", () => {
     expect(rotated.gridTop - flat.gridTop).toBeGreaterThan(100);
   });
 });
+
+describe("legend rows", () => {
+  it("a third swatch row (preview) makes room below the bar", () => {
+    const small = { ...base, nLayers: 4, nHeads: 8 };
+    expect(computeLayout({ ...small, swatches: 3 }).height).toBe(computeLayout(small).height + 20);
+  });
+});

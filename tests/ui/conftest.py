@@ -196,7 +196,8 @@ def _open_notebook(browser, base: str, name: str, *, viewport=(1280, 1100)):
     kernel_dialog = page.locator(".jp-Dialog").filter(has_text="Select Kernel")
     page.add_locator_handler(kernel_dialog, lambda d: d.locator(".jp-Dialog-button.jp-mod-accept").click())
 
-    page.goto(f"{base}/lab/tree/{name}?token={TOKEN}")
+    # ?reset: a fresh workspace, so an earlier test's notebook tab is not restored beside this one
+    page.goto(f"{base}/lab/tree/{name}?reset&token={TOKEN}")
     expect(page.locator(".jp-NotebookPanel .jp-Notebook")).to_be_visible()
     expect(page.locator("#jp-main-statusbar")).to_contain_text("Python 3 (ipykernel) | Idle")
     page.get_by_role("menuitem", name="Run", exact=True).click()

@@ -1,0 +1,223 @@
+"""CMAPWidget: patch a fine-tuned model's head outputs into the base model at a circuit's groups."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, ClassVar
+
+import numpy as np
+import traitlets
+from ipywidgets import widget_serialization
+
+from circuit_widgets.types import Circuit, Head
+from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
+from circuit_widgets.widgets._traits import Float32Array
+from circuit_widgets.widgets.head_grid import HeadGridWidget
+
+SERIES = ("base", "patched", "fine-tuned")
+
+
+def _as_circuit(circuit: Any) -> Circuit:
+    if circuit is None:
+        return Circuit()
+    if isinstance(circuit, Circuit):
+        return circuit
+    if isinstance(circuit, dict):
+        return Circuit.from_groups(circuit)
+    return Circuit.from_heads([Head.parse(tuple(h) if isinstance(h, list) else h) for h in circuit])
+
+
+class CMAPWidget(BaseWidget):
+    """Cross-model activation patching (CMAP): fine-tuned per-head outputs written into the base model.
+
+    Toggle the circuit's groups; Run patches each enabled group alone (at its own position)
+    and all of them together, and draws base / patched / fine-tuned accuracy per group; then
+    it sweeps every head alone (``cmap_grid``) into the head grid, where the circuit's heads
+    are outlined. Cancel keeps what is done.
+    """
+
+    _esm = traitlets.Unicode().tag(sync=True)
+    """The view's ES module (circuit_widgets/static/cmap.js)."""
+    grid = traitlets.Instance(HeadGridWidget).tag(sync=True, **widget_serialization)
+    """Per-head CMAP values (each head patched alone), with the circuit's heads selected."""
+    groups = traitlets.List(traitlets.Dict()).tag(sync=True)
+    """The circuit's groups: [{name, position, heads: ["l.h", ...]}]."""
+    enabled = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    """Names of the groups patched."""
+    bar_labels = traitlets.List(traitlets.Unicode()).tag(sync=True)
+    """Row labels of ``bars``: each enabled group, then "circuit" (all enabled groups at once)."""
+    bars = Float32Array(ndim=2).tag(sync=True)
+    """[n_rows, 3] accuracy: base, patched, fine-tuned, float32 (NaN = not run)."""
+    recovered = Float32Array(ndim=1).tag(sync=True)
+    """Per row of ``bars``: (patched - base) / (fine-tuned - base) of the task metric."""
+    grid_position = traitlets.Unicode("END").tag(sync=True)
+    """Position at which the per-head grid patches each head ('all' or a task position)."""
+    sweep_grid = traitlets.Bool(True).tag(sync=True)
+    """Also compute the per-head grid when running."""
+
+    _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "grid_position", "sweep_grid")
+
+    def __init__(self, base: Any, finetuned: Any, task: Any, circuit: Any = None, *,
+                 component: str = "z", title: str | None = None, **kwargs: Any) -> None:
+        self._check_kwargs(kwargs)
+        from circuit_widgets.core.cmap import check_compatible
+        from circuit_widgets.models import model_shape
+
+        check_compatible(base, finetuned)
+        shape = model_shape(base)
+        self._base, self._finetuned, self._task, self._shape = base, finetuned, task, shape
+        self._component = component
+        self._result: Any = None
+        grid_position = kwargs.pop("grid_position", "END")
+        if grid_position != "all" and grid_position not in task.positions:
+            raise ValueError(f"grid_position must be 'all' or one of {sorted(task.positions)}, got {grid_position!r}")
+        nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
+        placeholder = type("Placeholder", (), {"values": nan, "complete": True, "kind": "not run yet: press Run",
+                                               "metric_name": task.metric_name})()
+        grid = HeadGridWidget(placeholder, title=title or f"CMAP: each head patched alone · {task.name}")
+        super().__init__({"_esm": read_bundle("cmap"), "grid": grid, "grid_position": grid_position,
+                          "bars": np.zeros((0, 3), np.float32), "recovered": np.zeros(0, np.float32)}, **kwargs)
+        self.circuit = circuit
+        self.on_msg(self._on_front_end_msg)
+
+    # ------------------------------------------------------------------ circuit
+
+    @property
+    def circuit(self) -> Circuit:
+        """The circuit's enabled groups."""
+        keep = set(self.enabled)
+        return Circuit(tuple(g for g in self._circuit.groups if g.name in keep), self._circuit.name)
+
+    @circuit.setter
+    def circuit(self, circuit: Any) -> None:
+        c = _as_circuit(circuit)
+        c.validate(self._shape.n_layers, self._shape.n_heads, self._task.position_names)
+        self._circuit = c
+        with self.hold_sync():
+            self.groups = [{"name": g.name, "position": g.position or "all",
+                            "heads": [str(h) for h in sorted(g.heads)]} for g in c.groups]
+            self.enabled = [g.name for g in c.groups]
+            self.grid.selected = [[h.layer, h.head] for h in sorted(c.heads)]
+
+    @traitlets.validate("enabled")
+    def _valid_enabled(self, proposal: dict) -> list[str]:
+        names = [g["name"] for g in self.groups]
+        bad = [n for n in proposal["value"] if n not in names]
+        if bad:
+            raise traitlets.TraitError(f"no group {bad[0]!r}; the circuit has {names}")
+        return [n for n in names if n in proposal["value"]]  # circuit order
+
+    @property
+    def result(self) -> Any:
+        """The last CMAPResult (None before a run)."""
+        return self._result
+
+    # ------------------------------------------------------------------ running
+
+    def run(self) -> Job:
+        """Patch the enabled groups, then (``sweep_grid``) every head alone; off the main thread."""
+        circuit = self.circuit
+        if not circuit.groups:
+            raise ValueError("no circuit group is enabled: tick at least one group")
+        return self._submit(self._work, circuit, self.grid_position, self.sweep_grid)
+
+    def _work(self, job: Job, circuit: Circuit, grid_position: str, sweep_grid: bool) -> dict:
+        from circuit_widgets.core.cmap import cmap, cmap_grid
+
+        share = 0.3 if sweep_grid else 1.0
+        with using(self._base, self._finetuned):
+            res = cmap(self._base, self._finetuned, self._task, circuit=circuit, component=self._component,
+                       on_progress=lambda d, t: job.report(progress=share * d / max(t, 1)),
+                       should_stop=lambda: job.cancelled)
+        job.report(partial={"cmap": res})
+        out: dict = {"cmap": res}
+        if sweep_grid and res.complete:
+            job.check()
+            with using(self._base, self._finetuned):
+                out["grid"] = cmap_grid(
+                    self._base, self._finetuned, self._task, component=self._component, position=grid_position,
+                    on_progress=lambda d, t: job.report(progress=share + (1 - share) * d / max(t, 1)),
+                    should_stop=lambda: job.cancelled)
+        return out
+
+    def _on_partial(self, partial: dict) -> None:
+        res = partial.get("cmap")
+        if res is not None:
+            self._result = res
+            rows, recovered = [], []
+            for name in res.groups:
+                g = res.group(name)
+                rows.append([g["base_accuracy"], g["patched_accuracy"], g["finetuned_accuracy"]])
+                recovered.append(g["recovered"])
+            with self.hold_sync():
+                self.bar_labels = list(res.groups)
+                self.bars = np.asarray(rows, np.float32).reshape(-1, 3)
+                self.recovered = np.asarray(recovered, np.float32)
+        if partial.get("grid") is not None:
+            keep = self.grid.selected
+            self.grid.set_result(partial["grid"])
+            self.grid.selected = keep
+
+    def _on_result(self, result: dict) -> None:
+        self._on_partial(result)
+
+    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "run":
+            try:
+                self.run()
+            except ValueError as exc:
+                with self.hold_sync():
+                    self.error = str(exc)
+                    self.status = "error"
+        elif kind == "cancel":
+            self.cancel()
+
+    # ------------------------------------------------------------------ static image
+
+    def figure(self):
+        """Bar chart of accuracies and the per-head grid, as a matplotlib Figure."""
+        from matplotlib.figure import Figure
+
+        from circuit_widgets.plots import plot_head_grid
+
+        fig = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+        left, right = fig.subplots(1, 2, width_ratios=[1, 1.2])
+        labels = list(self.bar_labels)
+        width = 0.27
+        colors = ("#9e9e9e", "#b2182b", "#2166ac")
+        for j, (name, color) in enumerate(zip(SERIES, colors)):
+            ys = self.bars[:, j] if len(self.bars) else np.zeros(0)
+            xs = np.arange(len(labels)) + (j - 1) * width
+            bars = left.bar(xs, ys, width=width * 0.92, label=name, color=color)
+            left.bar_label(bars, labels=[f"{y:.2f}" if np.isfinite(y) else "" for y in ys], fontsize=7)
+        left.set_xticks(range(len(labels)), labels)
+        left.set_ylim(0, 1.1)
+        left.set_ylabel("accuracy")
+        left.spines[["top", "right"]].set_visible(False)
+        left.legend(fontsize=8, frameon=False, ncols=3, loc="upper left")
+        left.set_title("CMAP: accuracy per group" if labels else "CMAP (not run yet)", loc="left", fontsize=10)
+        row = {layer: r for r, layer in enumerate(self.grid.layer_numbers)}
+        plot_head_grid(self.grid.values, heads=self.grid.heads, layers=self.grid.layers, ax=right,
+                       metric_name=self.grid.metric_name or "value", title=self.grid.title or None,
+                       selected=[(row[l], h) for l, h in self.grid.selected])
+        return fig
+
+    def to_image(self, format: str = "png", dpi: int = 100) -> bytes:
+        from circuit_widgets.plots import figure_bytes
+
+        return figure_bytes(self.figure(), fmt=format, dpi=dpi)
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is None:
+            return None
+        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
+        data["image/png"] = base64.b64encode(self.to_image(dpi=80)).decode("ascii")
+        return data, metadata
+
+    def __repr__(self) -> str:
+        rows = ", ".join(f"{n}: {b[1]:.2f}" for n, b in zip(self.bar_labels, self.bars))
+        return (f"CMAPWidget(groups {', '.join(self.enabled) or '(none)'}; patched accuracy "
+                f"{rows or '-'}; status {self.status})")
+

@@ -1,0 +1,236 @@
+"""DCMWidget: train DCM masks over a lambda sweep, pick lambda on a slider, see the mask and loss."""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import traitlets
+from ipywidgets import widget_serialization
+
+from circuit_widgets.types import Circuit, Head
+from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
+from circuit_widgets.widgets._traits import Float32Array
+from circuit_widgets.widgets.head_grid import HeadGridWidget
+
+
+class _MaskGrid:
+    """The head grid's view of one MaskResult: 1 - mask (1 = the head takes the source output)."""
+
+    def __init__(self, values: np.ndarray, metric_name: str, complete: bool, kind: str) -> None:
+        self.values = values
+        self.layers = list(range(values.shape[0]))
+        self.heads = [str(h) for h in range(values.shape[1])]
+        self.metric_name = metric_name
+        self.kind = kind
+        self.component = "z"
+        self.complete = complete
+
+
+class DCMWidget(BaseWidget):
+    """Desiderata-based component masking (DCM) over a sweep of sparsity weights lambda.
+
+    Train runs ``dcm_sweep`` one lambda at a time off the main thread (each finished lambda
+    appears at once; Cancel keeps them). The lambda slider picks which result is shown: its
+    learned mask on the head grid (as 1 - m; the selected heads, rounded mask 0, outlined),
+    its training loss curve and its accuracies. ``widget.circuit`` is the grid's selection: the
+    shown result's selected heads (``select_result=False`` leaves the selection to the user).
+    """
+
+    _esm = traitlets.Unicode().tag(sync=True)
+    """The view's ES module (circuit_widgets/static/dcm.js)."""
+    grid = traitlets.Instance(HeadGridWidget).tag(sync=True, **widget_serialization)
+    """The mask of the shown lambda, as a head grid (selection = the heads DCM selected)."""
+    lams = traitlets.List(traitlets.Float()).tag(sync=True)
+    """The lambdas to train, in order."""
+    n_done = traitlets.Int(0).tag(sync=True)
+    """How many lambdas have a result (the slider's range)."""
+    lam_index = traitlets.Int(0, min=0).tag(sync=True)
+    """Index into ``lams`` of the result shown."""
+    loss = Float32Array(ndim=1).tag(sync=True)
+    """Training loss per step of the shown lambda, float32."""
+    val_accuracy = Float32Array(ndim=2).tag(sync=True)
+    """[n_checks, 2]: (step, validation accuracy of the rounded mask) of the shown lambda."""
+    summary = traitlets.Dict().tag(sync=True)
+    """Numbers of the shown result: lam, n_selected, train/val/test/baseline/full-patch accuracy, best_step."""
+    desideratum = traitlets.Unicode("").tag(sync=True)
+    """Name of the desideratum trained on."""
+    position = traitlets.Unicode("END").tag(sync=True)
+    """Position of the head group whose outputs are masked."""
+
+    _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout",)
+
+    def __init__(self, model: Any, desideratum: Any, heads: Any = None, position: str = "END", *,
+                 lams: Sequence[float] | None = None, epochs: int = 2, lr: float = 0.1,
+                 batch_size: int = 32, seed: int = 0, select_result: bool = True, title: str | None = None,
+                 **kwargs: Any) -> None:
+        self._check_kwargs(kwargs)
+        from circuit_widgets.core.dcm import DEFAULT_LAMS
+        from circuit_widgets.models import model_shape
+
+        shape = model_shape(model)
+        self._model, self._desideratum, self._shape = model, desideratum, shape
+        lam_list = list(DEFAULT_LAMS if lams is None else lams)
+        if not lam_list or any(not isinstance(x, (int, float)) or isinstance(x, bool) or not x >= 0
+                               for x in lam_list):
+            raise ValueError(f"lams must be a non-empty list of numbers >= 0, got {lams!r}")
+        names = getattr(desideratum, "base_positions", None)
+        if names is not None and position not in names:
+            raise ValueError(f"position {position!r} is not one of the desideratum's positions {sorted(names)}")
+        self._heads = None if heads is None else [Head.parse(tuple(h) if isinstance(h, list) else h)
+                                                  for h in (heads.heads if isinstance(heads, Circuit) else heads)]
+        for h in self._heads or []:
+            if h.layer >= shape.n_layers or h.head >= shape.n_heads:
+                raise ValueError(f"head {h} is outside the model (layers 0-{shape.n_layers - 1}, "
+                                 f"heads 0-{shape.n_heads - 1})")
+        self._select_result = bool(select_result)
+        self._train_kwargs = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
+        self._results: list[Any] = []
+        nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
+        grid = HeadGridWidget(_MaskGrid(nan, "1 - mask", True, "not trained yet: press Train"),
+                              title=title or f"DCM · {getattr(desideratum, 'name', 'desideratum')} @ {position}")
+        super().__init__({"_esm": read_bundle("dcm"), "grid": grid, "lams": [float(x) for x in lam_list],
+                          "desideratum": str(getattr(desideratum, "name", "")), "position": position}, **kwargs)
+        self.on_msg(self._on_front_end_msg)
+        self.observe(self._show, names="lam_index")
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def results(self) -> list[Any]:
+        """The MaskResults finished so far, one per lambda in ``lams`` order."""
+        return list(self._results)
+
+    @property
+    def result(self) -> Any:
+        """The MaskResult shown (None before training)."""
+        return self._results[self.lam_index] if self.lam_index < len(self._results) else None
+
+    @property
+    def circuit(self) -> Circuit:
+        """The heads selected on the grid (DCM's selection for the shown lambda unless edited)."""
+        return self.grid.circuit
+
+    @traitlets.validate("lam_index")
+    def _valid_index(self, proposal: dict) -> int:
+        value, n = proposal["value"], max(1, len(self._results))
+        if not 0 <= value < n:
+            raise traitlets.TraitError(f"lam_index must be in 0-{n - 1} ({len(self._results)} lambdas trained)")
+        return value
+
+    def _show(self, change: dict | None = None) -> None:
+        r = self.result
+        if r is None:
+            return
+        mask = r.mask.float().cpu().numpy()
+        kind = f"DCM mask, λ = {r.lam:g}: {r.n_selected} of {len(r.heads)} heads selected"
+        grid = _MaskGrid((1.0 - mask).astype(np.float32), "1 - mask", bool(r.complete), kind)
+        curve = r.curve
+        checks = np.stack([curve.val_step.float().cpu().numpy(), curve.val_accuracy.float().cpu().numpy()], 1) \
+            if len(curve.val_step) else np.zeros((0, 2), np.float32)
+        num = lambda x: None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+        with self.hold_sync():
+            self.grid.set_result(grid)
+            if self._select_result:  # else the grid keeps the user's (e.g. an explorer's shared) circuit
+                self.grid.selected = [[h.layer, h.head] for h in r.selected]
+            self.loss = curve.loss.float().cpu().numpy()
+            self.val_accuracy = checks
+            self.summary = {
+                "lam": float(r.lam), "n_selected": int(r.n_selected), "n_heads": len(r.heads),
+                "train_accuracy": num(r.train_accuracy), "val_accuracy": num(r.val_accuracy),
+                "test_accuracy": num(r.test_accuracy), "baseline_accuracy": num(r.baseline_accuracy),
+                "full_patch_accuracy": num(r.full_patch_accuracy), "best_step": int(r.best_step),
+                "complete": bool(r.complete),
+            }
+
+    # ------------------------------------------------------------------ training
+
+    def train(self) -> Job:
+        """Train every lambda in ``lams`` (off the main thread); returns the Job."""
+        return self._submit(self._sweep, list(self.lams))
+
+    def _sweep(self, job: Job, lams: list[float]) -> list[Any]:
+        from circuit_widgets.core.dcm import dcm_sweep
+
+        results: list[Any] = []
+        for i, lam in enumerate(lams):
+            job.check()
+            # One lambda per call, so each finished lambda reaches the screen as it lands.
+            with using(self._model):
+                sweep = dcm_sweep(self._model, self._desideratum, heads=self._heads, position=self.position,
+                                  lams=[lam], should_stop=lambda: job.cancelled,
+                                  on_progress=lambda d, t, i=i: job.report(progress=(i + d / max(t, 1)) / len(lams)),
+                                  **self._train_kwargs)
+            results.extend(sweep.results)
+            job.report(progress=(i + 1) / len(lams), partial=list(results))
+            if not sweep.complete:
+                break
+        return results
+
+    def _on_partial(self, partial: list[Any]) -> None:
+        self._results = list(partial)
+        with self.hold_sync():
+            self.n_done = len(self._results)
+            if self.lam_index != len(self._results) - 1:
+                self.lam_index = len(self._results) - 1  # follow the newest lambda
+            else:
+                self._show()
+
+    def _on_result(self, result: list[Any]) -> None:
+        self._on_partial(result)
+        # Rest on the lambda with the best validation accuracy (ties: the sparser mask).
+        if self._results:
+            best = max(range(len(self._results)),
+                       key=lambda i: (np.nan_to_num(self._results[i].val_accuracy, nan=-1.0), i))
+            self.lam_index = best
+
+    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "run":
+            self.train()
+        elif kind == "cancel":
+            self.cancel()
+
+    # ------------------------------------------------------------------ static image
+
+    def figure(self):
+        """Mask grid and loss curve side by side, as a matplotlib Figure."""
+        from matplotlib.figure import Figure
+
+        from circuit_widgets.plots import plot_head_grid
+
+        fig = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
+        left, right = fig.subplots(1, 2, width_ratios=[1.3, 1], gridspec_kw={"wspace": 0.08})
+        row = {layer: r for r, layer in enumerate(self.grid.layer_numbers)}
+        plot_head_grid(self.grid.values, heads=self.grid.heads, layers=self.grid.layers, metric_name="1 - mask",
+                       selected=[(row[l], h) for l, h in self.grid.selected], ax=left,
+                       title=self.grid.kind or "DCM mask")
+        if len(self.loss):
+            right.plot(np.arange(len(self.loss)), self.loss, color="#2166ac", linewidth=1.5)
+        right.set_xlabel("step")
+        right.set_ylabel("loss")
+        right.spines[["top", "right"]].set_visible(False)
+        s = self.summary
+        right.set_title(f"λ = {s['lam']:g}: test accuracy {s['test_accuracy'] if s.get('test_accuracy') is not None else float('nan'):.2f}"
+                        if s else "not trained yet", loc="left", fontsize=10)
+        return fig
+
+    def to_image(self, format: str = "png", dpi: int = 100) -> bytes:
+        from circuit_widgets.plots import figure_bytes
+
+        return figure_bytes(self.figure(), fmt=format, dpi=dpi)
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is None:
+            return None
+        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
+        data["image/png"] = base64.b64encode(self.to_image(dpi=80)).decode("ascii")
+        return data, metadata
+
+    def __repr__(self) -> str:
+        return (f"DCMWidget({self.desideratum}@{self.position}, {self.n_done}/{len(self.lams)} lambdas trained, "
+                f"shown {self.summary.get('lam', '-')}, selected {len(self.grid.selected)}, status {self.status})")

@@ -1,0 +1,63 @@
+// CircuitExplorer's view: tabs around one shared circuit; each tab is a child widget's view.
+import { ChildView, renderChild } from "./children";
+import { htmlEl } from "./dom";
+import { AnyModel, listen, RenderProps } from "./model";
+import { describe, Pair } from "./selection";
+import { injectStyle } from "./style";
+
+export function renderExplorer(model: AnyModel, el: HTMLElement): () => void {
+  injectStyle();
+  const root = htmlEl("div", "cw-ex");
+  root.dataset.widget = "explorer";
+  const circuit = htmlEl("div", "cw-ex-circuit");
+  const bar = htmlEl("div", "cw-ex-tabs");
+  bar.setAttribute("role", "tablist");
+  const panes = htmlEl("div", "cw-ex-panes");
+  root.append(circuit, bar, panes);
+  el.appendChild(root);
+
+  const names = (model.get("tab_names") as string[]) ?? [];
+  const traits = (model.get("tab_traits") as string[]) ?? [];
+  const buttons: HTMLButtonElement[] = [];
+  const hosts: HTMLElement[] = [];
+  names.forEach((name, i) => {
+    const b = htmlEl("button", "cw-ex-tab", name);
+    b.setAttribute("role", "tab");
+    b.addEventListener("click", () => {
+      model.set("tab", i);
+      model.save_changes();
+      show();
+    });
+    const host = htmlEl("div", "cw-ex-pane");
+    host.setAttribute("role", "tabpanel");
+    buttons.push(b);
+    hosts.push(host);
+  });
+  bar.append(...buttons);
+  panes.append(...hosts);
+
+  function show(): void {
+    const t = Number(model.get("tab") ?? 0);
+    buttons.forEach((b, i) => b.setAttribute("aria-selected", String(i === t)));
+    hosts.forEach((h, i) => (h.hidden = i !== t));
+  }
+  const syncCircuit = () => {
+    const sel = ((model.get("selected") as Pair[]) ?? []);
+    circuit.textContent = `circuit (shared by every tab): ${describe(sel)}`;
+  };
+  show();
+  syncCircuit();
+  const children: (ChildView | null)[] = [];
+  let alive = true;
+  traits.forEach((trait, i) => {
+    renderChild(model, trait, hosts[i]).then((v) => (alive ? children.push(v) : v?.remove()));
+  });
+  const offs = [listen(model, ["change:tab"], show), listen(model, ["change:selected"], syncCircuit)];
+  return () => {
+    alive = false;
+    offs.forEach((off) => off());
+    children.forEach((v) => v?.remove());
+  };
+}
+
+export default { render: ({ model, el }: RenderProps) => renderExplorer(model, el) };

@@ -1,0 +1,391 @@
+"""AttentionWidget, PathPatchingWidget, DCMWidget, CMAPWidget, CircuitExplorer without a browser:
+results against plain references, partial results and cancel, validation, static images."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import inspect
+import threading
+
+import numpy as np
+import pytest
+import torch
+from test_dcm import CARRIERS, planted_dcm_model, planted_desideratum
+from test_widgets import PNG_MAGIC, wire_roundtrip
+
+import circuit_widgets as cw
+from circuit_widgets.core import attribution_patch, path_patch
+from circuit_widgets.types import Circuit, Head, Receiver
+from circuit_widgets.widgets import (
+    AttentionWidget,
+    CircuitExplorer,
+    CMAPWidget,
+    DCMWidget,
+    PathPatchingWidget,
+)
+from circuit_widgets.widgets.attention import circuitsvis_source
+
+
+@pytest.fixture(scope="module")
+def ioi_llama(tiny_llama):
+    return cw.tasks.ioi(tiny_llama, n=6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def ioi_gpt2(tiny_gpt2):
+    return cw.tasks.ioi(tiny_gpt2, n=6, seed=0)
+
+
+def reference_pattern(model, tokens, layer, head):
+    """The bridge's own hook_pattern of one head, read with run_with_cache."""
+    with torch.no_grad():
+        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith("hook_pattern"))
+    return cache[f"blocks.{layer}.attn.hook_pattern"][0, head]
+
+
+# ---------------------------------------------------------------------------- attention
+
+
+def test_attention_patterns_match_the_bridge_and_label_gqa(tiny_llama, ioi_llama):
+    w = AttentionWidget(tiny_llama, ioi_llama, ["1.2", Head(0, 1)], example=2)
+    n = int(ioi_llama.lengths[2])
+    toks = ioi_llama.clean_tokens[2, :n]
+    assert w.shown == [[0, 1], [1, 2]] and w.patterns.shape == (2, n, n)
+    for i, (layer, head) in enumerate(w.shown):
+        np.testing.assert_allclose(w.patterns[i], reference_pattern(tiny_llama, toks, layer, head).numpy(),
+                                   atol=1e-6)
+    assert np.allclose(w.patterns.sum(-1), 1, atol=1e-5) and np.all(np.triu(w.patterns, 1) == 0)
+    assert w.head_labels == ["L0H1 (kv 0, shared by q0-1)", "L1H2 (kv 1, shared by q2-3)"]
+    assert w.tokens == [tiny_llama.tokenizer.decode([int(t)]) for t in toks]
+    msg = wire_roundtrip(w, "patterns")
+    assert msg["dtype"] == "float32" and msg["shape"] == [2, n, n]
+
+
+def test_attention_recomputes_off_the_main_thread(tiny_gpt2, ioi_gpt2):
+    w = AttentionWidget(tiny_gpt2, ioi_gpt2, ["1.3"])
+    threads: list[int] = []
+    w.observe(lambda c: threads.append(threading.get_ident()), names="patterns")
+    w.example = 4
+    w.prompt = "corrupt"
+    w.wait(10)
+    n = int(ioi_gpt2.lengths[4])
+    ref = reference_pattern(tiny_gpt2, ioi_gpt2.corrupt_tokens[4, :n], 1, 3)
+    assert w.status == "done" and w.shown_example == 4
+    np.testing.assert_allclose(w.patterns[0], ref.numpy(), atol=1e-6)
+    assert threads and threading.get_ident() not in threads
+    w.circuit = Circuit.from_heads(["0.0", "0.2"])
+    w.wait(10)
+    assert w.shown == [[0, 0], [0, 2]] and w.head_labels == ["L0H0", "L0H2"]  # no GQA: plain labels
+
+
+def test_attention_validation(tiny_gpt2, ioi_gpt2):
+    with pytest.raises(ValueError, match=r"example must be an int in 0-5 \(the task has 6 examples\)"):
+        AttentionWidget(tiny_gpt2, ioi_gpt2, ["0.0"], example=6)
+    with pytest.raises(ValueError, match=r"head 2\.0 is outside the model \(layers 0-1, heads 0-3\)"):
+        AttentionWidget(tiny_gpt2, ioi_gpt2, ["2.0"])
+    with pytest.raises(TypeError, match=r"'exampel' \(did you mean 'example'\?\)"):
+        AttentionWidget(tiny_gpt2, ioi_gpt2, exampel=1)
+    w = AttentionWidget(tiny_gpt2, ioi_gpt2)
+    assert w.patterns.shape[0] == 0 and w.shown == []
+    with pytest.raises(Exception, match="example must be in 0-5"):
+        w.example = 9
+
+
+def test_circuitsvis_renderer_is_sent_once_on_request(tiny_gpt2, ioi_gpt2):
+    w = AttentionWidget(tiny_gpt2, ioi_gpt2, ["0.0"])
+    sent = []
+    w.send = lambda content, buffers=None: sent.append((content, buffers))
+    w._on_front_end_msg(w, {"type": "something else"}, [])
+    assert sent == []
+    w._on_front_end_msg(w, {"type": "circuitsvis"}, [])
+    (content, buffers), = sent
+    version, data = circuitsvis_source()
+    assert content == {"type": "circuitsvis", "version": version} == {"type": "circuitsvis", "version": w.circuitsvis_version}
+    assert bytes(buffers[0]) == data and data.startswith(b'"use strict";var CircuitsVis=')
+    assert b"sourceMappingURL" not in data[-200:]  # nothing for the page to fetch
+    assert "iife" not in w._esm and len(w._esm) < 100_000  # the bundle does not carry it per widget
+
+
+def test_attention_static_image(tiny_gpt2, ioi_gpt2):
+    w = AttentionWidget(tiny_gpt2, ioi_gpt2, ["0.0", "1.1"], title="<b>x</b>")
+    data, _ = w._repr_mimebundle_()
+    assert base64.b64decode(data["image/png"]).startswith(PNG_MAGIC)
+    assert data["text/plain"].startswith("AttentionWidget(example 0 of 6")
+    from circuit_widgets.plots import plot_attention
+
+    with pytest.raises(ValueError, match=r"\[n_heads, s, s\]"):
+        plot_attention(np.zeros((2, 3)), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="2 tokens for patterns over 3 positions"):
+        plot_attention(np.zeros((1, 3, 3)), ["a", "b"])
+
+
+# ---------------------------------------------------------------------------- path patching
+
+
+@pytest.mark.parametrize("name", ["tiny_gpt2", "tiny_llama"])
+def test_path_patching_grid_equals_one_full_path_patch(request, name):
+    model = request.getfixturevalue(name)
+    task = cw.tasks.ioi(model, n=6, seed=1)
+    w = PathPatchingWidget(model, task, position="S2", freeze_mlps=True)
+    partials = []
+    w.grid.observe(lambda c: partials.append((w.grid.values.copy(), None if w.grid.pending is None
+                                              else w.grid.pending.copy())), names="values")
+    w.run()
+    w.wait(60)
+    ref = path_patch(model, task, position="S2", freeze_mlps=True)
+    assert w.status == "done" and w.grid.complete and w.grid.pending is None
+    np.testing.assert_allclose(w.grid.values, ref.values.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(w.grid.normalized, ref.normalized.numpy(), rtol=1e-5, atol=1e-7)
+    # the first thing on screen was the attribution preview, every cell pending
+    preview = attribution_patch(model, task, "z", positions="S2")
+    first_values, first_pending = partials[0]
+    np.testing.assert_allclose(first_values, preview.values.numpy(), rtol=1e-5, atol=1e-7)
+    assert first_pending is not None and first_pending.all()
+    # then exact rows replaced preview rows one layer at a time
+    assert len(partials) >= 1 + model.cfg.n_layers
+    assert partials[1][1][0].sum() == 0 and partials[1][1][1:].all()
+
+
+def test_path_patching_to_selected_receivers(tiny_llama, ioi_llama):
+    w = PathPatchingWidget(tiny_llama, ioi_llama, preview=False)
+    w.grid.selected = [[1, 3]]
+    w.receivers, w.receiver_input = "selected", "k"
+    w.run()
+    w.wait(60)
+    ref = path_patch(tiny_llama, ioi_llama, receivers=[Receiver(1, 3, "k")], position="END")
+    np.testing.assert_allclose(w.grid.values, ref.values.numpy(), rtol=1e-5, atol=1e-7)
+    assert np.isnan(w.grid.values[1]).all() and w.run_receivers == "1.3.k"
+    assert w.grid.selected == [[1, 3]] and w.circuit == Circuit.from_heads(["1.3"])
+
+
+def test_path_patching_cancel_keeps_finished_layers(tiny_model_4layers):
+    model, task = tiny_model_4layers
+    w = PathPatchingWidget(model, task, preview=False)
+
+    def stop_after_first_layer(change):
+        if np.isfinite(w.grid.values[0]).all():
+            w.cancel()  # runs on the worker between two layers: the next check stops it
+
+    w.grid.observe(stop_after_first_layer, names="values")
+    w.run()
+    w.wait(60)
+    ref = path_patch(model, task, senders=[Head(0, h) for h in range(4)], position="END")
+    assert w.status == "cancelled" and not w.grid.complete
+    np.testing.assert_allclose(w.grid.values[0], ref.values[0].numpy(), rtol=1e-5, atol=1e-7)
+    assert np.isnan(w.grid.values[1:]).all()  # stopped within one batch (one layer)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_4layers():
+    model = cw.tiny_model("gpt2", n_layers=4, n_heads=4, d_model=32, seed=2)
+    return model, cw.tasks.ioi(model, n=6, seed=0)
+
+
+def test_path_patching_errors_show_in_the_widget(tiny_gpt2, ioi_gpt2):
+    w = PathPatchingWidget(tiny_gpt2, ioi_gpt2)
+    w.receivers = "selected"
+    with pytest.raises(ValueError, match="no heads are selected"):
+        w.run()
+    w._on_front_end_msg(w, {"type": "run"}, [])  # the Run button
+    assert w.status == "error" and "no heads are selected" in w.error
+    w.grid.selected = [[0, 2]]
+    with pytest.raises(ValueError, match="layer 0 have no earlier heads"):
+        w.run()
+    with pytest.raises(ValueError, match=r"position must be one of \['IO', 'S1', 'S1\+1', 'S2', 'and', 'END', 'all'\]"):
+        PathPatchingWidget(tiny_gpt2, ioi_gpt2, position="S3")
+    with pytest.raises(TypeError, match=r"'freeze_mlp' \(did you mean 'freeze_mlps'\?\)"):
+        PathPatchingWidget(tiny_gpt2, ioi_gpt2, freeze_mlp=True)
+
+
+def test_clicking_heads_shows_their_attention(tiny_gpt2, ioi_gpt2):
+    w = PathPatchingWidget(tiny_gpt2, ioi_gpt2)
+    w.grid.set_state({"selected": [[1, 0], [0, 3]]})  # what a click in the view sends
+    w.attention.wait(10)
+    assert w.attention.shown == [[0, 3], [1, 0]]
+    n = int(ioi_gpt2.lengths[0])
+    ref = reference_pattern(tiny_gpt2, ioi_gpt2.clean_tokens[0, :n], 1, 0)
+    np.testing.assert_allclose(w.attention.patterns[1], ref.numpy(), atol=1e-6)
+    data, _ = w._repr_mimebundle_()
+    assert base64.b64decode(data["image/png"]).startswith(PNG_MAGIC)
+
+
+# ---------------------------------------------------------------------------- DCM
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_dcm_model({(h.layer, h.head): w for h, w in CARRIERS.items()})
+
+
+def test_dcm_widget_finds_the_planted_carriers(planted):
+    d = planted_desideratum(n=24)
+    w = DCMWidget(planted, d, None, "END", lams=[0.01, 1000.0], lr=0.2, batch_size=8)
+    seen = []
+    w.observe(lambda c: seen.append(c["new"]), names="n_done")
+    w.train()
+    w.wait(120)
+    assert w.status == "done" and seen == [1, 2] and len(w.results) == 2
+    assert w.lam_index == 0  # the best validation accuracy
+    assert w.circuit == Circuit.from_heads(CARRIERS)
+    mask = w.results[0].mask.numpy()
+    np.testing.assert_array_equal(w.grid.values, (1 - mask).astype(np.float32))
+    assert w.summary["test_accuracy"] == 1.0 and w.summary["n_selected"] == 3
+    assert len(w.loss) == len(w.results[0].curve.loss) and w.val_accuracy.shape[1] == 2
+    w.lam_index = 1  # a huge lambda keeps every head's own output
+    assert w.grid.selected == [] and w.summary["lam"] == 1000.0
+    with pytest.raises(Exception, match="lam_index must be in 0-1"):
+        w.lam_index = 2
+    assert base64.b64decode(w._repr_mimebundle_()[0]["image/png"]).startswith(PNG_MAGIC)
+
+
+def test_dcm_cancel_keeps_finished_lambdas(planted):
+    d = planted_desideratum(n=16)
+    w = DCMWidget(planted, d, ["0.1", "1.0"], "END", lams=[0.01, 0.1, 1.0], batch_size=8)
+    w.observe(lambda c: w.cancel() if c["new"] == 1 else None, names="n_done")
+    w.train()
+    w.wait(120)
+    assert w.status == "cancelled" and w.n_done == 1 and w.summary["lam"] == 0.01
+
+
+def test_dcm_validation(planted):
+    d = planted_desideratum(n=8)
+    with pytest.raises(ValueError, match="lams must be a non-empty list"):
+        DCMWidget(planted, d, lams=[])
+    with pytest.raises(ValueError, match=r"position 'S2' is not one of the desideratum's positions \['END'\]"):
+        DCMWidget(planted, d, position="S2")
+    with pytest.raises(ValueError, match="head 5.0 is outside the model"):
+        DCMWidget(planted, d, ["5.0"])
+    with pytest.raises(TypeError, match="'lam'"):
+        DCMWidget(planted, d, lam=0.1)
+
+
+# ---------------------------------------------------------------------------- CMAP
+
+
+@pytest.fixture(scope="module")
+def pair():
+    base = cw.tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=0)
+    ft = cw.tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=5)
+    return base, ft, cw.tasks.ioi(base, n=6, seed=0)
+
+
+def test_cmap_widget_matches_cmap_and_cmap_grid(pair):
+    from circuit_widgets.core.cmap import cmap, cmap_grid
+
+    base, ft, task = pair
+    circuit = Circuit.from_groups({"A": ["1.0", "1.1"], "B": ["0.2"]}, positions={"A": "END", "B": "S2"})
+    w = CMAPWidget(base, ft, task, circuit)
+    assert [g["name"] for g in w.groups] == ["A", "B"] and w.enabled == ["A", "B"]
+    assert w.grid.selected == [[0, 2], [1, 0], [1, 1]]
+    w.run()
+    w.wait(60)
+    ref = cmap(base, ft, task, circuit=circuit)
+    assert w.status == "done" and w.bar_labels == ["A", "B", "circuit"]
+    for i, name in enumerate(ref.groups):
+        g = ref.group(name)
+        np.testing.assert_allclose(w.bars[i], [g["base_accuracy"], g["patched_accuracy"], g["finetuned_accuracy"]])
+    grid = cmap_grid(base, ft, task, position="END")
+    np.testing.assert_allclose(w.grid.values, grid.values.numpy(), rtol=1e-5, atol=1e-7)
+    assert w.grid.selected == [[0, 2], [1, 0], [1, 1]]  # the circuit stays outlined
+
+    w.enabled = ["B"]
+    assert w.circuit == Circuit.from_groups({"B": ["0.2"]}, positions={"B": "S2"})
+    w.sweep_grid = False
+    w.run()
+    w.wait(60)
+    assert w.bar_labels == ["B"]
+    with pytest.raises(Exception, match=r"no group 'C'; the circuit has \['A', 'B'\]"):
+        w.enabled = ["C"]
+    w.enabled = []
+    with pytest.raises(ValueError, match="no circuit group is enabled"):
+        w.run()
+    assert base64.b64decode(w._repr_mimebundle_()[0]["image/png"]).startswith(PNG_MAGIC)
+
+
+def test_cmap_validation(pair, tiny_gpt2):
+    base, ft, task = pair
+    with pytest.raises(ValueError, match="head 3.0 of group 'heads' is outside the model"):
+        CMAPWidget(base, ft, task, ["3.0"])
+    with pytest.raises(ValueError, match="grid_position must be 'all' or one of"):
+        CMAPWidget(base, ft, task, None, grid_position="nowhere")
+    with pytest.raises(ValueError):
+        CMAPWidget(base, tiny_gpt2, task)  # another architecture
+
+
+# ---------------------------------------------------------------------------- explorer
+
+
+def test_explorer_shares_one_circuit(pair):
+    base, ft, task = pair
+    from circuit_widgets.tasks import desiderata
+
+    d = desiderata(base, 10, seed=0, n_boxes=3)["positional"]
+    ex = CircuitExplorer(base, task, desideratum=d, dcm_position="query_label", finetuned=ft,
+                         circuit=["1.1"])
+    assert ex.tab_names == ["Path patching", "Attention", "DCM", "CMAP"]
+    assert ex.path_patching.grid.selected == ex.dcm.grid.selected == [[1, 1]]
+    ex.path_patching.grid.set_state({"selected": [[0, 3], [1, 2]]})  # a click on one tab
+    want = Circuit.from_heads(["0.3", "1.2"])
+    assert ex.circuit == want and ex.dcm.grid.circuit == want and ex.cmap.circuit.heads == want.heads
+    ex.attention.wait(10)
+    assert ex.attention.shown == [[0, 3], [1, 2]]
+    ex.cmap.grid.set_state({"selected": [[0, 0]]})  # ... or on another
+    assert ex.selected == [[0, 0]] and ex.path_patching.grid.selected == [[0, 0]]
+    with pytest.raises(ValueError, match="outside the model"):
+        ex.circuit = ["7.0"]
+    assert CircuitExplorer(base, task).tab_names == ["Path patching", "Attention"]
+    with pytest.raises(TypeError, match="'fine_tuned'"):
+        CircuitExplorer(base, task, fine_tuned=ft)
+
+
+# ---------------------------------------------------------------------------- conventions
+
+
+@pytest.mark.parametrize("module, cls", [
+    ("attention", "AttentionWidget"), ("path_patching", "PathPatchingWidget"), ("dcm", "DCMWidget"),
+    ("cmap", "CMAPWidget"), ("explorer", "CircuitExplorer")])
+def test_traits_have_docstrings_and_bundles_exist(module, cls):
+    import importlib
+
+    from circuit_widgets.widgets._base import read_bundle
+
+    mod = importlib.import_module(f"circuit_widgets.widgets.{module}")
+    tree = ast.parse(inspect.getsource(mod))
+    body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
+    for i, node in enumerate(body):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and "tag" in ast.dump(node.value.func):
+            nxt = body[i + 1] if i + 1 < len(body) else None
+            assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), f"{cls}.{node.targets[0].id}"
+    assert "export" in read_bundle(module)
+
+
+def test_two_widgets_never_run_one_model_at_once():
+    from circuit_widgets.widgets._base import using
+
+    a, b = object(), object()
+    order: list[str] = []
+    inside, release = threading.Event(), threading.Event()
+
+    def first():
+        with using(a, b):
+            order.append("first in")
+            inside.set()
+            release.wait(5)
+            order.append("first out")
+
+    def second():
+        with using(b):  # shares model b: must wait for the first job's batch
+            order.append("second in")
+
+    t1 = threading.Thread(target=first)
+    t1.start()
+    inside.wait(5)
+    t2 = threading.Thread(target=second)
+    t2.start()
+    t2.join(0.2)
+    assert t2.is_alive() and order == ["first in"]
+    release.set()
+    t1.join(5)
+    t2.join(5)
+    assert order == ["first in", "first out", "second in"]
