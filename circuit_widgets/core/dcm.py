@@ -18,14 +18,24 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuit_widgets.core import cache
 from circuit_widgets.core.common import Progress, Stop, check_callbacks, check_head
 from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.forward import (
+    Trace,
+    gather_window,
+    run_window,
+    trace_forward,
+    window_positions,
+)
 from circuit_widgets.models import ModelShape, model_shape
 from circuit_widgets.tasks.desiderata import Desideratum
 from circuit_widgets.types import Circuit, Head
 
 DEFAULT_LAMS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 _SWEEP_KWARGS = ("lr", "epochs", "batch_size", "seed", "split", "eval_every")
+# Base prompts' cached keys/values (what lets each step recompute only position..END).
+KV_BUDGET_BYTES = 3 * 1024**3
 
 
 # ---------------------------------------------------------------------- results
@@ -399,6 +409,7 @@ def _check_structure(parts: tuple[Desideratum, ...], position: str, shape: Model
 class _Part:
     d: Desideratum
     src: dict[int, Tensor] = field(default_factory=dict)  # layer -> source z [n, k_l, dh]
+    kv: tuple[list[Tensor], list[Tensor]] | None = None  # base k_rot, v per layer [n, s, K, dh]
 
 
 class _Plan:
@@ -411,6 +422,7 @@ class _Plan:
         self.device = torch.device(getattr(model.cfg, "device", None) or "cpu")
         self.parts = [_Part(d.to(self.device)) for d in parts]
         self.name = parts[0].name
+        self.eng = self._window_engine()
         self.layers = sorted({h.layer for h in heads})
         # per layer: query-head indices and their slots in the flat mask vector
         self.cols = {l: torch.tensor([h.head for h in heads if h.layer == l], device=self.device)
@@ -442,7 +454,8 @@ class _Plan:
         return sorted({s for s in range(k, total + 1, k)} | {total})
 
     def prep_units(self) -> int:
-        return sum(self._batches(len(p.d)) for p in self.parts)
+        per_pass = sum(self._batches(len(p.d)) for p in self.parts)
+        return per_pass * (2 if self.eng is not None else 1)  # source z, then base keys/values
 
     def run_units(self, epochs: int, eval_every: int | None) -> int:
         train, val, test = (self._batches(len(p.d)) for p in self.parts)
@@ -471,6 +484,38 @@ class _Plan:
                     chunks[l].append(z[ar[:, None], pos[:, None], self.cols[l][None]].detach())
                 ticker.tick()
             part.src = {l: torch.cat(c) for l, c in chunks.items()}
+        return self._prepare_windows(ticker)
+
+    def _window_engine(self) -> Any:
+        """The fast engine, when it runs this model, the position never comes after END and the
+        base prompts' keys/values fit the budget: every step then recomputes only the positions
+        from the mixed one to END (earlier ones cannot change). Else None: full forwards."""
+        eng = cache.engine_for(self.model)
+        if eng is None:
+            return None
+        need = sum(p.d.base_tokens.numel() for p in self.parts) * eng.n_layers * 2 * eng.n_kv * eng.d_head
+        late = any(bool((p.d.base_positions[self.position] > p.d.base_positions["END"]).any())
+                   for p in self.parts)
+        return None if late or need * eng.dtype.itemsize > KV_BUDGET_BYTES else eng
+
+    def _prepare_windows(self, ticker: _Ticker) -> bool:
+        """Cache the base prompts' keys/values for windowed steps. False if stopped."""
+        eng = self.eng
+        if eng is None:
+            return True
+        for part in self.parts:
+            ks: list[list[Tensor]] = [[] for _ in range(eng.n_layers)]
+            vs: list[list[Tensor]] = [[] for _ in range(eng.n_layers)]
+            for rows in self._ranges(len(part.d)):
+                if ticker.stop_requested():
+                    return False
+                with torch.no_grad():
+                    tr = trace_forward(eng, part.d.base_tokens[rows.to(self.device)])
+                for l in range(eng.n_layers):
+                    ks[l].append(tr.k_rot[l])
+                    vs[l].append(tr.v[l])
+                ticker.tick()
+            part.kv = ([torch.cat(k) for k in ks], [torch.cat(v) for v in vs])
         return True
 
     def _ranges(self, n: int) -> list[Tensor]:
@@ -499,12 +544,55 @@ class _Plan:
     def _target_logits(self, mask: Tensor | None, part: _Part, rows: Tensor, grad: bool):
         """(target logits [b], whole-vocab argmax == target [b]) of the base prompts ``rows``."""
         sub = part.d.subset(rows)
+        if self.eng is not None and part.kv is not None:
+            logits = self._window_logits(mask, part, rows, sub, grad)
+            ar = torch.arange(len(sub), device=logits.device)
+            target = sub.targets.to(logits.device)
+            return logits[ar, target].float(), logits.argmax(-1) == target
         edits = None if mask is None else self._edits(mask, part, rows, sub)
         logits = run_with_edits(self.model, sub.base_tokens, edits,
                                 at=sub.base_positions["END"], grad=grad).logits
         ar = torch.arange(len(sub), device=logits.device)
         target = sub.targets.to(logits.device)
         return logits[ar, target].float(), logits.argmax(-1) == target
+
+    def _window_logits(self, mask: Tensor | None, part: _Part, rows: Tensor, sub: Desideratum,
+                       grad: bool) -> Tensor:
+        """Final logits at END [b, vocab], recomputing only positions from the mixed one on."""
+        eng, dev = self.eng, self.device
+        idx = rows.to(dev)
+        starts = sub.base_positions[self.position].to(dev)
+        end = sub.base_positions["END"].to(dev) - starts  # END in window coordinates
+        w = int(end.max()) + 1
+        tokens = part.d.base_tokens.to(dev)[idx]  # the cached keys' width (a subset may trim padding)
+        base = Trace(tokens, [], [], [], [], [], [k[idx] for k in part.kv[0]],
+                     [v[idx] for v in part.kv[1]])
+        edits = {}
+        if mask is not None:
+            ar = torch.arange(len(rows), device=dev)
+            at_end = (end == 0)[:, None, None]
+
+            def edit_for(layer: int) -> Callable[[Tensor], Tensor]:
+                cols, src = self.cols[layer], part.src[layer][idx]
+                m = mask[self.slots[layer]]
+
+                def fn(z: Tensor) -> Tensor:  # [1, b, wq, H, dh]; the mixed position is row 0
+                    mz = m.to(z.dtype)[None, :, None]
+                    old = z[0, ar[:, None], 0, cols[None]]
+                    new = mz * old + (1 - mz) * src.to(z.dtype)
+                    if z.shape[2] == 1:  # only END computed: mixed only where END is the position
+                        new = torch.where(at_end, new, old)
+                    zero = torch.zeros_like(ar)[:, None]
+                    return z.index_put((zero, ar[:, None], zero, cols[None]), new)
+
+                return fn
+
+            edits = {(l, "z"): edit_for(l) for l in self.layers}
+        with torch.enable_grad() if grad else torch.no_grad():
+            init = gather_window(eng.embed(tokens), window_positions(starts, w))[None]
+            x = run_window(eng, base, starts, w, 1, 0, "resid_pre", init=init, edits=edits,
+                           end_index=end)
+            return eng.logits(x[0])
 
     def _evaluate(self, mask: Tensor | None, part: _Part, ticker: _Ticker) -> tuple[float, float]:
         """(accuracy, mean target logit) on a whole part, or NaNs if stopped."""

@@ -189,7 +189,7 @@ def run_window(
     The first layer starts at ``stage``: 'resid_pre' (init = resid_pre), 'attn' (recompute
     attention, with q/k/v edits), 'z' (init = z), 'attn_out' or 'mlp_out' (init = that
     output). ``edits[(layer, 'q'|'k'|'v')]`` rewrites raw q/k/v [V,b,w,heads,dh] in any
-    layer (path patching's receivers). Positions before ``starts`` must be unchanged by
+    layer (path patching's receivers); ``edits[(layer, 'z')]`` rewrites recomputed z. Positions before ``starts`` must be unchanged by
     every edit: they are read from ``base``. ``examples`` picks a subset of base's examples
     (then ``starts`` and the rows are theirs). With ``end_index`` (per example, in window
     coordinates) only that position is returned, [V, b, d], and the last layer computes its
@@ -240,6 +240,8 @@ def run_window(
                            for win, (pre, wm) in masks.items()}
             qr, kr = eng.rotate(l, q, q_pos, "q"), eng.rotate(l, k, pos, "k")
             z, _ = attend(eng, l, qr, kr, v, (pick(base.k_rot[l]), pick(base.v[l])), q_masks)
+            if (l, "z") in edits:  # z is [V, b, wq, H, dh]; wq is 1 where only END is computed
+                z = edits[(l, "z")](z)
             attn_out = eng.o_proj(l, z)
         mid = x + attn_out
         x = mid + eng.mlp(l, mid)

@@ -346,7 +346,7 @@ def test_progress_covers_the_run_and_stop_returns_a_partial_result(planted):
 
     seen = []
     r = dcm(planted, d, lr=0.2, batch_size=4, on_progress=lambda a, b: seen.append(a),
-            should_stop=lambda: len(seen) >= 9)  # 5 source batches, then 4 training steps
+            should_stop=lambda: len(seen) >= 14)  # 5 source + 5 key/value batches, 3 steps, 1 check
     assert not r.complete and len(r.curve) == 3 and r.curve.val_step.tolist() == [3]
     assert math.isnan(r.test_accuracy) and math.isnan(r.baseline_accuracy)
     assert r.val_accuracy == 1.0 and set(r.selected) == set(CARRIERS)  # best check so far
@@ -362,7 +362,7 @@ def test_sweep_stops_within_a_lambda_and_keeps_what_it_finished(planted):
     seen = []
     sweep = dcm_sweep(planted, d, lams=[0.01, 0.1, 1.0], lr=0.2, batch_size=4,
                       on_progress=lambda a, b: seen.append((a, b)),
-                      should_stop=lambda: len(seen) >= 5 + 12 + 3)
+                      should_stop=lambda: len(seen) >= 10 + 12 + 3)  # prep: 5 + 5 batches
     assert not sweep.complete and [r.lam for r in sweep.results] == [0.01, 0.1]
     assert sweep.results[0].complete and not sweep.results[1].complete
     assert len({t for _, t in seen}) == 1
@@ -469,3 +469,32 @@ def test_bridge_hook_path_gives_the_same_mask(planted):
     assert slow.selected == fast.selected == sorted(CARRIERS)
     torch.testing.assert_close(slow.curve.loss, fast.curve.loss, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(slow.final_mask, fast.final_mask, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("position", ["query_label", "END"])
+def test_windowed_steps_equal_full_forwards(tiny_llama, monkeypatch, position):
+    """With cached base keys/values each step recomputes only position..END; same numbers."""
+    import importlib
+
+    from circuit_widgets.tasks import desiderata
+
+    dcm_module = importlib.import_module("circuit_widgets.core.dcm")  # the package exports dcm()
+    d = desiderata(tiny_llama, n=24, seed=3, n_boxes=3)["object_value"]
+    engaged = []
+    original = dcm_module._Plan._window_logits
+
+    def spy(self, *args, **kwargs):
+        engaged.append(True)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(dcm_module._Plan, "_window_logits", spy)
+    windowed = dcm(tiny_llama, d, position=position, lam=0.01, lr=0.3, batch_size=8, epochs=2)
+    assert engaged
+    monkeypatch.setattr(dcm_module, "KV_BUDGET_BYTES", 0)
+    engaged.clear()
+    full = dcm(tiny_llama, d, position=position, lam=0.01, lr=0.3, batch_size=8, epochs=2)
+    assert not engaged
+    torch.testing.assert_close(windowed.curve.loss, full.curve.loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(windowed.final_mask, full.final_mask, atol=1e-5, rtol=0)
+    assert windowed.selected == full.selected
+    assert windowed.test_accuracy == full.test_accuracy
