@@ -110,6 +110,34 @@ class ReuseResult:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    def figures(self) -> dict[str, Any]:
+        """Matplotlib Figures: each pipeline stage's grid (picked heads outlined), the overlap,
+        accuracy before/after the intervention and the movers' attention to the wrong colours."""
+        from circuit_widgets import plots
+
+        figs: dict[str, Any] = {}
+        for label, pipe in (("ioi", self.ioi), ("colored", self.colored)):
+            for g in pipe.circuit.groups:
+                if g.name in pipe.grids:
+                    figs[f"{label}_{g.name}"] = plots.plot_head_grid(
+                        pipe.grids[g.name], selected=g.heads,
+                        title=f"{'IOI' if label == 'ioi' else 'Colored Objects'}: stage {g.name} @ {g.position}")
+        o = self.overlap
+        figs["overlap"] = plots.plot_bars(
+            {"IOI circuit": {"shared": o.frac_a}, "Colored Objects circuit": {"shared": o.frac_b}},
+            title=f"Heads shared by the two circuits ({o.n_shared})", ylabel="share of the circuit")
+        figs["intervention"] = plots.plot_bars(
+            {"accuracy": {"before": self.accuracy_before, "after": self.accuracy_after},
+             "among the 3 colours": {"before": self.candidate_accuracy_before,
+                                     "after": self.candidate_accuracy_after}},
+            title="Colored Objects: attention intervention")
+        if self.mover_attention_before:
+            figs["mover_attention"] = plots.plot_bars(
+                {h: {"before": v, "after": self.mover_attention_after.get(h, math.nan)}
+                 for h, v in self.mover_attention_before.items()},
+                title="Movers' attention to the wrong colours", ylabel="attention")
+        return figs
+
     def __repr__(self) -> str:
         return self.summary()
 
