@@ -412,6 +412,13 @@ def _wrap_hf_model(hf_model, *, tokenizer, device, dtype):
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoTokenizer
 
+    # The bridge swaps the model's modules for its own in place: wrapping them again would
+    # silently detach every hook of the first bridge.
+    if any(type(m).__module__.startswith("transformer_lens.model_bridge") for m in hf_model.modules()):
+        raise ModelLoadError(
+            "this transformers model is already wrapped by a TransformerBridge (its modules were "
+            "replaced in place); pass that bridge to load_model, or load a fresh copy of the model"
+        )
     if tokenizer is None:
         source = getattr(hf_model.config, "_name_or_path", "") or ""
         try:

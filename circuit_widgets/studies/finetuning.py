@@ -47,6 +47,7 @@ class FinetuningResult:
     seed: int
     top_k: int
     grid_position: str
+    grid_n: int
     seconds: float
     complete: bool
     notes: list[str] = field(default_factory=list)
@@ -66,7 +67,7 @@ class FinetuningResult:
             top = [{"head": str(h), "value": v} for h, v in self.grid.top(10)]
         return {
             "n": self.n, "arithmetic_n": self.arithmetic_n, "n_boxes": self.n_boxes, "seed": self.seed, "top_k": self.top_k,
-            "grid_position": self.grid_position, "seconds": self.seconds, "complete": self.complete,
+            "grid_position": self.grid_position, "grid_n": self.grid_n, "seconds": self.seconds, "complete": self.complete,
             "arithmetic_accuracy": {"base": self.arithmetic_base, "finetuned": self.arithmetic_finetuned},
             "entity_tracking_accuracy": {"base": self.entity_base, "finetuned": self.entity_finetuned},
             "circuit": self.circuit.to_dict(),
@@ -97,7 +98,8 @@ class FinetuningResult:
                          f"fine-tuned {_pct(d0['finetuned_accuracy'])}; patched " + ", ".join(parts))
         if self.grid is not None:
             top = ", ".join(f"{h} {v:+.4f}" for h, v in self.grid.top(5))
-            lines.append(f"CMAP per head at {self.grid_position} (p(answer) change), largest: {top}")
+            lines.append(f"CMAP per head at {self.grid_position} (p(answer) change, n={self.grid_n}), "
+                         f"largest: {top}")
         lines.append(PAPER)
         lines += [f"note: {x}" for x in self.notes]
         return "\n".join(lines)
@@ -156,6 +158,7 @@ def finetuning_study(
     arithmetic_n: int | None = None,
     circuit: Circuit | None = None,
     grid_position: str = "END",
+    grid_n: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
 ) -> FinetuningResult:
@@ -169,7 +172,8 @@ def finetuning_study(
        ``entity_tracking_study``).
     3. CMAP: the fine-tuned model's head outputs written into the base at each group's heads
        and position, each group alone and the whole circuit at once.
-    4. CMAP per head: every head alone at ``grid_position``.
+    4. CMAP per head: every head alone at ``grid_position``, on the first ``grid_n`` (default
+       all ``n``) prompts: one base forward per head, so this is the slow step.
     Progress covers all steps; once stopped the result keeps what was done (complete=False).
     """
     from circuit_widgets import tasks
@@ -181,6 +185,9 @@ def finetuning_study(
     if arithmetic_n is not None and (isinstance(arithmetic_n, bool) or not isinstance(arithmetic_n, int)
                                      or arithmetic_n < 1):
         raise ValueError(f"arithmetic_n must be an int >= 1 or None, got {arithmetic_n!r}")
+    if grid_n is not None and (isinstance(grid_n, bool) or not isinstance(grid_n, int)
+                               or not 1 <= grid_n <= n):
+        raise ValueError(f"grid_n must be an int in 1..n ({n}) or None, got {grid_n!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
     if circuit is not None and not isinstance(circuit, Circuit):
@@ -229,7 +236,8 @@ def finetuning_study(
     elif complete and not groups.groups:
         notes.append("the circuit has no heads: CMAP per group skipped")
     if complete and not stopped():
-        grid = cmap_grid(base, finetuned, et, component="z", position=grid_position,
+        grid_task = et if grid_n is None else et.subset(slice(0, grid_n))
+        grid = cmap_grid(base, finetuned, grid_task, component="z", position=grid_position,
                          on_progress=part(750, 1000), should_stop=should_stop)
         complete = grid.complete
     elif complete:
@@ -243,7 +251,7 @@ def finetuning_study(
         arithmetic_base=a_base, arithmetic_finetuned=a_ft, entity_base=e_base, entity_finetuned=e_ft,
         circuit=circuit, pipeline=pipe, cmap=res, grid=grid, n=n,
         arithmetic_n=arithmetic_n or n, n_boxes=n_boxes, seed=seed,
-        top_k=top_k, grid_position=grid_position, seconds=time.perf_counter() - t0,
+        top_k=top_k, grid_position=grid_position, grid_n=grid_n or n, seconds=time.perf_counter() - t0,
         complete=complete, notes=notes)
 
 

@@ -116,7 +116,8 @@ def test_entity_study_stops_and_checks_input(demo_model):
 
 def test_finetuning_study(study, demo_model, arith):
     circuit = study[0].circuit
-    res = finetuning_study(demo_model, arith, n=N, n_boxes=BOXES, arithmetic_n=16, circuit=circuit)
+    res = finetuning_study(demo_model, arith, n=N, n_boxes=BOXES, arithmetic_n=16, circuit=circuit,
+                           grid_n=2)
     assert isinstance(res, FinetuningResult) and res.complete and res.pipeline is None
     assert res.cmap.groups == ["A", "B", "C", "D", "circuit"]
     et = entity_tracking(demo_model, n=N, seed=0, n_boxes=BOXES)
@@ -130,7 +131,7 @@ def test_finetuning_study(study, demo_model, arith):
     assert res.grid.shape == (30, 9) and res.grid.values[:15].abs().max() < 1e-6
     assert 0.0 <= res.arithmetic_base <= 1.0 and 0.0 <= res.arithmetic_finetuned <= 1.0
     d = json.loads(json.dumps(res.to_dict()))
-    assert set(d["cmap"]) == {"A", "B", "C", "D", "circuit"} and d["arithmetic_n"] == 16
+    assert set(d["cmap"]) == {"A", "B", "C", "D", "circuit"} and d["arithmetic_n"] == 16 and d["grid_n"] == 2
     assert {"accuracy", "cmap", "cmap_grid"} <= set(res.figures())
     bad = Circuit.from_groups({"A": [(40, 0)]}, positions={"A": "END"})
     with pytest.raises(ValueError, match="outside the model"):

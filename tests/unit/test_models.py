@@ -70,11 +70,27 @@ def test_load_model_returns_a_bridge_as_is(tiny_gpt2):
 
 
 def test_load_model_wraps_a_transformers_model(tiny_llama):
-    hf = tiny_llama.original_model
-    wrapped = cw.load_model(hf, tokenizer=tiny_llama.tokenizer)
+    from transformers import AutoModelForCausalLM
+
+    # A fresh HF model with the tiny model's config and weights, never touched by a bridge.
+    hf = AutoModelForCausalLM.from_config(tiny_llama.original_model.config).eval()
+    state = {k.replace("._original_component", ""): v for k, v in tiny_llama.original_model.state_dict().items()}
+    hf.load_state_dict(state, strict=False)
     tokens = tiny_llama.to_tokens("Mary and John")
     with torch.no_grad():
-        torch.testing.assert_close(wrapped(tokens), hf(tokens).logits, atol=1e-5, rtol=0)
+        expected = hf(tokens).logits
+        torch.testing.assert_close(expected, tiny_llama(tokens), atol=1e-5, rtol=0)
+    wrapped = cw.load_model(hf, tokenizer=tiny_llama.tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(tokens), expected, atol=1e-5, rtol=0)
+
+
+def test_wrapping_a_bridged_model_again_is_refused_and_the_bridge_keeps_its_hooks(tiny_llama):
+    with pytest.raises(cw.ModelLoadError, match="already wrapped by a TransformerBridge"):
+        cw.load_model(tiny_llama.original_model, tokenizer=tiny_llama.tokenizer)
+    with torch.no_grad():
+        _, cache = tiny_llama.run_with_cache(tiny_llama.to_tokens("Mary and John"))
+    assert "blocks.0.attn.hook_pattern" in cache.cache_dict
 
 
 def test_load_model_tiny_specs():
