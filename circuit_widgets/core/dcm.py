@@ -248,12 +248,15 @@ def dcm_sweep(
     lams: Sequence[float] = DEFAULT_LAMS,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    on_result: Callable[[MaskResult], None] | None = None,
     **dcm_kwargs: Any,
 ) -> SweepResult:
     """``dcm`` once per lambda in ``lams`` on the same split and source activations (computed
     once), for a lambda slider. ``dcm_kwargs``: lr, epochs, batch_size, seed, split,
     eval_every. Progress and stopping cover the whole sweep; a stopped sweep keeps the
-    lambdas it finished (and the one it was in, flagged incomplete)."""
+    lambdas it finished (and the one it was in, flagged incomplete). The baseline and
+    full-patch test accuracies are measured before training, so ``on_result`` receives each
+    lambda's finished result, reference accuracies included, as soon as it is trained."""
     unknown = sorted(set(dcm_kwargs) - set(_SWEEP_KWARGS))
     if unknown:
         hint = " (the sweep's lambdas go in lams=[...])" if "lam" in unknown else ""
@@ -274,15 +277,18 @@ def dcm_sweep(
                      plan.prep_units() + len(lams) * per_run + plan.reference_units())
     results: list[MaskResult] = []
     base = full = math.nan
+    if on_result is not None and not callable(on_result):
+        raise TypeError(f"on_result must be a callable taking a MaskResult, got {on_result!r}")
     with _frozen(model):
         if plan.prepare(ticker):
+            base, full = plan.reference_accuracies(ticker)
             for lam in lams:
                 if ticker.stopped or ticker.stop_requested():
                     break
-                results.append(plan.train(lam, kw["lr"], kw["epochs"], kw["seed"],
-                                          kw["eval_every"], ticker))
-            base, full = plan.reference_accuracies(ticker)
-    results = [replace(r, baseline_accuracy=base, full_patch_accuracy=full) for r in results]
+                r = plan.train(lam, kw["lr"], kw["epochs"], kw["seed"], kw["eval_every"], ticker)
+                results.append(replace(r, baseline_accuracy=base, full_patch_accuracy=full))
+                if on_result is not None:
+                    on_result(results[-1])
     complete = len(results) == len(lams) and all(r.complete for r in results) and not ticker.stopped
     return SweepResult(lams, results, base, full, complete)
 

@@ -49,7 +49,10 @@ class HeadGrid:
 
     @property
     def recovered(self) -> Float[Tensor, "layer *pos head"]:
-        """1 - normalized: for 'denoise', the share of the clean-vs-corrupt gap a patch closes."""
+        """The share of the gap a patch closes: 1 - normalized for 'denoise' patching; for CMAP
+        grids ``normalized`` already is (patched - base) / (fine-tuned - base), so it is returned as is."""
+        if self.kind == "cmap":
+            return self.normalized
         return 1.0 - self.normalized
 
     def top(self, k: int = 10) -> list[tuple[Head, float]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import difflib
 import inspect
@@ -133,11 +134,43 @@ class BaseWidget(anywidget.AnyWidget):
     # Class-level defaults so close() (also called from __del__) works on a half-built widget.
     _job: Job | None = None
     _executor: ThreadPoolExecutor | None = None
+    _png_cache: tuple[Any, bytes] | None = None
 
     def __init__(self, _state: dict | None = None, **kwargs: Any) -> None:
         self._check_kwargs(kwargs)
         self._executor_lock = threading.Lock()
         super().__init__(**(_state or {}), **kwargs)
+
+    # ------------------------------------------------------------------ static image
+
+    def figure(self):
+        """The widget's current state as a matplotlib Figure."""
+        raise NotImplementedError(f"{type(self).__name__} has no static figure")
+
+    def to_image(self, format: str = "png", dpi: int = 100) -> bytes:
+        """PNG (or SVG) bytes of the static figure, for reports and non-widget front ends."""
+        from circuit_widgets.plots import figure_bytes
+
+        return figure_bytes(self.figure(), fmt=format, dpi=dpi)
+
+    def _png_key(self) -> Any:
+        """What the static PNG depends on, to reuse it while unchanged; None: redraw each time."""
+        return None
+
+    def _png(self) -> bytes:
+        key = self._png_key()
+        if key is None or self._png_cache is None or self._png_cache[0] != key:
+            self._png_cache = (key, self.to_image("png", dpi=80))
+        return self._png_cache[1]
+
+    def _repr_mimebundle_(self, **kwargs: Any):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is None:
+            return None
+        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
+        # Front ends without the widget manager (nbconvert, GitHub, VS Code previews) show this.
+        data["image/png"] = base64.b64encode(self._png()).decode("ascii")
+        return data, metadata
 
     # ------------------------------------------------------------------ keyword arguments
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import importlib.util
 from collections.abc import Iterable
 from importlib import metadata
@@ -146,7 +145,6 @@ class AttentionWidget(BaseWidget):
             "prompt": prompt, "title": "" if title is None else str(title), "circuitsvis_version": version,
         }
         state.update(self._compute(pairs, example, prompt))  # first view drawn at once
-        self._png_cache: tuple[Any, bytes] | None = None
         super().__init__(state, **kwargs)
         self.on_msg(self._on_front_end_msg)
         self.observe(self._recompute, names=["heads", "example", "prompt"])
@@ -220,22 +218,8 @@ class AttentionWidget(BaseWidget):
         title = self.title or f"attention, example {self.shown_example} ({self.prompt})"
         return plot_attention(self.patterns, self.tokens, self.head_labels, title=title)
 
-    def to_image(self, format: str = "png", dpi: int = 100) -> bytes:
-        """PNG (or SVG) bytes of the static figure."""
-        from circuit_widgets.plots import figure_bytes
-
-        return figure_bytes(self.figure(), fmt=format, dpi=dpi)
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = super()._repr_mimebundle_(**kwargs)
-        if bundle is None:
-            return None
-        data, metadata_ = bundle if isinstance(bundle, tuple) else (bundle, {})
-        key = (self.patterns.tobytes(), tuple(self.tokens), tuple(self.head_labels), self.title)
-        if self._png_cache is None or self._png_cache[0] != key:
-            self._png_cache = (key, self.to_image("png", dpi=80))
-        data["image/png"] = base64.b64encode(self._png_cache[1]).decode("ascii")
-        return data, metadata_
+    def _png_key(self) -> Any:
+        return (self.patterns.tobytes(), tuple(self.tokens), tuple(self.head_labels), self.title)
 
     def __repr__(self) -> str:
         return (f"AttentionWidget(example {self.shown_example} of {self.n_examples}, "

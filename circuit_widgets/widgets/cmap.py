@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Any, ClassVar
 
 import numpy as np
@@ -202,19 +201,6 @@ class CMAPWidget(BaseWidget):
                        metric_name=self.grid.metric_name or "value", title=self.grid.title or None,
                        selected=[(row[l], h) for l, h in self.grid.selected])
         return fig
-
-    def to_image(self, format: str = "png", dpi: int = 100) -> bytes:
-        from circuit_widgets.plots import figure_bytes
-
-        return figure_bytes(self.figure(), fmt=format, dpi=dpi)
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = super()._repr_mimebundle_(**kwargs)
-        if bundle is None:
-            return None
-        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        data["image/png"] = base64.b64encode(self.to_image(dpi=80)).decode("ascii")
-        return data, metadata
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{n}: {b[1]:.2f}" for n, b in zip(self.bar_labels, self.bars))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -33,9 +32,9 @@ class _MaskGrid:
 class DCMWidget(BaseWidget):
     """Desiderata-based component masking (DCM) over a sweep of sparsity weights lambda.
 
-    Train runs ``dcm_sweep`` one lambda at a time off the main thread (each finished lambda
-    appears at once; Cancel keeps them). The lambda slider picks which result is shown: its
-    learned mask on the head grid (as 1 - m; the selected heads, rounded mask 0, outlined),
+    Train runs one ``dcm_sweep`` over all lambdas off the main thread (source activations
+    computed once; each finished lambda appears at once; Cancel keeps them). The lambda
+    slider picks which result is shown: its learned mask on the head grid (as 1 - m; the selected heads, rounded mask 0, outlined),
     its training loss curve and its accuracies. ``widget.circuit`` is the grid's selection: the
     shown result's selected heads (``select_result=False`` leaves the selection to the user).
     """
@@ -156,19 +155,18 @@ class DCMWidget(BaseWidget):
         from circuit_widgets.core.dcm import dcm_sweep
 
         results: list[Any] = []
-        for i, lam in enumerate(lams):
-            job.check()
-            # One lambda per call, so each finished lambda reaches the screen as it lands.
-            with using(self._model):
-                sweep = dcm_sweep(self._model, self._desideratum, heads=self._heads, position=self.position,
-                                  lams=[lam], should_stop=lambda: job.cancelled,
-                                  on_progress=lambda d, t, i=i: job.report(progress=(i + d / max(t, 1)) / len(lams)),
-                                  **self._train_kwargs)
-            results.extend(sweep.results)
-            job.report(progress=(i + 1) / len(lams), partial=list(results))
-            if not sweep.complete:
-                break
-        return results
+
+        def landed(result: Any) -> None:  # each finished lambda reaches the screen as it lands
+            results.append(result)
+            job.report(partial=list(results))
+
+        # One sweep: the source activations and reference accuracies are computed once.
+        with using(self._model):
+            sweep = dcm_sweep(self._model, self._desideratum, heads=self._heads, position=self.position,
+                              lams=lams, should_stop=lambda: job.cancelled, on_result=landed,
+                              on_progress=lambda d, t: job.report(progress=d / max(t, 1)),
+                              **self._train_kwargs)
+        return list(sweep.results)
 
     def _on_partial(self, partial: list[Any]) -> None:
         self._results = list(partial)
@@ -217,19 +215,6 @@ class DCMWidget(BaseWidget):
         right.set_title(f"λ = {s['lam']:g}: test accuracy {s['test_accuracy'] if s.get('test_accuracy') is not None else float('nan'):.2f}"
                         if s else "not trained yet", loc="left", fontsize=10)
         return fig
-
-    def to_image(self, format: str = "png", dpi: int = 100) -> bytes:
-        from circuit_widgets.plots import figure_bytes
-
-        return figure_bytes(self.figure(), fmt=format, dpi=dpi)
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = super()._repr_mimebundle_(**kwargs)
-        if bundle is None:
-            return None
-        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        data["image/png"] = base64.b64encode(self.to_image(dpi=80)).decode("ascii")
-        return data, metadata
 
     def __repr__(self) -> str:
         return (f"DCMWidget({self.desideratum}@{self.position}, {self.n_done}/{len(self.lams)} lambdas trained, "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 from typing import Any, ClassVar
 
 import traitlets
@@ -124,13 +123,8 @@ class CircuitExplorer(BaseWidget):
     def to_image(self, format: str = "png", dpi: int = 100) -> bytes:
         return self.path_patching.to_image(format, dpi)
 
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = super()._repr_mimebundle_(**kwargs)
-        if bundle is None:
-            return None
-        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        data["image/png"] = base64.b64encode(self.path_patching.grid._png()).decode("ascii")
-        return data, metadata
+    def _png(self) -> bytes:
+        return self.path_patching._png()
 
     def __repr__(self) -> str:
         return f"CircuitExplorer(tabs {', '.join(self.tab_names)}; circuit {self.circuit})"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
@@ -154,7 +153,6 @@ class HeadGridWidget(BaseWidget):
         state["selected"] = _selection_pairs(selection, state["layer_numbers"], state["values"].shape[1])
         state["title"] = "" if title is None else str(title)
         state["_esm"] = read_bundle("head_grid")
-        self._png_cache: tuple[Any, bytes] | None = None
         super().__init__(state, **kwargs)
 
     # ------------------------------------------------------------------ data
@@ -223,27 +221,9 @@ class HeadGridWidget(BaseWidget):
                               metric_name=self.metric_name or None,
                               selected=[(row[layer], head) for layer, head in self.selected])
 
-    def to_image(self, format: str = "png", dpi: int = 100) -> bytes:
-        """PNG (or SVG) bytes of the static figure, for reports and non-widget front ends."""
-        from circuit_widgets.plots import figure_bytes
-
-        return figure_bytes(self.figure(), fmt=format, dpi=dpi)
-
-    def _png(self) -> bytes:
-        key = (self.values.tobytes(), tuple(self.heads), tuple(self.layers), self.title,
-               self.metric_name, tuple(map(tuple, self.selected)))
-        if self._png_cache is None or self._png_cache[0] != key:
-            self._png_cache = (key, self.to_image("png", dpi=80))
-        return self._png_cache[1]
-
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = super()._repr_mimebundle_(**kwargs)
-        if bundle is None:
-            return None
-        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        # Front ends without the widget manager (nbconvert, GitHub, VS Code previews) show this.
-        data["image/png"] = base64.b64encode(self._png()).decode("ascii")
-        return data, metadata
+    def _png_key(self) -> Any:
+        return (self.values.tobytes(), tuple(self.heads), tuple(self.layers), self.title,
+                self.metric_name, tuple(map(tuple, self.selected)))
 
     def __repr__(self) -> str:
         n_layers, n_heads = self.values.shape

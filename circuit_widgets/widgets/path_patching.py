@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -232,13 +231,8 @@ class PathPatchingWidget(BaseWidget):
     def to_image(self, format: str = "png", dpi: int = 100) -> bytes:
         return self.grid.to_image(format, dpi)
 
-    def _repr_mimebundle_(self, **kwargs: Any):
-        bundle = super()._repr_mimebundle_(**kwargs)
-        if bundle is None:
-            return None
-        data, metadata = bundle if isinstance(bundle, tuple) else (bundle, {})
-        data["image/png"] = base64.b64encode(self.grid._png()).decode("ascii")
-        return data, metadata
+    def _png(self) -> bytes:
+        return self.grid._png()
 
     def __repr__(self) -> str:
         finite = int(np.isfinite(self.grid.values).sum())

@@ -107,6 +107,10 @@ def test_planted_heads_rank_first_and_recover_the_finetune(planted, task):
     assert {h for h, _ in top[:2]} == {Head(1, 0), Head(1, 3)}
     others = [grid.values[l, h] for l in range(2) for h in range(4) if (l, h) not in ((1, 0), (1, 3))]
     assert all(float(v) == 0.0 for v in others)  # every other head's z is identical in both models
+    # recovered = share of the base -> fine-tuned gap closed: 0 where the head is the same
+    gap = float(grid.metric_corrupt.mean() - grid.metric_clean.mean())
+    torch.testing.assert_close(grid.recovered, grid.values / gap)
+    assert float(grid.recovered[0, 2]) == 0.0 and float(grid.recovered[1, 0]) != 0.0
     res = cmap(base, ft, task, heads=[(1, 0), (1, 3)], positions="END")
     torch.testing.assert_close(res.patched_metric[0], res.finetuned_metric, atol=1e-5, rtol=1e-5)
     one = cmap(base, ft, task, heads=[(1, 0)], positions="END")

@@ -359,12 +359,16 @@ def test_progress_covers_the_run_and_stop_returns_a_partial_result(planted):
 
 def test_sweep_stops_within_a_lambda_and_keeps_what_it_finished(planted):
     d = planted_desideratum(n=20, seed=8)
-    seen = []
+    seen, got = [], []
     sweep = dcm_sweep(planted, d, lams=[0.01, 0.1, 1.0], lr=0.2, batch_size=4,
                       on_progress=lambda a, b: seen.append((a, b)),
-                      should_stop=lambda: len(seen) >= 10 + 12 + 3)  # prep: 5 + 5 batches
+                      on_result=lambda r: got.append(r),
+                      should_stop=lambda: len(seen) >= 10 + 2 + 12 + 3)  # prep: 5 + 5, references: 1 + 1
     assert not sweep.complete and [r.lam for r in sweep.results] == [0.01, 0.1]
     assert sweep.results[0].complete and not sweep.results[1].complete
+    # each lambda reached on_result as it finished, reference accuracies included
+    assert got == sweep.results and not math.isnan(got[0].baseline_accuracy)
+    assert got[0].full_patch_accuracy == got[1].full_patch_accuracy == sweep.full_patch_accuracy
     assert len({t for _, t in seen}) == 1
     assert sweep.at(0.012).lam == 0.01 and sweep.at(0.5).lam == 0.1
     df = sweep.to_dataframe()
