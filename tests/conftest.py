@@ -37,6 +37,14 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3():
+    """Gemma 3's block: one key/value head, q/k norms, a 4-token sliding-window layer, soft-capping."""
+    from circuit_widgets import tiny_model
+
+    return tiny_model("gemma3", n_layers=2, n_heads=4, n_kv_heads=1, d_model=32, seed=0)
+
+
+@pytest.fixture(scope="session")
 def demo_model():
     """The real demo model (SmolLM2-135M), loaded once; tests must not modify it."""
     from circuit_widgets import load_model

@@ -21,7 +21,8 @@ from circuit_widgets.core.forward import attend, causal_masks
 from circuit_widgets.types import Component
 
 # Shapes, batch first as the bridge's hooks give them: q [b,s,H,dh]; k, v [b,s,K,dh] (raw, before
-# RoPE); pattern [b,H,q,k]; z [b,s,H,dh]; resid_pre, attn_out, mlp_out [b,s,d].
+# RoPE, and on Gemma 3 before the per-head q/k norm, which undoes any rescaling); pattern
+# [b,H,q,k]; z [b,s,H,dh]; resid_pre, attn_out, mlp_out [b,s,d] (Gemma: after the branch norm).
 SITES = ("resid_pre", "q", "k", "v", "pattern", "z", "attn_out", "mlp_out")
 Edit = Callable[[Tensor], Tensor]
 

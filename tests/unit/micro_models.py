@@ -47,15 +47,18 @@ def n_columns(model, component: str) -> int:
 
 
 def sharp_tiny_model(arch: str, *, n_layers: int = 2, seed: int = 0, qk_scale: float = 10.0,
-                     n_kv_heads: int = 2):
+                     n_kv_heads: int | None = None):
     """The conftest tiny model (4 heads, llama with 2 KV heads; 2 layers unless told), with
     W_Q and W_K scaled so attention is far from uniform: at init std 0.02 every pattern is ~uniform and
     q/k/pattern patches move the metric by ~1e-4, too little for a 1e-5 tolerance to mean much.
     A private instance: the session fixtures are never modified.
     """
-    model = tiny_model(arch, n_layers=n_layers, n_heads=4,
-                       n_kv_heads=n_kv_heads if arch == "llama" else None, d_model=32, seed=seed)
+    # Llama shares each key/value head between 2 query heads, Gemma 3 (as the real 270M) one among all.
+    kv = None if arch == "gpt2" else (n_kv_heads or {"llama": 2, "gemma3": 1}[arch])
+    model = tiny_model(arch, n_layers=n_layers, n_heads=4, n_kv_heads=kv, d_model=32, seed=seed)
     with torch.no_grad():
+        if arch == "gemma3":
+            return model  # q and k are RMS-normalised per head: scores are O(1) already, no need
         for block in model.blocks:
             # GPT-2's bridge computes q/k/v with split copies of c_attn, so scale those.
             for lin in (block.attn.q, block.attn.k):
@@ -407,6 +410,7 @@ def ref_direct_effect(model, task: Task, layer: int, head: int, position="all"):
     clean_cache = cache_of(model, task.clean_tokens, names)
     corrupt_cache = cache_of(model, task.corrupt_tokens, names)
     hf = model.original_model
+    gemma = type(hf).__name__.startswith("Gemma3")
     if hasattr(hf, "transformer"):  # GPT-2: Conv1D weight is [in, out]
         w_o = hf.transformer.h[layer].attn.c_proj.weight[head * dh:(head + 1) * dh, :]
         ln = hf.transformer.ln_f.original_component
@@ -415,12 +419,23 @@ def ref_direct_effect(model, task: Task, layer: int, head: int, position="all"):
             mu = x.mean(-1, keepdim=True)
             var = ((x - mu) ** 2).mean(-1, keepdim=True)
             return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
-    else:  # Llama: Linear weight is [out, in]
+    elif not gemma:  # Llama: Linear weight is [out, in]
         w_o = hf.model.layers[layer].self_attn.o_proj.weight[:, head * dh:(head + 1) * dh].T
         ln = hf.model.norm.original_component
 
         def norm(x):
             return x / torch.sqrt((x * x).mean(-1, keepdim=True) + ln.variance_epsilon) * ln.weight
+    else:  # Gemma 3: norms scale by (1 + w); the attention branch is normalised before it is added
+        o_proj = hf.model.layers[layer].self_attn.o_proj.weight
+        w_o = o_proj[:, head * dh:(head + 1) * dh].T
+        post = _raw_module(hf.model.layers[layer].post_attention_layernorm)
+        ln = _raw_module(hf.model.norm)
+
+        def gemma_norm(x, m):
+            return x / torch.sqrt((x * x).mean(-1, keepdim=True) + m.eps) * (1.0 + m.weight)
+
+        def norm(x):
+            return gemma_norm(x, ln)
     unembed = hf.lm_head.original_component
     zname = hook_name("z", layer)
     dz = corrupt_cache[zname][:, :, head] - clean_cache[zname][:, :, head]  # [batch, pos, d_head]
@@ -431,14 +446,26 @@ def ref_direct_effect(model, task: Task, layer: int, head: int, position="all"):
             keep[b, int(idx[b])] = 1.0
         dz = dz * keep
     resid = clean_cache[f"blocks.{shape.n_layers - 1}.hook_resid_post"]
+    if gemma:  # the head's change reaches the residual through its layer's post-attention norm
+        z_all = clean_cache[zname].flatten(2)  # [batch, pos, heads * d_head]
+        moved = z_all.clone()
+        moved[:, :, head * dh:(head + 1) * dh] += dz
+        branch_delta = gemma_norm(moved @ o_proj.T, post) - gemma_norm(z_all @ o_proj.T, post)
 
     def logits_of(x):
         out = norm(x) @ unembed.weight.T
-        return out + unembed.bias if unembed.bias is not None else out
+        out = out + unembed.bias if unembed.bias is not None else out
+        cap = getattr(hf.config, "final_logit_softcapping", None)
+        return torch.tanh(out / cap) * cap if cap else out
 
     clean_logits = logits_of(resid)
-    patched_logits = logits_of(resid + dz @ w_o)
+    patched_logits = logits_of(resid + (branch_delta if gemma else dz @ w_o))
     return task.metric(patched_logits) - task.metric(clean_logits)
+
+
+def _raw_module(module):
+    """The HF module under a bridge component (or the module itself)."""
+    return getattr(module, "original_component", module)
 
 
 @pytest.fixture(scope="module", autouse=True)

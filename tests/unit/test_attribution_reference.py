@@ -24,7 +24,7 @@ from micro_models import (  # noqa: F401 - fixtures core and one_thread are used
 )
 
 ATOL = 1e-4
-ARCHS = ("gpt2", "llama")
+ARCHS = ("gpt2", "llama", "gemma3")
 
 
 @pytest.fixture(scope="module")

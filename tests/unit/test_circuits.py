@@ -80,7 +80,7 @@ def ref_mean_ablate(model, task, keep_cells):
 # --------------------------------------------------------------------------- mean ablation
 
 
-@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2"])
+@pytest.mark.parametrize("arch", ["tiny_llama", "tiny_gpt2", "tiny_gemma3"])
 def test_empty_circuit_matches_plain_mean_ablation(arch, request):
     model = request.getfixturevalue(arch)
     task = random_task(model)

@@ -18,10 +18,17 @@ def _edit(site: str):
             out[:, HEAD] = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
             return out
         return fn
-    if site in ("q", "k", "v", "z"):
+    if site in ("q", "k"):
         def fn(a):
             out = a.clone()
-            out[:, :, HEAD % a.shape[2]] *= 30.0 if site in ("q", "k") else -0.5  # sharpen attention
+            # Sharpen attention; flipped too, as Gemma's q/k norms undo a pure scale.
+            out[:, :, HEAD % a.shape[2]] = 30.0 * out[:, :, HEAD % a.shape[2]].flip(-1)
+            return out
+        return fn
+    if site in ("v", "z"):
+        def fn(a):
+            out = a.clone()
+            out[:, :, HEAD % a.shape[2]] *= -0.5
             return out
         return fn
     return lambda a: a * 0.5
@@ -32,7 +39,7 @@ def _tokens(model):
     return torch.randint(1, int(model.cfg.d_vocab), (3, 7), generator=g)
 
 
-@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama", "tiny_gemma3"])
 @pytest.mark.parametrize("site", SITES)
 def test_fast_and_hooked_agree(arch, site, request):
     model = request.getfixturevalue(arch)
@@ -50,7 +57,7 @@ def test_fast_and_hooked_agree(arch, site, request):
         torch.testing.assert_close(fast.captured[key], slow.captured[key], atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama", "tiny_gemma3"])
 def test_no_edit_is_the_model_and_at_picks_positions(arch, request):
     model = request.getfixturevalue(arch)
     tokens = _tokens(model)
@@ -61,7 +68,7 @@ def test_no_edit_is_the_model_and_at_picks_positions(arch, request):
     torch.testing.assert_close(run.logits, plain[torch.arange(3), at], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama", "tiny_gemma3"])
 def test_gradients_flow_through_an_edit_on_both_paths(arch, request):
     model = request.getfixturevalue(arch)
     tokens = _tokens(model)

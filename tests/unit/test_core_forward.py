@@ -12,7 +12,7 @@ from circuit_widgets.core.forward import gather_window, run_window, trace_forwar
 TOL = 1e-5
 
 
-@pytest.fixture(params=["tiny_gpt2", "tiny_llama"])
+@pytest.fixture(params=["tiny_gpt2", "tiny_llama", "tiny_gemma3"])
 def model(request):
     return request.getfixturevalue(request.param)
 

@@ -151,7 +151,7 @@ def ref_z(model, task, heads, fn_cell):
                                 fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook_for(l)) for l in layers])
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_forced_attention_matches_reference(arch):
     model = sharp_tiny_model(arch)
     task = random_task(model)
@@ -168,7 +168,7 @@ def test_forced_attention_matches_reference(arch):
     torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)  # edits() through the fast engine
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
 def test_scale_and_replace_match_reference(arch):
     model = sharp_tiny_model(arch)
     task = random_task(model)

@@ -10,7 +10,8 @@ from circuit_widgets import models
 from circuit_widgets.tasks import words
 
 
-@pytest.mark.parametrize("arch,kv", [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1)])
+@pytest.mark.parametrize("arch,kv", [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1),
+                                     ("gemma3", 1), ("gemma3", None)])
 def test_tiny_model_shapes_and_bridge_matches_hf(arch, kv):
     model = cw.tiny_model(arch, n_layers=3, n_heads=4, n_kv_heads=kv, d_model=32, seed=1)
     shape = cw.model_shape(model)
@@ -94,8 +95,9 @@ def test_wrapping_a_bridged_model_again_is_refused_and_the_bridge_keeps_its_hook
 
 
 def test_load_model_tiny_specs():
-    model = cw.load_model("tiny-llama")
-    assert cw.model_shape(model).n_layers == 2
+    for spec, kv in (("tiny-gpt2", 4), ("tiny-llama", 2), ("tiny-gemma3", 1)):
+        shape = cw.model_shape(cw.load_model(spec))
+        assert (shape.n_layers, shape.n_heads, shape.n_kv_heads) == (2, 4, kv), spec
 
 
 @pytest.mark.parametrize("spec", ["not a model!", "", 42, None])

@@ -31,7 +31,7 @@ from circuit_widgets.tasks.base import Task
 from circuit_widgets.types import Head
 
 ATOL = 1e-5
-ARCHS = ("gpt2", "llama")
+ARCHS = ("gpt2", "llama", "gemma3")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def _edit_weights(model, arch, component, layer, idx):
     """The weight edit equivalent to zeroing one slice of `component` (pattern: uniform)."""
     dh = 8
     with torch.no_grad():
-        if arch == "llama":
+        if arch in ("llama", "gemma3"):  # Gemma's q/k norms and branch norms map 0 to 0 too
             blk = model.original_model.model.layers[layer]
             attn = blk.self_attn
             rows = slice(dh * idx, dh * idx + dh) if idx is not None else slice(None)
@@ -124,7 +124,8 @@ def _edit_weights(model, arch, component, layer, idx):
 def test_hook_replacement_equals_weight_edit(arch, component):
     """A hook returning a new tensor really reaches the output, with autograd off and on."""
     model, edited = sharp_tiny_model(arch), sharp_tiny_model(arch)
-    idx = None if component in PER_LAYER else 1
+    # k and v columns are key/value heads: Gemma's tiny model has only one.
+    idx = None if component in PER_LAYER else (0 if arch == "gemma3" and component in "kv" else 1)
     _edit_weights(edited, arch, component, 1, idx)
     tokens = random_task(model).clean_tokens
 
@@ -151,7 +152,7 @@ def test_hook_replacement_equals_weight_edit(arch, component):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_resid_pre_replacement_is_a_cut(arch):
     """Writing another prompt's resid_pre into a layer gives that prompt's logits exactly."""
-    model = tiny_model(arch, n_layers=2, n_heads=4, n_kv_heads=2 if arch == "llama" else None,
+    model = tiny_model(arch, n_layers=2, n_heads=4, n_kv_heads={"llama": 2, "gemma3": 1}.get(arch),
                        d_model=32, seed=0)
     task = random_task(model)
     corrupt_cache = cache_of(model, task.corrupt_tokens)
@@ -285,10 +286,9 @@ def test_conftest_tiny_models(core, request, fixture, component):
 def test_gqa_kv_columns_and_groups(core, sharp, tasks, arch):
     model, task = sharp[arch], tasks[arch]
     grid = core.activation_patch(model, task, component="v")
-    n_kv = 2 if arch == "llama" else 4
-    assert tuple(grid.values.shape) == (2, n_kv)
+    expected = {"llama": [[0, 1], [2, 3]], "gemma3": [[0, 1, 2, 3]]}.get(arch, [[0], [1], [2], [3]])
+    assert tuple(grid.values.shape) == (2, len(expected))
     groups = [list(g) for g in grid.kv_groups]
-    expected = [[0, 1], [2, 3]] if arch == "llama" else [[0], [1], [2], [3]]
     assert groups == expected
 
 

@@ -29,7 +29,7 @@ from micro_models import (  # noqa: F401 - fixtures core and one_thread are used
 from circuit_widgets.types import Head, Receiver
 
 ATOL = 1e-5
-ARCHS = ("gpt2", "llama")
+ARCHS = ("gpt2", "llama", "gemma3")
 
 
 @pytest.fixture(scope="module")
