@@ -462,7 +462,10 @@ def test_planted_circuit_ranks_first(core, planted):
                  reverse=True)
     assert {lh for _, lh in top[:2]} == PLANTED_HEADS
     for component in ("q", "k", "pattern"):
-        assert (core.activation_patch(model, task, component=component).values == 0).all()
+        # Zero up to float32 rounding: the patched pattern is recomputed through another kernel
+        # than the clean run's (-4.8e-8 for 1.2's pattern on an AVX-512 machine, 0 elsewhere).
+        values = core.activation_patch(model, task, component=component).values
+        assert values.abs().max() <= 1e-6
     v = core.activation_patch(model, task, component="v").values.detach().cpu()
     assert v[0, 0] < 0 and v[1, 1] < 0 and v[0, 1] == 0 and v[1, 0] == 0
     at_end = core.activation_patch(model, task, component="z", positions="END")
