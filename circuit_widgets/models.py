@@ -138,6 +138,7 @@ def _lora_demo(adapter: Path):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     cfg = LoraConfig.from_pretrained(adapter)
     cfg.inference_mode = True
+    cfg.base_model_name_or_path = hf.name_or_path  # peft warns when it renames the base it was trained on
     peft_model = get_peft_model(hf, cfg)
     result = set_peft_model_state_dict(peft_model, load_file(adapter / "adapter_model.safetensors"))
     if getattr(result, "unexpected_keys", None):
