@@ -33,6 +33,7 @@ from circuit_widgets.core import (
     intervene,
     mean_ablate,
     minimality,
+    path_attribution,
     path_patch,
     run_with_edits,
 )
@@ -117,6 +118,7 @@ __all__ = [
     "mean_ablate",
     "minimality",
     "model_shape",
+    "path_attribution",
     "path_patch",
     "run_with_edits",
     "studies",

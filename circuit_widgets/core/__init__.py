@@ -1,6 +1,6 @@
 """The patching engine: plain torch functions returning result dataclasses. No UI imports."""
 
-from circuit_widgets.core.attribution import attribution_patch
+from circuit_widgets.core.attribution import attribution_patch, path_attribution
 from circuit_widgets.core.cache import clear_cache
 from circuit_widgets.core.circuits import (
     AblationResult,
@@ -65,6 +65,7 @@ __all__ = [
     "intervene",
     "mean_ablate",
     "minimality",
+    "path_attribution",
     "path_patch",
     "run_with_edits",
 ]

@@ -46,6 +46,38 @@ def attribution_patch(
     batch_size here bounds the examples per backward pass. It is an approximation: exact
     for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
+    return _attribute(model, task, component, direction, positions, heads, batch_size,
+                      on_progress, should_stop)
+
+
+def path_attribution(
+    model: Any,
+    task: Any,
+    *,
+    position: str = "all",
+    freeze_mlps: bool = False,
+    heads: Sequence[Head | str | tuple[int, int]] | None = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+) -> HeadGrid:
+    """First-order estimate of ``path_patch(receivers="logits")`` for every sender head at once.
+
+    The same product as ``attribution_patch`` on z (corrupt z - clean z, times the gradient at
+    the clean run), but the gradient flows only along the paths path patching keeps: no later
+    head reads the sender's change (every head is frozen), MLPs pass it on unless
+    ``freeze_mlps`` (then it is the direct effect through W_O and the final norm). ``position``
+    is where the sender's z is patched, as in path_patch, whose value convention it follows.
+    Exact where the metric is linear along those paths; receiver heads are not covered.
+    """
+    return _attribute(model, task, "z", "noise", position, heads, batch_size, on_progress,
+                      should_stop, frozen=True, freeze_mlps=freeze_mlps)
+
+
+def _attribute(model: Any, task: Any, component: Any, direction: Any, positions: Any, heads: Any,
+               batch_size: int | None, on_progress: Progress, should_stop: Stop, *,
+               frozen: bool = False, freeze_mlps: bool = False) -> HeadGrid:
+    """attribution_patch, or with ``frozen`` the paths of path patching to the logits only."""
     plan = plan_sweep(model, task, component, direction, heads, positions, on_progress,
                       should_stop, batch_size)
     comp, dirn, shape, subset = plan.comp, plan.dirn, plan.shape, plan.subset
@@ -55,6 +87,9 @@ def attribution_patch(
 
     eng = cache.engine_for(model)
     notes = ["first-order (attribution) estimate, not an exact patch"]
+    if frozen:
+        notes.append("paths of path patching to the logits: no head reads the sender's change; "
+                     f"MLPs {'frozen' if freeze_mlps else 'pass it on'}")
     if eng is not None:
         reader = MetricReader(task, eng.device)
         # only the source run is cached; the base run is the forward we differentiate
@@ -66,7 +101,7 @@ def attribution_patch(
 
         def step(sl: slice) -> Tensor:
             contrib, metric = _fast_contrib(eng, comp, base_tokens[sl], src.subset(sl),
-                                            task.positions["END"][sl], reader, sl)
+                                            task.positions["END"][sl], reader, sl, frozen, freeze_mlps)
             m_base[sl] = metric.float().cpu()
             return contrib
     else:
@@ -74,7 +109,8 @@ def attribution_patch(
         c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
         src_cache = x_cache if dirn == Direction.NOISE else c_cache
         base_tokens = task.clean_tokens if dirn == Direction.NOISE else task.corrupt_tokens
-        step = lambda sl: _hooked_contrib(model, task, comp, base_tokens, src_cache, sl, L)
+        step = lambda sl: _hooked_contrib(model, task, comp, base_tokens, src_cache, sl, L,
+                                          frozen, freeze_mlps)
 
     size = batch_size or B
     steps = [slice(i, min(i + size, B)) for i in range(0, B, size)]
@@ -106,6 +142,7 @@ def attribution_patch(
         per_example, done, m_clean, m_corrupt, shape=shape, component=comp,
         direction=dirn.value, kind="attribution", metric_name=task.metric_name,
         positions=labels, position=single, complete=complete, notes=notes,
+        receivers="logits" if frozen else None,
     )
 
 
@@ -122,10 +159,11 @@ def _per_position(comp: Component, delta: Tensor, grad: Tensor) -> Tensor:
 
 
 def _fast_contrib(eng: FastModel, comp: Component, tokens: Tensor, src: Trace, end: Tensor,
-                  reader: MetricReader, sl: slice) -> Tensor:
+                  reader: MetricReader, sl: slice, frozen: bool = False,
+                  freeze_mlps: bool = False) -> Tensor:
     """Forward with grad on the base tokens, keeping ``comp`` at every layer, then one backward."""
     with torch.enable_grad():
-        acts, final = _grad_forward(eng, comp, tokens.to(eng.device))
+        acts, final = _grad_forward(eng, comp, tokens.to(eng.device), frozen, freeze_mlps)
         ar = torch.arange(tokens.shape[0], device=eng.device)
         logits = eng.logits(final[ar, end.to(eng.device)], reader.cols)
         metric = reader(logits, sl)
@@ -147,8 +185,12 @@ def _source(eng: FastModel, comp: Component, src: Trace, layer: int) -> Tensor:
     return getattr(src, name)[layer]
 
 
-def _grad_forward(eng: FastModel, comp: Component, tokens: Tensor) -> tuple[list[Tensor], Tensor]:
-    """Full forward keeping ``comp`` per layer as graph nodes; returns (acts, final resid)."""
+def _grad_forward(eng: FastModel, comp: Component, tokens: Tensor, frozen: bool = False,
+                  freeze_mlps: bool = False) -> tuple[list[Tensor], Tensor]:
+    """Full forward keeping ``comp`` per layer as graph nodes; returns (acts, final resid).
+
+    ``frozen`` (z only): each z is a leaf, so it reaches the output only through the residual
+    stream and the MLPs (not those with ``freeze_mlps``), never through a later head."""
     b, s = tokens.shape
     pos = torch.arange(s, device=tokens.device).expand(b, s)
     masks = causal_masks(eng, torch.zeros(b, dtype=torch.long, device=tokens.device), s, s)
@@ -158,7 +200,8 @@ def _grad_forward(eng: FastModel, comp: Component, tokens: Tensor) -> tuple[list
         lay = eng.layers[layer]
         if comp == Component.RESID_PRE:
             acts.append(x)
-        q, k, v = eng.qkv(layer, lay.ln1(x))
+        # frozen: z becomes a leaf below, so attention's inputs need no graph (time and memory)
+        q, k, v = eng.qkv(layer, lay.ln1(x.detach() if frozen else x))
         if comp in (Component.Q, Component.K, Component.V):
             acts.append({"q": q, "k": k, "v": v}[comp.value])
         qr, kr = eng.rotate(layer, q[None], pos, "q"), eng.rotate(layer, k[None], pos, "k")
@@ -170,13 +213,15 @@ def _grad_forward(eng: FastModel, comp: Component, tokens: Tensor) -> tuple[list
             z = torch.einsum("bhqk,bkhd->bqhd", pattern, vv)
         else:
             z = attend(eng, layer, qr, kr, v[None], None, masks)[0][0]
+        if frozen:  # a leaf of its own: the gradient starts here, not upstream of the head
+            z = z.detach().requires_grad_(True)
         if comp == Component.Z:
             acts.append(z)
         attn_out = eng.o_proj(layer, z)
         if comp == Component.ATTN_OUT:
             acts.append(attn_out)
         mid = x + attn_out
-        mlp_out = eng.mlp(layer, mid)
+        mlp_out = eng.mlp(layer, mid.detach() if freeze_mlps else mid)
         if comp == Component.MLP_OUT:
             acts.append(mlp_out)
         x = mid + mlp_out
@@ -187,22 +232,30 @@ def _grad_forward(eng: FastModel, comp: Component, tokens: Tensor) -> tuple[list
 
 
 def _hooked_contrib(model: Any, task: Any, comp: Component, tokens: Tensor, src_cache: dict,
-                    sl: slice, n_layers: int) -> Tensor:
+                    sl: slice, n_layers: int, frozen: bool = False,
+                    freeze_mlps: bool = False) -> Tensor:
     names = [hooks.hook_name(comp, l) for l in range(n_layers)]
     acts: dict[str, Tensor] = {}
 
     def keep(name: str):
         def fn(act: Tensor, hook: Any = None) -> Tensor:
-            out = act * 1.0  # a fresh graph node that the rest of the forward consumes
+            # a fresh graph node that the rest of the forward consumes (frozen: a leaf of its own)
+            out = act.detach().requires_grad_(True) if frozen else act * 1.0
             acts[name] = out
             return out
         return fn
+
+    def cut(act: Tensor, hook: Any = None) -> Tensor:
+        return act.detach()
+
+    # z leaves already stop the gradient inside attention; frozen MLPs pass nothing on either.
+    cuts = [(hooks.hook_name(Component.MLP_OUT, l), cut) for l in range(n_layers)] if freeze_mlps else []
 
     with torch.enable_grad():
         x = tokens[sl].to(model.cfg.device)
         # a leaf that requires grad, so a graph exists even with frozen weights
         leaf = [("hook_embed", lambda act, hook=None: act.detach().requires_grad_(True))]
-        logits = model.run_with_hooks(x, fwd_hooks=leaf + [(n, keep(n)) for n in names])
+        logits = model.run_with_hooks(x, fwd_hooks=leaf + cuts + [(n, keep(n)) for n in names])
         total = task.subset(sl).metric(logits).sum()
         grads = torch.autograd.grad(total, [acts[n] for n in names])
     out = []
