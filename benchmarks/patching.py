@@ -185,6 +185,8 @@ def main(argv=None) -> int:
     per_layer = lambda fn: [lambda l=l: fn([(l, h) for h in range(H)]) for l in range(L)]
     attribution = report("ours: attribution_patch z (cold cache, incl. corrupt run)",
                          [lambda: core.attribution_patch(model, task, "z")])
+    report("ours: path_attribution -> logits (the widget's preview)",
+           [lambda: core.path_attribution(model, task)])
     report("ours: clean + corrupt runs (the cache, built once)",
            [lambda: core.activation_patch(model, task, heads=[(0, 0)])])
     ours_all = report("ours: activation_patch z, all positions",
