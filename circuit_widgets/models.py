@@ -13,8 +13,10 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,18 +82,35 @@ def load_model(
 ):
     """Load a model as a TransformerLens ``TransformerBridge``, offline where possible.
 
-    ``spec`` is one of ``"demo"``, ``"gemma-3-270m"``, ``"tiny-gpt2"``, ``"tiny-llama"``,
+    ``spec`` is one of ``"demo"``, ``"demo-arith"``, ``"gemma-3-270m"``, ``"tiny-gpt2"``, ``"tiny-llama"``,
     ``"tiny-gemma3"``, a local checkpoint folder, a Hugging Face model name, a ``TransformerBridge`` (returned as
-    is) or a ``transformers`` model (wrapped; pass ``tokenizer=`` if it has no local one).
-    ``device_map`` / ``n_devices`` spread a large model over several GPUs.
+    is), a ``transformers`` model (wrapped; pass ``tokenizer=`` if it has no local one) or a peft
+    ``PeftModel`` (its base model wrapped with the adapter live; ``merge=True`` merges it first,
+    in place, with peft's ``merge_and_unload``). ``merge=`` applies to "demo-arith" and peft
+    models only. ``device_map`` / ``n_devices`` spread a large model over several GPUs.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    merge = boot_kwargs.pop("merge", None)
+    if merge is not None and not isinstance(merge, bool):
+        raise TypeError(f"merge must be True or False, got {merge!r}")
+    peft = sys.modules.get("peft")  # a PeftModel exists only once peft was imported
+    is_peft = peft is not None and isinstance(spec, peft.PeftModel)
+    is_arith = isinstance(spec, str) and spec.strip().lower() == "demo-arith"
+    if merge is not None and not (is_peft or is_arith):
+        raise TypeError(f"merge= applies to 'demo-arith' and to peft models only; {_spec_text(spec)} "
+                        "has no adapter to merge")
     if isinstance(spec, TransformerBridge):
         if device is not None:
             spec = spec.to(device)
         return spec
     if isinstance(spec, torch.nn.Module):
+        _refuse_unused(f"an already-loaded {type(spec).__name__}",
+                       "place it before wrapping, or load it from a folder or hub name",
+                       device_map=device_map, n_devices=n_devices, **boot_kwargs)
+        if is_peft:
+            # The adapter modules stay in the base model: wrapping it keeps them live.
+            spec = spec.merge_and_unload() if merge else spec.get_base_model()
         return _wrap_hf_model(spec, tokenizer=tokenizer, device=device, dtype=dtype)
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)
@@ -106,7 +125,7 @@ def load_model(
         folder = _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
     if key == "demo-arith":
-        return _demo_arith(placement, boot_kwargs)
+        return _demo_arith(placement, boot_kwargs, merge=True if merge is None else merge)
     if key in ("gemma-3-270m", "gemma3-270m", "gemma"):
         folder = _cached_gguf_checkpoint("gemma-3-270m", _gemma_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
@@ -128,9 +147,27 @@ def load_model(
 DEMO_ARITH_ADAPTER = Path(__file__).parent / "data" / "demo_arith"
 
 
+def _spec_text(spec: Any) -> str:
+    return repr(spec) if isinstance(spec, (str, os.PathLike)) else f"a {type(spec).__name__}"
+
+
+def _refuse_unused(what: str, hint: str, *, device_map=None, n_devices=None, **boot_kwargs) -> None:
+    """Placement and boot options that a path cannot honour are errors, never silently dropped."""
+    unused = [name for name, v in (("device_map", device_map), ("n_devices", n_devices)) if v is not None]
+    unused += sorted(boot_kwargs)
+    if unused:
+        raise TypeError(f"load_model: {', '.join(unused)} cannot be used with {what}: it is wrapped as it "
+                        f"is, on one device (only device= and dtype= apply); {hint}")
+
+
 def _lora_demo(adapter: Path):
     """The demo HF model with the adapter live; its weights load from safetensors, never pickle."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import (
+        LoraConfig,
+        get_peft_model,
+        get_peft_model_state_dict,
+        set_peft_model_state_dict,
+    )
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
@@ -140,19 +177,26 @@ def _lora_demo(adapter: Path):
     cfg.inference_mode = True
     cfg.base_model_name_or_path = hf.name_or_path  # peft warns when it renames the base it was trained on
     peft_model = get_peft_model(hf, cfg)
-    result = set_peft_model_state_dict(peft_model, load_file(adapter / "adapter_model.safetensors"))
+    state = load_file(adapter / "adapter_model.safetensors")
+    result = set_peft_model_state_dict(peft_model, state)
     if getattr(result, "unexpected_keys", None):
         raise ModelLoadError(f"adapter {adapter} does not fit the demo model: {result.unexpected_keys[:3]}")
+    # A key left out would keep its fresh init (lora_B = 0): that adapter would silently do nothing.
+    missing = sorted(set(get_peft_model_state_dict(peft_model)) - set(state))
+    if missing:
+        raise ModelLoadError(f"adapter {adapter} lacks {len(missing)} of the demo model's adapter weights "
+                             f"(e.g. {', '.join(missing[:3])}); the file is incomplete, reinstall or retrain it")
     return folder, peft_model
 
 
-def _demo_arith(placement: dict, boot_kwargs: dict):
+def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
     """demo-arith: merged into a cached checkpoint (keyed by both hashes), or live (merge=False)."""
-    merge = boot_kwargs.pop("merge", True)
     adapter = DEMO_ARITH_ADAPTER
     if not (adapter / "adapter_model.safetensors").exists():
         raise ModelLoadError(f"the demo-arith adapter is missing from {adapter}; reinstall circuit-widgets")
     if not merge:
+        _refuse_unused("'demo-arith' and merge=False (a live adapter)", "the default merge=True takes them",
+                       device_map=placement["device_map"], n_devices=placement["n_devices"], **boot_kwargs)
         from transformers import AutoTokenizer
 
         folder, peft_model = _lora_demo(adapter)
@@ -439,7 +483,77 @@ def _wrap_hf_model(hf_model, *, tokenizer, device, dtype):
             name, hf_model=hf_model, tokenizer=_reloadable(tokenizer), device=device, dtype=dtype
         )
     model.eval()
+    check_adapters(model)  # a live LoRA adapter the bridge never runs must not pass silently
     return model
+
+
+# A verdict per model object: which modules are LoRA layers does not change after wrapping.
+_ADAPTER_VERDICTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hf_modules(module, prefix: str = ""):
+    """(HF name, module) pairs; a bridge component is entered only through the HF module it wraps."""
+    yield prefix, module
+    if type(module).__module__.startswith("transformer_lens.model_bridge"):
+        inner = getattr(module, "_original_component", None)
+        children = [("", inner)] if isinstance(inner, torch.nn.Module) else []
+    else:
+        children = list(module.named_children())
+    for name, child in children:
+        yield from _hf_modules(child, f"{prefix}.{name}".strip(".") if name else prefix)
+
+
+def _lora_layers(model) -> list[tuple[str, Any]]:
+    """The peft LoRA modules with an active, unmerged adapter, under their HF names."""
+    if "peft" not in sys.modules:  # a peft adapter exists only once peft was imported
+        return []
+    from peft.tuners.lora import LoraLayer
+
+    out, seen = [], set()
+    for name, m in _hf_modules(model.original_model):
+        if not isinstance(m, LoraLayer) or id(m) in seen or m.merged or m.disable_adapters:
+            continue
+        seen.add(id(m))
+        if any(a in m.lora_A or a in m.lora_embedding_A for a in m.active_adapters):
+            out.append((name, m))
+    return out
+
+
+def check_adapters(model, label: str = "model") -> None:
+    """Raise ValueError if the bridge's forward skips a live peft LoRA adapter in its HF model.
+
+    The bridge swaps the HF modules for its own in place, so ``original_model(tokens)`` runs
+    the bridge too and cannot serve as a reference; instead a short probe records which
+    adapter modules the bridge's forward calls (GPT-2's fused c_attn is never called: the
+    bridge uses split copies of its weight). Checked once per model object.
+    """
+    if model in _ADAPTER_VERDICTS:
+        missed = _ADAPTER_VERDICTS[model]
+    else:
+        layers = _lora_layers(model)
+        missed = []
+        if layers:
+            called: set[int] = set()
+            handles = [m.register_forward_hook(lambda mod, args, out: called.add(id(mod)))
+                       for _, m in layers]
+            device = next(model.original_model.parameters()).device
+            probe = (torch.arange(1, 9, device=device) % int(model.cfg.d_vocab))[None]
+            try:
+                with torch.no_grad():
+                    model(probe)
+            finally:
+                for h in handles:
+                    h.remove()
+            missed = [name for name, m in layers if id(m) not in called]
+        _ADAPTER_VERDICTS[model] = missed
+    if missed:
+        shown = ", ".join(missed[:4]) + (f" (+{len(missed) - 4} more)" if len(missed) > 4 else "")
+        raise ValueError(
+            f"{label} model: the TransformerBridge never runs the peft LoRA adapter on {shown}; it "
+            "computes those projections from its own copies of the base weights, so the adapter "
+            "would be silently ignored. Merge the adapter into the weights before wrapping: "
+            "load_model(peft_model.merge_and_unload(), tokenizer=...) or load_model(peft_model, merge=True)."
+        )
 
 
 def _reloadable(tokenizer):

@@ -8,6 +8,7 @@ modules: a live (unmerged) LoRA adapter is part of the fine-tuned forward, merge
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from circuit_widgets.core import hooks
 from circuit_widgets.core.common import Progress, Stop, build_grid, check_callbacks, check_heads
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.models import ModelShape, model_shape
+from circuit_widgets.models import ModelShape, check_adapters, model_shape
 from circuit_widgets.types import Circuit, Component, Head
 
 COMPONENTS = (Component.Z, Component.Q, Component.K, Component.V, Component.ATTN_OUT, Component.MLP_OUT)
@@ -50,18 +51,59 @@ def _architecture(model: Any) -> str:
     return (names or [type(hf).__name__])[0] if hf is not None else type(model).__name__
 
 
-def _vocab_fingerprint(tokenizer: Any) -> tuple[int, int] | None:
-    if tokenizer is None:
-        return None
+def _vocab_fingerprint(tokenizer: Any) -> tuple[int, int]:
     vocab = tokenizer.get_vocab()
     return len(vocab), hash(tuple(sorted(vocab.items())))
+
+
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+# Parts of a fast tokenizer's backend that decide which ids a text becomes.
+BACKEND_PARTS = ("normalizer", "pre_tokenizer", "post_processor", "model.type", "model.merges")
+
+
+def _backend(tokenizer: Any) -> dict | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    return {"normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer"),
+            "post_processor": spec.get("post_processor"), "model.type": model.get("type"),
+            "model.merges": model.get("merges")}
+
+
+def _tokenizer_diffs(base: Any, finetuned: Any) -> list[str]:
+    ta, tb = getattr(base, "tokenizer", None), getattr(finetuned, "tokenizer", None)
+    if ta is None and tb is None:
+        return []
+    if ta is None or tb is None:
+        return ["tokenizer: base " + ("has none" if ta is None else "has one")
+                + ", finetuned " + ("has none" if tb is None else "has one")]
+    diffs = []
+    fa, fb = _vocab_fingerprint(ta), _vocab_fingerprint(tb)
+    if fa != fb:
+        diffs.append(f"vocabulary: the tokenizers differ (base {fa[0]} tokens, finetuned {fb[0]} "
+                     "tokens, different token -> id maps)")
+    for name in SPECIAL_IDS:
+        va, vb = getattr(ta, name, None), getattr(tb, name, None)
+        if va != vb:
+            diffs.append(f"tokenizer {name}: base {va} ({getattr(ta, name[:-3], None)!r}), "
+                         f"finetuned {vb} ({getattr(tb, name[:-3], None)!r})")
+    ba, bb = _backend(ta), _backend(tb)
+    if ba is not None and bb is not None:
+        parts = [k for k in BACKEND_PARTS if ba[k] != bb[k]]
+        if parts:
+            diffs.append(f"tokenizer backend: {', '.join(parts)} differ")
+    return diffs
 
 
 def check_compatible(base: Any, finetuned: Any) -> None:
     """Raise ValueError naming every difference that makes cross-model patching meaningless.
 
     Compared: architecture class, n_layers, n_heads, n_kv_heads, d_head, d_model, vocabulary
-    size and the tokenizer's vocabulary (token -> id).
+    size, the tokenizer's vocabulary (token -> id), its bos/eos/pad/unk ids, a fast tokenizer's
+    normalizer, pre-tokenizer, post-processor and merges, and ``cfg.default_prepend_bos``.
+    Either model's live peft LoRA adapters must be ones the bridge runs (``check_adapters``).
     """
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     a, b = model_shape(base), model_shape(finetuned)
@@ -74,14 +116,16 @@ def check_compatible(base: Any, finetuned: Any) -> None:
         va, vb = getattr(a, name), getattr(b, name)
         if va != vb:
             diffs.append(f"{label} ({name}): base {va}, finetuned {vb}")
-    fa = _vocab_fingerprint(getattr(base, "tokenizer", None))
-    fb = _vocab_fingerprint(getattr(finetuned, "tokenizer", None))
-    if fa is not None and fb is not None and fa != fb:
-        diffs.append(f"vocabulary: the tokenizers differ (base {fa[0]} tokens, finetuned {fb[0]} "
-                     "tokens, different token -> id maps)")
+    diffs += _tokenizer_diffs(base, finetuned)
+    pa = getattr(base.cfg, "default_prepend_bos", None)
+    pb = getattr(finetuned.cfg, "default_prepend_bos", None)
+    if pa != pb:
+        diffs.append(f"cfg.default_prepend_bos: base {pa}, finetuned {pb}")
     if diffs:
         raise ValueError("base and finetuned models are not compatible for cross-model patching: "
                          + "; ".join(diffs))
+    check_adapters(base, "base")  # a bridge built outside load_model was never checked
+    check_adapters(finetuned, "finetuned")
 
 
 # ---------------------------------------------------------------------- results
@@ -187,6 +231,12 @@ def _components(component: Any) -> list[Component]:
     return out
 
 
+def _column_kind(comp: Component) -> str:
+    if not comp.per_head:
+        return "layers (attn_out/mlp_out)"
+    return "key/value heads (k/v)" if comp.per_kv_head else "query heads (z/q)"
+
+
 def _check_position(task: Any, position: Any) -> str | None:
     if position is None or position == "all":
         return None
@@ -249,9 +299,15 @@ def _plan(base: Any, task: Any, circuit: Any, heads: Any, comps: list[Component]
             items = [Head(h, 0) if isinstance(h, int) and not isinstance(h, bool) else h for h in heads]
             if not items:
                 raise ValueError("heads is empty; give at least one head")
-            parsed = []
-            for comp in comps:
-                parsed = check_heads(items, comp if comp.per_head else Component.ATTN_OUT, shape)
+            kinds = {_column_kind(c) for c in comps}
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"heads= indexes each component's own columns, and {[c.value for c in comps]} "
+                    f"mix {' and '.join(sorted(kinds))}, so one list cannot mean the same heads for "
+                    "all of them; give a circuit (Circuit.from_heads(...): query heads, mapped to "
+                    "their key/value head for k/v), or one cmap call per kind")
+            comp = comps[0]
+            parsed = check_heads(items, comp if comp.per_head else Component.ATTN_OUT, shape)
         # 'all' lists query heads, which cover every key/value head too.
         patches = [_group_patch("heads", parsed, comps, shape, pos, query_heads=heads == "all")]
     if any(c.per_kv_head for c in comps) and shape.group_size > 1:
@@ -357,7 +413,9 @@ def cmap(
     'all', or {group: position}), then all groups together ("circuit"). Its heads are query
     heads; for k/v each maps to its key/value head (shared with its group, see notes).
     heads: one group at ``positions`` (a name or 'all', the default); columns as in the
-    grids (key/value heads for k/v, layer numbers for attn_out/mlp_out), or 'all'.
+    grids (key/value heads for k/v, layer numbers for attn_out/mlp_out), or 'all'. A list
+    needs components of one column kind (z/q, k/v, or attn_out/mlp_out); mixing kinds is an
+    error, since (1, 1) would be query head 1 for z but key/value head 1 for v.
     component: z, q, k, v (per head), attn_out, mlp_out (per layer), or a list of them.
     batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
     """

@@ -177,6 +177,9 @@ def finetuning_study(
     Progress covers all steps; once stopped the result keeps what was done (complete=False).
     """
     from circuit_widgets import tasks
+    from circuit_widgets.tasks._tokenize import Vocab
+    from circuit_widgets.tasks.arithmetic import _check_args as check_arithmetic_args
+    from circuit_widgets.tasks.arithmetic import digit_ids
 
     check_callbacks(on_progress, should_stop, None)
     check_compatible(base, finetuned)
@@ -196,11 +199,14 @@ def finetuning_study(
             raise ValueError("circuit must be a Circuit (or a result holding one), or None")
     t0 = time.perf_counter()
     notes: list[str] = []
+    check_arithmetic_args(arithmetic_digits, ("+",), "test", "arithmetic")  # bad arguments always raise
     try:
-        arith = tasks.arithmetic(base, n=arithmetic_n or n, seed=seed, digits=arithmetic_digits)
-    except ValueError as exc:  # e.g. GPT-2 merges digits: the other steps still run
+        digit_ids(Vocab.of(base), "arithmetic")
+    except ValueError as exc:  # only a tokenizer that cannot write the task (GPT-2's) skips the step
         arith = None
         notes.append(f"arithmetic skipped: {exc}")
+    else:
+        arith = tasks.arithmetic(base, n=arithmetic_n or n, seed=seed, digits=arithmetic_digits)
     et = tasks.entity_tracking(base, n=n, seed=seed, n_boxes=n_boxes)
     if grid_position != "all" and grid_position not in et.positions:
         raise ValueError(f"grid_position must be 'all' or one of {sorted(et.positions)}, got "

@@ -9,7 +9,7 @@ import torch
 
 from circuit_widgets import Circuit, load_model
 from circuit_widgets.core.cmap import check_compatible, cmap, cmap_grid
-from circuit_widgets.models import DEMO_ARITH_ADAPTER
+from circuit_widgets.models import DEMO_ARITH_ADAPTER, ModelLoadError, _lora_demo
 from circuit_widgets.tasks.arithmetic import arithmetic
 
 pytestmark = pytest.mark.integration
@@ -36,6 +36,21 @@ def test_adapter_is_small_safetensors_with_a_recipe():
     meta = json.loads((DEMO_ARITH_ADAPTER / "metadata.json").read_text())
     assert meta["command"].startswith("python -m circuit_widgets.finetune arithmetic")
     assert meta["wall_s"] <= 20 * 60 + 60 and {"base", "finetuned"} <= set(meta["accuracy"])
+
+
+def test_an_adapter_file_with_missing_weights_is_refused(tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copy(DEMO_ARITH_ADAPTER / "adapter_config.json", tmp_path)
+    weights = load_file(DEMO_ARITH_ADAPTER / "adapter_model.safetensors")
+    kept = {k: v for k, v in weights.items() if "o_proj" not in k}
+    save_file(kept, str(tmp_path / "adapter_model.safetensors"))
+    # Loaded, the o_proj adapters would keep lora_B = 0: the study's dropped o_proj adapter again.
+    with pytest.raises(ModelLoadError, match=rf"lacks {len(weights) - len(kept)} .*o_proj\.lora_"):
+        _lora_demo(tmp_path)
+    _lora_demo(DEMO_ARITH_ADAPTER)  # the shipped file is complete
 
 
 def test_demo_arith_differs_from_demo_and_is_compatible(demo_model, arith):

@@ -281,3 +281,91 @@ def test_result_type(pair, task):
     assert isinstance(res, CMAPResult) and res.positions == {"heads": None}
     assert res.patched_metric.shape == (1, len(task)) and res.patched_accuracy.shape == (1, len(task))
     assert "CMAPResult" in repr(res)
+
+
+def test_only_key_value_heads_differing_is_named():
+    with pytest.raises(ValueError, match=r"key/value heads \(n_kv_heads\): base 2, finetuned 4"):
+        check_compatible(_llama(n_kv_heads=2), _llama(n_kv_heads=4))
+
+
+def _reloaded(tok, folder):
+    tok.save_pretrained(folder)  # the bridge reloads its tokenizer from a folder
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def test_tokenizers_differing_only_in_special_tokens_are_named(tmp_path):
+    from tokenizers import normalizers
+    from transformers import AutoTokenizer
+
+    from circuit_widgets import load_model
+
+    base = _llama()
+    tok = AutoTokenizer.from_pretrained(base.tokenizer.name_or_path)
+    other = next(t for t in tok.get_vocab() if t not in tok.all_special_tokens)
+    tok.bos_token = tok.eos_token = other  # the same token -> id map, other special ids
+    special = _reloaded(tok, tmp_path / "special")
+    assert special.get_vocab() == base.tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="bos_token_id") as err:
+        check_compatible(base, load_model(hf_llama(base.cfg.d_vocab), tokenizer=special))
+    assert "eos_token_id" in str(err.value) and "pad_token_id" not in str(err.value)
+    tok = AutoTokenizer.from_pretrained(base.tokenizer.name_or_path)
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()  # same vocabulary, other ids for "Mary"
+    lower = _reloaded(tok, tmp_path / "lower")
+    with pytest.raises(ValueError, match="tokenizer backend: normalizer differ"):
+        check_compatible(base, load_model(hf_llama(base.cfg.d_vocab), tokenizer=lower))
+    ft = _llama(seed=1)
+    ft.cfg.default_prepend_bos = not base.cfg.default_prepend_bos
+    with pytest.raises(ValueError, match="default_prepend_bos"):
+        check_compatible(base, ft)
+    ft = _llama(seed=1)
+    ft.tokenizer = None
+    with pytest.raises(ValueError, match="tokenizer: base has one, finetuned has none"):
+        check_compatible(base, ft)
+
+
+def test_a_heads_list_must_not_mix_column_kinds(pair, task):
+    base, ft = pair
+    for comps in (["z", "v"], ["q", "k"], ["z", "attn_out"], ["v", "mlp_out"]):
+        with pytest.raises(ValueError, match="mix .* and .*give a circuit"):
+            cmap(base, ft, task, heads=[(1, 1)], component=comps, positions="END")
+    # One kind is fine; so is 'all' (every column of each) and a circuit (query heads, mapped).
+    zq = cmap(base, ft, task, heads=[(1, 1)], component=["z", "q"], positions="END")
+    kv = cmap(base, ft, task, heads=[(1, 1)], component=["k", "v"], positions="END")
+    assert zq.heads["heads"] == kv.heads["heads"] == [Head(1, 1)]
+    every = cmap(base, ft, task, heads="all", component=["z", "v"], positions="END")
+    assert every.complete
+    circ = cmap(base, ft, task, circuit=Circuit.from_heads([(1, 3)], position="END"), component=["z", "v"])
+    alone = cmap(base, ft, task, heads=[(1, 3)], component="z", positions="END")
+    assert not torch.allclose(circ.patched_metric, alone.patched_metric)  # v of kv head 1 came too
+
+
+def test_each_group_is_patched_at_its_own_position(task):
+    """Head 0.2's query differs; its z at S2 reaches END through layer 1, its z at token 0 is
+    the same in both models (a one-key softmax ignores the query)."""
+    import dataclasses
+
+    base, ft = _llama(), _llama()
+    proj, _ = _layer(ft, 0)
+    _perturb_rows(proj["q"], slice(16, 24), seed=7, scale=3.0)
+    first = torch.zeros_like(task.positions["END"])
+    t = dataclasses.replace(task, positions={**task.positions, "first": first})
+    head = [(0, 2)]
+    at_s2 = cmap(base, ft, t, heads=head, positions="S2")
+    every = cmap(base, ft, t, heads=head, positions="all")
+    at_first = cmap(base, ft, t, heads=head, positions="first")
+    b = at_s2.base_metric
+    assert (at_s2.patched_metric[0] - b).abs().max() > 1e-3
+    assert (every.patched_metric[0] - b).abs().max() > 1e-3
+    assert (every.patched_metric[0] - at_s2.patched_metric[0]).abs().max() > 1e-3
+    assert torch.equal(at_first.patched_metric[0], at_first.base_metric)
+    # The same in one call: each group's cells at its own position, the circuit at all of them.
+    circ = Circuit.from_groups({"s2": head, "every": head, "first": head},
+                               positions={"s2": "S2", "first": "first"})
+    res = cmap(base, ft, t, circuit=circ)
+    assert res.positions == {"s2": "S2", "every": None, "first": "first", "circuit": "per group"}
+    torch.testing.assert_close(res.patched_metric[0], at_s2.patched_metric[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.patched_metric[1], every.patched_metric[0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(res.patched_metric[2], res.base_metric)
+    torch.testing.assert_close(res.patched_metric[3], every.patched_metric[0], atol=1e-5, rtol=1e-5)

@@ -1,7 +1,8 @@
 """CMAP from a model with a live (unmerged) peft LoRA adapter equals CMAP from the merged model.
 
 The study's code rebuilt o_proj from base weights and silently dropped an o_proj adapter; here
-the adapter must reach every patched activation, on the fast engine and on bridge hooks alike.
+the adapter must reach every patched activation, on the fast engine and on bridge hooks alike,
+and an adapter the bridge never runs (GPT-2's fused c_attn) is an error, not a silent no-op.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 
 from circuit_widgets import load_model
 from circuit_widgets.core import cache
-from circuit_widgets.core.cmap import cmap, cmap_grid
+from circuit_widgets.core.cmap import check_compatible, cmap, cmap_grid
 from circuit_widgets.models import tiny_tokenizer
 from circuit_widgets.tasks import ioi
 
@@ -92,3 +93,63 @@ def test_qkv_adapter_z_patching_live_as_merged(task):
     assert (got.finetuned_metric - got.base_metric).abs().max() > 0.05
     g_live, g_merged = cmap_grid(base, live, task, component="v"), cmap_grid(base, merged, task, component="v")
     torch.testing.assert_close(g_live.values, g_merged.values, atol=1e-5, rtol=1e-5)
+
+
+def _gpt2_pair(targets):
+    """(base bridge, live LoRA bridge, merged LoRA bridge, task, HF's own live-adapter metric)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                                    bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                                    attn_pdrop=0.0)).eval()
+    hf.config.architectures = ["GPT2LMHeadModel"]
+    base = load_model(copy.deepcopy(hf), tokenizer=tok)
+    task = ioi(base, n=4, seed=0)
+    torch.manual_seed(1)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False,
+                          fan_in_fan_out=True)
+    pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)
+        hf_metric = task.metric(pm(task.clean_tokens).logits)  # HF's forward, before any bridge
+    merged = load_model(copy.deepcopy(pm).merge_and_unload(), tokenizer=tok)
+    try:
+        live = load_model(copy.deepcopy(pm), tokenizer=tok)
+    except ValueError:  # load_model refuses an adapter its bridge never runs; wrap it by hand
+        from transformer_lens.model_bridge import TransformerBridge
+
+        live = TransformerBridge.boot_transformers(
+            "gpt2-lora", hf_model=copy.deepcopy(pm).get_base_model(), tokenizer=base.tokenizer)
+    return base, live, merged, task, hf_metric, pm, tok
+
+
+def test_gpt2_c_attn_adapter_the_bridge_never_runs_is_refused():
+    base, live, merged, task, hf_metric, pm, tok = _gpt2_pair(["c_attn"])
+    with pytest.raises(ValueError, match=r"model: .*c_attn.*merge_and_unload"):
+        load_model(copy.deepcopy(pm), tokenizer=tok)  # refused at load, before any experiment
+    # Both engines would compute q/k/v from the bridge's split copies of c_attn, without the adapter.
+    assert (hf_metric - task.metric(base(task.clean_tokens))).abs().max() > 0.05
+    names = r"transformer\.h\.0\.attn\.c_attn, transformer\.h\.1\.attn\.c_attn"
+    for call in (lambda: cmap(base, live, task, heads="all", positions="all"),
+                 lambda: cmap_grid(base, live, task),
+                 lambda: check_compatible(base, live)):
+        with pytest.raises(ValueError, match=f"finetuned model: .*{names}.*merge_and_unload"):
+            call()
+    with pytest.raises(ValueError, match=f"base model: .*{names}"):
+        cmap(live, merged, task, heads="all")
+    # Merged, the adapter is in the weights: its z everywhere gives HF's live-adapter behaviour.
+    res = cmap(base, merged, task, heads="all", positions="all")
+    torch.testing.assert_close(res.finetuned_metric, hf_metric, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(res.patched_metric[0], hf_metric, atol=1e-4, rtol=1e-4)
+
+
+def test_gpt2_adapters_the_bridge_runs_are_not_refused():
+    base, live, merged, task, hf_metric, _, _ = _gpt2_pair(["c_proj", "c_fc"])
+    kw = {"heads": [0, 1], "component": ["attn_out", "mlp_out"], "positions": "all"}
+    got, want = cmap(base, live, task, **kw), cmap(base, merged, task, **kw)
+    torch.testing.assert_close(got.finetuned_metric, hf_metric, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.patched_metric, want.patched_metric, atol=1e-5, rtol=1e-5)

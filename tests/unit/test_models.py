@@ -128,3 +128,58 @@ def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
     assert models.cache_dir() == tmp_path
     models.tiny_tokenizer()
     assert list((tmp_path / "tokenizers").glob("tiny-*/tokenizer.json"))
+
+
+def _peft_llama(tok):
+    """A peft LoRA (random B, so not a no-op) on a fresh tiny transformers Llama."""
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      tie_word_embeddings=False)).eval()
+    hf.config.architectures = ["LlamaForCausalLM"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "v_proj"], init_lora_weights=False)
+    pm = peft.get_peft_model(hf, cfg).eval()
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(20.0)
+    return pm
+
+
+def test_load_model_unwraps_a_peft_model_with_its_adapter_live_or_merged():
+    from peft.tuners.lora import LoraLayer
+
+    tok = models.tiny_tokenizer()
+    tokens = torch.tensor([[1, 5, 9, 13, 2, 7]])
+    for merge in (None, False, True):
+        pm = _peft_llama(tok)
+        with torch.no_grad():
+            want = pm(tokens).logits
+            with pm.disable_adapter():
+                assert (pm(tokens).logits - want).abs().max() > 0.05  # the adapter matters
+        kw = {} if merge is None else {"merge": merge}
+        model = cw.load_model(pm, tokenizer=tok, **kw)
+        live = any(isinstance(m, LoraLayer) for m in model.original_model.modules())
+        assert live == (not merge), merge
+        with torch.no_grad():
+            torch.testing.assert_close(model(tokens), want, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_placement_arguments_are_never_silently_ignored(tiny_gpt2):
+    from transformers import AutoModelForCausalLM
+
+    for spec in ("tiny-gpt2", tiny_gpt2, "demo"):
+        with pytest.raises(TypeError, match="merge= applies to 'demo-arith' and to peft models only"):
+            cw.load_model(spec, merge=True)
+    with pytest.raises(TypeError, match="merge must be True or False"):
+        cw.load_model("demo-arith", merge="no")
+    for kw, word in (({"device_map": "auto"}, "device_map"), ({"n_devices": 2}, "n_devices"),
+                     ({"first_n_layers": 1}, "first_n_layers")):
+        with pytest.raises(TypeError, match=f"{word} cannot be used with 'demo-arith' and merge=False"):
+            cw.load_model("demo-arith", merge=False, **kw)
+    hf = AutoModelForCausalLM.from_config(tiny_gpt2.original_model.config)
+    with pytest.raises(TypeError, match="device_map cannot be used with an already-loaded GPT2LMHeadModel"):
+        cw.load_model(hf, tokenizer=tiny_gpt2.tokenizer, device_map="auto")

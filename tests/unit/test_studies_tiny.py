@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -44,3 +46,16 @@ def test_grid_n_limits_the_per_head_grid_to_the_first_prompts(pair):
 def test_bad_grid_n_is_named(pair, grid_n):
     with pytest.raises(ValueError, match="grid_n"):
         finetuning_study(*pair, n=N, n_boxes=BOXES, circuit=CIRCUIT, grid_n=grid_n)
+
+
+def test_a_real_error_in_the_arithmetic_step_is_raised_not_skipped(pair):
+    with pytest.raises(ValueError, match="digits must be between 1 and 6"):
+        finetuning_study(*pair, n=N, n_boxes=BOXES, circuit=CIRCUIT, arithmetic_digits=7)
+
+
+def test_a_tokenizer_that_cannot_write_the_task_skips_only_the_arithmetic_step(pair):
+    # The tiny word-level tokenizer has no token for "37": it cannot express the problems.
+    res = finetuning_study(*pair, n=N, n_boxes=BOXES, circuit=CIRCUIT, grid_n=1)
+    assert any(n.startswith("arithmetic skipped:") and "each digit as its own token" in n for n in res.notes)
+    assert math.isnan(res.arithmetic_base) and math.isnan(res.arithmetic_finetuned)
+    assert res.complete and res.cmap is not None and res.grid is not None
