@@ -6,6 +6,8 @@ Ground floor: imports nothing of ours, has no side effects at import time.
 from __future__ import annotations
 
 import enum
+import operator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -82,11 +84,11 @@ class Head:
 
     @classmethod
     def parse(cls, value: "Head | str | tuple[int, int]") -> "Head":
-        """Accepts Head(3, 1), (3, 1), "3.1" or "L3H1"."""
+        """Accepts Head(3, 1), (3, 1), "3.1" or "L3H1"; a tuple's parts must be integers."""
         if isinstance(value, Head):
             return value
         if isinstance(value, tuple) and len(value) == 2:
-            return cls(int(value[0]), int(value[1]))
+            return cls(_integer(value[0], value), _integer(value[1], value))
         if isinstance(value, str):
             text = value.strip().upper()
             if text.startswith("L") and "H" in text:
@@ -98,6 +100,39 @@ class Head:
             except ValueError:
                 pass
         raise ValueError(f"cannot read a head from {value!r}; use Head(layer, head), (l, h) or 'l.h'")
+
+    @classmethod
+    def parse_many(cls, value: Head | str | tuple[int, int] | Iterable) -> list[Head]:
+        """One head (Head, "l.h", (l, h)) or a collection of them -> a list of Heads.
+
+        A tuple is one head only when both its parts are scalars: ((1, 2), (0, 1)) and
+        ("1.2", "0.1") are two heads each.
+        """
+        if isinstance(value, (Head, str)) or _is_pair(value):
+            return [cls.parse(value)]
+        try:
+            items = list(value)
+        except TypeError:
+            raise ValueError(f"cannot read heads from {value!r}; use a head or a list of heads "
+                             f"(Head(layer, head), (l, h) or 'l.h')") from None
+        return [cls.parse(v) for v in items]
+
+
+def _is_pair(value: object) -> bool:
+    """(l, h) with scalar parts, as opposed to a tuple of heads."""
+    return (isinstance(value, tuple) and len(value) == 2
+            and not any(isinstance(v, (tuple, list, str, Head)) for v in value))
+
+
+def _integer(part: object, value: object) -> int:
+    """An int from an integer-like part; floats such as 1.7 are refused, never truncated."""
+    if isinstance(part, bool):
+        raise ValueError(f"cannot read a head from {value!r}: its parts must be integers")  # noqa: TRY004 - every input mistake is a ValueError
+    try:
+        return operator.index(part)
+    except TypeError:
+        raise ValueError(f"cannot read a head from {value!r}: its parts must be integers, "
+                         f"got {part!r}") from None
 
 
 @dataclass(frozen=True, order=True)
@@ -118,6 +153,16 @@ class Receiver:
 
     def __str__(self) -> str:
         return f"{self.layer}.{self.head}.{self.input.value}"
+
+
+class _GridPosition:
+    """The default of ``Circuit.from_grid(position=...)``: the grid's own position."""
+
+    def __repr__(self) -> str:
+        return "<the grid's position>"
+
+
+_FROM_GRID = _GridPosition()
 
 
 @dataclass(frozen=True)
@@ -170,19 +215,34 @@ class Circuit:
         top_frac: float | None = None,
         threshold: float | None = None,
         sign: str = "abs",
-        position: str | None = None,
+        position: str | None | _GridPosition = _FROM_GRID,
         name: str = "",
         group: str = "heads",
     ) -> "Circuit":
-        """Heads of a [n_layers, n_heads] result: the top k, the top fraction, or |value| >= threshold.
+        """Heads of a [n_layers, n_heads] result: the top k, the top fraction, or score >= threshold.
 
-        ``sign`` ranks by "abs", "positive" or "negative" values; NaN cells never enter.
+        A result object (a HeadGrid) is ranked by its ``normalized`` effect, as the pipeline
+        ranks it, so ``sign="positive"`` means the patch moves the metric toward the corrupt
+        run (the head carries what the corruption destroys) and "negative" away from it; where
+        ``normalized`` is undefined (all NaN: clean and corrupt metrics agree on average) its
+        raw ``values`` are ranked instead. A plain tensor is ranked as it is. ``sign`` ranks by
+        "abs", "positive" or "negative" scores; NaN cells never enter. The group acts at
+        ``position``, by default the grid's own (None, every position, for an 'all' grid).
         """
         import torch
 
         if sum(x is not None for x in (top_k, top_frac, threshold)) != 1:
             raise ValueError("give exactly one of top_k, top_frac or threshold")
-        values = grid if isinstance(grid, torch.Tensor) else getattr(grid, "values", grid)
+        if isinstance(position, _GridPosition):
+            at = getattr(grid, "position", None)
+            position = None if at == "all" else at
+        if isinstance(grid, torch.Tensor):
+            values = grid
+        else:
+            values = getattr(grid, "values", grid)
+            normalized = getattr(grid, "normalized", None)
+            if normalized is not None and not bool(torch.isnan(torch.as_tensor(normalized)).all()):
+                values = normalized
         values = torch.as_tensor(values, dtype=torch.float32)
         if values.dim() != 2:
             raise ValueError(f"from_grid needs a [n_layers, n_heads] grid, got shape {tuple(values.shape)}")
@@ -245,7 +305,7 @@ class Circuit:
 
     # ------------------------------------------------------------------ set operations
 
-    def _combine(self, other: "Circuit", op) -> "Circuit":
+    def _combine(self, other: "Circuit", op, union: bool = False) -> "Circuit":
         mine = {g.name: g for g in self.groups}
         theirs = {g.name: g for g in other.groups}
         out = []
@@ -253,13 +313,18 @@ class Circuit:
             a, b = mine.get(name), theirs.get(name)
             heads = op(a.heads if a else frozenset(), b.heads if b else frozenset(),
                        self.heads, other.heads)
+            # & and - keep only this circuit's heads, so only a union needs the positions to agree.
+            if union and a and b and a.position != b.position:
+                raise ValueError(
+                    f"group {name!r} acts at position {a.position!r} in one circuit and "
+                    f"{b.position!r} in the other; rename one group or give both the same position")
             position = (a or b).position
             if heads:
                 out.append(CircuitGroup(name, heads, position))
         return Circuit(tuple(out), self.name or other.name)
 
     def __or__(self, other: "Circuit") -> "Circuit":
-        return self._combine(other, lambda a, b, A, B: a | b)
+        return self._combine(other, lambda a, b, A, B: a | b, union=True)
 
     def __and__(self, other: "Circuit") -> "Circuit":
         return self._combine(other, lambda a, b, A, B: a & B)

@@ -24,6 +24,8 @@ from circuit_widgets.models import ModelShape, model_shape
 from circuit_widgets.types import Circuit, CircuitGroup, Component, Head, Receiver
 
 REFERENCES = ("corrupt", "clean")
+MEANS = ("auto", "position", "class")
+RANK_BY = ("normalized", "relative", "value")
 START, OTHER = "<start>", "<other>"
 
 
@@ -50,6 +52,8 @@ class AblationResult:
     reference: str
     circuit: Circuit
     notes: list[str] = field(default_factory=list)
+    means: str = "class"
+    """How the means were taken: "position" (one per absolute token position) or "class"."""
 
     def to_dataframe(self):
         """One row per example: metric, accuracy."""
@@ -72,6 +76,7 @@ def mean_ablate(
     reference_task: Any = None,
     batch_size: int | None = None,
     reference: str = "corrupt",
+    means: str = "auto",
 ) -> AblationResult:
     """Score ``task`` with every head outside ``circuit`` replaced by its mean output.
 
@@ -81,37 +86,55 @@ def mean_ablate(
     ``reference="clean"`` to average clean prompts instead (a separate ``reference_task`` of
     the same generator is then the held-out reference set of Prakash et al.).
 
-    Means are per position class, never reading padding: each named position of the task
-    (IO, S2, END, query_label, ...) is its own class; position 0, where attention has only
-    itself to read, is class "<start>" unless named; every other real token is pooled into
-    one class "<other>", because right-padded prompts of different templates do not align
-    position by position. Where two names fall on one token the name listed later wins.
+    ``means="position"``: one mean per absolute token position, as Prakash et al. take them
+    (every prompt of the task and of the reference set must have the same length).
+    ``means="class"``: one mean per position class, never reading padding: each named position
+    of the task (IO, S2, END, query_label, ...) is its own class; position 0, where attention
+    has only itself to read, is class "<start>" unless named; every other real token is pooled
+    into one class "<other>", because right-padded prompts of different templates do not align
+    position by position. Where two names fall on one token the name listed later wins; a
+    class the reference set has no token of (a position it lacks) takes the mean over all its
+    real tokens. ``means="auto"`` (default): "position" when every prompt of the task and the
+    reference set has the same length, else "class"; the result's ``means`` says which.
 
     A circuit group with a position keeps its heads at that named position only (mean
     elsewhere); a group without one keeps them at every position. ``circuit=None`` or an
     empty circuit ablates every head. A plain list of heads keeps them everywhere.
     """
-    return _Ablator(model, task, reference_task, reference, batch_size).run(circuit)
+    return _Ablator(model, task, reference_task, reference, batch_size, means).run(circuit)
 
 
 class _Ablator:
-    """Mean z per (layer, position class, head), computed once and reused for many circuits."""
+    """Mean z per (layer, position or position class, head), computed once and reused for many circuits."""
 
     def __init__(self, model: Any, task: Any, reference_task: Any, reference: str,
-                 batch_size: int | None) -> None:
+                 batch_size: int | None, means: str = "auto") -> None:
         check_callbacks(None, None, batch_size)
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
+        if means not in MEANS:
+            raise ValueError(f"means must be one of {MEANS}, got {means!r}")
         self.model, self.task, self.batch_size = model, task, batch_size
         self.shape: ModelShape = model_shape(model)
         ref = task if reference_task is None else reference_task
         self.notes: list[str] = []
-        # Class 0 = <start>, 1 = <other>, 2.. = the task's named positions.
-        self.classes = [START, OTHER, *task.positions]
-        missing = [p for p in task.positions if p not in ref.positions]
-        if missing:
-            self.notes.append(f"reference task lacks positions {missing}: those use the "
-                              f"'{OTHER}' mean")
+        lengths = sorted({int(n) for n in torch.cat([task.lengths.cpu(), ref.lengths.cpu()])})
+        if means == "position" and len(lengths) > 1:
+            raise ValueError(
+                f"means='position' takes one mean per absolute token position, so every prompt of "
+                f"the task and the reference set must have the same length; their lengths are "
+                f"{lengths}; use means='class' (or 'auto') for prompts of different lengths")
+        self.mode = "position" if means == "position" or (means == "auto" and len(lengths) == 1) else "class"
+        self.missing: list[str] = []
+        if self.mode == "position":
+            self.classes = [str(p) for p in range(lengths[0])]
+        else:
+            # Class 0 = <start>, 1 = <other>, 2.. = the task's named positions.
+            self.classes = [START, OTHER, *task.positions]
+            self.missing = [p for p in task.positions if p not in ref.positions]
+            if self.missing:
+                self.notes.append(f"reference task lacks positions {self.missing}: those classes "
+                                  f"use the mean over all its real tokens")
         tokens = ref.corrupt_tokens if reference == "corrupt" else ref.clean_tokens
         self.reference = f"{reference} prompts of {'the task' if reference_task is None else repr(ref.name)}"
         self.means = self._means(ref, tokens)
@@ -120,6 +143,9 @@ class _Ablator:
     def _class_map(self, task: Any, for_reference: bool) -> Tensor:
         """[b, s] class index of each token; -1 on padding."""
         b, s = task.clean_tokens.shape
+        if self.mode == "position":
+            cls = torch.arange(s).repeat(b, 1)
+            return torch.where(task.attention_mask.cpu().bool(), cls, torch.full_like(cls, -1))
         cls = torch.full((b, s), 1, dtype=torch.long)
         cls[:, 0] = 0
         ar = torch.arange(b)
@@ -155,8 +181,9 @@ class _Ablator:
         empty = (counts == 0).nonzero().flatten().tolist()
         for c in empty:
             means[:, c] = overall
-        if empty and any(self.classes[c] != START for c in empty):
-            names = [self.classes[c] for c in empty]
+        # Classes of positions the reference lacks already have their note.
+        names = [self.classes[c] for c in empty if self.classes[c] not in (START, *self.missing)]
+        if names:
             self.notes.append(f"no reference tokens in classes {names}: they use the mean over "
                               f"all real tokens")
         return [m.float() for m in means]
@@ -226,7 +253,7 @@ class _Ablator:
             metric=float(metric.mean()), accuracy=float(acc.mean()),
             candidate_accuracy=float(cand.mean()), per_example=metric, per_example_accuracy=acc,
             n_heads_kept=len(circ), n_heads_total=n_total, metric_name=self.task.metric_name,
-            reference=self.reference, circuit=circ, notes=notes)
+            reference=self.reference, circuit=circ, notes=notes, means=self.mode)
 
 
 def _ablate_fn(keep: Tensor, means: Tensor, cls: Tensor):
@@ -295,6 +322,8 @@ class FaithfulnessResult:
     metric_name: str
     circuit: Circuit
     notes: list[str] = field(default_factory=list)
+    means: str = "class"
+    """How the ablation means were taken: "position" or "class" (see ``mean_ablate``)."""
 
     @property
     def random_metric_mean(self) -> float:
@@ -328,7 +357,7 @@ class FaithfulnessResult:
             "random_metric_mean": self.random_metric_mean, "random_metric_std": self.random_metric_std,
             "random_accuracy_mean": self.random_accuracy_mean,
             "random_accuracy_std": self.random_accuracy_std,
-            "circuit": self.circuit.to_dict(),
+            "means": self.means, "circuit": self.circuit.to_dict(),
         }
 
     def __repr__(self) -> str:
@@ -339,10 +368,16 @@ class FaithfulnessResult:
 
 
 def random_circuit_like(circuit: Circuit, shape: ModelShape, seed: int) -> Circuit:
-    """Same groups, positions and group sizes as ``circuit``, heads drawn uniformly at random."""
+    """Same groups, positions, group sizes and number of distinct heads as ``circuit``.
+
+    Its distinct heads are mapped one to one onto heads drawn uniformly without replacement,
+    so groups drawn apart cannot collide (which would shrink the random circuit) and a head
+    two groups share stays shared.
+    """
     rng = random.Random(seed)
-    pool = _all_heads(shape)
-    groups = tuple(CircuitGroup(g.name, frozenset(rng.sample(pool, len(g.heads))), g.position)
+    own = sorted(circuit.heads)
+    relabel = dict(zip(own, rng.sample(_all_heads(shape), len(own))))
+    groups = tuple(CircuitGroup(g.name, frozenset(relabel[h] for h in g.heads), g.position)
                    for g in circuit.groups)
     return Circuit(groups, f"random-{seed}")
 
@@ -357,18 +392,20 @@ def faithfulness(
     reference_task: Any = None,
     reference: str = "corrupt",
     batch_size: int | None = None,
+    means: str = "auto",
 ) -> FaithfulnessResult:
     """How much of the full model's performance the circuit alone keeps (Prakash et al.).
 
     ratio = F(circuit) / F(model) for the task's metric, accuracy_ratio the same for accuracy,
     where F(circuit) is ``mean_ablate(model, task, circuit)`` (every other head mean-ablated,
-    see there for the reference set and position classes). Random baseline: ``n_random``
-    circuits with the same groups, positions and group sizes, heads drawn with seeds
-    ``seed, seed + 1, ...``. A ratio whose full score is 0 is NaN.
+    see there for the reference set and ``means``). Random baseline: ``n_random`` circuits
+    with the same groups, positions, group sizes and number of distinct heads
+    (``random_circuit_like``), drawn with seeds ``seed, seed + 1, ...``. A ratio whose full
+    score is 0 is NaN.
     """
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
-    abl = _Ablator(model, task, reference_task, reference, batch_size)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
     circ = _as_circuit(circuit, abl.shape, task)
     full_m, full_a, _ = abl.scores(None)
     res = abl.run(circ)
@@ -380,7 +417,7 @@ def faithfulness(
         full_accuracy=fa, circuit_accuracy=res.accuracy, accuracy_ratio=_ratio(res.accuracy, fa),
         random_metric=[r.metric for r in rand], random_accuracy=[r.accuracy for r in rand],
         random_seeds=seeds, n_heads=len(circ), metric_name=task.metric_name, circuit=circ,
-        notes=res.notes)
+        notes=res.notes, means=abl.mode)
 
 
 # ====================================================================== completeness, minimality
@@ -399,6 +436,8 @@ class CompletenessResult:
     circuit_metric: float
     metric_name: str
     notes: list[str] = field(default_factory=list)
+    means: str = "class"
+    """How the ablation means were taken: "position" or "class" (see ``mean_ablate``)."""
 
     @property
     def max_score(self) -> float:
@@ -432,19 +471,21 @@ def completeness(
     reference_task: Any = None,
     reference: str = "corrupt",
     batch_size: int | None = None,
+    means: str = "auto",
 ) -> CompletenessResult:
     """Wang et al.'s completeness test: a circuit C is complete if, for every subset K of C,
     knocking K out of the circuit hurts as much as knocking it out of the whole model M.
 
     Incompleteness score of K = |F(C \\ K) - F(M \\ K)|, F = the task's mean metric with every
-    head not in the given set mean-ablated (``mean_ablate``). F(C \\ K) keeps C's groups and
+    head not in the given set mean-ablated (``mean_ablate``, with its ``reference_task``,
+    ``reference`` and ``means``). F(C \\ K) keeps C's groups and
     positions without K; F(M \\ K) keeps every head everywhere except K (ablated at every
     position). Subsets: K = {} always (the faithfulness gap |F(C) - F(M)|); "groups": each
     circuit group as K (Wang et al.'s head classes); "random": ``n_random`` subsets with each
     head of C in K with probability 1/2 (Wang et al.'s random sampling; seeded); or a list of
     head collections. Wang et al.'s greedy search for the worst K is not done here.
     """
-    abl = _Ablator(model, task, reference_task, reference, batch_size)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
     circ = _as_circuit(circuit, abl.shape, task)
     ks: list[tuple[str, frozenset[Head]]] = [("empty", frozenset())]
     if isinstance(subsets, str):
@@ -479,7 +520,8 @@ def completeness(
     return CompletenessResult(
         labels=[lab for lab, _ in ks], subsets=[k for _, k in ks], f_circuit=f_c, f_model=f_m,
         scores=[abs(a - b) for a, b in zip(f_c, f_m)], full_metric=full,
-        circuit_metric=f_c[0], metric_name=task.metric_name, notes=list(abl.notes))
+        circuit_metric=f_c[0], metric_name=task.metric_name, notes=list(abl.notes),
+        means=abl.mode)
 
 
 @dataclass(frozen=True, eq=False)
@@ -494,6 +536,8 @@ class MinimalityResult:
     circuit_metric: float
     metric_name: str
     notes: list[str] = field(default_factory=list)
+    means: str = "class"
+    """How the ablation means were taken: "position" or "class" (see ``mean_ablate``)."""
 
     @property
     def relative(self) -> list[float]:
@@ -520,6 +564,7 @@ def minimality(
     reference_task: Any = None,
     reference: str = "corrupt",
     batch_size: int | None = None,
+    means: str = "auto",
 ) -> MinimalityResult:
     """Wang et al.'s minimality test: every head v of C should matter given some K.
 
@@ -531,7 +576,7 @@ def minimality(
     or a dict {head: [K, ...]} naming the K to try for each head (Wang et al. chose them by
     hand per head class). ``relative`` divides by |F(M)|.
     """
-    abl = _Ablator(model, task, reference_task, reference, batch_size)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
     circ = _as_circuit(circuit, abl.shape, task)
     if isinstance(k_sets, str) and k_sets not in ("group", "empty"):
         raise ValueError(f"k_sets must be 'group', 'empty' or a dict {{head: [K, ...]}}, got {k_sets!r}")
@@ -574,7 +619,7 @@ def minimality(
         every.append(tried)
     return MinimalityResult(heads=heads, scores=scores, best_k=best, all_scores=every,
                             full_metric=full, circuit_metric=f_without(frozenset()),
-                            metric_name=task.metric_name, notes=list(abl.notes))
+                            metric_name=task.metric_name, notes=list(abl.notes), means=abl.mode)
 
 
 # ====================================================================== overlap
@@ -695,6 +740,8 @@ class PipelineResult:
     sign: str
     complete: bool
     notes: list[str] = field(default_factory=list)
+    rank_by: str = "normalized"
+    """What each stage ranked its heads by: "normalized", "relative" or "value"."""
 
     def effect(self, stage: str, head: Any) -> float:
         """Normalized path-patching effect of ``head`` in ``stage``'s grid."""
@@ -708,7 +755,8 @@ class PipelineResult:
         return sorted(h for h in g.heads if self.effect(stage, h) < 0)
 
     def to_dataframe(self):
-        """One row per (stage, picked head): layer, head, value, normalized, rank in stage."""
+        """One row per (stage, picked head): layer, head, value, normalized, relative, and the
+        rank in its stage by the score the stage ranked with (``rank_by``, ``sign``)."""
         import pandas as pd
 
         rows = []
@@ -716,13 +764,17 @@ class PipelineResult:
             if st.name not in self.grids:
                 continue
             grid = self.grids[st.name]
+            score, _ = _ranking(grid, self.rank_by)
+            keyed = {"abs": score.abs(), "positive": score, "negative": -score}[self.sign]
             heads = sorted(self.circuit.group(st.name).heads,
-                           key=lambda h: -abs(float(grid.normalized[h.layer, h.head])))
+                           key=lambda h: -float(keyed[h.layer, h.head]))
+            relative = grid.relative
             for rank, h in enumerate(heads):
                 rows.append({"stage": st.name, "position": st.position, "layer": h.layer,
                              "head": h.head, "head_label": str(h), "rank": rank,
                              "value": float(grid.values[h.layer, h.head]),
-                             "normalized": float(grid.normalized[h.layer, h.head])})
+                             "normalized": float(grid.normalized[h.layer, h.head]),
+                             "relative": float(relative[h.layer, h.head])})
         return pd.DataFrame(rows)
 
 
@@ -738,16 +790,23 @@ def circuit_pipeline(
     batch_size: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    rank_by: str = "normalized",
 ) -> PipelineResult:
     """Multi-stage path patching backwards from the logits (Wang et al.; Merullo et al.).
 
     Stage 1 patches every head's z at its position and reads the effect at the logits; each
     later stage patches heads into the chosen inputs of the previous (named) stage's heads, all
     receivers at once. Each stage keeps its ``top_k`` heads, else the top ``top_frac`` of all
-    the model's heads (Merullo et al. take 2% per stage), ranked by the normalized effect:
-    ``sign="abs"`` by |effect| (default, so negative movers, whose corruption raises the
-    metric, are caught), "positive" only heads that help the task, "negative" only those that
-    hurt it. A stage's own ``top_k``/``top_frac`` override the call's. Default stages:
+    the model's heads (Merullo et al. take 2% per stage), ranked by ``rank_by``: "normalized"
+    (default; the grid's ``normalized``, (ld_patched - ld_clean) / (ld_corrupt - ld_clean) as
+    Wang et al. and Merullo et al. score), "relative" (the grid's ``relative``, mean of
+    (p_patched - p_clean) / p_clean, Prakash et al.'s score when the metric is "prob") or
+    "value" (the raw mean change). ``sign="abs"`` ranks by |score| (default, so negative
+    movers, whose corruption raises the metric, are caught), "positive" only heads that help
+    the task (the patch moves the metric toward the corrupt run), "negative" only those that
+    hurt it; "relative" and "value" are oriented by the sign of mean(corrupt - clean) so that
+    positive means the same for every ``rank_by``. A stage's own ``top_k``/``top_frac``
+    override the call's. Default stages:
     ``default_stages(task)``. Progress counts path-patching passes; once stopped the stages
     done so far come back with complete=False.
     """
@@ -755,6 +814,8 @@ def circuit_pipeline(
     check_callbacks(on_progress, should_stop, batch_size)
     if sign not in ("abs", "positive", "negative"):
         raise ValueError(f"sign must be 'abs', 'positive' or 'negative', got {sign!r}")
+    if rank_by not in RANK_BY:
+        raise ValueError(f"rank_by must be one of {RANK_BY}, got {rank_by!r}")
     if top_k is None and not (isinstance(top_frac, (int, float)) and 0 < top_frac <= 1):
         raise ValueError(f"top_frac must be in (0, 1], got {top_frac!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
@@ -786,7 +847,10 @@ def circuit_pipeline(
                     for inp in dict.fromkeys(st.inputs)]
             grid = _banded_path_patch(model, task, shape, recv, st.position, freeze_mlps,
                                       batch_size, inner, should_stop)
-            if grid is None:
+            if grid is None and not found[st.receivers]:
+                notes.append(f"stage {st.name!r}: stage {st.receivers!r} picked no heads, so "
+                             f"there is nothing to receive into and it is empty")
+            elif grid is None:
                 notes.append(f"stage {st.name!r}: stage {st.receivers!r} has no heads above "
                              f"layer 0 to receive, so it is empty")
         if grid is not None and not grid.complete:
@@ -796,11 +860,9 @@ def circuit_pipeline(
         heads: frozenset[Head] = frozenset()
         if grid is not None:
             grids[st.name] = grid
-            score = grid.normalized
-            if bool(torch.isnan(score).all()) and bool(grid.done.any()):
-                notes.append(f"stage {st.name!r}: clean and corrupt metrics agree on average, "
-                             f"so heads are ranked by the raw value")
-                score = grid.values
+            score, why = _ranking(grid, rank_by)
+            if why:
+                notes.append(f"stage {st.name!r}: {why}")
             k = st.top_k if st.top_k is not None else (None if st.top_frac is not None else top_k)
             frac = None if k is not None else (st.top_frac if st.top_frac is not None else top_frac)
             picked = Circuit.from_grid(score, top_k=k, top_frac=frac, sign=sign)
@@ -811,7 +873,21 @@ def circuit_pipeline(
             on_progress((i + 1) * 1000, n_stages * 1000)
     name = f"{getattr(task, 'name', 'task')} circuit"
     return PipelineResult(circuit=Circuit(tuple(groups), name), grids=grids,
-                          stages=tuple(stages), sign=sign, complete=complete, notes=notes)
+                          stages=tuple(stages), sign=sign, complete=complete, notes=notes,
+                          rank_by=rank_by)
+
+
+def _ranking(grid: HeadGrid, rank_by: str) -> tuple[Tensor, str | None]:
+    """The [layer, head] score a stage ranks by, positive = the patch moves the metric toward
+    the corrupt run, and a note when it had to fall back to the raw value."""
+    if rank_by == "normalized":
+        if bool(torch.isnan(grid.normalized).all()) and bool(grid.done.any()):
+            return grid.values, "clean and corrupt metrics agree on average, so heads are ranked by the raw value"
+        return grid.normalized, None
+    gap = float((grid.metric_corrupt.float() - grid.metric_clean.float()).mean())
+    raw = grid.relative if rank_by == "relative" else grid.values
+    # Oriented like ``normalized`` (which divides by this gap), so sign= means the same for all.
+    return (-raw if gap < 0 else raw), None
 
 
 def _check_stages(stages: list[Stage], task: Any) -> None:

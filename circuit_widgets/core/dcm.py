@@ -316,19 +316,28 @@ class _Ticker:
 
 
 class _frozen:
-    """Model weights need no gradient while the mask trains; restored afterwards."""
+    """Model weights need no gradient while the mask trains; restored afterwards. Every
+    in-place write to a parameter bumps its ``_version``, so exiting checks none was written."""
 
     def __init__(self, model: Any) -> None:
-        self.params = list(model.parameters())
+        self.named = list(model.named_parameters())
 
     def __enter__(self) -> None:
-        self.flags = [p.requires_grad for p in self.params]
-        for p in self.params:
+        self.flags = [p.requires_grad for _, p in self.named]
+        self.versions = [p._version for _, p in self.named]
+        for _, p in self.named:
             p.requires_grad_(False)
 
     def __exit__(self, *exc: object) -> None:
-        for p, flag in zip(self.params, self.flags):
+        for (_, p), flag in zip(self.named, self.flags):
             p.requires_grad_(flag)
+        changed = [name for (name, p), v in zip(self.named, self.versions) if p._version != v]
+        if changed:
+            more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+            raise RuntimeError(
+                f"the model's weights were changed in place during DCM ({', '.join(changed[:5])}"
+                f"{more}); DCM trains only its mask, so its results no longer describe this "
+                f"model: reload it, and do not edit weights from on_progress or another thread")
 
 
 def _number(label: str, value: Any, *, low: float, strict: bool = False) -> float:

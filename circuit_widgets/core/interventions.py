@@ -3,7 +3,10 @@ scale a head's output, or replace it by its output on other prompts (Merullo et 
 
 An ``Intervention`` is a set of edits; ``with intervene(...)`` puts them on the model as bridge
 hooks, so every experiment run inside the block (patching, ablation, widgets) sees them: the
-patching engine notices hooks left on a model and takes its hooked path.
+patching engine notices hooks left on a model and takes its hooked path. Inside the block each
+forward's rows are matched to the task's examples by their tokens, so batches of any subset
+of the task's clean or corrupt prompts, in any order and trimmed of padding, get each
+example's own edit.
 """
 
 from __future__ import annotations
@@ -44,9 +47,7 @@ class Intervention:
     ) -> None:
         self.model, self.task = model, task
         self.shape = model_shape(model)
-        if isinstance(heads, (str, Head, tuple)):
-            heads = [heads]
-        self.heads = sorted({Head.parse(h) for h in heads})
+        self.heads = sorted(set(Head.parse_many(heads)))
         if not self.heads:
             raise ValueError("intervene needs at least one head")
         for h in self.heads:
@@ -63,6 +64,15 @@ class Intervention:
         self.scales = None if scale is None else self._scales(scale)
         self.source_z = None if replace_with is None else self._source(replace_with)
         self._handles: list[tuple[Any, Any]] = []
+        # The example index of each row of the forward now running (set by the token guard).
+        self._rows: Tensor | None = None
+        self._prompts = (task.clean_tokens.cpu(), task.corrupt_tokens.cpu())
+        real = task.attention_mask.cpu().bool()
+        pads = {int(x) for t in self._prompts for x in t[~real].unique()}
+        pad_id = getattr(getattr(model, "tokenizer", None), "pad_token_id", None)
+        if pad_id is not None:
+            pads.add(int(pad_id))
+        self._pads = torch.tensor(sorted(pads), dtype=torch.long)
 
     # ------------------------------------------------------------------ checking the inputs
 
@@ -148,23 +158,77 @@ class Intervention:
 
     # ------------------------------------------------------------------ the edits
 
-    def _check_batch(self, act: Tensor, seq_axis: int) -> None:
-        b, s = act.shape[0], act.shape[seq_axis]
+    def _rows_of(self, tokens: Tensor) -> Tensor:
+        """[b] example index of each row of ``tokens``: the task prompt (clean or corrupt) whose
+        real tokens the row starts with, every later token being padding."""
+        tok = tokens.detach().cpu().long()
+        t = self.task
+        n, S = len(t), t.seq_len
+        b, s = tok.shape
+        if (b, s) == (n, S) and any(torch.equal(tok, p) for p in self._prompts):
+            return torch.arange(n)  # the task's own batch, in order (duplicates stay themselves)
+        lengths = t.lengths.cpu().long()
+        w = min(s, S)
+        # tail[r, p]: every token of row r from p on is padding (p = s: nothing left).
+        pad = torch.isin(tok, self._pads).long()
+        tail = torch.ones(b, s + 1, dtype=torch.bool)
+        tail[:, :s] = pad.flip(1).cummin(1).values.flip(1).bool()
+        fits = (lengths <= s)[None] & tail[:, lengths.clamp(max=s)]  # [b, n]
+        beyond = torch.arange(w)[None] >= lengths[:, None]  # [n, w]: not a real token of example i
+        match = torch.zeros(b, n, dtype=torch.bool)
+        for p in self._prompts:
+            match |= ((tok[:, None, :w] == p[None, :, :w]) | beyond[None]).all(-1)
+        match &= fits
+        rows = match.long().argmax(1)
+        for r in range(b):
+            cand = match[r].nonzero().flatten().tolist()
+            if not cand:
+                raise ValueError(
+                    f"this intervention is bound to the prompts of task {t.name!r} ({n} prompts of "
+                    f"up to {S} tokens, clean or corrupt, any subset in any order) but row {r} of a "
+                    f"forward's batch ({b} x {s} tokens) is none of them; run other prompts outside "
+                    f"the with-block, or make an intervention for them")
+            other = next((j for j in cand[1:] if not self._same_edit(cand[0], j, s)), None)
+            if other is not None:
+                raise ValueError(
+                    f"row {r} of a forward's batch is both prompt {cand[0]} and prompt {other} of "
+                    f"task {t.name!r} (the same tokens), whose edits differ, so the intervention "
+                    f"cannot tell which to apply; drop the duplicate prompts from the task or run "
+                    f"them outside the with-block")
+        return rows
+
+    def _same_edit(self, i: int, j: int, s: int) -> bool:
+        """Whether examples i and j get the same edit on a batch of width s."""
+        if self.at != "all" and int(self.task.positions[self.at][i]) != int(self.task.positions[self.at][j]):
+            return False
+        if self.targets is not None and not torch.equal(self.targets[i], self.targets[j]):
+            return False
+        return self.source_z is None or all(torch.equal(z[i, :s], z[j, :s]) for z in self.source_z.values())
+
+    def _batch_rows(self, b: int, s: int) -> Tensor:
+        """The example index of each row of the activation now being edited."""
+        if self._rows is not None and self.active:
+            if len(self._rows) != b:
+                raise ValueError(f"a forward's activations have {b} rows but its tokens had "
+                                 f"{len(self._rows)}; the intervention cannot match them to examples")
+            return self._rows
+        # No token guard ran (edits() used directly): only the task's own full batch is known.
         if b != len(self.task) or s != self.task.seq_len:
             raise ValueError(
                 f"this intervention is bound to task {self.task.name!r} ({len(self.task)} prompts "
-                f"of {self.task.seq_len} tokens) but a forward ran on a batch of {b} x {s}; run "
-                f"other prompts outside the with-block, or make an intervention for them")
+                f"of {self.task.seq_len} tokens) but a forward ran on a batch of {b} x {s}; edits() "
+                f"apply to the task's full batch only; use the with-block for subsets of its prompts")
+        return torch.arange(b)
 
     def _pattern_fn(self, layer: int):
         cols = [h.head for h in self.heads if h.layer == layer]
-        t = self.targets
-        b = len(self.task)
-        query = self.task.positions[self.at].cpu()
+        targets = self.targets
+        queries = self.task.positions[self.at].cpu()
 
         def fn(act: Tensor) -> Tensor:  # [b, H, q, k]
-            self._check_batch(act, 2)
-            dev = act.device
+            rows = self._batch_rows(act.shape[0], act.shape[2])
+            t, query = targets[rows], queries[rows]
+            b, dev = len(rows), act.device
             row = torch.zeros(b, act.shape[-1], dtype=act.dtype, device=dev)
             # Uniform over the targets (a position listed twice gets twice the weight).
             row.scatter_add_(1, t.to(dev), torch.full(t.shape, 1.0 / t.shape[1], dtype=act.dtype, device=dev))
@@ -178,16 +242,21 @@ class Intervention:
 
     def _z_fn(self, layer: int):
         cols = [h.head for h in self.heads if h.layer == layer]
-        b, s = len(self.task), self.task.seq_len
-        where = torch.ones(b, s, dtype=torch.bool)
-        if self.at != "all":
-            where = torch.arange(s)[None] == self.task.positions[self.at].cpu()[:, None]
-        src = None if self.source_z is None else self.source_z[layer]
+        at = None if self.at == "all" else self.task.positions[self.at].cpu()
+        source = None if self.source_z is None else self.source_z[layer]
         scales = self.scales
 
         def fn(act: Tensor) -> Tensor:  # [b, s, H, dh]
-            self._check_batch(act, 1)
+            rows = self._batch_rows(act.shape[0], act.shape[1])
+            b, s = act.shape[:2]
             dev = act.device
+            where = (torch.ones(b, s, dtype=torch.bool) if at is None
+                     else torch.arange(s)[None] == at[rows][:, None])
+            src = None
+            if source is not None:
+                src = source[rows, :s]
+                if src.shape[1] < s:  # a batch wider than the task: its extra columns are padding
+                    src = torch.cat([src, src.new_zeros(b, s - src.shape[1], *src.shape[2:])], 1)
             out = act.clone()
             w = where.to(dev)[:, :, None]
             for c in cols:
@@ -220,18 +289,11 @@ class Intervention:
         return out
 
     def _token_guard(self, tokens: Tensor, hook: Any = None) -> None:
-        """Refuse forwards on prompts other than this task's (clean or corrupt)."""
+        """Match each row of a forward to its example; refuse prompts other than this task's."""
+        self._rows = None
         if tokens.dim() != 2:
             return
-        t = self.task
-        ok = tokens.shape == t.clean_tokens.shape and (
-            torch.equal(tokens.cpu(), t.clean_tokens.cpu()) or torch.equal(tokens.cpu(), t.corrupt_tokens.cpu()))
-        if not ok:
-            raise ValueError(
-                f"this intervention is bound to the prompts of task {t.name!r} ({len(t)} x "
-                f"{t.seq_len} tokens, clean or corrupt) but a forward ran on other tokens "
-                f"({tuple(tokens.shape)}); run them outside the with-block, or make an "
-                f"intervention for them")
+        self._rows = self._rows_of(tokens)
         return
 
     # ------------------------------------------------------------------ context manager
@@ -254,6 +316,7 @@ class Intervention:
         self._remove()
 
     def _remove(self) -> None:
+        self._rows = None
         for hp, handle in reversed(self._handles):
             handle.hook.remove()
             lst = getattr(hp, "fwd_hooks", None)
@@ -304,8 +367,11 @@ def intervene(
     key/value head is untouched. scale: multiply the heads' z (before W_O) at ``at`` (or
     at='all' positions) by a number (0 zeroes the head) or per head {head: number}.
     replace_with: another Task with one prompt per example (its z at its own ``at`` position)
-    or "corrupt" (this task's corrupt prompts); its z is computed now. Inside the block a
-    forward on any prompts other than this task's clean or corrupt ones raises ValueError.
+    or "corrupt" (this task's corrupt prompts); its z is computed now. Inside the block each
+    forward's rows are matched to the task's examples by their tokens (real tokens equal, the
+    rest padding), so a batch of any of the task's clean or corrupt prompts, in any order or
+    subset and trimmed of padding, gets each example's own edit; a forward on any other
+    prompts raises ValueError. Heads: one head (Head, "l.h", (l, h)) or a list or tuple of them.
     """
     return Intervention(model, task, heads=heads, attend_to=attend_to, scale=scale,
                         replace_with=replace_with, at=at)
@@ -363,8 +429,11 @@ def head_attention(
     patterns (the forward runs through the model's hooks)."""
     if which not in ("clean", "corrupt"):
         raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
-    heads = [heads] if isinstance(heads, (str, Head, tuple)) else list(heads)
-    order = list(dict.fromkeys(Head.parse(h) for h in heads))  # the caller's order, once each
+    if at == "all":
+        raise ValueError("head_attention reads each head's attention row at one query position "
+                         "per example: at must be a position name (at='END', ...), not 'all'")
+    heads = Head.parse_many(heads)
+    order = list(dict.fromkeys(heads))  # the caller's order, once each
     # An Intervention object checks heads, positions and targets for us.
     spec = Intervention(model, task, heads=heads, attend_to=to, scale=1.0, at=at)
     tokens = task.clean_tokens if which == "clean" else task.corrupt_tokens

@@ -55,6 +55,22 @@ class HeadGrid:
             return self.normalized
         return 1.0 - self.normalized
 
+    @property
+    def relative(self) -> Float[Tensor, "layer *pos head"]:
+        """Mean over examples of (metric patched - metric clean) / metric clean.
+
+        With the task's metric "prob" this is Prakash et al.'s path-patching score for entity
+        tracking, (p_patched - p_clean) / p_clean per example. Examples whose clean metric is 0
+        or not finite are left out of the mean; a cell with no example left (or not computed)
+        is NaN.
+        """
+        lead = [1] * (self.per_example.dim() - 1)
+        clean = self.metric_clean.float().to(self.per_example.device).reshape(-1, *lead)
+        ok = torch.isfinite(clean) & (clean != 0)
+        ratio = self.per_example.float() / torch.where(ok, clean, torch.ones_like(clean))
+        ratio = torch.where(ok & torch.isfinite(ratio), ratio, torch.full_like(ratio, math.nan))
+        return ratio.nanmean(0)
+
     def top(self, k: int = 10) -> list[tuple[Head, float]]:
         """The k cells of largest |value| as (Head, value), NaN skipped. By-position grids
         rank each head by its largest-|value| position (each head listed once)."""

@@ -117,7 +117,7 @@ class EntityTrackingResult:
                 f"Faithfulness (mean ablation): p(answer) {f.circuit_metric:.4f} / {f.full_metric:.4f} = "
                 f"{f.ratio:.2f}; accuracy {_pct(f.circuit_accuracy)} / {_pct(f.full_accuracy)}; random "
                 f"circuits p {f.random_metric_mean:.4f} ± {f.random_metric_std:.4f}, accuracy "
-                f"{_pct(f.random_accuracy_mean)}")
+                f"{_pct(f.random_accuracy_mean)}; means per {f.means}")
         for g, per in self.dcm.items():
             parts = [f"{k} {r.n_selected}/{len(r.heads)} (test {_pct(r.test_accuracy)}, no patch "
                      f"{_pct(r.baseline_accuracy)}, all patched {_pct(r.full_patch_accuracy)})"
@@ -221,7 +221,8 @@ def entity_tracking_study(
        ranks first versus which box was asked about.
     2. The circuit: ``circuit_pipeline`` with ``default_stages`` (A -> logits at END, B -> A's
        queries at END, C -> B's values at query_label, D -> C's values at query_label_ctx),
-       ``top_k`` heads per group by |normalized effect|.
+       ``top_k`` heads per group by |relative effect|: the mean of (p_patched - p_clean) /
+       p_clean per example, Prakash et al.'s score (``rank_by="relative"``).
     3. Faithfulness: every head outside the circuit (per group position) mean-ablated over
        the clean prompts of a separate reference set (seed + 1), as Prakash et al. do;
        ``n_random`` random circuits of the same group sizes (``n_random=-1`` skips it).
@@ -268,8 +269,10 @@ def entity_tracking_study(
 
     pipe_end = 700 if n_dcm else 950
     pipe = circuit_pipeline(model, task, top_k=top_k, on_progress=part(0, pipe_end),
-                            should_stop=should_stop)
+                            should_stop=should_stop, rank_by="relative")
     complete = pipe.complete
+    notes.append("pipeline: heads ranked by |mean over examples of (p_patched - p_clean) / "
+                 "p_clean| (Prakash et al.'s score), not by the normalized effect")
     notes += [f"pipeline: {x}" for x in pipe.notes]
     stopped = lambda: should_stop is not None and should_stop()
 

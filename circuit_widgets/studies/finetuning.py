@@ -168,8 +168,8 @@ def finetuning_study(
        first digit; ``arithmetic_digits``-digit addition) and ``n`` entity-tracking prompts
        with ``n_boxes`` boxes.
     2. The base model's entity-tracking circuit: ``circuit_pipeline`` with its default stages,
-       ``top_k`` heads per group, on the same prompts (or the ``circuit`` given, e.g. from
-       ``entity_tracking_study``).
+       ``top_k`` heads per group ranked by (p_patched - p_clean) / p_clean, on the same prompts
+       (or the ``circuit`` given, e.g. from ``entity_tracking_study``).
     3. CMAP: the fine-tuned model's head outputs written into the base at each group's heads
        and position, each group alone and the whole circuit at once.
     4. CMAP per head: every head alone at ``grid_position``, on the first ``grid_n`` (default
@@ -226,7 +226,8 @@ def finetuning_study(
     pipe = None
     complete = True
     if circuit is None:
-        pipe = circuit_pipeline(base, et, top_k=top_k, on_progress=part(0, 700), should_stop=should_stop)
+        pipe = circuit_pipeline(base, et, top_k=top_k, on_progress=part(0, 700), should_stop=should_stop,
+                                rank_by="relative")  # Prakash et al.'s (p_patched - p_clean) / p_clean
         circuit = pipe.circuit
         complete = pipe.complete
         notes += [f"pipeline: {x}" for x in pipe.notes]

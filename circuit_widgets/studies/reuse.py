@@ -104,7 +104,7 @@ class ReuseResult:
                 lines.append(f"{label} faithfulness: {f.metric_name} {f.circuit_metric:.3f} / "
                              f"{f.full_metric:.3f} = {f.ratio:.2f}; accuracy {_pct(f.circuit_accuracy)} / "
                              f"{_pct(f.full_accuracy)}; random circuits {f.random_metric_mean:.3f} "
-                             f"± {f.random_metric_std:.3f}")
+                             f"± {f.random_metric_std:.3f}; means per {f.means}")
         lines.append("Merullo et al., GPT-2 medium, for comparison: 78% of the IOI circuit reused; "
                      "intervention 49.6% -> 93.7%.")
         lines += [f"note: {n}" for n in self.notes]
@@ -210,7 +210,7 @@ def circuit_reuse(
     if intervention_heads is None:
         chosen = sorted(set(inhibition) | set(p_ioi.negative_heads("movers") if _has(p_ioi, "movers") else []))
     else:
-        chosen = sorted({Head.parse(h) for h in intervention_heads})
+        chosen = sorted(set(Head.parse_many(intervention_heads)))
     movers = [h for h in (sorted(p_co.circuit.group("movers").heads) if _has(p_co, "movers") else [])
               if h not in negative and h not in chosen]
 

@@ -63,7 +63,14 @@ def test_study_structure(study, demo_model):
     d = res.to_dict()
     json.dumps(d)  # plain numbers and strings only
     assert Circuit.from_dict(d["ioi_circuit"]) == res.ioi.circuit
-    assert "Overlap" in res.summary()
+    from circuit_widgets import tasks
+
+    for f, task in ((res.ioi_faithfulness, tasks.ioi(demo_model, n=N, seed=0)),
+                    (res.colored_faithfulness, tasks.colored_objects(demo_model, n=N, seed=0))):
+        # means="auto": one mean per position only when every prompt has the same length.
+        assert f.means == ("position" if len(set(task.lengths.tolist())) == 1 else "class")
+        assert len(f.random_metric) == 2
+    assert "Overlap" in res.summary() and "means per" in res.summary()
     print("\n" + res.summary())
     print(json.dumps({k: v for k, v in d.items() if not isinstance(v, dict)}, default=str))
 

@@ -52,11 +52,15 @@ def test_entity_study_structure(study, demo_model):
     assert [(g.name, g.position, len(g.heads)) for g in res.circuit.groups] == [
         ("A", "END", TOP_K), ("B", "END", TOP_K), ("C", "query_label", TOP_K),
         ("D", "query_label_ctx", TOP_K)]
-    # Every group's heads are the top |effect| heads of its own grid.
+    # Every group's heads are the top |relative effect| heads of its own grid, the score of
+    # Prakash et al.: the mean over examples of (p_patched - p_clean) / p_clean.
+    assert res.pipeline.rank_by == "relative" and any("Prakash" in n for n in res.notes)
     for g in res.circuit.groups:
         grid = res.pipeline.grids[g.name]
-        ranked = sorted(grid.normalized[grid.done].abs().tolist(), reverse=True)
-        assert sorted((abs(res.pipeline.effect(g.name, h)) for h in g.heads), reverse=True) == \
+        clean = grid.metric_clean.reshape(-1, 1, 1)
+        relative = (grid.per_example / clean).mean(0)  # p(answer) is never 0: no example left out
+        ranked = sorted(relative[grid.done].abs().tolist(), reverse=True)
+        assert sorted((abs(float(relative[h.layer, h.head])) for h in g.heads), reverse=True) == \
             pytest.approx(ranked[:TOP_K])
     assert len(res.picked_box) == len(res.query_box) == BOXES
     assert sum(res.picked_box) == pytest.approx(1.0) and sum(res.query_box) == pytest.approx(1.0)
@@ -78,6 +82,9 @@ def test_entity_study_matches_plain_forwards(study, demo_model):
     first = probs.gather(1, torch.tensor(ids)).argmax(1)
     assert res.picked_box == pytest.approx((torch.bincount(first, minlength=BOXES) / N).tolist())
     f = res.faithfulness
+    ref = entity_tracking(demo_model, n=N, seed=1, n_boxes=BOXES)  # the study's reference set
+    one_length = len(set(task.lengths.tolist()) | set(ref.lengths.tolist())) == 1
+    assert f.means == ("position" if one_length else "class")  # means="auto"
     assert f.full_metric == pytest.approx(float(p_answer.mean()), abs=1e-4)  # nothing ablated
     assert len(f.random_metric) == 1 and f.ratio == pytest.approx(f.circuit_metric / f.full_metric)
 

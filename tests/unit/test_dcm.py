@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -375,6 +376,28 @@ def test_sweep_stops_within_a_lambda_and_keeps_what_it_finished(planted):
     assert sweep.at(0.012).lam == 0.01 and sweep.at(0.5).lam == 0.1
     df = sweep.to_dataframe()
     assert list(df["lam"]) == [0.01, 0.1] and "selected" in df
+
+
+def test_weights_written_in_place_during_dcm_are_caught():
+    """_frozen records each parameter's version: a normal run passes, an in-place write to a
+    weight mid-training (here from on_progress, with unchanged values) raises on exit."""
+    model = planted_dcm_model({(h.layer, h.head): w for h, w in CARRIERS.items()})  # a private copy
+    d = planted_desideratum(n=20, seed=7)
+    flags = [p.requires_grad for p in model.parameters()]
+    assert dcm(model, d, lr=0.2, batch_size=4).complete
+    assert dcm_sweep(model, d, lams=[0.01], lr=0.2, batch_size=4).complete
+    name, weight = next(iter(model.named_parameters()))
+
+    def write(done: int, total: int) -> None:
+        if done == 12:  # inside training
+            with torch.no_grad():
+                weight.mul_(1.0)
+
+    with pytest.raises(RuntimeError, match=rf"weights were changed in place during DCM \({re.escape(name)}"):
+        dcm(model, d, lr=0.2, batch_size=4, on_progress=write)
+    with pytest.raises(RuntimeError, match="weights were changed in place"):
+        dcm_sweep(model, d, lams=[0.01], lr=0.2, batch_size=4, on_progress=write)
+    assert [p.requires_grad for p in model.parameters()] == flags  # restored all the same
 
 
 # --------------------------------------------------------------------------- bad input

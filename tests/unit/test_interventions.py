@@ -112,8 +112,9 @@ def test_forcing_the_inhibitor_onto_the_distractor_flips_the_answer():
 # --------------------------------------------------------------------------- plain references
 
 
-def ref_force(model, task, heads, targets, at="END"):
-    """Logits with each head's pattern row at `at` set uniform over `targets` [b, k], by loops."""
+def ref_force(model, task, heads, targets, at="END", tokens=None):
+    """Logits with each head's pattern row at `at` set uniform over `targets` [b, k], by loops
+    (on the task's clean prompts, or on ``tokens`` with the task's positions)."""
     def hook_for(layer):
         def hook(act, hook):
             out = act.clone()
@@ -129,7 +130,7 @@ def ref_force(model, task, heads, targets, at="END"):
         return hook
 
     layers = sorted({h.layer for h in heads})
-    return model.run_with_hooks(task.clean_tokens,
+    return model.run_with_hooks(task.clean_tokens if tokens is None else tokens,
                                 fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", hook_for(l)) for l in layers])
 
 
@@ -160,7 +161,7 @@ def test_forced_attention_matches_reference(arch):
     with torch.no_grad():
         ref = ref_force(model, task, heads, targets)
         plain = model(task.clean_tokens)
-        with intervene(model, task, heads=heads, attend_to=["S", targets[:, 1]] if False else targets) as iv:
+        with intervene(model, task, heads=heads, attend_to=targets) as iv:
             got = model(task.clean_tokens)
         fast = run_with_edits(model, task.clean_tokens, iv.edits()).logits
     assert (ref - plain).abs().max() > 1e-3  # the edit really changes the output
@@ -247,11 +248,98 @@ def test_other_batch_inside_the_block_fails_clearly(tiny_llama):
     other = random_task(tiny_llama, seed=5)
     with intervene(tiny_llama, task, heads=["1.0"], attend_to="S"):
         tiny_llama(task.corrupt_tokens)  # the task's own corrupt prompts are fine
+        tiny_llama(task.subset([2, 0]).clean_tokens)  # and any subset of them
         with pytest.raises(ValueError, match="bound to the prompts of task"):
             tiny_llama(other.clean_tokens)
-        with pytest.raises(ValueError, match="bound to"):
-            head_attention(tiny_llama, task.subset([0, 1]), ["1.0"], to="S")
+        with pytest.raises(ValueError, match="bound to the prompts of task"):
+            head_attention(tiny_llama, other, ["1.0"], to="S")
+        # One foreign row among the task's own is refused too.
+        mixed = torch.cat([task.clean_tokens[:1], other.clean_tokens[1:2]])
+        with pytest.raises(ValueError, match=r"row 1 of a forward's batch"):
+            tiny_llama(mixed)
+        with pytest.raises(ValueError, match="bound to the prompts of task"):
+            mean_ablate(tiny_llama, task, [(1, 0)], reference_task=other)
     assert not any(hp._forward_hooks for hp in tiny_llama.hook_dict.values())
+
+
+def test_batches_of_the_tasks_prompts_get_each_examples_edit():
+    """Rows of a batch are matched to examples by their tokens: any subset of the clean and
+    corrupt prompts, in any order, trimmed of padding, gets each example's own edit."""
+    model = sharp_tiny_model("llama")
+    task = random_task(model)
+    heads = [Head(0, 1), Head(1, 3)]
+    targets = torch.stack([task.positions["S"], torch.zeros(len(task), dtype=torch.long)], 1)
+    end = task.positions["END"]
+    ar = torch.arange(len(task))
+    with torch.no_grad():
+        ref_clean = ref_force(model, task, heads, targets)[ar, end]
+        ref_corrupt = ref_force(model, task, heads, targets, tokens=task.corrupt_tokens)[ar, end]
+        # Clean 1 (5 tokens) and corrupt 3 (4 tokens), trimmed to 5 columns as Task.subset trims.
+        rows = torch.stack([task.clean_tokens[1, :5], task.corrupt_tokens[3, :5]])
+        with intervene(model, task, heads=heads, attend_to=targets):
+            got = model(rows)
+            sub = task.subset([3, 1])
+            got_sub = model(sub.clean_tokens)[torch.arange(2), sub.positions["END"]]
+        plain = model(rows)
+    assert (got[1, int(end[3])] - plain[1, int(end[3])]).abs().max() > 1e-3  # the edit applies
+    torch.testing.assert_close(got[0, int(end[1])], ref_clean[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1, int(end[3])], ref_corrupt[3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_sub, ref_clean[[3, 1]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edit", ["attend", "replace"])
+def test_batched_experiments_inside_the_block_equal_unbatched(edit):
+    from circuit_widgets.core.circuits import completeness, faithfulness, minimality
+
+    model = sharp_tiny_model("llama")
+    task = random_task(model)
+    kw = ({"attend_to": "S"} if edit == "attend"
+          else {"replace_with": random_task(model, seed=1, lengths=(5, 7, 4, 6))})
+    circ = [(1, 0), (0, 2), (1, 3)]
+    outside = mean_ablate(model, task, circ)
+    with intervene(model, task, heads=[(0, 1), (1, 3)], **kw):
+        one = mean_ablate(model, task, circ)
+        two = mean_ablate(model, task, circ, batch_size=2)
+        f1 = faithfulness(model, task, circ, n_random=1)
+        f2 = faithfulness(model, task, circ, n_random=1, batch_size=2)
+        c1 = completeness(model, task, circ, subsets="groups")
+        c2 = completeness(model, task, circ, subsets="groups", batch_size=3)
+        m1 = minimality(model, task, circ, k_sets="empty")
+        m2 = minimality(model, task, circ, k_sets="empty", batch_size=1)
+        a1 = head_attention(model, task, ["1.3", "1.0"], to="S")
+        a2 = head_attention(model, task.subset([2, 0]), ["1.3", "1.0"], to="S")
+    assert abs(one.metric - outside.metric) > 1e-4  # the intervention is in force
+    torch.testing.assert_close(two.per_example, one.per_example, atol=1e-5, rtol=1e-5)
+    assert f2.full_metric == pytest.approx(f1.full_metric, abs=1e-5)
+    assert f2.circuit_metric == pytest.approx(f1.circuit_metric, abs=1e-5)
+    assert f2.random_metric == pytest.approx(f1.random_metric, abs=1e-5)
+    assert c2.f_circuit == pytest.approx(c1.f_circuit, abs=1e-5)
+    assert c2.f_model == pytest.approx(c1.f_model, abs=1e-5)
+    assert m2.scores == pytest.approx(m1.scores, abs=1e-5)
+    torch.testing.assert_close(a2.per_example, a1.per_example[[2, 0]], atol=1e-6, rtol=1e-6)
+
+
+def test_dcm_runs_in_batches_inside_the_block():
+    from circuit_widgets.core.dcm import dcm
+    from circuit_widgets.tasks import Desideratum
+
+    model = sharp_tiny_model("llama")
+    task = random_task(model, n=6, lengths=(7, 5, 6, 4, 7, 5))
+    heads = [Head(0, 1), Head(1, 3)]
+    targets = torch.stack([task.positions["S"], torch.zeros(len(task), dtype=torch.long)], 1)
+    end = task.positions["END"]
+    with torch.no_grad():
+        forced = ref_force(model, task, heads, targets)[torch.arange(len(task)), end]
+        plain = model(task.clean_tokens)[torch.arange(len(task)), end]
+    assert (forced.argmax(-1)[[5, 2]] != plain.argmax(-1)[[5, 2]]).any()  # it matters on the test part
+    # Targets are the intervened model's own predictions: with no patch it hits every one.
+    mask = task.attention_mask
+    d = Desideratum("forced", task.clean_tokens, task.corrupt_tokens, mask, mask.clone(),
+                    {"END": end}, {"END": end.clone()}, forced.argmax(-1))
+    parts = (d.subset([0, 3]), d.subset([4, 1]), d.subset([5, 2]))
+    with intervene(model, task, heads=heads, attend_to=targets):
+        res = dcm(model, parts, heads=["0.0", "1.1"], epochs=1, batch_size=1)
+    assert res.complete and res.baseline_accuracy == 1.0
 
 
 def test_bad_intervention_input(tiny_llama):
@@ -268,3 +356,16 @@ def test_bad_intervention_input(tiny_llama):
         intervene(tiny_llama, task, heads=["1.0"], attend_to=task.positions["END"] + 1, at="S")
     with pytest.raises(ValueError, match="one source prompt per example"):
         intervene(tiny_llama, task, heads=["1.0"], replace_with=task.subset([0]))
+    with pytest.raises(ValueError, match="head_attention reads .* not 'all'"):
+        head_attention(tiny_llama, task, ["1.0"], to="S", at="all")
+    with pytest.raises(ValueError, match=r"cannot read a head from \(1\.7, 2\.9\): its parts must be integers"):
+        intervene(tiny_llama, task, heads=[(1.7, 2.9)], scale=0.0)
+
+
+def test_a_tuple_of_heads_is_a_list_of_heads(tiny_llama):
+    task = random_task(tiny_llama)
+    assert intervene(tiny_llama, task, heads=((1, 2), (0, 1)), scale=0.0).heads == [Head(0, 1), Head(1, 2)]
+    assert intervene(tiny_llama, task, heads=("1.2", Head(0, 1)), scale=0.0).heads == [Head(0, 1), Head(1, 2)]
+    assert intervene(tiny_llama, task, heads=(1, 2), scale=0.0).heads == [Head(1, 2)]  # one (l, h) pair
+    res = head_attention(tiny_llama, task, ((1, 3), (0, 0)), to="S")
+    assert res.heads == [Head(1, 3), Head(0, 0)]

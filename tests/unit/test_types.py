@@ -83,3 +83,58 @@ def test_duplicate_group_names_rejected():
     g = CircuitGroup("A", frozenset({Head(0, 0)}))
     with pytest.raises(ValueError, match="unique"):
         Circuit((g, g))
+
+
+def test_head_parse_needs_integer_parts():
+    import numpy as np
+
+    for bad in ((1.7, 2.9), (1, 2.0), (True, 1)):
+        with pytest.raises(ValueError, match="parts must be integers"):
+            Head.parse(bad)
+    assert Head.parse((np.int64(1), torch.tensor(2))) == Head(1, 2)
+
+
+def test_parse_many_reads_a_tuple_of_heads_as_several():
+    assert Head.parse_many(((1, 2), (0, 1))) == [Head(1, 2), Head(0, 1)]
+    assert Head.parse_many(("1.2", Head(0, 1))) == [Head(1, 2), Head(0, 1)]
+    assert Head.parse_many((1, 2)) == Head.parse_many("1.2") == Head.parse_many(Head(1, 2)) == [Head(1, 2)]
+    assert Head.parse_many([(3, 0)]) == [Head(3, 0)]
+    with pytest.raises(ValueError, match="parts must be integers"):
+        Head.parse_many((1.7, 2.9))
+    with pytest.raises(ValueError, match="cannot read heads from 3"):
+        Head.parse_many(3)
+
+
+def test_from_grid_ranks_a_head_grid_by_its_normalized_effect():
+    from circuit_widgets.core.results import HeadGrid
+
+    # Noise patching lowers the metric (gap = corrupt - clean = -2): important heads have
+    # negative values and positive normalized effects.
+    per_example = torch.tensor([[[-1.8, 0.2], [0.1, -0.4]], [[-1.8, 0.2], [0.1, -0.4]]])
+    values = per_example.mean(0)
+    clean, corrupt = torch.tensor([3.0, 3.0]), torch.tensor([1.0, 1.0])
+    grid = HeadGrid(values=values, normalized=values / -2.0, per_example=per_example,
+                    metric_clean=clean, metric_corrupt=corrupt, done=torch.ones(2, 2, dtype=torch.bool),
+                    complete=True, layers=[0, 1], heads=["0", "1"], positions=None, component="z",
+                    direction="noise", kind="path", metric_name="logit_diff", position="END")
+    pos = Circuit.from_grid(grid, top_k=1, sign="positive")
+    assert list(pos) == [Head(0, 0)] and pos.groups[0].position == "END"
+    assert list(Circuit.from_grid(grid, top_k=1, sign="negative")) == [Head(0, 1)]
+    assert Circuit.from_grid(grid, top_k=1, position=None).groups[0].position is None
+    assert Circuit.from_grid(grid, top_k=1, position="S").groups[0].position == "S"
+    # A tensor is ranked as it is; an undefined normalized falls back to the values.
+    assert list(Circuit.from_grid(grid.values, top_k=1, sign="positive")) == [Head(0, 1)]
+    flat = HeadGrid(**{**grid.__dict__, "normalized": torch.full((2, 2), float("nan")), "position": "all"})
+    picked = Circuit.from_grid(flat, top_k=1, sign="positive")
+    assert list(picked) == [Head(0, 1)] and picked.groups[0].position is None
+
+
+def test_union_refuses_a_group_at_two_positions():
+    a = Circuit.from_groups({"A": ["1.0"], "B": ["0.1"]}, positions={"A": "END", "B": "S2"})
+    b = Circuit.from_groups({"A": ["2.0"]}, positions={"A": "S2"})
+    with pytest.raises(ValueError, match=r"group 'A' acts at position 'END' in one circuit and 'S2' in the other"):
+        a | b
+    # Intersection and difference keep only the left circuit's heads: its positions stand.
+    assert (a - b).group("A").position == "END" and (a & b).heads == frozenset()
+    same = Circuit.from_groups({"A": ["2.0"]}, positions={"A": "END"})
+    assert (a | same).group("A").heads == {Head(1, 0), Head(2, 0)}
