@@ -38,20 +38,91 @@ def read_bundle(name: str) -> str:
         ) from None
 
 
-_MODEL_LOCKS: dict[int, threading.RLock] = {}
+class _ModelLock:
+    """A model's re-entrant lock whose holder can hand it to a waiting thread between two batches."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None
+        self._depth = 0
+        self.waiting = 0
+        """Threads blocked in acquire()."""
+        self.turns = 0
+        """How many times another thread than the last owner took it (a handover waits for this)."""
+
+    def acquire(self, depth: int = 1) -> None:
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += depth
+                return
+            self.waiting += 1
+            try:
+                self._cond.wait_for(lambda: self._owner is None)
+            finally:
+                self.waiting -= 1
+            self._owner, self._depth = me, depth
+            self.turns += 1
+            self._cond.notify_all()  # a handing-over thread waits for this turn
+
+    def release(self, all_levels: bool = False) -> int:
+        """Release once (or entirely); returns the depth released."""
+        with self._cond:
+            if self._owner != threading.get_ident():
+                raise RuntimeError("release of a model lock this thread does not hold")
+            n = self._depth if all_levels else 1
+            self._depth -= n
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+            return n
+
+    def wait_turn(self, since: int, timeout: float) -> None:
+        """Block until someone else took the lock after ``since`` turns, or nobody waits any more."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.turns != since or self.waiting == 0, timeout)
+
+
+_MODEL_LOCKS: dict[int, _ModelLock] = {}
 _MODEL_LOCKS_GUARD = threading.Lock()
+_HANDOVER_TIMEOUT_S = 1.0
+
+
+class ModelHold:
+    """The models a ``using()`` block holds; ``handover()`` lets a waiting thread run one batch."""
+
+    def __init__(self, locks: list[_ModelLock]) -> None:
+        self._locks = locks
+
+    def handover(self) -> None:
+        """Between two batches: if another thread waits for one of these models, release them all,
+        let it take its turn, then take them back (in the global order: no deadlock)."""
+        waited = [(lock, lock.turns) for lock in self._locks if lock.waiting]
+        if not waited:
+            return
+        depths = [lock.release(all_levels=True) for lock in reversed(self._locks)][::-1]
+        for lock, since in waited:
+            lock.wait_turn(since, _HANDOVER_TIMEOUT_S)
+        for lock, depth in zip(self._locks, depths):
+            lock.acquire(depth)
 
 
 @contextlib.contextmanager
 def using(*models: Any):
     """Hold these models for one batch of work: widgets run on their own worker threads, and a
-    bridge's hooks are shared state, so two widgets never run the same model at once."""
+    bridge's hooks are shared state, so two widgets never run the same model at once. A long
+    holder calls ``hold.handover()`` between batches so that others wait one batch at most."""
     with _MODEL_LOCKS_GUARD:
-        locks = [_MODEL_LOCKS.setdefault(i, threading.RLock()) for i in sorted({id(m) for m in models})]
-    with contextlib.ExitStack() as stack:
+        locks = [_MODEL_LOCKS.setdefault(i, _ModelLock()) for i in sorted({id(m) for m in models})]
+    taken: list[_ModelLock] = []
+    try:
         for lock in locks:  # one global order (by id): no deadlock between two widgets
-            stack.enter_context(lock)
-        yield
+            lock.acquire()
+            taken.append(lock)
+        yield ModelHold(locks)
+    finally:
+        for lock in reversed(taken):
+            lock.release()
 
 
 class JobCancelled(Exception):
@@ -73,6 +144,7 @@ class Job:
         """The exception that ended the job, if any."""
         self.traceback: str = ""
         """Formatted traceback of that exception."""
+        self._shown: Any = None  # the partial result last put on screen
 
     @property
     def cancelled(self) -> bool:
@@ -95,14 +167,37 @@ class Job:
 
     def report(self, progress: float | None = None, partial: Any = None) -> None:
         """Publish progress (0..1) and/or a partial result to the widget."""
-        if partial is not None:
-            self.partial = partial
-        if self._widget._job is not self:
-            return  # a newer job owns the widget's traits now
-        if partial is not None:
-            self._widget._on_partial(partial)
-        if progress is not None:
-            self._widget.progress = min(1.0, max(0.0, float(progress)))
+        widget = self._widget
+        with widget._job_lock:  # ownership check and update in one step: no new run in between
+            if partial is not None:
+                self.partial = partial
+            if not widget._owned_by(self):
+                return  # a newer job owns the widget's traits now
+            if partial is not None:
+                widget._on_partial(partial)
+                self._shown = partial
+            if progress is not None:
+                widget.progress = min(1.0, max(0.0, float(progress)))
+
+    def set(self, **traits: Any) -> None:
+        """Set widget traits from the job, unless a newer job owns the widget by now."""
+        widget = self._widget
+        with widget._job_lock:
+            if widget._owned_by(self):
+                with widget.hold_sync():
+                    for name, value in traits.items():
+                        setattr(widget, name, value)
+
+    def stopper(self, hold: ModelHold | None = None) -> Callable[[], bool]:
+        """A core function's ``should_stop``: called between batches, it first hands the held
+        models to any widget waiting for them (so it waits one batch, not a whole run)."""
+
+        def should_stop() -> bool:
+            if hold is not None:
+                hold.handover()
+            return self._cancel.is_set()
+
+        return should_stop
 
     def wait(self, timeout: float | None = None) -> Any:
         """Block until the job ends; return its result (or its partial result if it did not finish)."""
@@ -128,6 +223,8 @@ class BaseWidget(anywidget.AnyWidget):
     """Progress of the running job, 0..1."""
     error = traitlets.Unicode("").tag(sync=True)
     """Message of the exception that ended the last job ("" if none)."""
+    message = traitlets.Unicode("").tag(sync=True)
+    """A note on the current job for the status line, e.g. why it shows no preview ("" if none)."""
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout",)
     """Traits a user may set through the constructor, besides its named parameters."""
@@ -135,10 +232,14 @@ class BaseWidget(anywidget.AnyWidget):
     _job: Job | None = None
     _executor: ThreadPoolExecutor | None = None
     _png_cache: tuple[Any, bytes] | None = None
+    _closed = False
+    _refused = False  # the last Run click was refused for its settings (status "error")
+    _job_lock = threading.RLock()  # replaced per instance; a class default for half-built widgets
 
     def __init__(self, _state: dict | None = None, **kwargs: Any) -> None:
         self._check_kwargs(kwargs)
         self._executor_lock = threading.Lock()
+        self._job_lock = threading.RLock()
         super().__init__(**(_state or {}), **kwargs)
 
     # ------------------------------------------------------------------ static image
@@ -207,54 +308,96 @@ class BaseWidget(anywidget.AnyWidget):
 
         A running job is cancelled first; the worker runs jobs one after another. ``fn`` calls
         ``job.check()`` (or reads ``job.cancelled``) between batches and ``job.report(...)``
-        to publish progress and partial results. Its return value is passed to ``_on_result``.
+        to publish progress and partial results. Its return value is passed to ``_on_result``;
+        if it is cancelled, its returned (or last reported) partial result is shown.
         """
-        if self._job is not None and not self._job.done:
-            self._job.cancel()
         job = Job(self)
-        self._job = job
-        with self.hold_sync():
-            self.error = ""
-            self.progress = 0.0
-            self.status = "running"
+        with self._job_lock:  # an old job's report() lands before the swap, never after it
+            old = self._job
+            if old is not None and not old.done:
+                old.cancel()
+            self._job = job
+            self._refused = False
+            with self.hold_sync():
+                self.error = ""
+                self.message = ""
+                self.progress = 0.0
+                self.status = "running"
         with self._executor_lock:
             if self._executor is None:
                 self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="circuit_widgets")
             job.future = self._executor.submit(self._run_job, job, fn, args, kwargs)
         return job
 
-    def _run_job(self, job: Job, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
-        if job.cancelled:
-            self._finish(job, "cancelled")
-            return
+    def _run_from_front_end(self, start: Callable[[], Any]) -> None:
+        """A Run click: settings that cannot run are shown in the widget, where the click happened,
+        and the message goes once the user changes what it was about (``_inputs_changed``)."""
         try:
-            value = fn(job, *args, **kwargs)
-        except JobCancelled:
-            self._finish(job, "cancelled")
+            start()
+        except ValueError as exc:
+            with self.hold_sync():
+                self.error = str(exc)
+                self.message = ""  # a note of an earlier run would read as if about this one
+                self.status = "error"
+            self._refused = True
+
+    def _inputs_changed(self, change: Any = None) -> None:
+        """Clear a refused Run's message: it described settings that no longer hold."""
+        if self._refused and self.status == "error":
+            with self.hold_sync():
+                self.error = ""
+                self.status = "idle"
+        self._refused = False
+
+    def _owned_by(self, job: Job) -> bool:
+        """True while ``job`` is this widget's current job (call it holding ``_job_lock``)."""
+        return self._job is job and not self._closed
+
+    def _run_job(self, job: Job, fn: Callable[..., Any], args: tuple, kwargs: dict) -> None:
+        try:
+            if job.cancelled:
+                self._finish(job, "cancelled")
+                return
+            try:
+                value = fn(job, *args, **kwargs)
+            except JobCancelled:
+                value, stopped = None, True
+            else:
+                stopped = job.cancelled
+            if stopped:
+                if value is not None:
+                    job.partial = value
+                with self._job_lock:
+                    # the last partial (a stopped sweep's return value) may not be on screen yet
+                    if self._owned_by(job) and job.partial is not None and job.partial is not job._shown:
+                        self._on_partial(job.partial)
+                        job._shown = job.partial
+                    self._finish(job, "cancelled")
+            else:
+                job.result = value
+                with self._job_lock:
+                    if self._owned_by(job):
+                        self._on_result(value)
+                    self._finish(job, "done")
         except Exception as exc:  # noqa: BLE001 - the widget shows it instead of losing it in a thread
+            # Also a failure while showing the result (e.g. a user's observer): never stuck "running".
             job.exception = exc
             job.traceback = traceback.format_exc()
             logger.debug("background job failed\n%s", job.traceback)
-            self._finish(job, "error", f"{type(exc).__name__}: {exc}")
-        else:
-            if job.cancelled:
-                if value is not None:
-                    job.partial = value
-                self._finish(job, "cancelled")
-            else:
-                job.result = value
-                if self._job is job:
-                    self._on_result(value)
-                self._finish(job, "done")
+            try:
+                self._finish(job, "error", f"{type(exc).__name__}: {exc}")
+            except Exception:
+                logger.exception("could not report a failed job in the widget")
 
     def _finish(self, job: Job, status: str, error: str = "") -> None:
-        if self._job is not job:
-            return  # superseded by a newer job: leave its traits alone
-        with self.hold_sync():
-            if status == "done":
-                self.progress = 1.0
-            self.error = error
-            self.status = status
+        with self._job_lock:
+            if self._job is not job:
+                return  # superseded by a newer job: leave its traits alone
+            with self.hold_sync():
+                if status == "done":
+                    self.progress = 1.0
+                self.error = error
+                self.status = status
 
     def _on_partial(self, partial: Any) -> None:
         """Show a partial result (a subclass hook; called on the worker thread)."""
@@ -274,9 +417,18 @@ class BaseWidget(anywidget.AnyWidget):
         """Block until the current job ends; return its result (or partial result)."""
         return self._job.wait(timeout) if self._job is not None else None
 
+    def _children(self) -> list[Any]:
+        """Our widgets this one shows (grid, attention, tabs): closed with it. Not ``layout``,
+        which a user may share between widgets."""
+        values = getattr(self, "_trait_values", {})  # a half-built widget (from __del__) has few
+        return [v for v in list(values.values()) if isinstance(v, BaseWidget) and v is not self]
+
     def close(self) -> None:
         self.cancel()
+        self._closed = True  # the worker's last batch must not write into closed views
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
+        for child in self._children():
+            child.close()
         super().close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from collections.abc import Iterable
 from importlib import metadata
@@ -19,8 +20,9 @@ MAX_HEADS = 32
 """Most heads one view draws (circuitsvis keeps one small heatmap per head)."""
 
 
+@functools.lru_cache(maxsize=1)
 def circuitsvis_source() -> tuple[str, bytes]:
-    """(version, text of circuitsvis' bundled browser build), read from the installed package."""
+    """(version, text of circuitsvis' bundled browser build), read from the installed package once."""
     try:
         version = metadata.version("circuitsvis")
         spec = importlib.util.find_spec("circuitsvis")  # not an import: the package imports torch
@@ -96,8 +98,11 @@ class AttentionWidget(BaseWidget):
     """Attention patterns (query x key) of the chosen heads on one example, drawn by circuitsvis.
 
     Set ``widget.heads`` (a Circuit, Heads or ``"l.h"`` strings) or move the example slider;
-    the patterns are recomputed off the kernel's main thread. On grouped-query models each
-    query head has its own pattern, and its label says which key/value head it shares.
+    the patterns are computed off the kernel's main thread, the first ones too (``widget.wait()``
+    blocks until they are there). On grouped-query models each query head has its own pattern,
+    and its label says which key/value head it shares. A saved notebook keeps the static image
+    drawn when the widget was displayed: ``IPython.display.Image(widget.to_image())`` shows the
+    current one.
     """
 
     _esm = traitlets.Unicode().tag(sync=True)
@@ -140,14 +145,22 @@ class AttentionWidget(BaseWidget):
         pairs = _heads_of(heads, shape.n_layers, shape.n_heads)
         version, _ = circuitsvis_source()
         prompt = kwargs.pop("prompt", "clean")
+        if prompt not in ("clean", "corrupt"):
+            raise ValueError(f"prompt must be 'clean' or 'corrupt', got {prompt!r}")
         state = {
             "_esm": read_bundle("attention"), "heads": pairs, "example": example, "n_examples": n,
             "prompt": prompt, "title": "" if title is None else str(title), "circuitsvis_version": version,
         }
-        state.update(self._compute(pairs, example, prompt))  # first view drawn at once
+        # Tokens now (no model run); the patterns on the worker: another widget may hold the model.
+        toks = self._prompt_tokens(example, prompt)
+        n_tok = int(toks.shape[-1])
+        state.update(tokens=_token_strings(model, toks), patterns=np.zeros((0, n_tok, n_tok), np.float32),
+                     shown=[], head_labels=[], shown_example=example)
         super().__init__(state, **kwargs)
         self.on_msg(self._on_front_end_msg)
         self.observe(self._recompute, names=["heads", "example", "prompt"])
+        if pairs:
+            self._recompute()  # the view says "loading" until the job is done
 
     # ------------------------------------------------------------------ data
 
@@ -178,10 +191,13 @@ class AttentionWidget(BaseWidget):
         kv = head // g
         return f"L{layer}H{head} (kv {kv}, shared by q{kv * g}-{kv * g + g - 1})"
 
-    def _compute(self, heads: list[list[int]], example: int, prompt: str) -> dict[str, Any]:
+    def _prompt_tokens(self, example: int, prompt: str) -> Any:
         task = self._task
         length = int(task.lengths[example])
-        toks = (task.clean_tokens if prompt == "clean" else task.corrupt_tokens)[example, :length]
+        return (task.clean_tokens if prompt == "clean" else task.corrupt_tokens)[example, :length]
+
+    def _compute(self, heads: list[list[int]], example: int, prompt: str) -> dict[str, Any]:
+        toks = self._prompt_tokens(example, prompt)
         with using(self._model):
             patterns = attention_patterns(self._model, toks, heads)
         return {

@@ -16,6 +16,11 @@ from circuit_widgets.widgets.head_grid import HeadGridWidget
 SERIES = ("base", "patched", "fine-tuned")
 
 
+def _check_grid_position(task: Any, position: Any) -> None:
+    if position != "all" and (not isinstance(position, str) or position not in task.positions):
+        raise ValueError(f"grid_position must be 'all' or one of {sorted(task.positions)}, got {position!r}")
+
+
 def _as_circuit(circuit: Any) -> Circuit:
     if circuit is None:
         return Circuit()
@@ -32,7 +37,9 @@ class CMAPWidget(BaseWidget):
     Toggle the circuit's groups; Run patches each enabled group alone (at its own position)
     and all of them together, and draws base / patched / fine-tuned accuracy per group; then
     it sweeps every head alone (``cmap_grid``) into the head grid, where the circuit's heads
-    are outlined. Cancel keeps what is done.
+    are outlined. Cancel keeps what is done. A saved notebook keeps the static image drawn
+    when the widget was displayed: ``IPython.display.Image(widget.to_image())`` shows the
+    current bars and grid.
     """
 
     _esm = traitlets.Unicode().tag(sync=True)
@@ -68,15 +75,17 @@ class CMAPWidget(BaseWidget):
         self._component = component
         self._result: Any = None
         grid_position = kwargs.pop("grid_position", "END")
-        if grid_position != "all" and grid_position not in task.positions:
-            raise ValueError(f"grid_position must be 'all' or one of {sorted(task.positions)}, got {grid_position!r}")
+        _check_grid_position(task, grid_position)
         nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
         placeholder = type("Placeholder", (), {"values": nan, "complete": True, "kind": "not run yet: press Run",
                                                "metric_name": task.metric_name})()
         grid = HeadGridWidget(placeholder, title=title or f"CMAP: each head patched alone · {task.name}")
+        grid._use_model_groups(shape.n_heads, shape.n_kv_heads)
         super().__init__({"_esm": read_bundle("cmap"), "grid": grid, "grid_position": grid_position,
                           "bars": np.zeros((0, 3), np.float32), "recovered": np.zeros(0, np.float32)}, **kwargs)
         self.circuit = circuit
+        # a refused Run's message goes once the groups it was about change
+        self.observe(self._inputs_changed, names=["groups", "enabled", "grid_position"])
         self.on_msg(self._on_front_end_msg)
 
     # ------------------------------------------------------------------ circuit
@@ -89,14 +98,21 @@ class CMAPWidget(BaseWidget):
 
     @circuit.setter
     def circuit(self, circuit: Any) -> None:
+        self._set_circuit(circuit, keep_toggles=False)
+
+    def _set_circuit(self, circuit: Any, keep_toggles: bool) -> None:
+        """Show a circuit; ``keep_toggles``: groups it had before keep their on/off state (new ones are on)."""
         c = _as_circuit(circuit)
         c.validate(self._shape.n_layers, self._shape.n_heads, self._task.position_names)
+        before = {g["name"] for g in self.groups}
+        was_on = set(self.enabled)
         self._circuit = c
         with self.hold_sync():
             self.groups = [{"name": g.name, "position": g.position or "all",
                             "heads": [str(h) for h in sorted(g.heads)]} for g in c.groups]
-            self.enabled = [g.name for g in c.groups]
-            self.grid.selected = [[h.layer, h.head] for h in sorted(c.heads)]
+            self.enabled = [g.name for g in c.groups
+                            if not keep_toggles or g.name in was_on or g.name not in before]
+            self.grid.circuit = c  # its heads outlined, their group names on hover
 
     @traitlets.validate("enabled")
     def _valid_enabled(self, proposal: dict) -> list[str]:
@@ -105,6 +121,14 @@ class CMAPWidget(BaseWidget):
         if bad:
             raise traitlets.TraitError(f"no group {bad[0]!r}; the circuit has {names}")
         return [n for n in names if n in proposal["value"]]  # circuit order
+
+    @traitlets.validate("grid_position")
+    def _valid_grid_position(self, proposal: dict) -> str:
+        try:
+            _check_grid_position(self._task, proposal["value"])
+        except ValueError as exc:
+            raise traitlets.TraitError(str(exc)) from None
+        return proposal["value"]
 
     @property
     def result(self) -> Any:
@@ -124,19 +148,22 @@ class CMAPWidget(BaseWidget):
         from circuit_widgets.core.cmap import cmap, cmap_grid
 
         share = 0.3 if sweep_grid else 1.0
-        with using(self._base, self._finetuned):
+        # job.stopper(hold): between two batches the models go to any widget waiting for them
+        with using(self._base, self._finetuned) as hold:
             res = cmap(self._base, self._finetuned, self._task, circuit=circuit, component=self._component,
                        on_progress=lambda d, t: job.report(progress=share * d / max(t, 1)),
-                       should_stop=lambda: job.cancelled)
-        job.report(partial={"cmap": res})
+                       should_stop=job.stopper(hold))
         out: dict = {"cmap": res}
-        if sweep_grid and res.complete:
+        if not res.complete:
+            return out  # stopped: shown as the cancelled job's result
+        job.report(partial=dict(out))
+        if sweep_grid:
             job.check()
-            with using(self._base, self._finetuned):
+            with using(self._base, self._finetuned) as hold:
                 out["grid"] = cmap_grid(
                     self._base, self._finetuned, self._task, component=self._component, position=grid_position,
                     on_progress=lambda d, t: job.report(progress=share + (1 - share) * d / max(t, 1)),
-                    should_stop=lambda: job.cancelled)
+                    should_stop=job.stopper(hold))
         return out
 
     def _on_partial(self, partial: dict) -> None:
@@ -153,9 +180,7 @@ class CMAPWidget(BaseWidget):
                 self.bars = np.asarray(rows, np.float32).reshape(-1, 3)
                 self.recovered = np.asarray(recovered, np.float32)
         if partial.get("grid") is not None:
-            keep = self.grid.selected
-            self.grid.set_result(partial["grid"])
-            self.grid.selected = keep
+            self.grid.set_result(partial["grid"])  # keeps the circuit's heads selected
 
     def _on_result(self, result: dict) -> None:
         self._on_partial(result)
@@ -163,12 +188,7 @@ class CMAPWidget(BaseWidget):
     def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "run":
-            try:
-                self.run()
-            except ValueError as exc:
-                with self.hold_sync():
-                    self.error = str(exc)
-                    self.status = "error"
+            self._run_from_front_end(self.run)
         elif kind == "cancel":
             self.cancel()
 

@@ -16,6 +16,22 @@ from circuit_widgets.widgets._traits import Float32Array
 from circuit_widgets.widgets.head_grid import HeadGridWidget
 
 
+def _check_lams(lams: Any) -> list[float]:
+    items = list(lams) if isinstance(lams, (list, tuple)) else None
+    if not items or any(not isinstance(x, (int, float)) or isinstance(x, bool) or not 0 <= x < math.inf
+                        for x in items):
+        raise ValueError(f"lams must be a non-empty list of finite numbers >= 0, got {lams!r}")
+    return [float(x) for x in items]
+
+
+def _check_position(desideratum: Any, position: Any) -> None:
+    names = getattr(desideratum, "base_positions", None)
+    if not isinstance(position, str):
+        raise ValueError(f"position must be a position name such as 'END', got {position!r}")  # noqa: TRY004 - input mistakes are ValueErrors
+    if names is not None and position not in names:
+        raise ValueError(f"position {position!r} is not one of the desideratum's positions {sorted(names)}")
+
+
 class _MaskGrid:
     """The head grid's view of one MaskResult: 1 - mask (1 = the head takes the source output)."""
 
@@ -37,6 +53,8 @@ class DCMWidget(BaseWidget):
     slider picks which result is shown: its learned mask on the head grid (as 1 - m; the selected heads, rounded mask 0, outlined),
     its training loss curve and its accuracies. ``widget.circuit`` is the grid's selection: the
     shown result's selected heads (``select_result=False`` leaves the selection to the user).
+    A saved notebook keeps the static image drawn when the widget was displayed:
+    ``IPython.display.Image(widget.to_image())`` shows the trained mask and loss.
     """
 
     _esm = traitlets.Unicode().tag(sync=True)
@@ -72,13 +90,8 @@ class DCMWidget(BaseWidget):
 
         shape = model_shape(model)
         self._model, self._desideratum, self._shape = model, desideratum, shape
-        lam_list = list(DEFAULT_LAMS if lams is None else lams)
-        if not lam_list or any(not isinstance(x, (int, float)) or isinstance(x, bool) or not x >= 0
-                               for x in lam_list):
-            raise ValueError(f"lams must be a non-empty list of numbers >= 0, got {lams!r}")
-        names = getattr(desideratum, "base_positions", None)
-        if names is not None and position not in names:
-            raise ValueError(f"position {position!r} is not one of the desideratum's positions {sorted(names)}")
+        lam_list = _check_lams(DEFAULT_LAMS if lams is None else lams)
+        _check_position(desideratum, position)
         self._heads = None if heads is None else [Head.parse(tuple(h) if isinstance(h, list) else h)
                                                   for h in (heads.heads if isinstance(heads, Circuit) else heads)]
         for h in self._heads or []:
@@ -91,6 +104,7 @@ class DCMWidget(BaseWidget):
         nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
         grid = HeadGridWidget(_MaskGrid(nan, "1 - mask", True, "not trained yet: press Train"),
                               title=title or f"DCM · {getattr(desideratum, 'name', 'desideratum')} @ {position}")
+        grid._use_model_groups(shape.n_heads, shape.n_kv_heads)
         super().__init__({"_esm": read_bundle("dcm"), "grid": grid, "lams": [float(x) for x in lam_list],
                           "desideratum": str(getattr(desideratum, "name", "")), "position": position}, **kwargs)
         self.on_msg(self._on_front_end_msg)
@@ -112,6 +126,21 @@ class DCMWidget(BaseWidget):
     def circuit(self) -> Circuit:
         """The heads selected on the grid (DCM's selection for the shown lambda unless edited)."""
         return self.grid.circuit
+
+    @traitlets.validate("lams")
+    def _valid_lams(self, proposal: dict) -> list[float]:
+        try:
+            return _check_lams(proposal["value"])
+        except ValueError as exc:
+            raise traitlets.TraitError(str(exc)) from None
+
+    @traitlets.validate("position")
+    def _valid_position(self, proposal: dict) -> str:
+        try:
+            _check_position(self._desideratum, proposal["value"])
+        except ValueError as exc:
+            raise traitlets.TraitError(str(exc)) from None
+        return proposal["value"]
 
     @traitlets.validate("lam_index")
     def _valid_index(self, proposal: dict) -> int:
@@ -149,9 +178,9 @@ class DCMWidget(BaseWidget):
 
     def train(self) -> Job:
         """Train every lambda in ``lams`` (off the main thread); returns the Job."""
-        return self._submit(self._sweep, list(self.lams))
+        return self._submit(self._sweep, list(self.lams), self.position)
 
-    def _sweep(self, job: Job, lams: list[float]) -> list[Any]:
+    def _sweep(self, job: Job, lams: list[float], position: str) -> list[Any]:
         from circuit_widgets.core.dcm import dcm_sweep
 
         results: list[Any] = []
@@ -160,10 +189,11 @@ class DCMWidget(BaseWidget):
             results.append(result)
             job.report(partial=list(results))
 
-        # One sweep: the source activations and reference accuracies are computed once.
-        with using(self._model):
-            sweep = dcm_sweep(self._model, self._desideratum, heads=self._heads, position=self.position,
-                              lams=lams, should_stop=lambda: job.cancelled, on_result=landed,
+        # One sweep: the source activations and reference accuracies are computed once; the
+        # model is handed to any waiting widget between two batches (job.stopper).
+        with using(self._model) as hold:
+            sweep = dcm_sweep(self._model, self._desideratum, heads=self._heads, position=position,
+                              lams=lams, should_stop=job.stopper(hold), on_result=landed,
                               on_progress=lambda d, t: job.report(progress=d / max(t, 1)),
                               **self._train_kwargs)
         return list(sweep.results)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any, ClassVar
 
 import traitlets
 from ipywidgets import widget_serialization
 
-from circuit_widgets.types import Circuit, Head
+from circuit_widgets.types import Circuit, CircuitGroup, Head
 from circuit_widgets.widgets._base import BaseWidget, read_bundle
 from circuit_widgets.widgets.attention import MAX_HEADS, AttentionWidget
 from circuit_widgets.widgets.path_patching import PathPatchingWidget
@@ -17,6 +18,13 @@ class CircuitExplorer(BaseWidget):
     """One circuit, several views of it, in tabs: path patching (with attention of the selected
     heads), attention, and, when given their inputs, DCM (``desideratum=``) and CMAP
     (``finetuned=``). Selecting heads on any grid selects them everywhere: ``explorer.circuit``.
+
+    The circuit keeps its groups and their positions (``explorer.circuit = Circuit.from_groups(...)``,
+    or a circuit set on the CMAP tab): a click that removes a head takes it out of its group (an
+    emptied group goes), heads added by clicks join the group "heads" (all positions). CMAP's
+    group toggles stay as they are while its groups do. A saved notebook keeps the static image
+    drawn when the explorer was displayed: ``IPython.display.Image(explorer.to_image())`` shows
+    the path-patching grid after a run.
     """
 
     _esm = traitlets.Unicode().tag(sync=True)
@@ -37,6 +45,8 @@ class CircuitExplorer(BaseWidget):
     """Index of the tab shown."""
     selected = traitlets.List(traitlets.List(traitlets.Int(), minlen=2, maxlen=2)).tag(sync=True)
     """The shared circuit's heads as sorted [layer, head] pairs."""
+    groups = traitlets.List(traitlets.Dict()).tag(sync=True)
+    """The shared circuit's named groups, [{name, position, heads: [[layer, head], ...]}] ([] for plain heads)."""
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "tab")
 
@@ -63,11 +73,18 @@ class CircuitExplorer(BaseWidget):
             traits.append("cmap")
         state.update(_esm=read_bundle("explorer"), tab_names=names, tab_traits=traits)
         self._n_layers, self._n_heads = pp.grid.values.shape
-        self._syncing = False
+        self._positions = list(task.position_names)
+        self._circuit = Circuit()
+        # One sync at a time across threads (a click on the main thread, a grid pruned by a
+        # worker); the flag is per thread, so only a sync's own echo is ignored.
+        self._sync_lock = threading.RLock()
+        self._local = threading.local()
         super().__init__(state, **kwargs)
         for grid in self._grids():
             grid.observe(self._from_grid, names="selected")
-        self.observe(self._to_children, names="selected")
+        self.observe(self._from_trait, names="selected")
+        if self.cmap is not None:
+            self.cmap.observe(self._from_cmap, names="groups")
         if circuit is not None:
             self.circuit = circuit
 
@@ -80,34 +97,63 @@ class CircuitExplorer(BaseWidget):
 
     @property
     def circuit(self) -> Circuit:
-        """The shared circuit (the heads selected on any tab's grid)."""
-        return Circuit.from_heads([Head(layer, head) for layer, head in self.selected])
+        """The shared circuit: its groups (and positions), with the heads selected on any tab's grid."""
+        return self._circuit
 
     @circuit.setter
     def circuit(self, circuit: Any) -> None:
-        heads = circuit.heads if isinstance(circuit, Circuit) else circuit
-        pairs = sorted({Head.parse(tuple(h) if isinstance(h, list) else h) for h in heads})
-        for h in pairs:
-            if h.layer >= self._n_layers or h.head >= self._n_heads:
-                raise ValueError(f"head {h} is outside the model (layers 0-{self._n_layers - 1}, "
-                                 f"heads 0-{self._n_heads - 1})")
-        self.selected = [[h.layer, h.head] for h in pairs]
+        from circuit_widgets.widgets.cmap import _as_circuit
+
+        c = _as_circuit(circuit)
+        c.validate(self._n_layers, self._n_heads, self._positions)
+        self._sync(c)
+
+    @property
+    def _syncing(self) -> bool:
+        """True on the thread that is pushing the circuit into the tabs (their echoes are ignored)."""
+        return getattr(self._local, "syncing", False)
 
     def _from_grid(self, change: dict) -> None:
         if not self._syncing:
-            self.selected = [list(p) for p in change["new"]]
+            self._sync(_with_heads(self._circuit, change["new"]))
 
-    def _to_children(self, change: dict) -> None:
-        self._syncing = True  # the grids' observers would echo the change back
-        try:
-            for grid in self._grids():
-                if grid.selected != self.selected:
-                    grid.selected = self.selected
-            self.attention.heads = self.selected[:MAX_HEADS]
-            if self.cmap is not None:
-                self.cmap.circuit = self.circuit
-        finally:
-            self._syncing = False
+    def _from_trait(self, change: dict) -> None:
+        if not self._syncing:  # `explorer.selected = [...]` set from Python
+            self._sync(_with_heads(self._circuit, change["new"]))
+
+    def _from_cmap(self, change: dict) -> None:
+        if not self._syncing:  # a grouped circuit set on the CMAP tab becomes the shared one
+            self._sync(self.cmap._circuit)
+
+    def _sync(self, circuit: Circuit) -> None:
+        with self._sync_lock:
+            self._local.syncing = True
+            try:
+                self._push(circuit)
+            finally:
+                self._local.syncing = False
+
+    def _push(self, c: Circuit) -> None:
+        from circuit_widgets.widgets.head_grid import _named_groups
+
+        pairs = [[h.layer, h.head] for h in sorted(c.heads)]
+        self._circuit = c
+        groups = _named_groups(c, pairs)
+        with self.hold_sync():
+            if self.groups != groups:
+                self.groups = groups
+            if self.selected != pairs:
+                self.selected = pairs
+        for grid in self._grids():  # only what differs: no needless observer calls in the tabs
+            with grid.hold_sync():
+                if grid.groups != groups:
+                    grid.groups = groups
+                if grid.selected != pairs:
+                    grid.selected = pairs
+        if self.attention.heads != pairs[:MAX_HEADS]:
+            self.attention.heads = pairs[:MAX_HEADS]
+        if self.cmap is not None and self.cmap._circuit != c:  # its heads or groups really changed
+            self.cmap._set_circuit(c, keep_toggles=True)
 
     def cancel(self) -> bool:
         """Cancel whatever any tab is running."""
@@ -128,3 +174,19 @@ class CircuitExplorer(BaseWidget):
 
     def __repr__(self) -> str:
         return f"CircuitExplorer(tabs {', '.join(self.tab_names)}; circuit {self.circuit})"
+
+
+def _with_heads(circuit: Circuit, pairs: list[list[int]]) -> Circuit:
+    """``circuit`` with exactly these heads: removed heads leave their groups (emptied groups go),
+    new heads join the group "heads" (created at all positions if the circuit has none)."""
+    want = {Head(int(layer), int(head)) for layer, head in pairs}
+    added = want - circuit.heads
+    groups = [CircuitGroup(g.name, g.heads & want, g.position) for g in circuit.groups]
+    if added:
+        names = [g.name for g in groups]
+        if "heads" in names:
+            i = names.index("heads")
+            groups[i] = CircuitGroup("heads", groups[i].heads | added, groups[i].position)
+        else:
+            groups.append(CircuitGroup("heads", frozenset(added)))
+    return Circuit(tuple(g for g in groups if g.heads), circuit.name)

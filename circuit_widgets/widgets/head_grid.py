@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import traitlets
 
-from circuit_widgets.types import Circuit, Head
+from circuit_widgets.types import Circuit, CircuitGroup, Head
 from circuit_widgets.widgets._base import BaseWidget, read_bundle
 from circuit_widgets.widgets._traits import Float32Array, as_float32
 
@@ -98,6 +98,50 @@ def _selection_pairs(selection: Any, layer_numbers: list[int], n_heads: int) -> 
     return [[h.layer, h.head] for h in heads]
 
 
+def _named_groups(circuit: Any, pairs: list[list[int]]) -> list[dict]:
+    """A grouped Circuit's groups as trait values; [] for plain heads (one unnamed "heads" group)."""
+    if not isinstance(circuit, Circuit):
+        return []
+    groups = circuit.groups
+    if len(groups) == 1 and groups[0].name == "heads" and groups[0].position is None:
+        return []
+    out = [{"name": g.name, "position": g.position or "all", "heads": [[h.layer, h.head] for h in sorted(g.heads)]}
+           for g in groups]
+    return _prune(out, {tuple(p) for p in pairs})
+
+
+def _prune(groups: list[dict], selected: set[tuple[int, int]]) -> list[dict]:
+    out = []
+    for g in groups:
+        heads = [list(p) for p in g["heads"] if tuple(p) in selected]
+        if heads:
+            out.append({**g, "heads": heads})
+    return out
+
+
+def _grouped_circuit(selected: list[list[int]], groups: list[dict]) -> Circuit:
+    """The selected heads in their named groups; heads in none go to the group "heads"."""
+    if not groups:
+        return Circuit.from_heads([Head(layer, head) for layer, head in selected])
+    chosen = {tuple(p) for p in selected}
+    out: list[CircuitGroup] = []
+    placed: set[tuple[int, int]] = set()
+    for g in groups:
+        heads = [tuple(p) for p in g["heads"] if tuple(p) in chosen]
+        placed.update(heads)
+        position = None if g.get("position") in (None, "all") else g["position"]
+        out.append(CircuitGroup(g["name"], frozenset(Head(*p) for p in heads), position))
+    rest = sorted(chosen - placed)
+    if rest:
+        names = [g.name for g in out]
+        if "heads" in names:
+            i = names.index("heads")
+            out[i] = CircuitGroup("heads", out[i].heads | {Head(*p) for p in rest}, out[i].position)
+        else:
+            out.append(CircuitGroup("heads", frozenset(Head(*p) for p in rest)))
+    return Circuit(tuple(g for g in out if g.heads))
+
+
 def _span(numbers: list[int]) -> str:
     if numbers == list(range(len(numbers))):
         return f"0-{len(numbers) - 1}"
@@ -107,9 +151,12 @@ def _span(numbers: list[int]) -> str:
 class HeadGridWidget(BaseWidget):
     """Layer x head heatmap of a result (layers are rows, heads columns).
 
-    Hover a cell for its value, click to select a head, shift-click to add or remove one;
+    Hover a cell for its value (and, on grouped-query models, the key/value head it shares; for
+    a grouped circuit, its group); click to select a head, shift-click to add or remove one;
     the selection is ``widget.selected`` (``[[layer, head], ...]``, observable) and
-    ``widget.circuit`` (a Circuit). The threshold and top-k sliders only dim the display.
+    ``widget.circuit`` (a Circuit). The threshold and top-k sliders only dim the display. A
+    saved notebook keeps the static image drawn when the widget was displayed: after
+    ``set_result``, ``IPython.display.Image(widget.to_image())`` shows the current grid.
     """
 
     _esm = traitlets.Unicode().tag(sync=True)
@@ -143,33 +190,58 @@ class HeadGridWidget(BaseWidget):
     """Display filter: cells with |value| below this are dimmed (0 = off)."""
     top_k = traitlets.Int(0, min=0).tag(sync=True)
     """Display filter: only the k cells with the largest |value| stay bright (0 = off)."""
+    kv_groups = traitlets.List(traitlets.List(traitlets.Int())).tag(sync=True)
+    """Grouped-query models: kv_groups[g] = the query heads sharing key/value head g ([] = none)."""
+    kv_columns = traitlets.Bool(False).tag(sync=True)
+    """True when the columns are key/value heads (k or v of a grouped-query model), not query heads."""
+    groups = traitlets.List(traitlets.Dict()).tag(sync=True)
+    """Named groups of the selected circuit, [{name, position, heads: [[layer, head], ...]}]; shown on hover."""
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "threshold", "top_k")
 
     def __init__(self, result: Any, *, title: str | None = None, selection: Any = None, **kwargs: Any) -> None:
         self._check_kwargs(kwargs)  # before the (slower) reading of the result
         state = _read_result(result)
-        self._kv_groups: list[list[int]] | None = state.pop("kv_groups")
+        kvg = state.pop("kv_groups")
+        state["kv_groups"], state["kv_columns"] = (kvg, True) if kvg else ([], False)
         state["selected"] = _selection_pairs(selection, state["layer_numbers"], state["values"].shape[1])
+        state["groups"] = _named_groups(selection, state["selected"])
         state["title"] = "" if title is None else str(title)
         state["_esm"] = read_bundle("head_grid")
         super().__init__(state, **kwargs)
+        self.observe(self._prune_groups, names="selected")
 
     # ------------------------------------------------------------------ data
 
     def set_result(self, result: Any) -> None:
-        """Show a new (e.g. more complete) result; selected heads outside the new grid are dropped."""
+        """Show a new (e.g. more complete) result; selected heads outside the new grid are dropped.
+
+        ``selected`` is assigned at most once, and only if a head had to go: its observers (an
+        attention view, an explorer) see no change, and a click arriving meanwhile is kept.
+        """
         state = _read_result(result)
-        self._kv_groups = state.pop("kv_groups")
+        kvg = state.pop("kv_groups")
+        if kvg:
+            state["kv_groups"], state["kv_columns"] = kvg, True
+        else:  # query-head columns keep a grouping their owner gave (e.g. from the model) if it fits
+            keep_groups = not self.kv_columns and sum(map(len, self.kv_groups)) == state["values"].shape[1]
+            state["kv_groups"], state["kv_columns"] = (list(self.kv_groups) if keep_groups else []), False
         rows, n_heads = set(state["layer_numbers"]), state["values"].shape[1]
-        keep = [p for p in self.selected if p[0] in rows and p[1] < n_heads]
+        current = list(self.selected)
+        keep = [p for p in current if p[0] in rows and p[1] < n_heads]
         with self.hold_sync():
-            self.selected = []  # valid for any grid; the kept heads are set back below
+            if keep != current:  # valid on the old grid and the new one
+                self.selected = keep
             values = state.pop("values")
             for name, value in state.items():
+                if name in ("layer_numbers", "heads", "layers", "kv_groups") and getattr(self, name) == value:
+                    continue  # unchanged lists fire no change event
                 setattr(self, name, value)
             self.values = values  # last: a `values` observer sees the matching labels and masks
-            self.selected = keep
+            # a click validated against the old grid may have landed meanwhile
+            late = [p for p in self.selected if p[0] in rows and p[1] < n_heads]
+            if late != self.selected:
+                self.selected = late
 
     def _on_partial(self, partial: Any) -> None:
         self.set_result(partial)  # a background sweep's partial HeadGrid (NaN = not yet computed)
@@ -182,24 +254,44 @@ class HeadGridWidget(BaseWidget):
     def _valid_selected(self, proposal: dict) -> list[list[int]]:
         return _selection_pairs(proposal["value"], self.layer_numbers, self.values.shape[1])
 
+    def _prune_groups(self, change: dict) -> None:
+        # group names describe selected heads only: a deselected head leaves its group
+        if not self.groups:
+            return
+        pruned = _prune(self.groups, {tuple(p) for p in change["new"]})
+        if pruned != self.groups:
+            self.groups = pruned
+
+    def _use_model_groups(self, n_heads: int, n_kv_heads: int) -> None:
+        """Query-head columns of a grouped-query model: say on hover which key/value head each shares."""
+        if self.kv_columns or n_kv_heads >= n_heads or n_kv_heads < 1:
+            return
+        g = n_heads // n_kv_heads
+        self.kv_groups = [list(range(k * g, (k + 1) * g)) for k in range(n_kv_heads)]
+
     # ------------------------------------------------------------------ selection
 
     @property
     def circuit(self) -> Circuit:
-        """The selected heads as a Circuit.
+        """The selected heads as a Circuit (in their named groups, if ``groups`` has them).
 
         On a grid of key/value heads (k or v of a grouped-query model, ``result.kv_groups``)
         a selected column stands for every query head of its group.
         """
-        heads = []
-        for layer, col in self.selected:
-            group = self._kv_groups[col] if self._kv_groups and col < len(self._kv_groups) else [col]
-            heads.extend(Head(layer, h) for h in group)
-        return Circuit.from_heads(heads)
+        if self.kv_columns:
+            heads = []
+            for layer, col in self.selected:
+                group = self.kv_groups[col] if col < len(self.kv_groups) else [col]
+                heads.extend(Head(layer, h) for h in group)
+            return Circuit.from_heads(heads)
+        return _grouped_circuit(self.selected, self.groups)
 
     @circuit.setter
     def circuit(self, circuit: Circuit | Iterable[Any]) -> None:
-        self.selected = _selection_pairs(circuit, self.layer_numbers, self.values.shape[1])
+        pairs = _selection_pairs(circuit, self.layer_numbers, self.values.shape[1])
+        with self.hold_sync():
+            self.groups = _named_groups(circuit, pairs)
+            self.selected = pairs
 
     def on_select(self, callback: Callable[[Circuit], Any]) -> Callable[[dict], None]:
         """Call ``callback(circuit)`` whenever the selection changes; returns the observer."""

@@ -32,6 +32,9 @@ class GridState:
     notes: list[str] = field(default_factory=list)
 
 
+NO_PREVIEW = "no preview for receiver heads: exact values only"
+
+
 def _empty_state(n_layers: int, n_heads: int, metric_name: str) -> GridState:
     nan = np.full((n_layers, n_heads), np.nan, np.float32)
     # complete: nothing was asked for yet, so the grid does not call itself "partial"
@@ -44,9 +47,13 @@ class PathPatchingWidget(BaseWidget):
     """Path patching of every sender head into the logits or into chosen receiver heads.
 
     Pick receivers ("logits", or the heads selected on the grid, through their q, k or v), a
-    position and whether MLPs are frozen, then Run: an attribution preview fills the grid at
-    once, and exact path-patching values replace it layer by layer (Cancel keeps what is done).
-    Clicking heads selects them (``widget.circuit``) and shows their attention patterns.
+    position and whether MLPs are frozen, then Run. For the logits a first-order estimate of
+    the same path effect (``path_attribution``, same position and MLP freezing) fills the grid
+    at once, and exact path-patching values replace it layer by layer (Cancel keeps what is
+    done); receiver heads get exact values only. Clicking heads selects them
+    (``widget.circuit``) and shows their attention patterns. A saved notebook keeps the static
+    image drawn when the widget was displayed: ``IPython.display.Image(widget.to_image())``
+    shows the grid after a run.
     """
 
     _esm = traitlets.Unicode().tag(sync=True)
@@ -66,7 +73,7 @@ class PathPatchingWidget(BaseWidget):
     freeze_mlps = traitlets.Bool(False).tag(sync=True)
     """Freeze MLP outputs to their clean values too (direct paths only)."""
     preview = traitlets.Bool(True).tag(sync=True)
-    """Show an attribution-patching estimate at once, before the exact values."""
+    """Receivers 'logits': show a first-order estimate of the path effect at once, before the exact values."""
     run_receivers = traitlets.Unicode("").tag(sync=True)
     """The receivers of the grid shown ("" before the first run)."""
     phase = traitlets.Unicode("").tag(sync=True)
@@ -91,10 +98,14 @@ class PathPatchingWidget(BaseWidget):
             raise ValueError(f"position must be one of {options}, got {position!r}")
         self._state = _empty_state(shape.n_layers, shape.n_heads, task.metric_name)
         grid = HeadGridWidget(self._state, title=title or f"path patching · {task.name}")
+        grid._use_model_groups(shape.n_heads, shape.n_kv_heads)
         attention = AttentionWidget(model, task, [], title="Attention of the selected heads")
         super().__init__({"grid": grid, "attention": attention, "position_options": options,
                           "position": position, "_esm": read_bundle("path_patching")}, **kwargs)
         grid.observe(self._on_select, names="selected")
+        # a refused Run's message goes once any setting it could have been about changes
+        grid.observe(self._inputs_changed, names="selected")
+        self.observe(self._inputs_changed, names=["receivers", "receiver_input", "position", "freeze_mlps"])
         self.on_msg(self._on_front_end_msg)
 
     # ------------------------------------------------------------------ selection
@@ -140,7 +151,10 @@ class PathPatchingWidget(BaseWidget):
         """
         receivers = self._receiver_list()
         args = (receivers, self.position, self.freeze_mlps, self.preview)
-        return self._submit(self._sweep, *args)
+        job = self._submit(self._sweep, *args)
+        if self.preview and receivers != "logits":
+            self.message = NO_PREVIEW
+        return job
 
     def _senders_by_step(self, receivers: str | list[Receiver]) -> list[list[int]]:
         top = self._shape.n_layers if receivers == "logits" else min(r.layer for r in receivers)
@@ -149,40 +163,38 @@ class PathPatchingWidget(BaseWidget):
         return [layers[i:i + k] for i in range(0, len(layers), k)]
 
     def _sweep(self, job: Job, receivers: str | list[Receiver], position: str, freeze: bool,
-                 preview: bool) -> GridState:
-        from circuit_widgets.core import attribution_patch, path_patch
+               preview: bool) -> GridState:
+        from circuit_widgets.core import path_patch
+        from circuit_widgets.core.attribution import path_attribution
 
         shape, task = self._shape, self._task
         described = "logits" if receivers == "logits" else ", ".join(map(str, receivers))
         steps = self._senders_by_step(receivers)
-        sender_layers = {layer for step in steps for layer in step}
+        # the estimate is of the path into the logits: for receiver heads it would be another quantity
+        preview = preview and receivers == "logits"
         total = len(steps) + (1 if preview else 0)
         state = _empty_state(shape.n_layers, shape.n_heads, task.metric_name)
         state.kind, state.complete = f"path patching → {described}", False
         state.pending = np.zeros_like(state.values)
-        self.phase = ""
-        self.run_receivers = described
+        job.set(phase="", run_receivers=described)
         if preview:
-            with using(self._model):
-                est = attribution_patch(self._model, task, "z", positions=position,
-                                        should_stop=lambda: job.cancelled)
+            with using(self._model) as hold:
+                est = path_attribution(self._model, task, position=position, freeze_mlps=freeze,
+                                       should_stop=job.stopper(hold))
             job.check()
-            vals = est.values.float().cpu().numpy()
-            norm = est.normalized.float().cpu().numpy()
-            rows = np.array([layer in sender_layers for layer in range(shape.n_layers)])
-            state.values = np.where(rows[:, None], vals, np.nan).astype(np.float32)
-            state.normalized = np.where(rows[:, None], norm, np.nan).astype(np.float32)
-            state.pending = np.where(rows[:, None] & np.isfinite(vals), 1.0, 0.0).astype(np.float32)
+            state.values = est.values.float().cpu().numpy().astype(np.float32)
+            state.normalized = est.normalized.float().cpu().numpy().astype(np.float32)
+            state.pending = np.isfinite(state.values).astype(np.float32)
             state.metric_name = est.metric_name
-            state.kind = f"attribution preview, then path patching → {described}"
-            self.phase = "preview"
+            state.kind = f"path attribution preview, then path patching → {described}"
+            job.set(phase="preview")
             job.report(progress=1 / total, partial=_copy(state))
         for i, layers in enumerate(steps):
             job.check()
             senders = [Head(layer, h) for layer in layers for h in range(shape.n_heads)]
-            with using(self._model):  # per layer chunk: an attention view waits one chunk at most
+            with using(self._model) as hold:  # per layer chunk: an attention view waits one batch at most
                 res = path_patch(self._model, task, receivers=receivers, senders=senders, position=position,
-                                 freeze_mlps=freeze, should_stop=lambda: job.cancelled)
+                                 freeze_mlps=freeze, should_stop=job.stopper(hold))
             vals = res.values.float().cpu().numpy()
             norm = res.normalized.float().cpu().numpy()
             done = res.done.cpu().numpy()
@@ -193,9 +205,9 @@ class PathPatchingWidget(BaseWidget):
             state.pending[done] = 0.0
             state.metric_name = res.metric_name
             state.notes = list(res.notes)
-            self.phase = "exact"
+            job.set(phase="exact")
             if not res.complete:
-                break  # stopped inside the chunk: keep what it finished
+                break  # stopped inside the chunk: the finished cells are shown as the cancelled result
             job.report(progress=(i + 1 + (1 if preview else 0)) / total, partial=_copy(state))
         state.complete = not job.cancelled
         if state.complete:
@@ -213,12 +225,7 @@ class PathPatchingWidget(BaseWidget):
     def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
         kind = content.get("type") if isinstance(content, dict) else None
         if kind == "run":
-            try:
-                self.run()
-            except ValueError as exc:  # shown in the widget, where the click happened
-                with self.hold_sync():
-                    self.error = str(exc)
-                    self.status = "error"
+            self._run_from_front_end(self.run)
         elif kind == "cancel":
             self.cancel()
 

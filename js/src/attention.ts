@@ -11,14 +11,23 @@ import { injectStyle } from "./style";
 
 let instance = 0;
 
-function whenConnected(node: Element, alive: () => boolean): Promise<boolean> {
+// circuitsvis sizes its charts once, when drawn: drawn inside a hidden tab they stay 0 px high.
+// So draw when the host is in the page and shown (a ResizeObserver sees it appear).
+function whenShown(node: HTMLElement, alive: () => boolean): Promise<boolean> {
+  const shown = () => node.isConnected && node.getClientRects().length > 0;
   return new Promise((resolve) => {
-    const tick = () => {
-      if (!alive()) resolve(false);
-      else if (node.isConnected) resolve(true);
-      else requestAnimationFrame(tick);
-    };
-    tick();
+    if (!alive()) return resolve(false);
+    if (shown()) return resolve(true);
+    const observer = new ResizeObserver(() => {
+      if (!alive()) {
+        observer.disconnect();
+        resolve(false);
+      } else if (shown()) {
+        observer.disconnect();
+        resolve(true);
+      }
+    });
+    observer.observe(node);
   });
 }
 
@@ -53,7 +62,15 @@ export function renderAttention(model: AnyModel, el: HTMLElement): () => void {
   const tokensLine = htmlEl("div", "cw-att-tokens");
   tokensLine.setAttribute("aria-label", "tokens of the example");
   const vis = htmlEl("div", "cw-att-vis");
-  const empty = htmlEl("div", "cw-att-empty", "Select heads (click them on a head grid) to see their attention patterns.");
+  const empty = htmlEl("div", "cw-att-empty");
+  const EMPTY_TEXT = "Select heads (click them on a head grid) to see their attention patterns.";
+  // the kernel computes the first patterns on its worker: until they arrive, say so
+  function syncEmpty(): void {
+    const wanted = ((model.get("heads") as number[][]) ?? []).length > 0;
+    const loading = wanted && model.get("status") === "running";
+    empty.textContent = loading ? "loading attention patterns…" : EMPTY_TEXT;
+    empty.classList.toggle("cw-att-loading", loading);
+  }
   const status = statusLine(model);
   root.append(head, controls, headsLine, tokensLine, vis, status.node);
   el.appendChild(root);
@@ -90,6 +107,7 @@ export function renderAttention(model: AnyModel, el: HTMLElement): () => void {
     }));
     const seq = ++drawSeq;
     if (!arr || arr.shape[0] === 0) {
+      syncEmpty();
       vis.replaceChildren(empty);
       root.dataset.draws = String(seq);
       return;
@@ -101,7 +119,7 @@ export function renderAttention(model: AnyModel, el: HTMLElement): () => void {
     root.dataset.loading = "true";
     loadCircuitsVis(() => requestFromKernel(model))
       .then(async (cv) => {
-        if (!(await whenConnected(host, () => alive && seq === drawSeq))) return;
+        if (!(await whenShown(host, () => alive && seq === drawSeq))) return;
         cv.render(host.id, cv.AttentionHeads, {
           // short names fit circuitsvis' small head tiles; the chips above carry the full labels
           attention, tokens, attentionHeadNames: shown.map((p) => `L${p[0]}H${p[1]}`), maxValue: 1, minValue: 0, maskUpperTri: true,
@@ -143,6 +161,7 @@ export function renderAttention(model: AnyModel, el: HTMLElement): () => void {
   const offs = [
     listen(model, ["change:patterns", "change:tokens", "change:head_labels", "change:shown", "change:title"], scheduleDraw),
     listen(model, ["change:example", "change:n_examples", "change:prompt"], syncControls),
+    listen(model, ["change:status", "change:heads"], syncEmpty),
   ];
   return () => {
     alive = false;

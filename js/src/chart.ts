@@ -52,26 +52,47 @@ export function barSlots(nGroups: number, nSeries: number, w: number): { x: numb
   return { x, width };
 }
 
+/** Labels for the two ends of an axis, with enough digits that they differ when the ends do. */
+export function endLabels(lo: number, hi: number): [string, string] {
+  for (let digits = 3; digits <= 10; digits++) {
+    const a = formatValue(lo, digits);
+    const b = formatValue(hi, digits);
+    if (a !== b || lo === hi) return [a, b];
+  }
+  return [formatValue(lo, 10), formatValue(hi, 10)];
+}
+
+export const MIN_BAR_PX = 2;
+
+/** Height and top of a bar of value v (clamped to [0, 1]) in a box h high: a 0 still shows a
+ * thin bar on the baseline, so "0" reads as a value and not as missing. */
+export function barGeometry(v: number, h: number): { height: number; y: number; zero: boolean } {
+  const height = Math.max(MIN_BAR_PX, Math.max(0, Math.min(1, v)) * h);
+  return { height, y: h - height, zero: !(v > 0) };
+}
+
 export function lineChart(values: ArrayLike<number>, opts: { title: string; xLabel: string; yLabel: string; width?: number; height?: number }): SVGSVGElement {
   const W = opts.width ?? 360;
   const H = opts.height ?? 200;
-  const m = { l: 48, r: 12, t: 24, b: 34 };
+  const ext = extent(values);
+  const [loText, hiText] = endLabels(ext.lo, ext.hi);
+  // room for the longer tick label (a nearly flat curve needs many digits) and the axis title
+  const m = { l: Math.max(48, 24 + Math.max(textWidth(loText, 11), textWidth(hiText, 11))), r: 12, t: 24, b: 34 };
   const w = W - m.l - m.r;
   const h = H - m.t - m.b;
-  const ext = extent(values);
   const svg = svgEl("svg", { width: W, height: H, viewBox: `0 0 ${W} ${H}`, "font-family": FONT_FAMILY, "font-size": 11, class: "cw-line-chart" });
   svg.appendChild(svgEl("rect", { x: 0, y: 0, width: W, height: H, fill: "#fff" }));
   svg.appendChild(svgEl("text", { x: 4, y: 14, "font-weight": "bold", "font-size": 12 }, opts.title));
   const g = svgEl("g", { transform: `translate(${m.l},${m.t})` });
   g.appendChild(svgEl("line", { x1: 0, y1: h, x2: w, y2: h, stroke: "#888" }));
   g.appendChild(svgEl("line", { x1: 0, y1: 0, x2: 0, y2: h, stroke: "#888" }));
-  for (const [v, y] of [[ext.hi, 0], [ext.lo, h]] as [number, number][]) {
-    g.appendChild(svgEl("text", { x: -4, y, "text-anchor": "end", "dominant-baseline": "central", class: "cw-chart-ytick" }, formatValue(v)));
+  for (const [text, y] of [[hiText, 0], [loText, h]] as [string, number][]) {
+    g.appendChild(svgEl("text", { x: -4, y, "text-anchor": "end", "dominant-baseline": "central", class: "cw-chart-ytick" }, text));
   }
   g.appendChild(svgEl("text", { x: 0, y: h + 14, "text-anchor": "start" }, "0"));
   g.appendChild(svgEl("text", { x: w, y: h + 14, "text-anchor": "end" }, String(Math.max(0, values.length - 1))));
   g.appendChild(svgEl("text", { x: w / 2, y: h + 28, "text-anchor": "middle" }, opts.xLabel));
-  g.appendChild(svgEl("text", { x: 0, y: 0, "text-anchor": "middle", transform: `translate(${-38},${h / 2}) rotate(-90)` }, opts.yLabel));
+  g.appendChild(svgEl("text", { x: 0, y: 0, "text-anchor": "middle", transform: `translate(${10 - m.l},${h / 2}) rotate(-90)` }, opts.yLabel));
   g.appendChild(svgEl("path", { d: linePath(values, w, h, ext), fill: "none", stroke: "#2166ac", "stroke-width": 1.8, class: "cw-chart-line" }));
   svg.appendChild(g);
   return svg;
@@ -109,14 +130,21 @@ export function barChart(values: Float32Array, nGroups: number, groupLabels: str
     for (let j = 0; j < nSeries; j++) {
       const v = values[gi * nSeries + j];
       if (!Number.isFinite(v)) continue;
-      const bh = Math.max(0, Math.min(1, v)) * h;
+      const bar = barGeometry(v, h);
       g.appendChild(svgEl("rect", {
-        x: x[gi][j], y: h - bh, width: width * 0.92, height: bh, fill: SERIES_COLORS[j % SERIES_COLORS.length],
-        class: "cw-bar", "data-group": gi, "data-series": j, "data-value": v,
+        x: x[gi][j], y: bar.y, width: width * 0.92, height: bar.height, fill: SERIES_COLORS[j % SERIES_COLORS.length],
+        class: bar.zero ? "cw-bar cw-bar-zero" : "cw-bar", "data-group": gi, "data-series": j, "data-value": v,
       }));
-      g.appendChild(svgEl("text", { x: x[gi][j] + width * 0.46, y: h - bh - 3, "text-anchor": "middle", "font-size": 9 }, v.toFixed(2)));
+      g.appendChild(svgEl("text", {
+        x: x[gi][j] + width * 0.46, y: bar.y - 3, "text-anchor": "middle", "font-size": 10, fill: "#333", class: "cw-bar-value",
+      }, v.toFixed(2)));
     }
     g.appendChild(svgEl("text", { x: x[gi][0] + (width * nSeries) / 2, y: h + 16, "text-anchor": "middle", class: "cw-bar-label" }, groupLabels[gi] ?? String(gi)));
+  }
+  const finite = Array.from(values).filter((v) => Number.isFinite(v));
+  if (finite.length && finite.every((v) => v === 0)) {
+    g.appendChild(svgEl("text", { x: w / 2, y: h / 2, "text-anchor": "middle", fill: "#555", class: "cw-bar-note" },
+      "all values are 0 (computed, not missing)"));
   }
   svg.appendChild(g);
   return svg;

@@ -6,6 +6,7 @@ import { runButtons } from "./controls";
 import { decodeFloat32, WireArray } from "./codec";
 import { formatValue } from "./colors";
 import { htmlEl } from "./dom";
+import { lambdaLabel } from "./labels";
 import { AnyModel, listen, RenderProps } from "./model";
 import { statusLine } from "./status";
 import { injectStyle } from "./style";
@@ -18,7 +19,7 @@ export function renderDCM(model: AnyModel, el: HTMLElement): () => void {
   root.dataset.widget = "dcm";
   const controls = htmlEl("div", "cw-hg-controls");
   const buttons = runButtons(model, "Train");
-  const lamLabel = htmlEl("label", "cw-hg-ctl", "λ");
+  const lamLabel = htmlEl("label", "cw-hg-ctl", "sparsity");
   const slider = htmlEl("input", "cw-dcm-lambda");
   slider.type = "range";
   slider.min = "0";
@@ -45,8 +46,9 @@ export function renderDCM(model: AnyModel, el: HTMLElement): () => void {
     slider.max = String(Math.max(0, nDone - 1));
     slider.disabled = nDone < 2;
     slider.value = String(i);
-    lamOut.value = nDone ? `${formatValue(lams[i])} (${i + 1} of ${nDone} trained; ${lams.length} in the sweep)` : `${lams.map((l) => formatValue(l)).join(", ")} (press Train)`;
     const s = (model.get("summary") as Record<string, unknown>) ?? {};
+    const shownLam = typeof s.lam === "number" ? s.lam : lams[i];
+    lamOut.value = lambdaLabel(lams, nDone, shownLam, String(model.get("status") ?? ""), s.complete !== false);
     summary.textContent = nDone
       ? `${model.get("desideratum")} @ ${model.get("position")}: ${s.n_selected} of ${s.n_heads} heads selected · accuracy ` +
         `train ${pct(s.train_accuracy)}, val ${pct(s.val_accuracy)}, test ${pct(s.test_accuracy)} ` +
@@ -54,7 +56,7 @@ export function renderDCM(model: AnyModel, el: HTMLElement): () => void {
       : `${model.get("desideratum")} @ ${model.get("position")}: not trained yet`;
     const loss = decodeFloat32(model.get("loss") as WireArray | null);
     curveHost.replaceChildren(lineChart(loss ? (loss.data as Float32Array) : new Float32Array(0), {
-      title: nDone ? `training loss, λ = ${formatValue(lams[i])}` : "training loss", xLabel: "step", yLabel: "loss",
+      title: nDone ? `training loss, λ = ${formatValue(shownLam)}` : "training loss", xLabel: "step", yLabel: "loss",
     }));
   };
   slider.addEventListener("input", () => {

@@ -2,6 +2,7 @@
 import { ChildView, renderChild } from "./children";
 import { htmlEl } from "./dom";
 import { AnyModel, listen, RenderProps } from "./model";
+import { describeCircuit, HeadGroup } from "./labels";
 import { describe, Pair } from "./selection";
 import { injectStyle } from "./style";
 
@@ -43,7 +44,8 @@ export function renderExplorer(model: AnyModel, el: HTMLElement): () => void {
   }
   const syncCircuit = () => {
     const sel = ((model.get("selected") as Pair[]) ?? []);
-    circuit.textContent = `circuit (shared by every tab): ${describe(sel)}`;
+    const groups = (model.get("groups") as HeadGroup[]) ?? [];
+    circuit.textContent = `circuit (shared by every tab): ${describeCircuit(groups, describe(sel))}`;
   };
   show();
   syncCircuit();
@@ -52,7 +54,7 @@ export function renderExplorer(model: AnyModel, el: HTMLElement): () => void {
   traits.forEach((trait, i) => {
     renderChild(model, trait, hosts[i]).then((v) => (alive ? children.push(v) : v?.remove()));
   });
-  const offs = [listen(model, ["change:tab"], show), listen(model, ["change:selected"], syncCircuit)];
+  const offs = [listen(model, ["change:tab"], show), listen(model, ["change:selected", "change:groups"], syncCircuit)];
   return () => {
     alive = false;
     offs.forEach((off) => off());

@@ -36,3 +36,24 @@ export function filterMask(values: ArrayLike<number>, opts: FilterOptions, ranki
   }
   return mask;
 }
+
+export interface SliderState { min: number; max: number; step: number; value: number; disabled: boolean; label: string }
+
+/**
+ * Ranges, positions and labels of the threshold and top-k sliders. The knob always agrees with
+ * the label: "all" sits at the right end (also with fewer than 2 finite cells), and a threshold
+ * above every |value| stretches the range so the knob shows it.
+ */
+export function sliderStates(scale: number, nFinite: number, threshold: number, topK: number,
+  format: (v: number) => string): { threshold: SliderState; topK: SliderState } {
+  const t = threshold > 0 ? threshold : 0;
+  const thrMax = Math.max(scale > 0 ? scale : 0, t) || 1;
+  const thr: SliderState = {
+    min: 0, max: thrMax, step: (scale > 0 ? scale : thrMax) / 200, value: t, disabled: !(scale > 0), label: format(t),
+  };
+  const filtered = topK > 0 && topK < nFinite;
+  const top: SliderState = nFinite < 2
+    ? { min: 0, max: 1, step: 1, value: 1, disabled: true, label: "all" }
+    : { min: 1, max: nFinite, step: 1, value: filtered ? topK : nFinite, disabled: false, label: filtered ? String(topK) : "all" };
+  return { threshold: thr, topK: top };
+}

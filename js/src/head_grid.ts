@@ -6,7 +6,8 @@ import { divergingColor, formatValue, legendTicks, maxAbs, NAN_COLOR } from "./c
 import {
   downloadBlob, FONT_FAMILY, htmlEl, safeFilename, svgEl, svgMarkup, svgToPng, textWidth, truncate,
 } from "./dom";
-import { filterMask, rankByAbs } from "./filter";
+import { filterMask, rankByAbs, sliderStates, SliderState } from "./filter";
+import { groupLines, HeadGroup, kvLine } from "./labels";
 import { AXIS_FONT, computeLayout, Layout, PAD, TICK_FONT, TITLE_FONT } from "./layout";
 import { AnyModel, listen, RenderProps } from "./model";
 import { clickSelection, describe, normalize, Pair, sameSelection } from "./selection";
@@ -272,7 +273,7 @@ function render({ model, el }: RenderProps): () => void {
     svg.appendChild(lg);
 
     figure.replaceChildren(svg, tooltip);
-    setupSliders();
+    syncSliders();
     paintSelection();
     repaintFilter();
     root.dataset.buildMs = (performance.now() - t0).toFixed(2);
@@ -280,26 +281,24 @@ function render({ model, el }: RenderProps): () => void {
   }
 
   // ---- display filters (client only: they never change the data)
-  function setupSliders(): void {
-    const step = grid.scale > 0 ? grid.scale / 200 : 1;
-    thr.min = "0";
-    thr.max = String(grid.scale > 0 ? grid.scale : 1);
-    thr.step = String(step);
-    thr.disabled = !(grid.scale > 0);
-    top.min = "1";
-    top.max = String(Math.max(1, grid.nFinite));
-    top.step = "1";
-    top.disabled = grid.nFinite < 2;
-    syncSliders();
+  function applySlider(input: HTMLInputElement, out: HTMLOutputElement, st: SliderState): void {
+    input.min = String(st.min);
+    input.max = String(st.max);
+    input.step = String(st.step);
+    input.value = String(st.value);
+    input.disabled = st.disabled;
+    out.value = st.label;
+  }
+
+  function sliders() {
+    return sliderStates(grid.scale, grid.nFinite, Number(model.get("threshold")) || 0, Number(model.get("top_k")) || 0,
+      (v) => formatValue(v));
   }
 
   function syncSliders(): void {
-    const threshold = Number(model.get("threshold")) || 0;
-    const k = Number(model.get("top_k")) || 0;
-    thr.value = String(threshold);
-    thrOut.value = formatValue(threshold);
-    top.value = String(k > 0 && k < grid.nFinite ? k : grid.nFinite);
-    topOut.value = k > 0 && k < grid.nFinite ? String(k) : "all";
+    const st = sliders();
+    applySlider(thr, thrOut, st.threshold);
+    applySlider(top, topOut, st.topK);
   }
 
   function repaintFilter(): void {
@@ -401,6 +400,13 @@ function render({ model, el }: RenderProps): () => void {
       lines.push(["cw-tt-norm", `normalized: ${formatValue(grid.normalized[c.i], 4)}`]);
     }
     if (grid.pending && grid.pending[c.i] > 0 && !Number.isNaN(v)) lines.push(["cw-tt-preview", "attribution preview; exact value pending"]);
+    const kvGroups = (model.get("kv_groups") as number[][]) ?? [];
+    const kvColumns = Boolean(model.get("kv_columns"));
+    const kv = kvLine(kvGroups, kvColumns, c.h);
+    if (kv) lines.push(["cw-tt-kv", kv]);
+    for (const g of groupLines((model.get("groups") as HeadGroup[]) ?? [], c.layer, c.h, kvGroups, kvColumns)) {
+      lines.push(["cw-tt-group", g]);
+    }
     if (!mask[c.i]) lines.push(["cw-tt-dim", "(filtered out)"]);
     tooltip.replaceChildren(...lines.map(([cls, text]) => htmlEl("div", cls, text)));
     tooltip.hidden = false;

@@ -12,15 +12,17 @@ export function statusLine(model: AnyModel): { node: HTMLElement; dispose: () =>
     const status: string = model.get("status") ?? "idle";
     const progress: number = model.get("progress") ?? 0;
     const error: string = model.get("error") ?? "";
+    const message: string = model.get("message") ?? "";
     node.dataset.status = status;
     bar.value = progress;
     bar.hidden = status !== "running";
-    if (status === "running") text.textContent = `running… ${Math.round(progress * 100)}%`;
-    else if (status === "error") text.textContent = `error: ${error}`;
-    else if (status === "cancelled") text.textContent = "cancelled (partial result shown)";
-    else text.textContent = "";
-    node.hidden = status === "idle" || status === "done";
+    let line = "";
+    if (status === "running") line = `running… ${Math.round(progress * 100)}%`;
+    else if (status === "error") line = `error: ${error}`;
+    else if (status === "cancelled") line = "cancelled (partial result shown)";
+    text.textContent = [line, message].filter(Boolean).join(" · ");
+    node.hidden = (status === "idle" || status === "done") && !message;
   };
   update();
-  return { node, dispose: listen(model, ["change:status", "change:progress", "change:error"], update) };
+  return { node, dispose: listen(model, ["change:status", "change:progress", "change:error", "change:message"], update) };
 }

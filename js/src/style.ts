@@ -1,7 +1,7 @@
 // Styles for the controls (the figure itself is a self-contained SVG with inline attributes,
 // so that its SVG/PNG export looks the same as on screen).
 
-const STYLE_ID = "circuit-widgets-style-v2";
+const STYLE_ID = "circuit-widgets-style-v3";
 
 const CSS = `
 .cw-hg { display: flex; flex-direction: column; gap: 6px; font-family: var(--jp-ui-font-family, sans-serif);
@@ -35,8 +35,9 @@ const CSS = `
 .cw-att-token { padding: 0 4px; border: 1px solid #d6d6d6; border-radius: 3px; background: #fafafa;
   font-family: var(--jp-code-font-family, monospace); font-size: 11px; white-space: pre; }
 .cw-att-vis { min-height: 40px; position: relative; }
-.cw-att-cv { max-width: 560px; }
+.cw-att-cv { max-width: 560px; padding: 0 0 6px 28px; }
 .cw-att-empty { color: #777; font-style: italic; padding: 8px 0; }
+.cw-att-empty.cw-att-loading { color: var(--jp-ui-font-color2, #555); }
 .cw-att-error { color: var(--jp-error-color1, #c00); }
 .cw-att select, .cw-pp select, .cw-dcm select { font: inherit; }
 .cw-pp button, .cw-dcm button, .cw-cmap button, .cw-att button { font: inherit; padding: 1px 10px; cursor: pointer;

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { barSlots, extent, linePath } from "../src/chart";
+import { barGeometry, barSlots, endLabels, extent, linePath, MIN_BAR_PX } from "../src/chart";
 import { modelId } from "../src/children";
 
 describe("charts", () => {
@@ -22,6 +22,23 @@ describe("charts", () => {
     expect(width).toBeCloseTo(40);
     expect(x[0]).toEqual([15, 55, 95]);
     expect(x[1][0]).toBeCloseTo(165);
+  });
+
+  it("labels the ends of a nearly flat curve so that they differ", () => {
+    const [lo, hi] = endLabels(-0.06231, -0.06198);
+    expect(lo).not.toBe(hi);
+    expect([lo, hi]).toEqual(["-0.0623", "-0.062"]);
+    expect(endLabels(0, 1)).toEqual(["0", "1"]);
+    expect(endLabels(-1.5e-6, 2e-6)).toEqual(["-1.50e-6", "2.00e-6"]);
+    const [a, b] = endLabels(2, 2);
+    expect(a).toBe(b);
+  });
+
+  it("draws a zero bar as a thin bar on the baseline, not as nothing", () => {
+    expect(barGeometry(0, 150)).toEqual({ height: MIN_BAR_PX, y: 150 - MIN_BAR_PX, zero: true });
+    expect(barGeometry(0.5, 150)).toEqual({ height: 75, y: 75, zero: false });
+    expect(barGeometry(2, 150).height).toBe(150);
+    expect(barGeometry(-1, 150).zero).toBe(true);
   });
 
   it("reads widget references", () => {

@@ -30,7 +30,8 @@ import ipywidgets as ipw
 from IPython.display import display
 import circuit_widgets as cw
 from circuit_widgets.tasks import Task, desiderata
-from circuit_widgets.widgets import AttentionWidget, PathPatchingWidget, CircuitExplorer
+from circuit_widgets.types import Circuit
+from circuit_widgets.widgets import AttentionWidget, PathPatchingWidget, CircuitExplorer, HeadGridWidget
 
 model = cw.tiny_model("llama", n_layers=4, n_heads=8, n_kv_heads=2, d_model=64, seed=0)
 finetuned = cw.tiny_model("llama", n_layers=4, n_heads=8, n_kv_heads=2, d_model=64, seed=1)
@@ -74,7 +75,18 @@ print("KERNEL_STATE=" + json.dumps({
     "slow_rows": int((torch.tensor(slow.grid.pending) == 0).all(1).sum()) if slow.grid.pending is not None else -1,
     "slow_pending": int(slow.grid.pending.sum()) if slow.grid.pending is not None else -1,
     "ex_circuit": str(ex.circuit), "dcm_done": ex.dcm.n_done, "cmap_rows": ex.cmap.bar_labels}))''',
+    # 8: one finite value and a threshold above it: the sliders' knobs must agree with their labels
+    '''\
+few = HeadGridWidget(torch.tensor([[0.5, math.nan], [math.nan, math.nan]]), threshold=3.0, title="One value")
+few''',
+    # 9: a grouped circuit for the explorer; Run All leaves it alone, the explorer test runs it again
+    '''\
+STEP = globals().get("STEP", -1) + 1
+if STEP:
+    ex.circuit = Circuit.from_groups({"movers": ["1.3"], "inhibit": ["3.0", "2.4"]}, positions={"movers": "END"})
+print("GROUPED", STEP, ex.circuit)''',
 ]
+STATE_CELL = 7
 
 
 def run_cell(page, panel, index: int) -> None:
@@ -88,9 +100,9 @@ def kernel_state(page, panel) -> dict:
 
     from playwright.sync_api import expect
 
-    out = panel.locator(".jp-Notebook .jp-Cell").nth(7).locator(".jp-OutputArea-output")
+    out = panel.locator(".jp-Notebook .jp-Cell").nth(STATE_CELL).locator(".jp-OutputArea-output")
     before = out.inner_text() if out.count() else ""
-    run_cell(page, panel, 7)
+    run_cell(page, panel, STATE_CELL)
     expect(out).to_contain_text("KERNEL_STATE=")
     deadline = time.monotonic() + 20
     while out.inner_text() == before and time.monotonic() < deadline:
@@ -114,8 +126,9 @@ def lab(jupyter_lab, browser, output_dir, open_notebook):
     try:
         panel = page.locator(".jp-NotebookPanel")
         expect(panel.locator(".cw-ex")).to_have_count(1, timeout=120_000)
-        last = panel.locator(".jp-Notebook .jp-Cell").last
-        expect(last.locator(".jp-OutputArea-output")).to_contain_text("KERNEL_STATE=", timeout=60_000)
+        state_cell = panel.locator(".jp-Notebook .jp-Cell").nth(STATE_CELL)
+        expect(state_cell.locator(".jp-OutputArea-output")).to_contain_text("KERNEL_STATE=", timeout=60_000)
+        expect(panel.locator(".jp-Notebook .jp-Cell").last.locator(".jp-OutputArea-output")).to_contain_text("GROUPED 0")
         print(f"\n[ui] notebook open + Run All + widgets rendered: {time.monotonic() - t0:.1f} s")
         yield page, panel, console, dialogs, requests
     except Exception:
@@ -159,6 +172,10 @@ def test_attention_draws_offline_once_per_page_and_tokens_are_text(lab, output_d
     assert not outside, outside
     att.scroll_into_view_if_needed()
     att.screenshot(path=str(output_dir / "attention.png"))
+    # nothing of circuitsvis' layout (its rows have negative margins) sticks out left of the widget
+    overhang = att.evaluate("""(root) => { const l = root.getBoundingClientRect().left;
+        return Math.min(...[...root.querySelectorAll('.cw-att-cv *')].map(e => e.getBoundingClientRect().left - l)); }""")
+    assert overhang >= 0, f"the attention view starts {-overhang:.0f} px left of the widget, where it is clipped"
 
     # the example slider recomputes in the kernel and redraws
     att2 = panel.locator(".jp-Cell").nth(2).locator(".cw-att")
@@ -184,6 +201,10 @@ def test_path_patching_runs_selects_and_shows_attention(lab, output_dir):
     expect(grid.locator("rect.cw-cell")).to_have_count(32)
     expect(grid.locator("rect.cw-nan")).to_have_count(32)  # nothing computed yet
     expect(pp.locator(".cw-pp-position")).to_have_value("END")
+    # nothing computed: the top-k knob sits at the right end, under its label "all"
+    knob = grid.locator(".cw-hg-topk-input").evaluate("(s) => [Number(s.min), Number(s.max), Number(s.value)]")
+    assert knob[2] == knob[1] > knob[0], knob
+    expect(grid.locator(".cw-hg-topk output")).to_have_text("all")
     builds0 = int(grid.get_attribute("data-builds"))
     pp.locator(".cw-run").click()
     expect(pp.locator(".cw-pp-note")).to_contain_text("senders → logits")
@@ -196,6 +217,11 @@ def test_path_patching_runs_selects_and_shows_attention(lab, output_dir):
     assert state["pp_finite"] == 32 and state["pp_status"] == "done"
     pp.scroll_into_view_if_needed()
     pp.screenshot(path=str(output_dir / "path_patching_done.png"))
+    # hover on a grouped-query model: which key/value head the query head shares
+    grid.locator('rect.cw-cell[data-layer="3"][data-head="5"]').hover()
+    expect(grid.locator(".cw-tt-kv")).to_have_text("kv 1, shared by q4-7")
+    expect(grid.locator(".cw-tt-head")).to_have_text("3.5")
+    page.mouse.move(0, 0)
 
     # click a head, shift-click another: the kernel sees the Circuit; attention shows them
     seen = panel.locator(".widget-label").filter(has_text="kernel saw")
@@ -227,6 +253,9 @@ def test_path_patching_runs_selects_and_shows_attention(lab, output_dir):
     expect(grid.locator(".cw-hg-subtitle")).to_contain_text("path patching → 2.1.v, 3.5.v", timeout=60_000)
     expect(grid.locator("rect.cw-cell:not(.cw-nan)")).to_have_count(16)  # layers 0-1 only
     expect(grid.locator("rect.cw-cell[aria-selected=true]")).to_have_count(2)
+    # no estimate of a receiver-head path exists: the status line says so, no cell is a preview
+    expect(pp.locator(":scope > .cw-status")).to_contain_text("no preview for receiver heads: exact values only")
+    expect(grid.locator("rect.cw-preview")).to_have_count(0)
     pp.scroll_into_view_if_needed()
     pp.screenshot(path=str(output_dir / "path_patching_receivers.png"))
 
@@ -234,6 +263,7 @@ def test_path_patching_runs_selects_and_shows_attention(lab, output_dir):
     grid.locator('rect.cw-cell[data-layer="0"][data-head="0"]').click()
     pp.locator(".cw-run").click()
     expect(pp.locator(":scope > .cw-status")).to_contain_text("layer 0 have no earlier heads")
+    expect(pp.locator(":scope > .cw-status")).not_to_contain_text("no preview")  # the old run's note is gone
     pp.locator(":scope > .cw-status").screenshot(path=str(output_dir / "path_patching_error.png"))
     print(f"[ui] path patching: {builds} grid rebuilds during the run (preview + exact layers), last "
           f"rebuild {build_ms:.1f} ms")
@@ -299,6 +329,10 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
     expect(panes.nth(0)).to_be_hidden()
     expect(panes.nth(1).locator(".cw-att-chip")).to_have_count(2)
     expect(panes.nth(1).locator(".cw-att-cv")).to_contain_text("Head Selector", timeout=30_000)
+    # drawn while its tab was hidden: the zoomed pattern must size itself once the tab is shown
+    page.wait_for_function(
+        "(el) => Math.max(...[...el.querySelectorAll('canvas')].map(c => c.getBoundingClientRect().height)) > 150",
+        arg=panes.nth(1).element_handle(), timeout=10_000)
     ex.screenshot(path=str(output_dir / "explorer_attention.png"))
 
     ex.locator(".cw-ex-tab").nth(2).click()
@@ -311,7 +345,12 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
     d = dcm.locator("path.cw-chart-line").get_attribute("d")
     assert d and d.startswith("M") and "L" in d, d
     dcm.locator(".cw-dcm-lambda").evaluate("(s) => { s.value = '0'; s.dispatchEvent(new Event('input')); }")
-    expect(dcm.locator(".cw-dcm-lambda-out")).to_contain_text("0.01 (1 of 2")
+    expect(dcm.locator(".cw-dcm-lambda-out")).to_have_text("λ = 0.01 · 2 of 2 trained")
+    ticks = dcm.locator(".cw-chart-ytick").all_text_contents()
+    assert len(ticks) == 2 and ticks[0] != ticks[1], f"the loss axis' ends read the same: {ticks}"
+    inside = dcm.locator(".cw-line-chart").evaluate("""(svg) => { const l = svg.getBoundingClientRect().left;
+        return Math.min(...[...svg.querySelectorAll('.cw-chart-ytick')].map(t => t.getBoundingClientRect().left - l)); }""")
+    assert inside >= 0, f"a loss tick label is cut off at the chart's left edge ({inside:.0f} px)"
     expect(dcm.locator(".cw-hg-subtitle")).to_contain_text("λ = 0.01")  # the kernel sent that mask
     ex.screenshot(path=str(output_dir / "explorer_dcm.png"))
 
@@ -322,6 +361,12 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
     cm.locator(".cw-run").click()
     expect(cm.locator("rect.cw-bar")).to_have_count(3, timeout=60_000)  # one group x (base, patched, ft)
     expect(cm.locator(".cw-bar-label")).to_have_text(["heads"])
+    # a bar of 0 is drawn (a thin bar on the baseline) so that 0 does not look like "missing"
+    bars = cm.locator("rect.cw-bar").evaluate_all(
+        "ns => ns.map(n => [Number(n.getAttribute('data-value')), Number(n.getAttribute('height')), n.classList.contains('cw-bar-zero')])")
+    assert all(h >= 2 for _, h, _ in bars) and all(zero == (v <= 0) for v, _, zero in bars), bars
+    if all(v == 0 for v, _, _ in bars):
+        expect(cm.locator(".cw-bar-note")).to_have_text("all values are 0 (computed, not missing)")
     expect(cm.locator(".cw-hg rect.cw-nan")).to_have_count(0, timeout=60_000)
     expect(cm.locator(".cw-hg rect.cw-cell[aria-selected=true]")).to_have_count(2)
     state = kernel_state(page, panel)
@@ -332,7 +377,46 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
     cm.locator(".cw-run").click()
     expect(cm.locator(":scope > .cw-status")).to_contain_text("no circuit group is enabled")
     assert state["ex_circuit"] == "Circuit(heads@all: 1.3, 3.0)"
+
+    # a grouped circuit: its groups reach every tab, survive clicks, and name themselves on hover
+    run_cell(page, panel, len(CELLS) - 1)
+    expect(panel.locator(".jp-Notebook .jp-Cell").last.locator(".jp-OutputArea-output")).to_contain_text("GROUPED 1")
+    expect(ex.locator(".cw-ex-circuit")).to_have_text(
+        "circuit (shared by every tab): movers@END: 1.3 · inhibit@all: 2.4, 3.0")
+    expect(cm.locator(".cw-cmap-toggle")).to_have_count(2)
+    cm.locator('.cw-cmap-toggle[data-group="inhibit"]').uncheck()
+    ex.locator(".cw-ex-tab").nth(0).click()
+    pp_grid.locator('rect.cw-cell[data-layer="0"][data-head="1"]').click(modifiers=["Shift"])
+    expect(ex.locator(".cw-ex-circuit")).to_have_text(
+        "circuit (shared by every tab): movers@END: 1.3 · inhibit@all: 2.4, 3.0 · heads@all: 0.1")
+    pp_grid.locator('rect.cw-cell[data-layer="1"][data-head="3"]').hover()
+    expect(pp_grid.locator(".cw-tt-group")).to_have_text("group movers @ END")
+    expect(pp_grid.locator(".cw-tt-kv")).to_have_text("kv 0, shared by q0-3")
+    page.screenshot(path=str(output_dir / "explorer_group_hover.png"))
+    page.mouse.move(0, 0)
+    ex.locator(".cw-ex-tab").nth(3).click()
+    expect(cm.locator(".cw-cmap-toggle")).to_have_count(3)
+    checked = cm.locator(".cw-cmap-toggle").evaluate_all("ns => ns.map(n => [n.dataset.group, n.checked])")
+    assert checked == [["movers", True], ["inhibit", False], ["heads", True]], checked  # toggles kept
+    ex.screenshot(path=str(output_dir / "explorer_cmap_groups.png"))
     assert not [c for c in console if c.startswith("pageerror")]
     errors = [c for c in console if c.startswith("console.error")]
     print(f"[ui] explorer: console errors {len(errors)}; grid build times are per widget in data-build-ms")
     _ = statistics  # timings above are printed per test
+
+
+def test_slider_knobs_agree_with_their_labels(lab, output_dir):
+    from playwright.sync_api import expect
+
+    _, panel, _, _, _ = lab
+    few = panel.locator(".jp-Cell").nth(8).locator(".cw-hg")
+    expect(few.locator("rect.cw-cell")).to_have_count(4)
+    top = few.locator(".cw-hg-topk-input").evaluate("(s) => [Number(s.min), Number(s.max), Number(s.value)]")
+    assert top[2] == top[1] > top[0], f"top-k knob not at the 'all' end: {top}"
+    expect(few.locator(".cw-hg-topk output")).to_have_text("all")
+    thr = few.locator(".cw-hg-threshold-input").evaluate("(s) => [Number(s.min), Number(s.max), Number(s.value)]")
+    assert thr[2] == thr[1] == 3.0, f"threshold knob does not show the threshold 3: {thr}"
+    expect(few.locator(".cw-hg-threshold output")).to_have_text("3")
+    expect(few.locator("rect.cw-cell.cw-dim")).to_have_count(1)  # the one value is below the threshold
+    few.scroll_into_view_if_needed()
+    few.screenshot(path=str(output_dir / "head_grid_sliders_few.png"))

@@ -385,3 +385,171 @@ def test_job_cancelled_exception_and_close():
     assert w.status == "cancelled"
     w.close()  # shuts the worker down; closing twice is harmless
     w.close()
+
+
+# ---------------------------------------------------------------------------- audit fixes
+
+
+def test_a_failure_while_showing_the_result_lands_in_error():
+    class Fragile(JobWidget):
+        def _on_result(self, result):
+            raise RuntimeError("an observer of the finished grid failed")
+
+    w = Fragile()
+    job = w._submit(squares, 3)
+    w.wait(5)
+    assert job.done and w.status == "error"  # not stuck at "running"
+    assert w.error == "RuntimeError: an observer of the finished grid failed"
+    assert isinstance(job.exception, RuntimeError) and w.cancel() is False
+
+
+def test_a_cancelled_job_shows_the_partial_result_it_returns():
+    def stops_mid_batch(job):
+        job.report(partial=[0])
+        job.cancel()  # as if Cancel came while the next batch ran: it returns what it finished
+        return [0, 1]
+
+    w = JobWidget()
+    job = w._submit(stops_mid_batch)
+    w.wait(5)
+    assert w.status == "cancelled" and job.partial == [0, 1]
+    assert w.partials == [[0], [0, 1]] and w.results == []
+    # a partial already on screen is not shown twice
+    w2 = JobWidget()
+    w2._submit(squares, 100, gate=(gate := threading.Event()))
+    wait_for(lambda: len(w2.partials) >= 3)
+    w2.cancel()
+    gate.set()
+    w2.wait(5)
+    assert w2.partials[-1] == [0, 1, 4, 9] and len(w2.partials) == 4
+
+
+def test_set_result_leaves_an_unchanged_selection_alone():
+    w = HeadGridWidget(grid(3, 2), selection=["2.1"])
+    changes = []
+    w.observe(changes.append, names="selected")
+    w.set_result(grid(3, 2, seed=1))
+    assert changes == [] and w.selected == [[2, 1]]  # no blank-then-restore flap
+    w.set_result(grid(2, 2, seed=2))  # row 2 is gone: one change, straight to the pruned list
+    assert [c["new"] for c in changes] == [[]]
+
+
+def test_a_click_during_set_result_is_kept():
+    w = HeadGridWidget(torch.randn(3, 2), selection=["2.1"])
+    fired = []
+
+    def click_arrives(change):  # the main thread applying a click while a worker shows a partial
+        if not fired:
+            fired.append(1)
+            w.set_state({"selected": [[0, 0]]})
+
+    w.observe(click_arrives, names="values")
+    w.set_result(torch.randn(3, 2))
+    assert w.selected == [[0, 0]]
+
+
+def test_an_old_jobs_report_cannot_land_on_a_new_run():
+    applying, release = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    class Slow(JobWidget):
+        def _on_partial(self, partial):
+            if partial == ["old"]:
+                applying.set()
+                release.wait(5)  # the old partial is being applied when a new Run comes
+                events.append("old partial applied")
+            super()._on_partial(partial)
+
+    submitted = threading.Event()
+
+    def old(job):
+        job.report(progress=0.9, partial=["old"])
+        submitted.wait(5)  # still running when the new Run comes: its result must not land either
+        return ["old"]
+
+    hold = threading.Event()
+
+    def new(job):
+        hold.wait(5)
+        return ["new"]
+
+    w = Slow()
+    w._submit(old)
+    applying.wait(5)
+    submitter = threading.Thread(target=lambda: (w._submit(new), events.append("new run submitted"),
+                                                 submitted.set()))
+    submitter.start()
+    submitter.join(0.3)
+    release.set()
+    submitter.join(5)
+    # the swap waited for the old update: it never lands on the new run's traits
+    assert events == ["old partial applied", "new run submitted"]
+    assert w.status == "running" and w.progress == 0.0
+    hold.set()
+    w.wait(5)
+    assert w.status == "done" and w.results == [["new"]]
+
+
+def test_kv_groups_travel_to_the_view():
+    result = FakeHeadGrid(grid(2, 2), heads=["kv0", "kv1"], component="k")
+    result.kv_groups = [[0, 1, 2], [3, 4, 5]]
+    w = HeadGridWidget(result)
+    assert w.kv_groups == [[0, 1, 2], [3, 4, 5]] and w.kv_columns
+    q = HeadGridWidget(grid(2, 6))
+    assert q.kv_groups == [] and not q.kv_columns
+    q._use_model_groups(6, 2)  # query heads of a grouped-query model: which kv head each shares
+    assert q.kv_groups == [[0, 1, 2], [3, 4, 5]] and not q.kv_columns
+    q.set_result(grid(2, 6, seed=3))
+    assert q.kv_groups == [[0, 1, 2], [3, 4, 5]]  # kept: the model did not change
+    q.set_result(result)
+    assert q.kv_columns and q.kv_groups == [[0, 1, 2], [3, 4, 5]]
+    assert q.get_state("kv_groups")["kv_groups"] == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_a_grouped_circuit_names_its_groups_on_the_grid():
+    w = HeadGridWidget(grid(4, 3))
+    c = Circuit.from_groups({"movers": ["3.1", "2.0"], "inhibit": ["1.2"]}, positions={"movers": "END"})
+    w.circuit = c
+    assert w.selected == [[1, 2], [2, 0], [3, 1]]
+    assert w.groups == [{"name": "movers", "position": "END", "heads": [[2, 0], [3, 1]]},
+                        {"name": "inhibit", "position": "all", "heads": [[1, 2]]}]
+    assert w.circuit == c
+    w.set_state({"selected": [[2, 0], [1, 2], [0, 0]]})  # shift-clicks: 3.1 off, 0.0 on
+    assert w.groups == [{"name": "movers", "position": "END", "heads": [[2, 0]]},
+                        {"name": "inhibit", "position": "all", "heads": [[1, 2]]}]
+    assert w.circuit == Circuit.from_groups({"movers": ["2.0"], "inhibit": ["1.2"], "heads": ["0.0"]},
+                                            positions={"movers": "END"})
+    w.circuit = ["1.1"]  # plain heads: no group names
+    assert w.groups == [] and w.circuit == Circuit.from_heads(["1.1"])
+
+
+def test_a_long_holder_hands_the_model_over_between_batches():
+    from circuit_widgets.widgets._base import using
+
+    model = object()
+    order: list[str] = []
+    started, other_in = threading.Event(), threading.Event()
+
+    def long_job():
+        with using(model) as hold:
+            started.set()
+            for i in range(50):
+                order.append(f"batch {i}")
+                time.sleep(0.01)
+                hold.handover()  # between two batches
+                if other_in.is_set():
+                    order.append("after the other")
+                    return
+
+    t = threading.Thread(target=long_job)
+    t.start()
+    started.wait(5)
+    with using(model):  # waits one batch, not the whole job
+        order.append("other")
+        other_in.set()
+    t.join(5)
+    assert "other" in order and order.index("other") < 10
+    assert order[-1] == "after the other"
+    # nested holds by one thread still hand over entirely
+    with using(model), using(model) as hold:
+        hold.handover()

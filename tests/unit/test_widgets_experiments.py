@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import importlib
 import inspect
 import threading
 
@@ -16,6 +17,7 @@ from test_widgets import PNG_MAGIC, wire_roundtrip
 
 import circuit_widgets as cw
 from circuit_widgets.core import attribution_patch, path_patch
+from circuit_widgets.core.attribution import path_attribution
 from circuit_widgets.types import Circuit, Head, Receiver
 from circuit_widgets.widgets import (
     AttentionWidget,
@@ -49,6 +51,8 @@ def reference_pattern(model, tokens, layer, head):
 
 def test_attention_patterns_match_the_bridge_and_label_gqa(tiny_llama, ioi_llama):
     w = AttentionWidget(tiny_llama, ioi_llama, ["1.2", Head(0, 1)], example=2)
+    w.wait(10)  # the first patterns are computed off the main thread too
+    assert w.status == "done"
     n = int(ioi_llama.lengths[2])
     toks = ioi_llama.clean_tokens[2, :n]
     assert w.shown == [[0, 1], [1, 2]] and w.patterns.shape == (2, n, n)
@@ -109,6 +113,7 @@ def test_circuitsvis_renderer_is_sent_once_on_request(tiny_gpt2, ioi_gpt2):
 
 def test_attention_static_image(tiny_gpt2, ioi_gpt2):
     w = AttentionWidget(tiny_gpt2, ioi_gpt2, ["0.0", "1.1"], title="<b>x</b>")
+    w.wait(10)
     data, _ = w._repr_mimebundle_()
     assert base64.b64decode(data["image/png"]).startswith(PNG_MAGIC)
     assert data["text/plain"].startswith("AttentionWidget(example 0 of 6")
@@ -137,8 +142,8 @@ def test_path_patching_grid_equals_one_full_path_patch(request, name):
     assert w.status == "done" and w.grid.complete and w.grid.pending is None
     np.testing.assert_allclose(w.grid.values, ref.values.numpy(), rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(w.grid.normalized, ref.normalized.numpy(), rtol=1e-5, atol=1e-7)
-    # the first thing on screen was the attribution preview, every cell pending
-    preview = attribution_patch(model, task, "z", positions="S2")
+    # the first thing on screen was the path-attribution preview (same position, MLPs frozen), every cell pending
+    preview = path_attribution(model, task, position="S2", freeze_mlps=True)
     first_values, first_pending = partials[0]
     np.testing.assert_allclose(first_values, preview.values.numpy(), rtol=1e-5, atol=1e-7)
     assert first_pending is not None and first_pending.all()
@@ -189,7 +194,12 @@ def test_path_patching_errors_show_in_the_widget(tiny_gpt2, ioi_gpt2):
         w.run()
     w._on_front_end_msg(w, {"type": "run"}, [])  # the Run button
     assert w.status == "error" and "no heads are selected" in w.error
-    w.grid.selected = [[0, 2]]
+    w.position = "S2"  # an unrelated setting... still a change: the refusal no longer describes them
+    assert w.status == "idle" and w.error == ""
+    w._on_front_end_msg(w, {"type": "run"}, [])
+    assert w.status == "error"
+    w.grid.selected = [[0, 2]]  # what the refusal asked for: its message goes
+    assert w.status == "idle" and w.error == ""
     with pytest.raises(ValueError, match="layer 0 have no earlier heads"):
         w.run()
     with pytest.raises(ValueError, match=r"position must be one of \['IO', 'S1', 'S1\+1', 'S2', 'and', 'END', 'all'\]"):
@@ -300,6 +310,10 @@ def test_cmap_widget_matches_cmap_and_cmap_grid(pair):
     w.enabled = []
     with pytest.raises(ValueError, match="no circuit group is enabled"):
         w.run()
+    w._on_front_end_msg(w, {"type": "run"}, [])  # the Run button: the message shows in the widget
+    assert w.status == "error" and "no circuit group is enabled" in w.error
+    w.enabled = ["B"]  # ticking a group answers it
+    assert w.status == "idle" and w.error == ""
     assert base64.b64decode(w._repr_mimebundle_()[0]["image/png"]).startswith(PNG_MAGIC)
 
 
@@ -389,3 +403,317 @@ def test_two_widgets_never_run_one_model_at_once():
     t1.join(5)
     t2.join(5)
     assert order == ["first in", "first out", "second in"]
+
+
+# ---------------------------------------------------------------------------- audit fixes
+
+
+def test_a_failing_observer_of_the_finished_grid_is_shown_as_an_error(tiny_gpt2, ioi_gpt2):
+    w = PathPatchingWidget(tiny_gpt2, ioi_gpt2)
+
+    def observer(change):  # a user's observer that fails only on the finished grid
+        if w.grid.complete and w.status == "running":
+            raise RuntimeError("user observer bug")
+
+    w.grid.observe(observer, names="values")
+    job = w.run()
+    w.wait(60)
+    assert job.done and w.status == "error" and w.error == "RuntimeError: user observer bug"
+    assert w.cancel() is False
+    w.grid.unobserve(observer, names="values")
+    w.run()  # Run works again
+    w.wait(60)
+    assert w.status == "done"
+
+
+def test_a_run_does_not_touch_the_selection(tiny_model_4layers):
+    model, task = tiny_model_4layers
+    w = PathPatchingWidget(model, task)
+    w.grid.selected = [[2, 1]]
+    w.attention.wait(10)
+    changes, recomputes = [], []
+    w.grid.observe(changes.append, names="selected")
+    w.attention.observe(recomputes.append, names="status")
+    w.run()
+    w.wait(60)
+    assert w.status == "done" and changes == [] and recomputes == []
+    assert w.grid.selected == [[2, 1]] and w.attention.shown == [[2, 1]]
+
+
+def test_path_patching_cancel_inside_a_chunk_shows_its_finished_cells(tiny_model_4layers, monkeypatch):
+    from circuit_widgets import core
+
+    model, task = tiny_model_4layers
+    w = PathPatchingWidget(model, task, preview=False, layers_per_step=2)
+    real = core.path_patch
+
+    def cancel_inside_the_second_chunk(*args, should_stop=None, senders=None, **kwargs):
+        calls = []
+
+        def stop():
+            calls.append(1)
+            if min(h.layer for h in senders) == 2 and len(calls) == 2:
+                w.cancel()  # after its first batch (sender layer 2), before layer 3
+            return should_stop()
+
+        return real(*args, senders=senders, should_stop=stop, **kwargs)
+
+    monkeypatch.setattr(core, "path_patch", cancel_inside_the_second_chunk)
+    w.run()
+    w.wait(60)
+    ref = real(model, task, position="END")
+    assert w.status == "cancelled" and not w.grid.complete
+    np.testing.assert_allclose(w.grid.values[:3], ref.values[:3].numpy(), rtol=1e-5, atol=1e-7)
+    assert np.isnan(w.grid.values[3]).all()
+
+
+def test_cmap_cancel_during_the_grid_shows_its_finished_cells(pair, monkeypatch):
+    import time
+
+    cmod = importlib.import_module("circuit_widgets.core.cmap")  # the package's `cmap` is the function
+
+    base, ft, task = pair
+    w = CMAPWidget(base, ft, task, ["1.1"])
+    real = cmod.cmap_grid
+
+    def slow_grid(*args, on_progress=None, **kwargs):
+        def progress(done, total):
+            time.sleep(0.05)
+            on_progress(done, total)
+            if done == 2:
+                w.cancel()
+
+        return real(*args, on_progress=progress, **{**kwargs, "batch_size": 6})
+
+    monkeypatch.setattr(cmod, "cmap_grid", slow_grid)
+    job = w.run()
+    w.wait(60)
+    finished = int(np.isfinite(job.partial["grid"].values.numpy()).sum())
+    assert w.status == "cancelled" and 0 < finished < 8
+    assert int(np.isfinite(w.grid.values).sum()) == finished  # on screen, not only in job.partial
+    assert w.bar_labels == ["heads"] and w.grid.selected == [[1, 1]]
+
+
+def test_closing_a_composite_closes_its_children(pair, tiny_model_4layers):
+    model, task = tiny_model_4layers
+    w = PathPatchingWidget(model, task, preview=False)
+    w.run()
+    w.close()  # mid-run
+    assert w.comm is None and w.grid.comm is None and w.attention.comm is None
+    w._job.wait(30)
+    assert w._job.done and w.status == "cancelled"
+    base, ft, ptask = pair
+    from circuit_widgets.tasks import desiderata
+
+    d = desiderata(base, 10, seed=0, n_boxes=3)["positional"]
+    ex = CircuitExplorer(base, ptask, desideratum=d, dcm_position="query_label", finetuned=ft)
+    children = [ex.path_patching, ex.path_patching.grid, ex.path_patching.attention, ex.attention,
+                ex.dcm, ex.dcm.grid, ex.cmap, ex.cmap.grid]
+    assert all(c.comm is not None for c in children)
+    ex.close()
+    assert ex.comm is None and all(c.comm is None for c in children)
+
+
+def test_explorer_keeps_groups_positions_and_toggles(pair):
+    base, ft, task = pair
+    ex = CircuitExplorer(base, task, finetuned=ft)
+    grouped = Circuit.from_groups({"A": ["1.1"], "B": ["0.2"]}, positions={"A": "END"})
+    ex.circuit = grouped
+    assert ex.circuit == grouped and ex.selected == [[0, 2], [1, 1]]
+    assert [g["name"] for g in ex.cmap.groups] == ["A", "B"] and ex.groups[0]["position"] == "END"
+    assert ex.path_patching.grid.groups == ex.groups
+    ex.cmap.enabled = ["B"]
+    ex.path_patching.run()  # partial results must not reset the circuit
+    ex.path_patching.wait(60)
+    assert ex.circuit == grouped and ex.cmap.enabled == ["B"] and ex.cmap.circuit.heads == {Head(0, 2)}
+    ex.path_patching.grid.set_state({"selected": [[0, 2], [1, 1], [1, 3]]})  # shift-click adds 1.3
+    want = Circuit.from_groups({"A": ["1.1"], "B": ["0.2"], "heads": ["1.3"]}, positions={"A": "END"})
+    assert ex.circuit == want and ex.cmap._circuit == want
+    assert ex.cmap.enabled == ["B", "heads"]  # A stays off, the new group is on
+    ex.path_patching.grid.set_state({"selected": [[0, 2], [1, 3]]})  # shift-click removes 1.1: A goes
+    assert ex.circuit == Circuit.from_groups({"B": ["0.2"], "heads": ["1.3"]})
+    assert ex.cmap.enabled == ["B", "heads"]
+    # a grouped circuit set on the CMAP tab becomes the shared one
+    ex.cmap.circuit = Circuit.from_groups({"X": ["1.0"]}, positions={"X": "S2"})
+    assert ex.circuit == Circuit.from_groups({"X": ["1.0"]}, positions={"X": "S2"})
+    assert ex.path_patching.grid.selected == [[1, 0]] and ex.groups[0]["name"] == "X"
+
+
+def test_explorer_sync_is_safe_across_threads(pair):
+    base, ft, task = pair
+    ex = CircuitExplorer(base, task, finetuned=ft)
+    inside, gate = threading.Event(), threading.Event()
+
+    def slow_observer(change):  # the CMAP grid is updated last: hold the first sync there
+        if change["new"] == [[0, 0]]:
+            inside.set()
+            gate.wait(5)
+
+    ex.cmap.grid.observe(slow_observer, names="selected")
+    first = threading.Thread(target=lambda: setattr(ex, "circuit", ["0.0"]))
+    first.start()
+    inside.wait(5)
+    # meanwhile a click arrives on another thread: it must not be lost as the first sync's "echo"
+    second = threading.Thread(target=lambda: ex.path_patching.grid.set_state({"selected": [[1, 2]]}))
+    second.start()
+    second.join(0.2)
+    gate.set()
+    first.join(5)
+    second.join(5)
+    assert ex.selected == [[1, 2]]
+    assert ex.path_patching.grid.selected == ex.cmap.grid.selected == [[1, 2]]
+    assert ex.circuit == Circuit.from_heads(["1.2"])
+
+
+def test_widgets_on_a_busy_model_do_not_block_the_main_thread(tiny_gpt2, ioi_gpt2):
+    import time
+
+    from circuit_widgets.widgets._base import using
+
+    hold, release = threading.Event(), threading.Event()
+
+    def holder():
+        with using(tiny_gpt2):
+            hold.set()
+            release.wait(10)
+
+    threading.Thread(target=holder).start()
+    hold.wait(5)
+    try:
+        t0 = time.monotonic()
+        att = AttentionWidget(tiny_gpt2, ioi_gpt2, ["1.1"])
+        pp = PathPatchingWidget(tiny_gpt2, ioi_gpt2)
+        ex = CircuitExplorer(tiny_gpt2, ioi_gpt2, circuit=["1.1"])
+        took = time.monotonic() - t0
+        assert took < 1.0, f"constructing took {took:.2f} s while another widget held the model"
+        assert att.status == "running" and att.shown == [] and att.tokens  # "loading", tokens shown
+    finally:
+        release.set()
+    att.wait(10)
+    ex.attention.wait(10)
+    assert att.shown == [[1, 1]] and att.patterns.shape[0] == 1 and ex.attention.shown == [[1, 1]]
+    pp.close()
+
+
+def _gets_the_model_mid_run(widget, model, start) -> float:
+    """While ``widget`` runs, take ``model`` from another thread; returns the run's progress then
+    (1.0: only after the whole run)."""
+    import time
+
+    from circuit_widgets.widgets._base import using
+
+    job = start()
+    deadline = time.monotonic() + 30
+    while widget.progress == 0 and not job.done and time.monotonic() < deadline:
+        time.sleep(0.002)
+    with using(model):
+        progress = widget.progress
+    widget.cancel()
+    widget.wait(60)
+    return progress
+
+
+def test_dcm_and_cmap_take_the_model_per_batch(planted, pair, monkeypatch):
+    import time
+
+    d = planted_desideratum(n=24)
+    w = DCMWidget(planted, d, None, "END", lams=[0.01, 0.1, 1.0, 10.0], epochs=3, batch_size=4)
+    assert _gets_the_model_mid_run(w, planted, w.train) < 0.5
+
+    cmod = importlib.import_module("circuit_widgets.core.cmap")  # the package's `cmap` is the function
+    base, ft, task = pair
+    real = cmod.cmap_grid
+
+    def slow_grid(*args, on_progress=None, **kwargs):
+        def progress(done, total):
+            time.sleep(0.02)  # a slow batch, with the models held
+            on_progress(done, total)
+
+        return real(*args, on_progress=progress, **{**kwargs, "batch_size": 6})
+
+    monkeypatch.setattr(cmod, "cmap_grid", slow_grid)
+    c = CMAPWidget(base, ft, task, ["1.1"])
+    assert _gets_the_model_mid_run(c, ft, c.run) < 0.9
+
+
+def test_path_patching_preview_is_the_path_attribution_of_the_run(tiny_llama, ioi_llama):
+    w = PathPatchingWidget(tiny_llama, ioi_llama, position="END")
+    first = []
+    w.grid.observe(lambda c: first.append(w.grid.values.copy()) if not first else None, names="values")
+    w.run()
+    w.wait(60)
+    est = path_attribution(tiny_llama, ioi_llama, position="END", freeze_mlps=False)
+    np.testing.assert_allclose(first[0], est.values.numpy(), rtol=1e-5, atol=1e-7)
+    total = attribution_patch(tiny_llama, ioi_llama, "z", positions="END")
+    assert not np.allclose(first[0], total.values.numpy(), atol=1e-6)  # not the total-effect estimate
+    assert w.message == ""
+
+
+def test_receiver_heads_get_no_preview_and_the_status_line_says_so(tiny_llama, ioi_llama):
+    w = PathPatchingWidget(tiny_llama, ioi_llama, preview=True)
+    w.grid.selected = [[1, 3]]
+    w.receivers = "selected"
+    phases = []
+    w.observe(lambda c: phases.append(c["new"]), names="phase")
+    pending = []
+    w.grid.observe(lambda c: pending.append(None if w.grid.pending is None else float(w.grid.pending.sum())),
+                   names="values")
+    w.run()
+    assert w.message == "no preview for receiver heads: exact values only"
+    w.wait(60)
+    assert w.status == "done" and "preview" not in phases
+    assert all(p in (None, 0.0) for p in pending)
+    ref = path_patch(tiny_llama, ioi_llama, receivers=[Receiver(1, 3, "q")], position="END")
+    np.testing.assert_allclose(w.grid.values, ref.values.numpy(), rtol=1e-5, atol=1e-7)
+    assert w.message == "no preview for receiver heads: exact values only"
+    w.receivers = "logits"
+    w.run()
+    assert w.message == ""
+    w.wait(60)
+
+
+def test_grids_of_grouped_query_models_know_the_kv_groups(tiny_llama, ioi_llama):
+    w = PathPatchingWidget(tiny_llama, ioi_llama, preview=False)
+    assert w.grid.kv_groups == [[0, 1], [2, 3]] and not w.grid.kv_columns
+    w.run()
+    w.wait(60)
+    assert w.grid.kv_groups == [[0, 1], [2, 3]]
+
+
+def test_circuitsvis_renderer_is_read_once(tiny_gpt2, ioi_gpt2, monkeypatch):
+    from pathlib import Path
+
+    reads = []
+    real = Path.read_bytes
+
+    def counting(self):
+        if self.name == "iife.js":
+            reads.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    circuitsvis_source.cache_clear()
+    AttentionWidget(tiny_gpt2, ioi_gpt2)
+    AttentionWidget(tiny_gpt2, ioi_gpt2)
+    assert len(reads) == 1
+
+
+def test_dcm_and_cmap_traits_are_validated_when_set(planted, pair):
+    import traitlets
+
+    d = planted_desideratum(n=8)
+    w = DCMWidget(planted, d, lams=[0.1])
+    with pytest.raises(traitlets.TraitError, match=r"position 'S2' is not one of the desideratum's positions \['END'\]"):
+        w.position = "S2"
+    for bad in ([], [-1.0], [float("nan")], [float("inf")]):
+        with pytest.raises(traitlets.TraitError, match="lams must be a non-empty list of finite numbers >= 0"):
+            w.lams = bad
+    w.lams = [0, 1]
+    assert w.lams == [0.0, 1.0] and w.position == "END"
+    base, ft, task = pair
+    c = CMAPWidget(base, ft, task, None)
+    with pytest.raises(traitlets.TraitError, match="grid_position must be 'all' or one of"):
+        c.grid_position = "nowhere"
+    c.grid_position = "S2"
+    c.grid_position = "all"
+    assert c.grid_position == "all"
