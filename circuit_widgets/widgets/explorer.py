@@ -8,9 +8,10 @@ from typing import Any, ClassVar
 import traitlets
 from ipywidgets import widget_serialization
 
-from circuit_widgets.types import Circuit, CircuitGroup, Head
+from circuit_widgets.types import Circuit
 from circuit_widgets.widgets._base import BaseWidget, read_bundle
 from circuit_widgets.widgets.attention import MAX_HEADS, AttentionWidget
+from circuit_widgets.widgets.head_grid import _named_groups, _with_heads
 from circuit_widgets.widgets.path_patching import PathPatchingWidget
 
 
@@ -134,7 +135,6 @@ class CircuitExplorer(BaseWidget):
                 self._local.syncing = False
 
     def _push(self, c: Circuit) -> None:
-        from circuit_widgets.widgets.head_grid import _named_groups
 
         pairs = [[h.layer, h.head] for h in sorted(c.heads)]
         self._circuit = c
@@ -175,18 +175,3 @@ class CircuitExplorer(BaseWidget):
     def __repr__(self) -> str:
         return f"CircuitExplorer(tabs {', '.join(self.tab_names)}; circuit {self.circuit})"
 
-
-def _with_heads(circuit: Circuit, pairs: list[list[int]]) -> Circuit:
-    """``circuit`` with exactly these heads: removed heads leave their groups (emptied groups go),
-    new heads join the group "heads" (created at all positions if the circuit has none)."""
-    want = {Head(int(layer), int(head)) for layer, head in pairs}
-    added = want - circuit.heads
-    groups = [CircuitGroup(g.name, g.heads & want, g.position) for g in circuit.groups]
-    if added:
-        names = [g.name for g in groups]
-        if "heads" in names:
-            i = names.index("heads")
-            groups[i] = CircuitGroup("heads", groups[i].heads | added, groups[i].position)
-        else:
-            groups.append(CircuitGroup("heads", frozenset(added)))
-    return Circuit(tuple(g for g in groups if g.heads), circuit.name)

@@ -123,23 +123,27 @@ def _grouped_circuit(selected: list[list[int]], groups: list[dict]) -> Circuit:
     """The selected heads in their named groups; heads in none go to the group "heads"."""
     if not groups:
         return Circuit.from_heads([Head(layer, head) for layer, head in selected])
-    chosen = {tuple(p) for p in selected}
-    out: list[CircuitGroup] = []
-    placed: set[tuple[int, int]] = set()
-    for g in groups:
-        heads = [tuple(p) for p in g["heads"] if tuple(p) in chosen]
-        placed.update(heads)
-        position = None if g.get("position") in (None, "all") else g["position"]
-        out.append(CircuitGroup(g["name"], frozenset(Head(*p) for p in heads), position))
-    rest = sorted(chosen - placed)
-    if rest:
-        names = [g.name for g in out]
+    named = Circuit(tuple(
+        CircuitGroup(g["name"], frozenset(Head(*p) for p in g["heads"]),
+                     None if g.get("position") in (None, "all") else g["position"])
+        for g in groups))
+    return _with_heads(named, selected)
+
+
+def _with_heads(circuit: Circuit, pairs: list[list[int]]) -> Circuit:
+    """``circuit`` with exactly these heads: removed heads leave their groups (emptied groups go),
+    new heads join the group "heads" (created at all positions if the circuit has none)."""
+    want = {Head(int(layer), int(head)) for layer, head in pairs}
+    added = want - circuit.heads
+    groups = [CircuitGroup(g.name, g.heads & want, g.position) for g in circuit.groups]
+    if added:
+        names = [g.name for g in groups]
         if "heads" in names:
             i = names.index("heads")
-            out[i] = CircuitGroup("heads", out[i].heads | {Head(*p) for p in rest}, out[i].position)
+            groups[i] = CircuitGroup("heads", groups[i].heads | added, groups[i].position)
         else:
-            out.append(CircuitGroup("heads", frozenset(Head(*p) for p in rest)))
-    return Circuit(tuple(g for g in out if g.heads))
+            groups.append(CircuitGroup("heads", frozenset(added)))
+    return Circuit(tuple(g for g in groups if g.heads), circuit.name)
 
 
 def _span(numbers: list[int]) -> str:
