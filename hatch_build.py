@@ -16,7 +16,9 @@ from pathlib import Path
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-HINT = "install Node.js 18+ with npm, or build the front end first: cd js && npm ci && npm run build"
+HINT = (
+    "install Node.js 18+ with npm, or build the front end first: cd js && npm ci && npm run build"
+)
 
 
 class JSBuildHook(BuildHookInterface):
@@ -49,7 +51,9 @@ class JSBuildHook(BuildHookInterface):
             return
         npm = shutil.which("npm")
         if npm is None:
-            raise RuntimeError(f"building circuit_widgets' widgets needs npm, which was not found; {HINT}")
+            raise RuntimeError(
+                f"building circuit_widgets' widgets needs npm, which was not found; {HINT}"
+            )
         lock = js / "package-lock.json"
         marker = js / "node_modules" / ".package-lock.json"  # npm rewrites it on every install
         if not marker.is_file() or marker.stat().st_mtime < lock.stat().st_mtime:
@@ -61,7 +65,9 @@ class JSBuildHook(BuildHookInterface):
 
     def _run(self, cmd: list[str], cwd: Path) -> None:
         self.app.display_info(f"circuit_widgets: npm {' '.join(cmd[1:])} (in {cwd})")
-        result = subprocess.run(cmd, check=False, cwd=cwd, env={**os.environ, "NO_UPDATE_NOTIFIER": "1"})
+        result = subprocess.run(
+            cmd, check=False, cwd=cwd, env={**os.environ, "NO_UPDATE_NOTIFIER": "1"}
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed with exit code {result.returncode}; {HINT}")
 
@@ -71,7 +77,10 @@ def _stale(js: Path, outputs: list[Path]) -> bool:
     if not all(p.is_file() for p in outputs):
         return True
     sources = [p for p in (js / "src").rglob("*") if p.is_file()]
-    sources += [js / n for n in ("package.json", "package-lock.json", "build.mjs", "tsconfig.json")
-                if (js / n).is_file()]
+    sources += [
+        js / n
+        for n in ("package.json", "package-lock.json", "build.mjs", "tsconfig.json")
+        if (js / n).is_file()
+    ]
     newest = max(p.stat().st_mtime for p in sources)
     return newest > min(p.stat().st_mtime for p in outputs)

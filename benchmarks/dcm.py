@@ -60,8 +60,11 @@ def hook_step(model, sub, heads, position, mask, opt, lam, src):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="examples (split 60/20/20)")
-    ap.add_argument("--desideratum", default="object_value",
-                    choices=["positional", "object_value", "label_value"])
+    ap.add_argument(
+        "--desideratum",
+        default="object_value",
+        choices=["positional", "object_value", "label_value"],
+    )
     ap.add_argument("--position", default="END")
     ap.add_argument("--layers", default="0-29", help="masked layers, e.g. 0-29 or 15-29")
     ap.add_argument("--n-boxes", type=int, default=7)
@@ -88,11 +91,13 @@ def main(argv=None) -> int:
     d = desiderata(model, args.n, seed=0, n_boxes=args.n_boxes)[args.desideratum]
     train, val, test = d.split((0.6, 0.2, 0.2), seed=0)
     bs = args.batch_size
-    print(f"model {args.model}: {shape.n_layers} layers x {shape.n_heads} heads "
-          f"({shape.n_kv_heads} kv); desideratum {args.desideratum}, {args.n} examples "
-          f"({len(train)}/{len(val)}/{len(test)}), {d.base_tokens.shape[1]} tokens, "
-          f"{args.n_boxes} boxes; {len(heads)} heads (layers {args.layers}) at "
-          f"{args.position}; batch {bs}; {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}: {shape.n_layers} layers x {shape.n_heads} heads "
+        f"({shape.n_kv_heads} kv); desideratum {args.desideratum}, {args.n} examples "
+        f"({len(train)}/{len(val)}/{len(test)}), {d.base_tokens.shape[1]} tokens, "
+        f"{args.n_boxes} boxes; {len(heads)} heads (layers {args.layers}) at "
+        f"{args.position}; batch {bs}; {torch.get_num_threads()} threads"
+    )
 
     # ---- ours: one epoch, timed from the progress ticks
     steps = math.ceil(len(train) / bs)
@@ -111,15 +116,18 @@ def main(argv=None) -> int:
         bar.update(done - bar.n)
 
     t0 = time.perf_counter()
-    r = dcm(model, d, heads=heads, position=args.position, epochs=1, batch_size=bs,
-            on_progress=progress)
+    r = dcm(
+        model, d, heads=heads, position=args.position, epochs=1, batch_size=bs, on_progress=progress
+    )
     total = time.perf_counter() - t0
     bar.close()
     t_prep = stamps[prep - 1] - t0
     t_epoch = stamps[prep + epoch_units - 1] - stamps[prep - 1]
     t_step = (stamps[prep + steps - 1] - stamps[prep - 1]) / steps
-    print(f"ours: {t_epoch:.1f} s per epoch ({steps} steps, {t_step:.2f} s/step, validation "
-          f"included); source activations and base keys/values {t_prep:.1f} s; whole call {total:.1f} s")
+    print(
+        f"ours: {t_epoch:.1f} s per epoch ({steps} steps, {t_step:.2f} s/step, validation "
+        f"included); source activations and base keys/values {t_prep:.1f} s; whole call {total:.1f} s"
+    )
     print(f"  result: {r}")
 
     # ---- F: a plain forward of one training batch
@@ -149,11 +157,15 @@ def main(argv=None) -> int:
             model(val.subset(torch.arange(a, min(a + bs, len(val)))).base_tokens)
     base_val = time.perf_counter() - t
     base_epoch = base_step * steps + base_val
-    print(f"bridge hooks: {base_step:.2f} s/step ({n_base} steps timed), "
-          f"{base_epoch:.1f} s per epoch (extrapolated to {steps} steps)")
+    print(
+        f"bridge hooks: {base_step:.2f} s/step ({n_base} steps timed), "
+        f"{base_epoch:.1f} s per epoch (extrapolated to {steps} steps)"
+    )
     print(f"F (plain forward, {len(sub)} prompts): {f:.2f} s")
-    print(f"ratios: bridge-hook epoch / ours = {base_epoch / t_epoch:.2f}x; "
-          f"our step = {t_step / f:.2f} F; bridge-hook step = {base_step / f:.2f} F")
+    print(
+        f"ratios: bridge-hook epoch / ours = {base_epoch / t_epoch:.2f}x; "
+        f"our step = {t_step / f:.2f} F; bridge-hook step = {base_step / f:.2f} F"
+    )
     return 0
 
 

@@ -47,9 +47,13 @@ def main() -> None:
         warm = [run_once(args.spec, cache) for _ in range(args.repeats)]
     best = min(warm, key=lambda r: r["load_s"])
     print(f"model: {args.spec}")
-    print(f"cold load (dequantise + write cache): {cold['load_s']:6.2f} s  (import {cold['import_s']:.2f} s)")
-    print(f"warm load (cached safetensors), best of {args.repeats}: {best['load_s']:6.2f} s  "
-          f"(import {best['import_s']:.2f} s)")
+    print(
+        f"cold load (dequantise + write cache): {cold['load_s']:6.2f} s  (import {cold['import_s']:.2f} s)"
+    )
+    print(
+        f"warm load (cached safetensors), best of {args.repeats}: {best['load_s']:6.2f} s  "
+        f"(import {best['import_s']:.2f} s)"
+    )
     print(f"warm / cold: {best['load_s'] / cold['load_s']:.3f}")
     print(f"warm load under 3 s: {'yes' if best['load_s'] < 3 else 'NO'}")
 

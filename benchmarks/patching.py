@@ -57,8 +57,15 @@ def make_task(model, n: int, seed: int):
     pad = tok.pad_token_id or 0
     to_t = lambda rows: torch.tensor([r + [pad] * (s - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (s - len(r)) for r in ce])
-    return Task("ioi-like", to_t(ce), to_t(xe), mask, torch.tensor(ans), torch.tensor(wrong),
-                {"END": mask.sum(1) - 1})
+    return Task(
+        "ioi-like",
+        to_t(ce),
+        to_t(xe),
+        mask,
+        torch.tensor(ans),
+        torch.tensor(wrong),
+        {"END": mask.sum(1) - 1},
+    )
 
 
 class Clock:
@@ -116,10 +123,12 @@ def main(argv=None) -> int:
     dev = model.cfg.device
     clean = task.clean_tokens.to(dev)
     corrupt = task.corrupt_tokens.to(dev)
-    print(f"model {args.model}: {L} layers x {H} heads ({shape.n_kv_heads} kv), task "
-          f"{task.name}: {len(task)} prompts x {task.seq_len} tokens (lengths "
-          f"{int(task.lengths.min())}-{int(task.lengths.max())}), torch threads "
-          f"{torch.get_num_threads()}")
+    print(
+        f"model {args.model}: {L} layers x {H} heads ({shape.n_kv_heads} kv), task "
+        f"{task.name}: {len(task)} prompts x {task.seq_len} tokens (lengths "
+        f"{int(task.lengths.min())}-{int(task.lengths.max())}), torch threads "
+        f"{torch.get_num_threads()}"
+    )
 
     def forward():
         with torch.no_grad():
@@ -128,8 +137,10 @@ def main(argv=None) -> int:
     forward()
     clock = Clock(forward)
     fs = [clock.f() for _ in range(5)]
-    print(f"F = {statistics.median(f[0] for f in fs):.3f} s wall, "
-          f"{statistics.median(f[1] for f in fs):.3f} s CPU now (re-measured around every chunk)")
+    print(
+        f"F = {statistics.median(f[0] for f in fs):.3f} s wall, "
+        f"{statistics.median(f[1] for f in fs):.3f} s CPU now (re-measured around every chunk)"
+    )
     print(f"  {'item':<52} {'wall':>7} {'CPU':>7}")
 
     def report(label: str, chunks, scale: float = 1.0, note: str = "") -> tuple[float, float]:
@@ -149,17 +160,27 @@ def main(argv=None) -> int:
     def tl_cells(layer: int, by_pos: bool):
         rows = [(layer, end_mode, h) if by_pos else (layer, h) for h in range(H)]
         cols = ["layer", "pos", "head"] if by_pos else ["layer", "head"]
-        setter = (tl_patching.layer_pos_head_vector_patch_setter if by_pos
-                  else tl_patching.layer_head_vector_patch_setter)
+        setter = (
+            tl_patching.layer_pos_head_vector_patch_setter
+            if by_pos
+            else tl_patching.layer_head_vector_patch_setter
+        )
         with torch.no_grad():  # get_act_patch_attn_head_out_{all,by}_pos on these cells
             tl_patching.generic_activation_patch(
-                model, corrupt, clean_cache, metric, patch_setter=setter, activation_name="z",
-                index_df=pd.DataFrame(rows, columns=cols))
+                model,
+                corrupt,
+                clean_cache,
+                metric,
+                patch_setter=setter,
+                activation_name="z",
+                index_df=pd.DataFrame(rows, columns=cols),
+            )
 
     def loop_layer(layer: int):
         name = f"blocks.{layer}.attn.hook_z"
         with torch.no_grad():
             for h in range(H):
+
                 def hook(z, hook=None, h=h):
                     z = z.clone()
                     z[:, :, h] = clean_cache[name][:, :, h]
@@ -167,13 +188,24 @@ def main(argv=None) -> int:
 
                 metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, hook)]))
 
-    tl_all = report("TL get_act_patch_attn_head_out_all_pos",
-                    [lambda l=l: tl_cells(l, False) for l in layers], scale, tag)
-    tl_end = report("TL get_act_patch_attn_head_out_by_pos, END only",
-                    [lambda l=l: tl_cells(l, True) for l in layers], scale,
-                    tag + " (one END index for all prompts, as TL can)")
-    report("plain per-head loop (run_with_hooks on hook_z)",
-           [lambda l=l: loop_layer(l) for l in layers], scale, tag)
+    tl_all = report(
+        "TL get_act_patch_attn_head_out_all_pos",
+        [lambda l=l: tl_cells(l, False) for l in layers],
+        scale,
+        tag,
+    )
+    tl_end = report(
+        "TL get_act_patch_attn_head_out_by_pos, END only",
+        [lambda l=l: tl_cells(l, True) for l in layers],
+        scale,
+        tag + " (one END index for all prompts, as TL can)",
+    )
+    report(
+        "plain per-head loop (run_with_hooks on hook_z)",
+        [lambda l=l: loop_layer(l) for l in layers],
+        scale,
+        tag,
+    )
 
     # a head patched at layer l needs layers l.. only: the bound for whole-suffix reruns
     suffix = sum((L - l) / L for l in range(L) for _ in range(H))
@@ -183,20 +215,31 @@ def main(argv=None) -> int:
     # sweep is long. Attribution runs first on a cold cache: its time includes the corrupt run.
     core.clear_cache()
     per_layer = lambda fn: [lambda l=l: fn([(l, h) for h in range(H)]) for l in range(L)]
-    attribution = report("ours: attribution_patch z (cold cache, incl. corrupt run)",
-                         [lambda: core.attribution_patch(model, task, "z")])
-    report("ours: path_attribution -> logits (the widget's preview)",
-           [lambda: core.path_attribution(model, task)])
-    report("ours: clean + corrupt runs (the cache, built once)",
-           [lambda: core.activation_patch(model, task, heads=[(0, 0)])])
-    ours_all = report("ours: activation_patch z, all positions",
-                      per_layer(lambda hs: core.activation_patch(model, task, heads=hs)))
-    ours_end = report("ours: activation_patch z, END",
-                      per_layer(lambda hs: core.activation_patch(model, task, positions="END",
-                                                                 heads=hs)))
+    attribution = report(
+        "ours: attribution_patch z (cold cache, incl. corrupt run)",
+        [lambda: core.attribution_patch(model, task, "z")],
+    )
+    report(
+        "ours: path_attribution -> logits (the widget's preview)",
+        [lambda: core.path_attribution(model, task)],
+    )
+    report(
+        "ours: clean + corrupt runs (the cache, built once)",
+        [lambda: core.activation_patch(model, task, heads=[(0, 0)])],
+    )
+    ours_all = report(
+        "ours: activation_patch z, all positions",
+        per_layer(lambda hs: core.activation_patch(model, task, heads=hs)),
+    )
+    ours_end = report(
+        "ours: activation_patch z, END",
+        per_layer(lambda hs: core.activation_patch(model, task, positions="END", heads=hs)),
+    )
     path = report("ours: path_patch -> logits", [lambda: core.path_patch(model, task)])
-    path_frozen = report("ours: path_patch -> logits, freeze_mlps",
-                         [lambda: core.path_patch(model, task, freeze_mlps=True)])
+    path_frozen = report(
+        "ours: path_patch -> logits, freeze_mlps",
+        [lambda: core.path_patch(model, task, freeze_mlps=True)],
+    )
 
     results = {
         "all_pos": tuple(t / o for t, o in zip(tl_all, ours_all)),
@@ -209,8 +252,10 @@ def main(argv=None) -> int:
     for key, (what, ratio, target, op) in TARGETS.items():
         ok = [(v >= target) if op == ">=" else (v <= target) for v in results[key]]
         wall, cpu = results[key]
-        print(f"  {what:<36} {ratio:<22} = {wall:7.2f} / {cpu:7.2f}  target {op} {target:<5} "
-              f"{'MET' if all(ok) else ('MET on one clock' if any(ok) else 'MISSED')}")
+        print(
+            f"  {what:<36} {ratio:<22} = {wall:7.2f} / {cpu:7.2f}  target {op} {target:<5} "
+            f"{'MET' if all(ok) else ('MET on one clock' if any(ok) else 'MISSED')}"
+        )
     return 0
 
 

@@ -98,16 +98,22 @@ def load_model(
     is_peft = peft is not None and isinstance(spec, peft.PeftModel)
     is_arith = isinstance(spec, str) and spec.strip().lower() == "demo-arith"
     if merge is not None and not (is_peft or is_arith):
-        raise TypeError(f"merge= applies to 'demo-arith' and to peft models only; {_spec_text(spec)} "
-                        "has no adapter to merge")
+        raise TypeError(
+            f"merge= applies to 'demo-arith' and to peft models only; {_spec_text(spec)} "
+            "has no adapter to merge"
+        )
     if isinstance(spec, TransformerBridge):
         if device is not None:
             spec = spec.to(device)
         return spec
     if isinstance(spec, torch.nn.Module):
-        _refuse_unused(f"an already-loaded {type(spec).__name__}",
-                       "place it before wrapping, or load it from a folder or hub name",
-                       device_map=device_map, n_devices=n_devices, **boot_kwargs)
+        _refuse_unused(
+            f"an already-loaded {type(spec).__name__}",
+            "place it before wrapping, or load it from a folder or hub name",
+            device_map=device_map,
+            n_devices=n_devices,
+            **boot_kwargs,
+        )
         if is_peft:
             # The adapter modules stay in the base model: wrapping it keeps them live.
             spec = spec.merge_and_unload() if merge else spec.get_base_model()
@@ -119,7 +125,7 @@ def load_model(
             f"cannot load a model from {spec!r}. Valid specs:\n{_valid_specs_text()}"
         )
 
-    placement = dict(device=device, dtype=dtype, device_map=device_map, n_devices=n_devices)
+    placement = {"device": device, "dtype": dtype, "device_map": device_map, "n_devices": n_devices}
     key = spec.strip().lower()
     if key == "demo":
         folder = _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
@@ -153,11 +159,15 @@ def _spec_text(spec: Any) -> str:
 
 def _refuse_unused(what: str, hint: str, *, device_map=None, n_devices=None, **boot_kwargs) -> None:
     """Placement and boot options that a path cannot honour are errors, never silently dropped."""
-    unused = [name for name, v in (("device_map", device_map), ("n_devices", n_devices)) if v is not None]
+    unused = [
+        name for name, v in (("device_map", device_map), ("n_devices", n_devices)) if v is not None
+    ]
     unused += sorted(boot_kwargs)
     if unused:
-        raise TypeError(f"load_model: {', '.join(unused)} cannot be used with {what}: it is wrapped as it "
-                        f"is, on one device (only device= and dtype= apply); {hint}")
+        raise TypeError(
+            f"load_model: {', '.join(unused)} cannot be used with {what}: it is wrapped as it "
+            f"is, on one device (only device= and dtype= apply); {hint}"
+        )
 
 
 def _lora_demo(adapter: Path):
@@ -175,17 +185,23 @@ def _lora_demo(adapter: Path):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     cfg = LoraConfig.from_pretrained(adapter)
     cfg.inference_mode = True
-    cfg.base_model_name_or_path = hf.name_or_path  # peft warns when it renames the base it was trained on
+    cfg.base_model_name_or_path = (
+        hf.name_or_path
+    )  # peft warns when it renames the base it was trained on
     peft_model = get_peft_model(hf, cfg)
     state = load_file(adapter / "adapter_model.safetensors")
     result = set_peft_model_state_dict(peft_model, state)
     if getattr(result, "unexpected_keys", None):
-        raise ModelLoadError(f"adapter {adapter} does not fit the demo model: {result.unexpected_keys[:3]}")
+        raise ModelLoadError(
+            f"adapter {adapter} does not fit the demo model: {result.unexpected_keys[:3]}"
+        )
     # A key left out would keep its fresh init (lora_B = 0): that adapter would silently do nothing.
     missing = sorted(set(get_peft_model_state_dict(peft_model)) - set(state))
     if missing:
-        raise ModelLoadError(f"adapter {adapter} lacks {len(missing)} of the demo model's adapter weights "
-                             f"(e.g. {', '.join(missing[:3])}); the file is incomplete, reinstall or retrain it")
+        raise ModelLoadError(
+            f"adapter {adapter} lacks {len(missing)} of the demo model's adapter weights "
+            f"(e.g. {', '.join(missing[:3])}); the file is incomplete, reinstall or retrain it"
+        )
     return folder, peft_model
 
 
@@ -193,18 +209,31 @@ def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
     """demo-arith: merged into a cached checkpoint (keyed by both hashes), or live (merge=False)."""
     adapter = DEMO_ARITH_ADAPTER
     if not (adapter / "adapter_model.safetensors").exists():
-        raise ModelLoadError(f"the demo-arith adapter is missing from {adapter}; reinstall circuit-widgets")
+        raise ModelLoadError(
+            f"the demo-arith adapter is missing from {adapter}; reinstall circuit-widgets"
+        )
     if not merge:
-        _refuse_unused("'demo-arith' and merge=False (a live adapter)", "the default merge=True takes them",
-                       device_map=placement["device_map"], n_devices=placement["n_devices"], **boot_kwargs)
+        _refuse_unused(
+            "'demo-arith' and merge=False (a live adapter)",
+            "the default merge=True takes them",
+            device_map=placement["device_map"],
+            n_devices=placement["n_devices"],
+            **boot_kwargs,
+        )
         from transformers import AutoTokenizer
 
         folder, peft_model = _lora_demo(adapter)
-        model = _wrap_hf_model(peft_model.get_base_model(), tokenizer=AutoTokenizer.from_pretrained(folder),
-                               device=placement["device"], dtype=placement["dtype"])
+        model = _wrap_hf_model(
+            peft_model.get_base_model(),
+            tokenizer=AutoTokenizer.from_pretrained(folder),
+            device=placement["device"],
+            dtype=placement["dtype"],
+        )
         return model
     _, demo_digest = _demo_gguf_path()
-    digest = hashlib.sha256((demo_digest + _file_sha256(adapter / "adapter_model.safetensors")).encode())
+    digest = hashlib.sha256(
+        (demo_digest + _file_sha256(adapter / "adapter_model.safetensors")).encode()
+    )
     folder = cache_dir() / "models" / f"smollm2-135m-instruct-arith-{digest.hexdigest()[:16]}"
     if not ((folder / "model.safetensors").exists() and (folder / "config.json").exists()):
         from safetensors.torch import save_model
@@ -451,7 +480,9 @@ def _hub_error_text(name: str, exc: Exception) -> str:
             f"{_valid_specs_text()}"
         )
     if "RepositoryNotFound" in text or "is not a valid model identifier" in text or "404" in text:
-        return f"no model named {name!r} on the Hugging Face hub. Valid specs:\n{_valid_specs_text()}"
+        return (
+            f"no model named {name!r} on the Hugging Face hub. Valid specs:\n{_valid_specs_text()}"
+        )
     return f"loading {name!r} failed: {text.splitlines()[0][:500]}"
 
 
@@ -461,7 +492,9 @@ def _wrap_hf_model(hf_model, *, tokenizer, device, dtype):
 
     # The bridge swaps the model's modules for its own in place: wrapping them again would
     # silently detach every hook of the first bridge.
-    if any(type(m).__module__.startswith("transformer_lens.model_bridge") for m in hf_model.modules()):
+    if any(
+        type(m).__module__.startswith("transformer_lens.model_bridge") for m in hf_model.modules()
+    ):
         raise ModelLoadError(
             "this transformers model is already wrapped by a TransformerBridge (its modules were "
             "replaced in place); pass that bridge to load_model, or load a fresh copy of the model"
@@ -534,8 +567,10 @@ def check_adapters(model, label: str = "model") -> None:
         missed = []
         if layers:
             called: set[int] = set()
-            handles = [m.register_forward_hook(lambda mod, args, out: called.add(id(mod)))
-                       for _, m in layers]
+            handles = [
+                m.register_forward_hook(lambda mod, args, out: called.add(id(mod)))
+                for _, m in layers
+            ]
             device = next(model.original_model.parameters()).device
             probe = (torch.arange(1, 9, device=device) % int(model.cfg.d_vocab))[None]
             try:
@@ -591,9 +626,7 @@ def tiny_tokenizer():
     special = ["<|endoftext|>", "<unk>"]
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     byte_encoder = {ord(" "): "Ġ", ord("\n"): "Ċ"}
-    words = [
-        "".join(byte_encoder.get(ord(ch), ch) for ch in w) for w in _tiny_vocabulary()
-    ]
+    words = ["".join(byte_encoder.get(ord(ch), ch) for ch in w) for w in _tiny_vocabulary()]
     vocab: dict[str, int] = {}
     for tok in special + alphabet + words:
         vocab.setdefault(tok, len(vocab))
@@ -647,7 +680,9 @@ def tiny_model(
     # Private RNG: building a model must not disturb the caller's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        hf = _tiny_hf_model(arch, tok, n_layers, n_heads, n_kv_heads, d_model, d_mlp or 4 * d_model, n_ctx)
+        hf = _tiny_hf_model(
+            arch, tok, n_layers, n_heads, n_kv_heads, d_model, d_mlp or 4 * d_model, n_ctx
+        )
         with _quiet():
             model = TransformerBridge.boot_transformers(
                 f"tiny-{arch}", hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32
@@ -661,19 +696,33 @@ def _tiny_hf_model(arch, tok, n_layers, n_heads, n_kv_heads, d_model, d_mlp, n_c
 
     if arch == "gpt2":
         cfg = GPT2Config(
-            vocab_size=len(tok), n_positions=n_ctx, n_embd=d_model, n_layer=n_layers,
-            n_head=n_heads, n_inner=d_mlp, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            vocab_size=len(tok),
+            n_positions=n_ctx,
+            n_embd=d_model,
+            n_layer=n_layers,
+            n_head=n_heads,
+            n_inner=d_mlp,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
         hf = GPT2LMHeadModel(cfg)
     elif arch == "llama":
         cfg = LlamaConfig(
-            vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads,
-            num_key_value_heads=n_kv_heads or n_heads, max_position_embeddings=n_ctx,
-            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+            vocab_size=len(tok),
+            hidden_size=d_model,
+            intermediate_size=d_mlp,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads or n_heads,
+            max_position_embeddings=n_ctx,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=False,
         )
         hf = LlamaForCausalLM(cfg)
     elif arch == "gemma3":
@@ -681,12 +730,22 @@ def _tiny_hf_model(arch, tok, n_layers, n_heads, n_kv_heads, d_model, d_mlp, n_c
 
         d_head = d_model // n_heads
         cfg = Gemma3TextConfig(
-            vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp,
-            num_hidden_layers=n_layers, num_attention_heads=n_heads,
-            num_key_value_heads=n_kv_heads or n_heads, head_dim=d_head, query_pre_attn_scalar=d_head,
-            max_position_embeddings=n_ctx, sliding_window=4,
-            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
-            final_logit_softcapping=30.0, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            vocab_size=len(tok),
+            hidden_size=d_model,
+            intermediate_size=d_mlp,
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv_heads or n_heads,
+            head_dim=d_head,
+            query_pre_attn_scalar=d_head,
+            max_position_embeddings=n_ctx,
+            sliding_window=4,
+            layer_types=[
+                "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)
+            ],
+            final_logit_softcapping=30.0,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
             pad_token_id=tok.pad_token_id,
         )
         hf = Gemma3ForCausalLM(cfg)

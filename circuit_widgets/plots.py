@@ -12,7 +12,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["figure_bytes", "grid_values", "plot_attention", "plot_bars", "plot_curve", "plot_head_grid"]
+__all__ = [
+    "figure_bytes",
+    "grid_values",
+    "plot_attention",
+    "plot_bars",
+    "plot_curve",
+    "plot_head_grid",
+]
 
 
 def grid_values(result: Any) -> np.ndarray:
@@ -24,7 +31,9 @@ def grid_values(result: Any) -> np.ndarray:
         values = values.detach().cpu().float().numpy()
     arr = np.asarray(values, dtype=np.float32)
     if arr.ndim != 2:
-        raise ValueError(f"a head grid needs [n_layers, n_heads] values, got shape {tuple(arr.shape)}")
+        raise ValueError(
+            f"a head grid needs [n_layers, n_heads] values, got shape {tuple(arr.shape)}"
+        )
     return arr
 
 
@@ -50,7 +59,9 @@ def plot_head_grid(
     arr = grid_values(values)
     n_layers, n_heads = arr.shape
     heads = list(heads if heads is not None else getattr(values, "heads", None) or range(n_heads))
-    layers = list(layers if layers is not None else getattr(values, "layers", None) or range(n_layers))
+    layers = list(
+        layers if layers is not None else getattr(values, "layers", None) or range(n_layers)
+    )
     metric_name = metric_name or getattr(values, "metric_name", None) or "value"
 
     if ax is None:
@@ -65,15 +76,35 @@ def plot_head_grid(
     scale = float(np.abs(arr[finite]).max()) if finite.any() else 0.0
     scale = scale if scale > 0 else 1.0
     # NaN cells show the hatched background through the masked (transparent) image.
-    ax.add_patch(Rectangle((-0.5, -0.5), n_heads, n_layers, facecolor="#c8c8c8", edgecolor="#8a8a8a",
-                           hatch="///", linewidth=0, zorder=0))
-    image = ax.imshow(np.ma.masked_invalid(arr), cmap="RdBu_r", vmin=-scale, vmax=scale,
-                      aspect="auto", interpolation="nearest", zorder=1)
+    ax.add_patch(
+        Rectangle(
+            (-0.5, -0.5),
+            n_heads,
+            n_layers,
+            facecolor="#c8c8c8",
+            edgecolor="#8a8a8a",
+            hatch="///",
+            linewidth=0,
+            zorder=0,
+        )
+    )
+    image = ax.imshow(
+        np.ma.masked_invalid(arr),
+        cmap="RdBu_r",
+        vmin=-scale,
+        vmax=scale,
+        aspect="auto",
+        interpolation="nearest",
+        zorder=1,
+    )
     cbar = fig.colorbar(image, ax=ax, fraction=0.06, pad=0.02, shrink=0.8 if n_layers > 8 else 1.0)
     cbar.set_label(str(metric_name))
 
-    ax.set_xticks(range(n_heads), [str(h) for h in heads],
-                  rotation=90 if max((len(str(h)) for h in heads), default=0) > 3 else 0)
+    ax.set_xticks(
+        range(n_heads),
+        [str(h) for h in heads],
+        rotation=90 if max((len(str(h)) for h in heads), default=0) > 3 else 0,
+    )
     ax.set_yticks(range(n_layers), [str(l) for l in layers])
     ax.tick_params(labelsize=7 if n_layers > 20 or n_heads > 20 else 9, length=2)
     ax.xaxis.tick_top()
@@ -85,13 +116,28 @@ def plot_head_grid(
 
     for layer, head in _pairs(selected):
         if 0 <= layer < n_layers and 0 <= head < n_heads:
-            ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black",
-                                   linewidth=2, zorder=3))
+            ax.add_patch(
+                Rectangle(
+                    (head - 0.5, layer - 0.5),
+                    1,
+                    1,
+                    fill=False,
+                    edgecolor="black",
+                    linewidth=2,
+                    zorder=3,
+                )
+            )
     if not finite.all():
-        ax.legend(handles=[Patch(facecolor="#c8c8c8", edgecolor="#8a8a8a", hatch="///",
-                                 label="not computed")],
-                  loc="upper left", bbox_to_anchor=(0.0, 0.0), fontsize=8, frameon=False,
-                  handlelength=1.2)
+        ax.legend(
+            handles=[
+                Patch(facecolor="#c8c8c8", edgecolor="#8a8a8a", hatch="///", label="not computed")
+            ],
+            loc="upper left",
+            bbox_to_anchor=(0.0, 0.0),
+            fontsize=8,
+            frameon=False,
+            handlelength=1.2,
+        )
     return fig
 
 
@@ -107,7 +153,9 @@ def plot_attention(
     dark = 1), tokens on both axes. Shows the first ``max_heads`` heads. Returns the Figure."""
     from matplotlib.figure import Figure
 
-    arr = np.asarray(patterns.detach().cpu() if hasattr(patterns, "detach") else patterns, dtype=np.float32)
+    arr = np.asarray(
+        patterns.detach().cpu() if hasattr(patterns, "detach") else patterns, dtype=np.float32
+    )
     if arr.ndim != 3 or arr.shape[1] != arr.shape[2]:
         raise ValueError(f"patterns must be [n_heads, s, s], got shape {tuple(arr.shape)}")
     n, s = arr.shape[0], arr.shape[1]
@@ -116,7 +164,9 @@ def plot_attention(
     labels = list(head_labels) if head_labels is not None else [f"head {i}" for i in range(n)]
     shown = min(n, max_heads)
     side = min(4.5, 1.2 + 0.16 * s)
-    fig = Figure(figsize=(max(3.0, side * max(shown, 1)), side + 1.8), dpi=100, layout="constrained")  # room for rotated tokens
+    fig = Figure(
+        figsize=(max(3.0, side * max(shown, 1)), side + 1.8), dpi=100, layout="constrained"
+    )  # room for rotated tokens
     if title:
         fig.suptitle(str(title), x=0.01, ha="left", fontsize=11)
     if shown == 0:
@@ -156,8 +206,11 @@ def plot_bars(
     series: list[str] = []
     for g in groups:
         series += [k for k in values[g] if k not in series]
-    fig = Figure(figsize=(max(3.5, 1.0 + 0.45 * len(groups) * max(1, len(series))), 3.0), dpi=100,
-                 layout="constrained")
+    fig = Figure(
+        figsize=(max(3.5, 1.0 + 0.45 * len(groups) * max(1, len(series))), 3.0),
+        dpi=100,
+        layout="constrained",
+    )
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(series))
     colors = ["#9e9e9e", "#2166ac", "#b2182b", "#4d9221", "#7b3294"]
@@ -165,13 +218,21 @@ def plot_bars(
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(groups))]
         ys = [float(values[g].get(name, np.nan)) for g in groups]
         bars = ax.bar(xs, ys, width=width * 0.92, label=name, color=colors[j % len(colors)])
-        ax.bar_label(bars, labels=["" if np.isnan(y) else f"{y:.2f}" for y in ys], fontsize=7, padding=1)
+        ax.bar_label(
+            bars, labels=["" if np.isnan(y) else f"{y:.2f}" for y in ys], fontsize=7, padding=1
+        )
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.spines[["top", "right"]].set_visible(False)
-    ax.legend(fontsize=8, frameon=False, ncols=max(1, len(series)), loc="upper left", bbox_to_anchor=(0, 1.15))
+    ax.legend(
+        fontsize=8,
+        frameon=False,
+        ncols=max(1, len(series)),
+        loc="upper left",
+        bbox_to_anchor=(0, 1.15),
+    )
     if title:
         ax.set_title(str(title), loc="left", fontsize=11, pad=22)
     return fig

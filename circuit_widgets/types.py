@@ -15,7 +15,7 @@ class _StrEnum(str, enum.Enum):
     """A str enum that accepts its value or name, case-insensitively, and says what is valid."""
 
     @classmethod
-    def coerce(cls, value: "str | _StrEnum") -> "_StrEnum":
+    def coerce(cls, value: str | _StrEnum) -> _StrEnum:
         if isinstance(value, cls):
             return value
         if isinstance(value, str):
@@ -83,7 +83,7 @@ class Head:
         return f"{self.layer}.{self.head}"
 
     @classmethod
-    def parse(cls, value: "Head | str | tuple[int, int]") -> "Head":
+    def parse(cls, value: Head | str | tuple[int, int]) -> Head:
         """Accepts Head(3, 1), (3, 1), "3.1" or "L3H1"; a tuple's parts must be integers."""
         if isinstance(value, Head):
             return value
@@ -99,7 +99,9 @@ class Head:
                 return cls(int(layer), int(head))
             except ValueError:
                 pass
-        raise ValueError(f"cannot read a head from {value!r}; use Head(layer, head), (l, h) or 'l.h'")
+        raise ValueError(
+            f"cannot read a head from {value!r}; use Head(layer, head), (l, h) or 'l.h'"
+        )
 
     @classmethod
     def parse_many(cls, value: Head | str | tuple[int, int] | Iterable) -> list[Head]:
@@ -113,15 +115,20 @@ class Head:
         try:
             items = list(value)
         except TypeError:
-            raise ValueError(f"cannot read heads from {value!r}; use a head or a list of heads "
-                             f"(Head(layer, head), (l, h) or 'l.h')") from None
+            raise ValueError(
+                f"cannot read heads from {value!r}; use a head or a list of heads "
+                f"(Head(layer, head), (l, h) or 'l.h')"
+            ) from None
         return [cls.parse(v) for v in items]
 
 
 def _is_pair(value: object) -> bool:
     """(l, h) with scalar parts, as opposed to a tuple of heads."""
-    return (isinstance(value, tuple) and len(value) == 2
-            and not any(isinstance(v, (tuple, list, str, Head)) for v in value))
+    return (
+        isinstance(value, tuple)
+        and len(value) == 2
+        and not any(isinstance(v, (tuple, list, str, Head)) for v in value)
+    )
 
 
 def _integer(part: object, value: object) -> int:
@@ -131,8 +138,9 @@ def _integer(part: object, value: object) -> int:
     try:
         return operator.index(part)
     except TypeError:
-        raise ValueError(f"cannot read a head from {value!r}: its parts must be integers, "
-                         f"got {part!r}") from None
+        raise ValueError(
+            f"cannot read a head from {value!r}: its parts must be integers, got {part!r}"
+        ) from None
 
 
 @dataclass(frozen=True, order=True)
@@ -195,15 +203,18 @@ class Circuit:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_heads(cls, heads, *, position: str | None = None, name: str = "", group: str = "heads") -> "Circuit":
+    def from_heads(
+        cls, heads, *, position: str | None = None, name: str = "", group: str = "heads"
+    ) -> Circuit:
         return cls((CircuitGroup(group, frozenset(Head.parse(h) for h in heads), position),), name)
 
     @classmethod
-    def from_groups(cls, groups: dict, *, positions: dict | None = None, name: str = "") -> "Circuit":
+    def from_groups(cls, groups: dict, *, positions: dict | None = None, name: str = "") -> Circuit:
         """``{"A": [heads], ...}`` with ``positions={"A": "END", ...}``."""
         positions = positions or {}
         return cls(
-            tuple(CircuitGroup(g, frozenset(hs), positions.get(g)) for g, hs in groups.items()), name
+            tuple(CircuitGroup(g, frozenset(hs), positions.get(g)) for g, hs in groups.items()),
+            name,
         )
 
     @classmethod
@@ -218,7 +229,7 @@ class Circuit:
         position: str | None | _GridPosition = _FROM_GRID,
         name: str = "",
         group: str = "heads",
-    ) -> "Circuit":
+    ) -> Circuit:
         """Heads of a [n_layers, n_heads] result: the top k, the top fraction, or score >= threshold.
 
         A result object (a HeadGrid) is ranked by its ``normalized`` effect, as the pipeline
@@ -245,7 +256,9 @@ class Circuit:
                 values = normalized
         values = torch.as_tensor(values, dtype=torch.float32)
         if values.dim() != 2:
-            raise ValueError(f"from_grid needs a [n_layers, n_heads] grid, got shape {tuple(values.shape)}")
+            raise ValueError(
+                f"from_grid needs a [n_layers, n_heads] grid, got shape {tuple(values.shape)}"
+            )
         score = {"abs": values.abs(), "positive": values, "negative": -values}.get(sign)
         if score is None:
             raise ValueError(f"sign must be 'abs', 'positive' or 'negative', got {sign!r}")
@@ -297,7 +310,11 @@ class Circuit:
                         f"head {h} of group {g.name!r} is outside the model "
                         f"(layers 0-{n_layers - 1}, heads 0-{n_heads - 1})"
                     )
-            if position_names is not None and g.position is not None and g.position not in position_names:
+            if (
+                position_names is not None
+                and g.position is not None
+                and g.position not in position_names
+            ):
                 raise ValueError(
                     f"group {g.name!r} acts at position {g.position!r}, which the task lacks; "
                     f"it has {sorted(position_names)}"
@@ -305,31 +322,36 @@ class Circuit:
 
     # ------------------------------------------------------------------ set operations
 
-    def _combine(self, other: "Circuit", op, union: bool = False) -> "Circuit":
+    def _combine(self, other: Circuit, op, union: bool = False) -> Circuit:
         mine = {g.name: g for g in self.groups}
         theirs = {g.name: g for g in other.groups}
         out = []
         for name in list(mine) + [n for n in theirs if n not in mine]:
             a, b = mine.get(name), theirs.get(name)
-            heads = op(a.heads if a else frozenset(), b.heads if b else frozenset(),
-                       self.heads, other.heads)
+            heads = op(
+                a.heads if a else frozenset(),
+                b.heads if b else frozenset(),
+                self.heads,
+                other.heads,
+            )
             # & and - keep only this circuit's heads, so only a union needs the positions to agree.
             if union and a and b and a.position != b.position:
                 raise ValueError(
                     f"group {name!r} acts at position {a.position!r} in one circuit and "
-                    f"{b.position!r} in the other; rename one group or give both the same position")
+                    f"{b.position!r} in the other; rename one group or give both the same position"
+                )
             position = (a or b).position
             if heads:
                 out.append(CircuitGroup(name, heads, position))
         return Circuit(tuple(out), self.name or other.name)
 
-    def __or__(self, other: "Circuit") -> "Circuit":
+    def __or__(self, other: Circuit) -> Circuit:
         return self._combine(other, lambda a, b, A, B: a | b, union=True)
 
-    def __and__(self, other: "Circuit") -> "Circuit":
+    def __and__(self, other: Circuit) -> Circuit:
         return self._combine(other, lambda a, b, A, B: a & B)
 
-    def __sub__(self, other: "Circuit") -> "Circuit":
+    def __sub__(self, other: Circuit) -> Circuit:
         return self._combine(other, lambda a, b, A, B: a - B)
 
     # ------------------------------------------------------------------ serialisation
@@ -338,16 +360,24 @@ class Circuit:
         return {
             "name": self.name,
             "groups": [
-                {"name": g.name, "position": g.position, "heads": [[h.layer, h.head] for h in sorted(g.heads)]}
+                {
+                    "name": g.name,
+                    "position": g.position,
+                    "heads": [[h.layer, h.head] for h in sorted(g.heads)],
+                }
                 for g in self.groups
             ],
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Circuit":
+    def from_dict(cls, data: dict) -> Circuit:
         try:
             groups = tuple(
-                CircuitGroup(g["name"], frozenset(Head(int(l), int(h)) for l, h in g["heads"]), g.get("position"))
+                CircuitGroup(
+                    g["name"],
+                    frozenset(Head(int(l), int(h)) for l, h in g["heads"]),
+                    g.get("position"),
+                )
                 for g in data["groups"]
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -360,7 +390,7 @@ class Circuit:
         return json.dumps(self.to_dict())
 
     @classmethod
-    def from_json(cls, text: str) -> "Circuit":
+    def from_json(cls, text: str) -> Circuit:
         import json
 
         return cls.from_dict(json.loads(text))

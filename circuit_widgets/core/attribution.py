@@ -46,8 +46,9 @@ def attribution_patch(
     batch_size here bounds the examples per backward pass. It is an approximation: exact
     for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
-    return _attribute(model, task, component, direction, positions, heads, batch_size,
-                      on_progress, should_stop)
+    return _attribute(
+        model, task, component, direction, positions, heads, batch_size, on_progress, should_stop
+    )
 
 
 def path_attribution(
@@ -70,16 +71,39 @@ def path_attribution(
     is where the sender's z is patched, as in path_patch, whose value convention it follows.
     Exact where the metric is linear along those paths; receiver heads are not covered.
     """
-    return _attribute(model, task, "z", "noise", position, heads, batch_size, on_progress,
-                      should_stop, frozen=True, freeze_mlps=freeze_mlps)
+    return _attribute(
+        model,
+        task,
+        "z",
+        "noise",
+        position,
+        heads,
+        batch_size,
+        on_progress,
+        should_stop,
+        frozen=True,
+        freeze_mlps=freeze_mlps,
+    )
 
 
-def _attribute(model: Any, task: Any, component: Any, direction: Any, positions: Any, heads: Any,
-               batch_size: int | None, on_progress: Progress, should_stop: Stop, *,
-               frozen: bool = False, freeze_mlps: bool = False) -> HeadGrid:
+def _attribute(
+    model: Any,
+    task: Any,
+    component: Any,
+    direction: Any,
+    positions: Any,
+    heads: Any,
+    batch_size: int | None,
+    on_progress: Progress,
+    should_stop: Stop,
+    *,
+    frozen: bool = False,
+    freeze_mlps: bool = False,
+) -> HeadGrid:
     """attribution_patch, or with ``frozen`` the paths of path patching to the logits only."""
-    plan = plan_sweep(model, task, component, direction, heads, positions, on_progress,
-                      should_stop, batch_size)
+    plan = plan_sweep(
+        model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
+    )
     comp, dirn, shape, subset = plan.comp, plan.dirn, plan.shape, plan.subset
     slots, labels, single, n_cols = plan.slots, plan.labels, plan.single, plan.n_cols
     B, L, P = len(task), shape.n_layers, len(slots)
@@ -88,20 +112,33 @@ def _attribute(model: Any, task: Any, component: Any, direction: Any, positions:
     eng = cache.engine_for(model)
     notes = ["first-order (attribution) estimate, not an exact patch"]
     if frozen:
-        notes.append("paths of path patching to the logits: no head reads the sender's change; "
-                     f"MLPs {'frozen' if freeze_mlps else 'pass it on'}")
+        notes.append(
+            "paths of path patching to the logits: no head reads the sender's change; "
+            f"MLPs {'frozen' if freeze_mlps else 'pass it on'}"
+        )
     if eng is not None:
         reader = MetricReader(task, eng.device)
         # only the source run is cached; the base run is the forward we differentiate
-        src_name, base_name = ("corrupt", "clean") if dirn == Direction.NOISE else ("clean", "corrupt")
+        src_name, base_name = (
+            ("corrupt", "clean") if dirn == Direction.NOISE else ("clean", "corrupt")
+        )
         src = cache.fast_run(model, task, eng, src_name)
         m_src = cache.fast_metric(model, task, eng, reader, src_name)
         base_tokens = task.clean_tokens if dirn == Direction.NOISE else task.corrupt_tokens
         m_base = torch.full((B,), float("nan"))
 
         def step(sl: slice) -> Tensor:
-            contrib, metric = _fast_contrib(eng, comp, base_tokens[sl], src.subset(sl),
-                                            task.positions["END"][sl], reader, sl, frozen, freeze_mlps)
+            contrib, metric = _fast_contrib(
+                eng,
+                comp,
+                base_tokens[sl],
+                src.subset(sl),
+                task.positions["END"][sl],
+                reader,
+                sl,
+                frozen,
+                freeze_mlps,
+            )
             m_base[sl] = metric.float().cpu()
             return contrib
     else:
@@ -109,8 +146,9 @@ def _attribute(model: Any, task: Any, component: Any, direction: Any, positions:
         c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
         src_cache = x_cache if dirn == Direction.NOISE else c_cache
         base_tokens = task.clean_tokens if dirn == Direction.NOISE else task.corrupt_tokens
-        step = lambda sl: _hooked_contrib(model, task, comp, base_tokens, src_cache, sl, L,
-                                          frozen, freeze_mlps)
+        step = lambda sl: _hooked_contrib(
+            model, task, comp, base_tokens, src_cache, sl, L, frozen, freeze_mlps
+        )
 
     size = batch_size or B
     steps = [slice(i, min(i + size, B)) for i in range(0, B, size)]
@@ -139,9 +177,19 @@ def _attribute(model: Any, task: Any, component: Any, direction: Any, positions:
     if labels is None:
         per_example, done = per_example[:, :, 0], done[:, 0]
     return build_grid(
-        per_example, done, m_clean, m_corrupt, shape=shape, component=comp,
-        direction=dirn.value, kind="attribution", metric_name=task.metric_name,
-        positions=labels, position=single, complete=complete, notes=notes,
+        per_example,
+        done,
+        m_clean,
+        m_corrupt,
+        shape=shape,
+        component=comp,
+        direction=dirn.value,
+        kind="attribution",
+        metric_name=task.metric_name,
+        positions=labels,
+        position=single,
+        complete=complete,
+        notes=notes,
         receivers="logits" if frozen else None,
     )
 
@@ -158,9 +206,17 @@ def _per_position(comp: Component, delta: Tensor, grad: Tensor) -> Tensor:
 # ---------------------------------------------------------------------- fast path
 
 
-def _fast_contrib(eng: FastModel, comp: Component, tokens: Tensor, src: Trace, end: Tensor,
-                  reader: MetricReader, sl: slice, frozen: bool = False,
-                  freeze_mlps: bool = False) -> Tensor:
+def _fast_contrib(
+    eng: FastModel,
+    comp: Component,
+    tokens: Tensor,
+    src: Trace,
+    end: Tensor,
+    reader: MetricReader,
+    sl: slice,
+    frozen: bool = False,
+    freeze_mlps: bool = False,
+) -> Tensor:
     """Forward with grad on the base tokens, keeping ``comp`` at every layer, then one backward."""
     with torch.enable_grad():
         acts, final = _grad_forward(eng, comp, tokens.to(eng.device), frozen, freeze_mlps)
@@ -180,13 +236,18 @@ def _source(eng: FastModel, comp: Component, src: Trace, layer: int) -> Tensor:
         return src.qkv_raw(eng, layer)["qkv".index(comp.value)]
     if comp == Component.PATTERN:
         return src.pattern(eng, layer)
-    name = {Component.Z: "z", Component.ATTN_OUT: "attn_out", Component.MLP_OUT: "mlp_out",
-            Component.RESID_PRE: "resid_pre"}[comp]
+    name = {
+        Component.Z: "z",
+        Component.ATTN_OUT: "attn_out",
+        Component.MLP_OUT: "mlp_out",
+        Component.RESID_PRE: "resid_pre",
+    }[comp]
     return getattr(src, name)[layer]
 
 
-def _grad_forward(eng: FastModel, comp: Component, tokens: Tensor, frozen: bool = False,
-                  freeze_mlps: bool = False) -> tuple[list[Tensor], Tensor]:
+def _grad_forward(
+    eng: FastModel, comp: Component, tokens: Tensor, frozen: bool = False, freeze_mlps: bool = False
+) -> tuple[list[Tensor], Tensor]:
     """Full forward keeping ``comp`` per layer as graph nodes; returns (acts, final resid).
 
     ``frozen`` (z only): each z is a leaf, so it reaches the output only through the residual
@@ -231,9 +292,17 @@ def _grad_forward(eng: FastModel, comp: Component, tokens: Tensor, frozen: bool 
 # ---------------------------------------------------------------------- generic path
 
 
-def _hooked_contrib(model: Any, task: Any, comp: Component, tokens: Tensor, src_cache: dict,
-                    sl: slice, n_layers: int, frozen: bool = False,
-                    freeze_mlps: bool = False) -> Tensor:
+def _hooked_contrib(
+    model: Any,
+    task: Any,
+    comp: Component,
+    tokens: Tensor,
+    src_cache: dict,
+    sl: slice,
+    n_layers: int,
+    frozen: bool = False,
+    freeze_mlps: bool = False,
+) -> Tensor:
     names = [hooks.hook_name(comp, l) for l in range(n_layers)]
     acts: dict[str, Tensor] = {}
 
@@ -243,13 +312,18 @@ def _hooked_contrib(model: Any, task: Any, comp: Component, tokens: Tensor, src_
             out = act.detach().requires_grad_(True) if frozen else act * 1.0
             acts[name] = out
             return out
+
         return fn
 
     def cut(act: Tensor, hook: Any = None) -> Tensor:
         return act.detach()
 
     # z leaves already stop the gradient inside attention; frozen MLPs pass nothing on either.
-    cuts = [(hooks.hook_name(Component.MLP_OUT, l), cut) for l in range(n_layers)] if freeze_mlps else []
+    cuts = (
+        [(hooks.hook_name(Component.MLP_OUT, l), cut) for l in range(n_layers)]
+        if freeze_mlps
+        else []
+    )
 
     with torch.enable_grad():
         x = tokens[sl].to(model.cfg.device)

@@ -132,10 +132,14 @@ def fast_metric(model: Any, task: Any, eng: FastModel, reader, which: str) -> to
     return entry[key]
 
 
-def fast_metrics(model: Any, task: Any, eng: FastModel, reader) -> tuple[torch.Tensor, torch.Tensor]:
+def fast_metrics(
+    model: Any, task: Any, eng: FastModel, reader
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(metric clean, metric corrupt) per example, from the cached runs."""
-    return (fast_metric(model, task, eng, reader, "clean"),
-            fast_metric(model, task, eng, reader, "corrupt"))
+    return (
+        fast_metric(model, task, eng, reader, "clean"),
+        fast_metric(model, task, eng, reader, "corrupt"),
+    )
 
 
 def set_metric(model: Any, task: Any, which: str, value: torch.Tensor) -> None:
@@ -151,8 +155,16 @@ def hooked_runs(model: Any, task: Any) -> tuple[dict, dict, torch.Tensor, torch.
     """(clean cache, corrupt cache, metric clean, metric corrupt) through bridge hooks."""
     entry = _entry(model, task)
     if "hooked" not in entry:
-        keep = ("hook_z", "hook_q", "hook_k", "hook_v", "hook_pattern", "hook_attn_out",
-                "hook_mlp_out", "hook_resid_pre")
+        keep = (
+            "hook_z",
+            "hook_q",
+            "hook_k",
+            "hook_v",
+            "hook_pattern",
+            "hook_attn_out",
+            "hook_mlp_out",
+            "hook_resid_pre",
+        )
         caches, metrics = [], []
         with torch.no_grad():
             for tokens in (task.clean_tokens, task.corrupt_tokens):

@@ -59,13 +59,19 @@ class AblationResult:
         """One row per example: metric, accuracy."""
         import pandas as pd
 
-        return pd.DataFrame({"example": range(len(self.per_example)),
-                             self.metric_name: self.per_example.tolist(),
-                             "accuracy": self.per_example_accuracy.tolist()})
+        return pd.DataFrame(
+            {
+                "example": range(len(self.per_example)),
+                self.metric_name: self.per_example.tolist(),
+                "accuracy": self.per_example_accuracy.tolist(),
+            }
+        )
 
     def __repr__(self) -> str:
-        return (f"AblationResult({self.metric_name}={self.metric:.4g}, accuracy={self.accuracy:.3f}, "
-                f"{self.n_heads_kept}/{self.n_heads_total} heads kept)")
+        return (
+            f"AblationResult({self.metric_name}={self.metric:.4g}, accuracy={self.accuracy:.3f}, "
+            f"{self.n_heads_kept}/{self.n_heads_total} heads kept)"
+        )
 
 
 def mean_ablate(
@@ -107,8 +113,15 @@ def mean_ablate(
 class _Ablator:
     """Mean z per (layer, position or position class, head), computed once and reused for many circuits."""
 
-    def __init__(self, model: Any, task: Any, reference_task: Any, reference: str,
-                 batch_size: int | None, means: str = "auto") -> None:
+    def __init__(
+        self,
+        model: Any,
+        task: Any,
+        reference_task: Any,
+        reference: str,
+        batch_size: int | None,
+        means: str = "auto",
+    ) -> None:
         check_callbacks(None, None, batch_size)
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
@@ -123,8 +136,13 @@ class _Ablator:
             raise ValueError(
                 f"means='position' takes one mean per absolute token position, so every prompt of "
                 f"the task and the reference set must have the same length; their lengths are "
-                f"{lengths}; use means='class' (or 'auto') for prompts of different lengths")
-        self.mode = "position" if means == "position" or (means == "auto" and len(lengths) == 1) else "class"
+                f"{lengths}; use means='class' (or 'auto') for prompts of different lengths"
+            )
+        self.mode = (
+            "position"
+            if means == "position" or (means == "auto" and len(lengths) == 1)
+            else "class"
+        )
         self.missing: list[str] = []
         if self.mode == "position":
             self.classes = [str(p) for p in range(lengths[0])]
@@ -133,10 +151,14 @@ class _Ablator:
             self.classes = [START, OTHER, *task.positions]
             self.missing = [p for p in task.positions if p not in ref.positions]
             if self.missing:
-                self.notes.append(f"reference task lacks positions {self.missing}: those classes "
-                                  f"use the mean over all its real tokens")
+                self.notes.append(
+                    f"reference task lacks positions {self.missing}: those classes "
+                    f"use the mean over all its real tokens"
+                )
         tokens = ref.corrupt_tokens if reference == "corrupt" else ref.clean_tokens
-        self.reference = f"{reference} prompts of {'the task' if reference_task is None else repr(ref.name)}"
+        self.reference = (
+            f"{reference} prompts of {'the task' if reference_task is None else repr(ref.name)}"
+        )
         self.means = self._means(ref, tokens)
         self._full: tuple[Tensor, Tensor, Tensor] | None = None
 
@@ -168,8 +190,12 @@ class _Ablator:
             lengths = ref.attention_mask[sl].sum(-1)
             keep = int(lengths.max())
             toks = tokens[sl, :keep]
-            run = run_with_edits(self.model, toks, capture=[(l, "z") for l in range(L)],
-                                 at=(lengths - 1).to(torch.long))
+            run = run_with_edits(
+                self.model,
+                toks,
+                capture=[(l, "z") for l in range(L)],
+                at=(lengths - 1).to(torch.long),
+            )
             cls = cls_all[sl, :keep].reshape(-1)
             real = cls >= 0
             counts += torch.bincount(cls[real], minlength=C).double()
@@ -184,8 +210,9 @@ class _Ablator:
         # Classes of positions the reference lacks already have their note.
         names = [self.classes[c] for c in empty if self.classes[c] not in (START, *self.missing)]
         if names:
-            self.notes.append(f"no reference tokens in classes {names}: they use the mean over "
-                              f"all real tokens")
+            self.notes.append(
+                f"no reference tokens in classes {names}: they use the mean over all real tokens"
+            )
         return [m.float() for m in means]
 
     def _keep(self, circuit: Circuit, task: Any, sl: slice, s: int) -> dict[int, Tensor]:
@@ -227,7 +254,9 @@ class _Ablator:
             edits = {}
             if circuit is not None:
                 cls = cls_all[sl, :s]
-                cls = torch.where(cls < 0, torch.ones_like(cls), cls)  # padding: <other>, never read
+                cls = torch.where(
+                    cls < 0, torch.ones_like(cls), cls
+                )  # padding: <other>, never read
                 for l, keep in self._keep(circuit, task, sl, s).items():
                     edits[(l, "z")] = _ablate_fn(keep, self.means[l], cls)
             run = run_with_edits(self.model, sub.clean_tokens, edits, at=sub.positions["END"])
@@ -250,10 +279,19 @@ class _Ablator:
         if everything:
             notes.append("every head kept everywhere: nothing ablated")
         return AblationResult(
-            metric=float(metric.mean()), accuracy=float(acc.mean()),
-            candidate_accuracy=float(cand.mean()), per_example=metric, per_example_accuracy=acc,
-            n_heads_kept=len(circ), n_heads_total=n_total, metric_name=self.task.metric_name,
-            reference=self.reference, circuit=circ, notes=notes, means=self.mode)
+            metric=float(metric.mean()),
+            accuracy=float(acc.mean()),
+            candidate_accuracy=float(cand.mean()),
+            per_example=metric,
+            per_example_accuracy=acc,
+            n_heads_kept=len(circ),
+            n_heads_total=n_total,
+            metric_name=self.task.metric_name,
+            reference=self.reference,
+            circuit=circ,
+            notes=notes,
+            means=self.mode,
+        )
 
 
 def _ablate_fn(keep: Tensor, means: Tensor, cls: Tensor):
@@ -280,8 +318,9 @@ def _as_circuit(circuit: Any, shape: ModelShape, task: Any) -> Circuit:
         try:
             circ = Circuit.from_heads(list(circuit))
         except TypeError:
-            raise ValueError(f"circuit must be a Circuit or a list of heads, got "
-                             f"{type(circuit).__name__}") from None
+            raise ValueError(
+                f"circuit must be a Circuit or a list of heads, got {type(circuit).__name__}"
+            ) from None
     circ.validate(shape.n_layers, shape.n_heads, list(task.positions))
     return circ
 
@@ -348,23 +387,32 @@ class FaithfulnessResult:
     def to_dict(self) -> dict:
         """Plain numbers (and the circuit as its dict)."""
         return {
-            "metric_name": self.metric_name, "n_heads": self.n_heads,
-            "full_metric": self.full_metric, "circuit_metric": self.circuit_metric,
-            "ratio": self.ratio, "full_accuracy": self.full_accuracy,
-            "circuit_accuracy": self.circuit_accuracy, "accuracy_ratio": self.accuracy_ratio,
-            "random_metric": list(self.random_metric), "random_accuracy": list(self.random_accuracy),
+            "metric_name": self.metric_name,
+            "n_heads": self.n_heads,
+            "full_metric": self.full_metric,
+            "circuit_metric": self.circuit_metric,
+            "ratio": self.ratio,
+            "full_accuracy": self.full_accuracy,
+            "circuit_accuracy": self.circuit_accuracy,
+            "accuracy_ratio": self.accuracy_ratio,
+            "random_metric": list(self.random_metric),
+            "random_accuracy": list(self.random_accuracy),
             "random_seeds": list(self.random_seeds),
-            "random_metric_mean": self.random_metric_mean, "random_metric_std": self.random_metric_std,
+            "random_metric_mean": self.random_metric_mean,
+            "random_metric_std": self.random_metric_std,
             "random_accuracy_mean": self.random_accuracy_mean,
             "random_accuracy_std": self.random_accuracy_std,
-            "means": self.means, "circuit": self.circuit.to_dict(),
+            "means": self.means,
+            "circuit": self.circuit.to_dict(),
         }
 
     def __repr__(self) -> str:
-        return (f"FaithfulnessResult({self.metric_name}: circuit {self.circuit_metric:.4g} / full "
-                f"{self.full_metric:.4g} = {self.ratio:.3f}; accuracy {self.circuit_accuracy:.3f} / "
-                f"{self.full_accuracy:.3f}; random {self.random_metric_mean:.4g} ± "
-                f"{self.random_metric_std:.3g} over {len(self.random_seeds)} seeds)")
+        return (
+            f"FaithfulnessResult({self.metric_name}: circuit {self.circuit_metric:.4g} / full "
+            f"{self.full_metric:.4g} = {self.ratio:.3f}; accuracy {self.circuit_accuracy:.3f} / "
+            f"{self.full_accuracy:.3f}; random {self.random_metric_mean:.4g} ± "
+            f"{self.random_metric_std:.3g} over {len(self.random_seeds)} seeds)"
+        )
 
 
 def random_circuit_like(circuit: Circuit, shape: ModelShape, seed: int) -> Circuit:
@@ -377,8 +425,10 @@ def random_circuit_like(circuit: Circuit, shape: ModelShape, seed: int) -> Circu
     rng = random.Random(seed)
     own = sorted(circuit.heads)
     relabel = dict(zip(own, rng.sample(_all_heads(shape), len(own))))
-    groups = tuple(CircuitGroup(g.name, frozenset(relabel[h] for h in g.heads), g.position)
-                   for g in circuit.groups)
+    groups = tuple(
+        CircuitGroup(g.name, frozenset(relabel[h] for h in g.heads), g.position)
+        for g in circuit.groups
+    )
     return Circuit(groups, f"random-{seed}")
 
 
@@ -413,11 +463,21 @@ def faithfulness(
     rand = [abl.run(random_circuit_like(circ, abl.shape, s)) for s in seeds]
     fm, fa = float(full_m.mean()), float(full_a.mean())
     return FaithfulnessResult(
-        full_metric=fm, circuit_metric=res.metric, ratio=_ratio(res.metric, fm),
-        full_accuracy=fa, circuit_accuracy=res.accuracy, accuracy_ratio=_ratio(res.accuracy, fa),
-        random_metric=[r.metric for r in rand], random_accuracy=[r.accuracy for r in rand],
-        random_seeds=seeds, n_heads=len(circ), metric_name=task.metric_name, circuit=circ,
-        notes=res.notes, means=abl.mode)
+        full_metric=fm,
+        circuit_metric=res.metric,
+        ratio=_ratio(res.metric, fm),
+        full_accuracy=fa,
+        circuit_accuracy=res.accuracy,
+        accuracy_ratio=_ratio(res.accuracy, fa),
+        random_metric=[r.metric for r in rand],
+        random_accuracy=[r.accuracy for r in rand],
+        random_seeds=seeds,
+        n_heads=len(circ),
+        metric_name=task.metric_name,
+        circuit=circ,
+        notes=res.notes,
+        means=abl.mode,
+    )
 
 
 # ====================================================================== completeness, minimality
@@ -451,13 +511,16 @@ class CompletenessResult:
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame({
-            "subset": self.labels,
-            "heads": [", ".join(str(h) for h in sorted(k)) for k in self.subsets],
-            "f_circuit_minus_k": self.f_circuit, "f_model_minus_k": self.f_model,
-            "score": self.scores,
-            "relative": [_ratio(s, abs(self.full_metric)) for s in self.scores],
-        })
+        return pd.DataFrame(
+            {
+                "subset": self.labels,
+                "heads": [", ".join(str(h) for h in sorted(k)) for k in self.subsets],
+                "f_circuit_minus_k": self.f_circuit,
+                "f_model_minus_k": self.f_model,
+                "score": self.scores,
+                "relative": [_ratio(s, abs(self.full_metric)) for s in self.scores],
+            }
+        )
 
 
 def completeness(
@@ -491,8 +554,10 @@ def completeness(
     if isinstance(subsets, str):
         parts = set(subsets.split("+"))
         if not parts <= {"groups", "random"}:
-            raise ValueError(f"subsets must be 'groups', 'random', 'groups+random' or a list of "
-                             f"head collections, got {subsets!r}")
+            raise ValueError(
+                f"subsets must be 'groups', 'random', 'groups+random' or a list of "
+                f"head collections, got {subsets!r}"
+            )
         if "groups" in parts:
             ks += [(f"group {g.name}", frozenset(g.heads)) for g in circ.groups]
         if "random" in parts:
@@ -507,8 +572,10 @@ def completeness(
             heads = frozenset(Head.parse(h) for h in k)
             outside = sorted(heads - circ.heads)
             if outside:
-                raise ValueError(f"subset {i} holds heads {[str(h) for h in outside]} that are not "
-                                 f"in the circuit; K must be a subset of the circuit")
+                raise ValueError(
+                    f"subset {i} holds heads {[str(h) for h in outside]} that are not "
+                    f"in the circuit; K must be a subset of the circuit"
+                )
             ks.append((f"subset {i}", heads))
     everything = Circuit.from_heads(_all_heads(abl.shape), group="model")
     full = abl.run(everything).metric
@@ -518,10 +585,17 @@ def completeness(
         f_c.append(abl.run(circ - knock).metric)
         f_m.append(abl.run(everything - knock).metric if k else full)
     return CompletenessResult(
-        labels=[lab for lab, _ in ks], subsets=[k for _, k in ks], f_circuit=f_c, f_model=f_m,
-        scores=[abs(a - b) for a, b in zip(f_c, f_m)], full_metric=full,
-        circuit_metric=f_c[0], metric_name=task.metric_name, notes=list(abl.notes),
-        means=abl.mode)
+        labels=[lab for lab, _ in ks],
+        subsets=[k for _, k in ks],
+        f_circuit=f_c,
+        f_model=f_m,
+        scores=[abs(a - b) for a, b in zip(f_c, f_m)],
+        full_metric=full,
+        circuit_metric=f_c[0],
+        metric_name=task.metric_name,
+        notes=list(abl.notes),
+        means=abl.mode,
+    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -547,12 +621,16 @@ class MinimalityResult:
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame({
-            "head": [str(h) for h in self.heads], "layer": [h.layer for h in self.heads],
-            "head_index": [h.head for h in self.heads], "score": self.scores,
-            "relative": self.relative,
-            "best_k": [", ".join(str(x) for x in sorted(k)) for k in self.best_k],
-        })
+        return pd.DataFrame(
+            {
+                "head": [str(h) for h in self.heads],
+                "layer": [h.layer for h in self.heads],
+                "head_index": [h.head for h in self.heads],
+                "score": self.scores,
+                "relative": self.relative,
+                "best_k": [", ".join(str(x) for x in sorted(k)) for k in self.best_k],
+            }
+        )
 
 
 def minimality(
@@ -579,10 +657,15 @@ def minimality(
     abl = _Ablator(model, task, reference_task, reference, batch_size, means)
     circ = _as_circuit(circuit, abl.shape, task)
     if isinstance(k_sets, str) and k_sets not in ("group", "empty"):
-        raise ValueError(f"k_sets must be 'group', 'empty' or a dict {{head: [K, ...]}}, got {k_sets!r}")
+        raise ValueError(
+            f"k_sets must be 'group', 'empty' or a dict {{head: [K, ...]}}, got {k_sets!r}"
+        )
     if not isinstance(k_sets, (str, dict)):
-        raise ValueError(f"k_sets must be 'group', 'empty' or a dict {{head: [K, ...]}}, got "  # noqa: TRY004 - every input mistake is a ValueError
-                         f"{type(k_sets).__name__}")
+        # Every input mistake here is a ValueError, as the callers document.
+        raise ValueError(  # noqa: TRY004
+            f"k_sets must be 'group', 'empty' or a dict {{head: [K, ...]}}, got "
+            f"{type(k_sets).__name__}"
+        )
     custom: dict[Head, list[frozenset[Head]]] = {}
     if isinstance(k_sets, dict):
         for h, options in k_sets.items():
@@ -592,8 +675,10 @@ def minimality(
             custom[head] = [frozenset(Head.parse(x) for x in k) - {head} for k in options]
             for k in custom[head]:
                 if not k <= circ.heads:
-                    raise ValueError(f"a K for head {head} holds heads outside the circuit: "
-                                     f"{[str(x) for x in sorted(k - circ.heads)]}")
+                    raise ValueError(
+                        f"a K for head {head} holds heads outside the circuit: "
+                        f"{[str(x) for x in sorted(k - circ.heads)]}"
+                    )
     full = float(abl.scores(None)[0].mean())
     memo: dict[frozenset[Head], float] = {}
 
@@ -611,15 +696,25 @@ def minimality(
         options = list(dict.fromkeys(k for k in options))
         tried = {}
         for k in options:
-            tried[", ".join(str(x) for x in sorted(k)) or "{}"] = abs(f_without(k | {v}) - f_without(k))
+            tried[", ".join(str(x) for x in sorted(k)) or "{}"] = abs(
+                f_without(k | {v}) - f_without(k)
+            )
         label, score = max(tried.items(), key=lambda kv: kv[1])
         heads.append(v)
         scores.append(score)
         best.append(options[list(tried).index(label)])
         every.append(tried)
-    return MinimalityResult(heads=heads, scores=scores, best_k=best, all_scores=every,
-                            full_metric=full, circuit_metric=f_without(frozenset()),
-                            metric_name=task.metric_name, notes=list(abl.notes), means=abl.mode)
+    return MinimalityResult(
+        heads=heads,
+        scores=scores,
+        best_k=best,
+        all_scores=every,
+        full_metric=full,
+        circuit_metric=f_without(frozenset()),
+        metric_name=task.metric_name,
+        notes=list(abl.notes),
+        means=abl.mode,
+    )
 
 
 # ====================================================================== overlap
@@ -643,14 +738,25 @@ class OverlapResult:
 
     def to_dict(self) -> dict:
         fmt = lambda hs: [str(h) for h in sorted(hs)]
-        return {"name_a": self.name_a, "name_b": self.name_b, "n_a": self.n_a, "n_b": self.n_b,
-                "n_shared": self.n_shared, "frac_a": self.frac_a, "frac_b": self.frac_b,
-                "jaccard": self.jaccard, "intersection": fmt(self.intersection),
-                "only_a": fmt(self.only_a), "only_b": fmt(self.only_b)}
+        return {
+            "name_a": self.name_a,
+            "name_b": self.name_b,
+            "n_a": self.n_a,
+            "n_b": self.n_b,
+            "n_shared": self.n_shared,
+            "frac_a": self.frac_a,
+            "frac_b": self.frac_b,
+            "jaccard": self.jaccard,
+            "intersection": fmt(self.intersection),
+            "only_a": fmt(self.only_a),
+            "only_b": fmt(self.only_b),
+        }
 
     def __str__(self) -> str:
-        return (f"{self.n_shared} shared heads: {self.frac_a:.0%} of {self.name_a} ({self.n_a}), "
-                f"{self.frac_b:.0%} of {self.name_b} ({self.n_b}); Jaccard {self.jaccard:.2f}")
+        return (
+            f"{self.n_shared} shared heads: {self.frac_a:.0%} of {self.name_a} ({self.n_a}), "
+            f"{self.frac_b:.0%} of {self.name_b} ({self.n_b}); Jaccard {self.jaccard:.2f}"
+        )
 
 
 def _head_set(x: Any) -> tuple[frozenset[Head], str]:
@@ -662,8 +768,9 @@ def _head_set(x: Any) -> tuple[frozenset[Head], str]:
     try:
         return frozenset(Head.parse(h) for h in x), ""
     except TypeError:
-        raise ValueError(f"head_overlap needs Circuits or lists of heads, got "
-                         f"{type(x).__name__}") from None
+        raise ValueError(
+            f"head_overlap needs Circuits or lists of heads, got {type(x).__name__}"
+        ) from None
 
 
 def head_overlap(a: Any, b: Any) -> OverlapResult:
@@ -675,10 +782,18 @@ def head_overlap(a: Any, b: Any) -> OverlapResult:
     union = ha | hb
     nan = math.nan
     return OverlapResult(
-        intersection=inter, only_a=ha - hb, only_b=hb - ha, n_shared=len(inter), n_a=len(ha),
-        n_b=len(hb), frac_a=len(inter) / len(ha) if ha else nan,
+        intersection=inter,
+        only_a=ha - hb,
+        only_b=hb - ha,
+        n_shared=len(inter),
+        n_a=len(ha),
+        n_b=len(hb),
+        frac_a=len(inter) / len(ha) if ha else nan,
         frac_b=len(inter) / len(hb) if hb else nan,
-        jaccard=len(inter) / len(union) if union else nan, name_a=na or "a", name_b=nb or "b")
+        jaccard=len(inter) / len(union) if union else nan,
+        name_a=na or "a",
+        name_b=nb or "b",
+    )
 
 
 # ====================================================================== pipeline
@@ -699,7 +814,9 @@ class Stage:
 
     def __post_init__(self) -> None:
         if not self.inputs or set(self.inputs) - set("qkv"):
-            raise ValueError(f"stage {self.name!r}: inputs must be letters of 'qkv', got {self.inputs!r}")
+            raise ValueError(
+                f"stage {self.name!r}: inputs must be letters of 'qkv', got {self.inputs!r}"
+            )
 
 
 def default_stages(task: Any) -> list[Stage]:
@@ -716,16 +833,26 @@ def default_stages(task: Any) -> list[Stage]:
     """
     name = str(getattr(task, "name", ""))
     if name.startswith("ioi"):
-        return [Stage("movers", "END"), Stage("inhibition", "END", "movers", "q"),
-                Stage("induction", "S2", "inhibition", "kv"),
-                Stage("previous_token", "S1+1", "induction", "k")]
+        return [
+            Stage("movers", "END"),
+            Stage("inhibition", "END", "movers", "q"),
+            Stage("induction", "S2", "inhibition", "kv"),
+            Stage("previous_token", "S1+1", "induction", "k"),
+        ]
     if name.startswith("colored_objects"):
-        return [Stage("movers", "END"), Stage("inhibition", "END", "movers", "q"),
-                Stage("object_readers", "query_object", "inhibition", "kv"),
-                Stage("object_detectors", "query_object", "object_readers", "q")]
+        return [
+            Stage("movers", "END"),
+            Stage("inhibition", "END", "movers", "q"),
+            Stage("object_readers", "query_object", "inhibition", "kv"),
+            Stage("object_detectors", "query_object", "object_readers", "q"),
+        ]
     if name.startswith("entity_tracking"):
-        return [Stage("A", "END"), Stage("B", "END", "A", "q"),
-                Stage("C", "query_label", "B", "v"), Stage("D", "query_label_ctx", "C", "v")]
+        return [
+            Stage("A", "END"),
+            Stage("B", "END", "A", "q"),
+            Stage("C", "query_label", "B", "v"),
+            Stage("D", "query_label_ctx", "C", "v"),
+        ]
     return [Stage("movers", "END"), Stage("inhibition", "END", "movers", "q")]
 
 
@@ -766,15 +893,24 @@ class PipelineResult:
             grid = self.grids[st.name]
             score, _ = _ranking(grid, self.rank_by)
             keyed = {"abs": score.abs(), "positive": score, "negative": -score}[self.sign]
-            heads = sorted(self.circuit.group(st.name).heads,
-                           key=lambda h: -float(keyed[h.layer, h.head]))
+            heads = sorted(
+                self.circuit.group(st.name).heads, key=lambda h: -float(keyed[h.layer, h.head])
+            )
             relative = grid.relative
             for rank, h in enumerate(heads):
-                rows.append({"stage": st.name, "position": st.position, "layer": h.layer,
-                             "head": h.head, "head_label": str(h), "rank": rank,
-                             "value": float(grid.values[h.layer, h.head]),
-                             "normalized": float(grid.normalized[h.layer, h.head]),
-                             "relative": float(relative[h.layer, h.head])})
+                rows.append(
+                    {
+                        "stage": st.name,
+                        "position": st.position,
+                        "layer": h.layer,
+                        "head": h.head,
+                        "head_label": str(h),
+                        "rank": rank,
+                        "value": float(grid.values[h.layer, h.head]),
+                        "normalized": float(grid.normalized[h.layer, h.head]),
+                        "relative": float(relative[h.layer, h.head]),
+                    }
+                )
         return pd.DataFrame(rows)
 
 
@@ -839,20 +975,35 @@ def circuit_pipeline(
                 on_progress(i * 1000 + (1000 * done) // max(total, 1), n_stages * 1000)
 
         if st.receivers == "logits":
-            grid = path_patch(model, task, receivers="logits", position=st.position,
-                              freeze_mlps=freeze_mlps, batch_size=batch_size,
-                              on_progress=inner, should_stop=should_stop)
+            grid = path_patch(
+                model,
+                task,
+                receivers="logits",
+                position=st.position,
+                freeze_mlps=freeze_mlps,
+                batch_size=batch_size,
+                on_progress=inner,
+                should_stop=should_stop,
+            )
         else:
-            recv = [Receiver(h.layer, h.head, inp) for h in sorted(found[st.receivers])
-                    for inp in dict.fromkeys(st.inputs)]
-            grid = _banded_path_patch(model, task, shape, recv, st.position, freeze_mlps,
-                                      batch_size, inner, should_stop)
+            recv = [
+                Receiver(h.layer, h.head, inp)
+                for h in sorted(found[st.receivers])
+                for inp in dict.fromkeys(st.inputs)
+            ]
+            grid = _banded_path_patch(
+                model, task, shape, recv, st.position, freeze_mlps, batch_size, inner, should_stop
+            )
             if grid is None and not found[st.receivers]:
-                notes.append(f"stage {st.name!r}: stage {st.receivers!r} picked no heads, so "
-                             f"there is nothing to receive into and it is empty")
+                notes.append(
+                    f"stage {st.name!r}: stage {st.receivers!r} picked no heads, so "
+                    f"there is nothing to receive into and it is empty"
+                )
             elif grid is None:
-                notes.append(f"stage {st.name!r}: stage {st.receivers!r} has no heads above "
-                             f"layer 0 to receive, so it is empty")
+                notes.append(
+                    f"stage {st.name!r}: stage {st.receivers!r} has no heads above "
+                    f"layer 0 to receive, so it is empty"
+                )
         if grid is not None and not grid.complete:
             complete = False
             grids[st.name] = grid
@@ -872,9 +1023,15 @@ def circuit_pipeline(
         if on_progress is not None:
             on_progress((i + 1) * 1000, n_stages * 1000)
     name = f"{getattr(task, 'name', 'task')} circuit"
-    return PipelineResult(circuit=Circuit(tuple(groups), name), grids=grids,
-                          stages=tuple(stages), sign=sign, complete=complete, notes=notes,
-                          rank_by=rank_by)
+    return PipelineResult(
+        circuit=Circuit(tuple(groups), name),
+        grids=grids,
+        stages=tuple(stages),
+        sign=sign,
+        complete=complete,
+        notes=notes,
+        rank_by=rank_by,
+    )
 
 
 def _ranking(grid: HeadGrid, rank_by: str) -> tuple[Tensor, str | None]:
@@ -882,7 +1039,10 @@ def _ranking(grid: HeadGrid, rank_by: str) -> tuple[Tensor, str | None]:
     the corrupt run, and a note when it had to fall back to the raw value."""
     if rank_by == "normalized":
         if bool(torch.isnan(grid.normalized).all()) and bool(grid.done.any()):
-            return grid.values, "clean and corrupt metrics agree on average, so heads are ranked by the raw value"
+            return (
+                grid.values,
+                "clean and corrupt metrics agree on average, so heads are ranked by the raw value",
+            )
         return grid.normalized, None
     gap = float((grid.metric_corrupt.float() - grid.metric_clean.float()).mean())
     raw = grid.relative if rank_by == "relative" else grid.values
@@ -900,16 +1060,21 @@ def _check_stages(stages: list[Stage], task: Any) -> None:
         if st.name in seen:
             raise ValueError(f"stage names must be unique; {st.name!r} repeats")
         if st.position not in task.positions:
-            raise ValueError(f"stage {st.name!r} acts at position {st.position!r}, which task "
-                             f"{task.name!r} lacks; it has {sorted(task.positions)}")
+            raise ValueError(
+                f"stage {st.name!r} acts at position {st.position!r}, which task "
+                f"{task.name!r} lacks; it has {sorted(task.positions)}"
+            )
         if st.receivers != "logits" and st.receivers not in seen:
-            raise ValueError(f"stage {st.name!r} receives into {st.receivers!r}, which is not an "
-                             f"earlier stage; use 'logits' or one of {seen}")
+            raise ValueError(
+                f"stage {st.name!r} receives into {st.receivers!r}, which is not an "
+                f"earlier stage; use 'logits' or one of {seen}"
+            )
         seen.append(st.name)
 
 
-def _banded_path_patch(model, task, shape, recv, position, freeze_mlps, batch_size,
-                       on_progress, should_stop) -> HeadGrid | None:
+def _banded_path_patch(
+    model, task, shape, recv, position, freeze_mlps, batch_size, on_progress, should_stop
+) -> HeadGrid | None:
     """Path patching of every head below the top receiver into ``recv``.
 
     A sender in layer l cannot change a receiver in layer <= l (its input is still clean in
@@ -935,13 +1100,22 @@ def _banded_path_patch(model, task, shape, recv, position, freeze_mlps, batch_si
     offset = 0
     grid = None
     for senders, rs in bands:
+
         def inner(d: int, t: int, offset: int = offset, n: int = len(senders)) -> None:
             if on_progress is not None:
                 on_progress(offset + (n * d) // max(t, 1), total)
 
-        grid = path_patch(model, task, receivers=rs, senders=senders, position=position,
-                          freeze_mlps=freeze_mlps, batch_size=batch_size,
-                          on_progress=inner, should_stop=should_stop)
+        grid = path_patch(
+            model,
+            task,
+            receivers=rs,
+            senders=senders,
+            position=position,
+            freeze_mlps=freeze_mlps,
+            batch_size=batch_size,
+            on_progress=inner,
+            should_stop=should_stop,
+        )
         if per_example is None:
             per_example = grid.per_example.clone()
         per_example = torch.where(grid.done[None], grid.per_example, per_example)
@@ -952,7 +1126,19 @@ def _banded_path_patch(model, task, shape, recv, position, freeze_mlps, batch_si
             complete = False
             break
     desc = ", ".join(str(r) for r in recv)
-    return build_grid(per_example, done, grid.metric_clean, grid.metric_corrupt, shape=shape,
-                      component=Component.Z, direction="noise", kind="path",
-                      metric_name=task.metric_name, positions=None, position=position,
-                      complete=complete, receivers=desc, notes=notes)
+    return build_grid(
+        per_example,
+        done,
+        grid.metric_clean,
+        grid.metric_corrupt,
+        shape=shape,
+        component=Component.Z,
+        direction="noise",
+        kind="path",
+        metric_name=task.metric_name,
+        positions=None,
+        position=position,
+        complete=complete,
+        receivers=desc,
+        notes=notes,
+    )

@@ -25,7 +25,14 @@ from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, check_adapters, model_shape
 from circuit_widgets.types import Circuit, Component, Head
 
-COMPONENTS = (Component.Z, Component.Q, Component.K, Component.V, Component.ATTN_OUT, Component.MLP_OUT)
+COMPONENTS = (
+    Component.Z,
+    Component.Q,
+    Component.K,
+    Component.V,
+    Component.ATTN_OUT,
+    Component.MLP_OUT,
+)
 # Rows x positions of one forward; ~0.3 GB of activations on the demo model.
 ROW_BUDGET = 6144
 WHOLE = "circuit"
@@ -67,9 +74,13 @@ def _backend(tokenizer: Any) -> dict | None:
         return None
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
-    return {"normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer"),
-            "post_processor": spec.get("post_processor"), "model.type": model.get("type"),
-            "model.merges": model.get("merges")}
+    return {
+        "normalizer": spec.get("normalizer"),
+        "pre_tokenizer": spec.get("pre_tokenizer"),
+        "post_processor": spec.get("post_processor"),
+        "model.type": model.get("type"),
+        "model.merges": model.get("merges"),
+    }
 
 
 def _tokenizer_diffs(base: Any, finetuned: Any) -> list[str]:
@@ -77,18 +88,26 @@ def _tokenizer_diffs(base: Any, finetuned: Any) -> list[str]:
     if ta is None and tb is None:
         return []
     if ta is None or tb is None:
-        return ["tokenizer: base " + ("has none" if ta is None else "has one")
-                + ", finetuned " + ("has none" if tb is None else "has one")]
+        return [
+            "tokenizer: base "
+            + ("has none" if ta is None else "has one")
+            + ", finetuned "
+            + ("has none" if tb is None else "has one")
+        ]
     diffs = []
     fa, fb = _vocab_fingerprint(ta), _vocab_fingerprint(tb)
     if fa != fb:
-        diffs.append(f"vocabulary: the tokenizers differ (base {fa[0]} tokens, finetuned {fb[0]} "
-                     "tokens, different token -> id maps)")
+        diffs.append(
+            f"vocabulary: the tokenizers differ (base {fa[0]} tokens, finetuned {fb[0]} "
+            "tokens, different token -> id maps)"
+        )
     for name in SPECIAL_IDS:
         va, vb = getattr(ta, name, None), getattr(tb, name, None)
         if va != vb:
-            diffs.append(f"tokenizer {name}: base {va} ({getattr(ta, name[:-3], None)!r}), "
-                         f"finetuned {vb} ({getattr(tb, name[:-3], None)!r})")
+            diffs.append(
+                f"tokenizer {name}: base {va} ({getattr(ta, name[:-3], None)!r}), "
+                f"finetuned {vb} ({getattr(tb, name[:-3], None)!r})"
+            )
     ba, bb = _backend(ta), _backend(tb)
     if ba is not None and bb is not None:
         parts = [k for k in BACKEND_PARTS if ba[k] != bb[k]]
@@ -111,8 +130,14 @@ def check_compatible(base: Any, finetuned: Any) -> None:
     arch_a, arch_b = _architecture(base), _architecture(finetuned)
     if arch_a != arch_b:
         diffs.append(f"architecture: base {arch_a}, finetuned {arch_b}")
-    for name, label in (("n_layers", "layers"), ("n_heads", "heads"), ("n_kv_heads", "key/value heads"),
-                        ("d_head", "d_head"), ("d_model", "d_model"), ("d_vocab", "vocabulary size")):
+    for name, label in (
+        ("n_layers", "layers"),
+        ("n_heads", "heads"),
+        ("n_kv_heads", "key/value heads"),
+        ("d_head", "d_head"),
+        ("d_model", "d_model"),
+        ("d_vocab", "vocabulary size"),
+    ):
         va, vb = getattr(a, name), getattr(b, name)
         if va != vb:
             diffs.append(f"{label} ({name}): base {va}, finetuned {vb}")
@@ -122,8 +147,10 @@ def check_compatible(base: Any, finetuned: Any) -> None:
     if pa != pb:
         diffs.append(f"cfg.default_prepend_bos: base {pa}, finetuned {pb}")
     if diffs:
-        raise ValueError("base and finetuned models are not compatible for cross-model patching: "
-                         + "; ".join(diffs))
+        raise ValueError(
+            "base and finetuned models are not compatible for cross-model patching: "
+            + "; ".join(diffs)
+        )
     check_adapters(base, "base")  # a bridge built outside load_model was never checked
     check_adapters(finetuned, "finetuned")
 
@@ -192,16 +219,25 @@ class CMAPResult:
         rows = []
         for name in self.groups:
             hs = self.heads[name]
-            rows.append({"group": name, "n_heads": len(hs), "heads": " ".join(str(h) for h in hs),
-                         "position": self.positions.get(name) or "all", **self.group(name)})
+            rows.append(
+                {
+                    "group": name,
+                    "n_heads": len(hs),
+                    "heads": " ".join(str(h) for h in hs),
+                    "position": self.positions.get(name) or "all",
+                    **self.group(name),
+                }
+            )
         return pd.DataFrame(rows)
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"partial ({int(self.done.sum())} examples)"
         parts = ", ".join(f"{g}: {self.group(g)['patched_accuracy']:.2f}" for g in self.groups)
-        return (f"CMAPResult({'+'.join(self.components)}, {self.metric_name}; accuracy base "
-                f"{self.group(self.groups[0])['base_accuracy']:.2f}, finetuned "
-                f"{self.group(self.groups[0])['finetuned_accuracy']:.2f}, patched {parts}; {state})")
+        return (
+            f"CMAPResult({'+'.join(self.components)}, {self.metric_name}; accuracy base "
+            f"{self.group(self.groups[0])['base_accuracy']:.2f}, finetuned "
+            f"{self.group(self.groups[0])['finetuned_accuracy']:.2f}, patched {parts}; {state})"
+        )
 
 
 # ---------------------------------------------------------------------- patch specs
@@ -212,7 +248,9 @@ class _Patch:
     """One group's patch: columns per layer of each component, at one position (None = all)."""
 
     name: str
-    columns: dict[tuple[int, str], list[int]]  # (layer, site) -> head/kv-head columns ([] = whole layer)
+    columns: dict[
+        tuple[int, str], list[int]
+    ]  # (layer, site) -> head/kv-head columns ([] = whole layer)
     position: str | None
     heads: list[Head]
 
@@ -220,7 +258,9 @@ class _Patch:
 def _components(component: Any) -> list[Component]:
     items = [component] if isinstance(component, (str, Component)) else list(component)
     if not items:
-        raise ValueError(f"component must be one of {[c.value for c in COMPONENTS]} or a list of them")
+        raise ValueError(
+            f"component must be one of {[c.value for c in COMPONENTS]} or a list of them"
+        )
     out = []
     for c in items:
         comp = Component.coerce(c)
@@ -241,13 +281,21 @@ def _check_position(task: Any, position: Any) -> str | None:
     if position is None or position == "all":
         return None
     if not isinstance(position, str) or position not in task.positions:
-        raise ValueError(f"position {position!r} is not one of task {task.name!r}'s positions "
-                         f"{sorted(task.positions)} (or 'all')")
+        raise ValueError(
+            f"position {position!r} is not one of task {task.name!r}'s positions "
+            f"{sorted(task.positions)} (or 'all')"
+        )
     return position
 
 
-def _group_patch(name: str, heads: list[Head], comps: list[Component], shape: ModelShape,
-                 position: str | None, query_heads: bool) -> _Patch:
+def _group_patch(
+    name: str,
+    heads: list[Head],
+    comps: list[Component],
+    shape: ModelShape,
+    position: str | None,
+    query_heads: bool,
+) -> _Patch:
     """Columns each component patches; query heads map to their key/value head for k/v."""
     cols: dict[tuple[int, str], set[int]] = {}
     for h in heads:
@@ -262,12 +310,21 @@ def _group_patch(name: str, heads: list[Head], comps: list[Component], shape: Mo
     return _Patch(name, {k: sorted(v) for k, v in cols.items()}, position, sorted(heads))
 
 
-def _plan(base: Any, task: Any, circuit: Any, heads: Any, comps: list[Component], positions: Any,
-          shape: ModelShape) -> tuple[list[_Patch], list[str]]:
+def _plan(
+    base: Any,
+    task: Any,
+    circuit: Any,
+    heads: Any,
+    comps: list[Component],
+    positions: Any,
+    shape: ModelShape,
+) -> tuple[list[_Patch], list[str]]:
     """The groups to patch (each alone, then all together as "circuit") and notes."""
     notes: list[str] = []
     if (circuit is None) == (heads is None):
-        raise ValueError("give exactly one of circuit= (a Circuit) or heads= (a list of heads, or 'all')")
+        raise ValueError(
+            "give exactly one of circuit= (a Circuit) or heads= (a list of heads, or 'all')"
+        )
     if circuit is not None:
         if not isinstance(circuit, Circuit):
             raise TypeError(f"circuit must be a Circuit, got {type(circuit).__name__}")
@@ -275,28 +332,47 @@ def _plan(base: Any, task: Any, circuit: Any, heads: Any, comps: list[Component]
             raise ValueError("the circuit has no heads")
         circuit.validate(shape.n_layers, shape.n_heads, task.positions)
         if positions is not None and not isinstance(positions, (str, dict)):
-            raise ValueError("with a circuit, positions is None (each group's own), 'all', a position "
-                             f"name or a dict group -> position; got {positions!r}")
+            raise ValueError(
+                "with a circuit, positions is None (each group's own), 'all', a position "
+                f"name or a dict group -> position; got {positions!r}"
+            )
         patches = []
         for g in circuit.groups:
-            pos = positions.get(g.name, g.position) if isinstance(positions, dict) else (
-                g.position if positions is None else positions)
-            patches.append(_group_patch(g.name, sorted(g.heads), comps, shape,
-                                        _check_position(task, pos), query_heads=True))
+            pos = (
+                positions.get(g.name, g.position)
+                if isinstance(positions, dict)
+                else (g.position if positions is None else positions)
+            )
+            patches.append(
+                _group_patch(
+                    g.name,
+                    sorted(g.heads),
+                    comps,
+                    shape,
+                    _check_position(task, pos),
+                    query_heads=True,
+                )
+            )
         if isinstance(positions, dict):
             unknown = set(positions) - {g.name for g in circuit.groups}
             if unknown:
-                raise ValueError(f"positions names groups {sorted(unknown)} the circuit lacks; it has "
-                                 f"{[g.name for g in circuit.groups]}")
+                raise ValueError(
+                    f"positions names groups {sorted(unknown)} the circuit lacks; it has "
+                    f"{[g.name for g in circuit.groups]}"
+                )
     else:
         pos = _check_position(task, "all" if positions is None else positions)
         if isinstance(heads, str) and heads == "all":
             parsed = [Head(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
         elif isinstance(heads, str):
-            raise ValueError(f"heads must be a list of heads (Head, (layer, head), 'l.h') or 'all', got {heads!r}")
+            raise ValueError(
+                f"heads must be a list of heads (Head, (layer, head), 'l.h') or 'all', got {heads!r}"
+            )
         else:
             # Per-layer components take plain layer numbers too.
-            items = [Head(h, 0) if isinstance(h, int) and not isinstance(h, bool) else h for h in heads]
+            items = [
+                Head(h, 0) if isinstance(h, int) and not isinstance(h, bool) else h for h in heads
+            ]
             if not items:
                 raise ValueError("heads is empty; give at least one head")
             kinds = {_column_kind(c) for c in comps}
@@ -305,17 +381,22 @@ def _plan(base: Any, task: Any, circuit: Any, heads: Any, comps: list[Component]
                     f"heads= indexes each component's own columns, and {[c.value for c in comps]} "
                     f"mix {' and '.join(sorted(kinds))}, so one list cannot mean the same heads for "
                     "all of them; give a circuit (Circuit.from_heads(...): query heads, mapped to "
-                    "their key/value head for k/v), or one cmap call per kind")
+                    "their key/value head for k/v), or one cmap call per kind"
+                )
             comp = comps[0]
             parsed = check_heads(items, comp if comp.per_head else Component.ATTN_OUT, shape)
         # 'all' lists query heads, which cover every key/value head too.
         patches = [_group_patch("heads", parsed, comps, shape, pos, query_heads=heads == "all")]
     if any(c.per_kv_head for c in comps) and shape.group_size > 1:
-        kv = [f"kv{g}: q{shape.query_heads_of(g)[0]}-{shape.query_heads_of(g)[-1]}"
-              for g in range(shape.n_kv_heads)]
-        notes.append(f"k/v are patched per key/value head, shared by {shape.group_size} query heads "
-                     f"each ({', '.join(kv)}): patching one changes its whole group"
-                     + ("; circuit heads were mapped to their key/value head" if circuit is not None else ""))
+        kv = [
+            f"kv{g}: q{shape.query_heads_of(g)[0]}-{shape.query_heads_of(g)[-1]}"
+            for g in range(shape.n_kv_heads)
+        ]
+        notes.append(
+            f"k/v are patched per key/value head, shared by {shape.group_size} query heads "
+            f"each ({', '.join(kv)}): patching one changes its whole group"
+            + ("; circuit heads were mapped to their key/value head" if circuit is not None else "")
+        )
     if len(patches) > 1:
         # Display only: its cells are the union of the groups' cells, each at its own position.
         whole = _Patch(WHOLE, {}, "per group", sorted({h for p in patches for h in p.heads}))
@@ -338,8 +419,9 @@ def _position_mask(task: Any, position: str | None, rows: slice) -> Tensor:
     return torch.arange(s)[None] == task.positions[position][rows].cpu()[:, None]
 
 
-def _cell_masks(patch_list: Sequence[_Patch], task: Any, rows: slice, shape: ModelShape
-                ) -> dict[tuple[int, str], Tensor]:
+def _cell_masks(
+    patch_list: Sequence[_Patch], task: Any, rows: slice, shape: ModelShape
+) -> dict[tuple[int, str], Tensor]:
     """(layer, site) -> bool mask [V*b, s, columns or 1] over all variants (patches) stacked."""
     b = task.clean_tokens[rows].shape[0]
     s = task.clean_tokens.shape[1]
@@ -374,8 +456,14 @@ def _edits_from(captured: dict, masks: dict, n_variants: int) -> dict:
     return edits
 
 
-def cmap_logits(base: Any, finetuned: Any, tokens: Tensor, patches: dict[tuple[int, str], Tensor],
-                *, at: Tensor | None = None) -> Tensor:
+def cmap_logits(
+    base: Any,
+    finetuned: Any,
+    tokens: Tensor,
+    patches: dict[tuple[int, str], Tensor],
+    *,
+    at: Tensor | None = None,
+) -> Tensor:
     """The base model's logits with the fine-tuned model's activations written in.
 
     ``patches[(layer, site)]`` is a bool mask [b, s, columns] (columns: heads for z/q, key/value
@@ -455,9 +543,12 @@ def cmap(
                 union = m.view(len(singles) + 1, b, *m.shape[1:]).any(0)
                 masks[key] = torch.cat([m, union])
         n_var = len(patches) + 1
-        logits = run_with_edits(base, tokens.repeat(n_var, 1),
-                                _edits_from(ft_run.captured, masks, n_var),
-                                at=sub_end.repeat(n_var)).logits
+        logits = run_with_edits(
+            base,
+            tokens.repeat(n_var, 1),
+            _edits_from(ft_run.captured, masks, n_var),
+            at=sub_end.repeat(n_var),
+        ).logits
         logits = logits.view(n_var, b, -1)
         base_logits, patched = logits[0], logits[1:]
         base_m[sl] = sub.metric(base_logits).float().cpu()
@@ -477,10 +568,18 @@ def cmap(
         groups=[p.name for p in patches],
         heads={p.name: p.heads for p in patches},
         positions={p.name: p.position for p in patches},
-        base_metric=base_m, finetuned_metric=ft_m, patched_metric=out_metric,
-        base_accuracy=base_a, finetuned_accuracy=ft_a, patched_accuracy=out_acc,
-        done=done, complete=complete, components=[c.value for c in comps],
-        metric_name=task.metric_name, kv_groups=kvg, notes=notes,
+        base_metric=base_m,
+        finetuned_metric=ft_m,
+        patched_metric=out_metric,
+        base_accuracy=base_a,
+        finetuned_accuracy=ft_a,
+        patched_accuracy=out_acc,
+        done=done,
+        complete=complete,
+        components=[c.value for c in comps],
+        metric_name=task.metric_name,
+        kv_groups=kvg,
+        notes=notes,
     )
 
 
@@ -550,9 +649,12 @@ def cmap_grid(
             for v, (l, c) in enumerate(chunk, start=1):
                 m = masks.setdefault((l, site), torch.zeros(n_var * b, s, n_cols, dtype=torch.bool))
                 m[v * b : (v + 1) * b, :, c] = posmask
-            logits = run_with_edits(base, tokens.repeat(n_var, 1),
-                                    _edits_from(ft_run.captured, masks, n_var),
-                                    at=sub_end.repeat(n_var)).logits
+            logits = run_with_edits(
+                base,
+                tokens.repeat(n_var, 1),
+                _edits_from(ft_run.captured, masks, n_var),
+                at=sub_end.repeat(n_var),
+            ).logits
             logits = logits.view(n_var, b, -1)
             bm = sub.metric(logits[0]).float().cpu()
             base_m[sl] = bm
@@ -575,12 +677,24 @@ def cmap_grid(
         per_example, base_m, ft_m = per_example[keep], base_m[keep], ft_m[keep]
     notes = [
         f"cross-model patching: the fine-tuned model's {site} at {position} written into the base "
-        "model, one " + ("head" if comp.per_head else "layer") + " at a time; values = patched - base "
+        "model, one "
+        + ("head" if comp.per_head else "layer")
+        + " at a time; values = patched - base "
         "metric, normalized by (fine-tuned - base)",
         f"base {task.metric_name} {float(base_m.nanmean()):.4g}, fine-tuned {float(ft_m.nanmean()):.4g}",
     ]
     return build_grid(
-        per_example, done, base_m, ft_m, shape=shape, component=comp, direction="denoise",
-        kind="cmap", metric_name=task.metric_name, positions=None, position=position,
-        complete=complete, notes=notes,
+        per_example,
+        done,
+        base_m,
+        ft_m,
+        shape=shape,
+        component=comp,
+        direction="denoise",
+        kind="cmap",
+        metric_name=task.metric_name,
+        positions=None,
+        position=position,
+        complete=complete,
+        notes=notes,
     )

@@ -26,32 +26,46 @@ DEFAULT_ROW_BUDGET = 6144
 # ---------------------------------------------------------------------- validation
 
 
-def check_heads(heads: Sequence[Any] | None, component: Component, shape: ModelShape) -> list[Head] | None:
+def check_heads(
+    heads: Sequence[Any] | None, component: Component, shape: ModelShape
+) -> list[Head] | None:
     """Parse a heads subset; head indices are grid columns (kv heads for k/v)."""
     if heads is None:
         return None
     n_cols = hooks.n_columns(component, shape)
-    what = "key/value heads" if component.per_kv_head else ("heads" if component.per_head else "columns")
+    what = (
+        "key/value heads"
+        if component.per_kv_head
+        else ("heads" if component.per_head else "columns")
+    )
     out = []
     for h in heads:
         head = Head.parse(h)
         if head.layer >= shape.n_layers:
-            raise ValueError(f"head {head}: layer {head.layer} is out of range; valid layers are "
-                             f"0..{shape.n_layers - 1}")
+            raise ValueError(
+                f"head {head}: layer {head.layer} is out of range; valid layers are "
+                f"0..{shape.n_layers - 1}"
+            )
         if head.head >= n_cols:
-            raise ValueError(f"head {head}: index {head.head} is out of range; {component.value} "
-                             f"has {what} 0..{n_cols - 1}")
+            raise ValueError(
+                f"head {head}: index {head.head} is out of range; {component.value} "
+                f"has {what} 0..{n_cols - 1}"
+            )
         out.append(head)
     return out
 
 
 def check_head(head: Head, shape: ModelShape, label: str = "head") -> None:
     if head.layer >= shape.n_layers:
-        raise ValueError(f"{label} {head}: layer {head.layer} is out of range; valid layers are "
-                         f"0..{shape.n_layers - 1}")
+        raise ValueError(
+            f"{label} {head}: layer {head.layer} is out of range; valid layers are "
+            f"0..{shape.n_layers - 1}"
+        )
     if head.head >= shape.n_heads:
-        raise ValueError(f"{label} {head}: head {head.head} is out of range; valid heads are "
-                         f"0..{shape.n_heads - 1}")
+        raise ValueError(
+            f"{label} {head}: head {head.head} is out of range; valid heads are "
+            f"0..{shape.n_heads - 1}"
+        )
 
 
 def check_callbacks(on_progress: Progress, should_stop: Stop, batch_size: int | None) -> None:
@@ -59,15 +73,18 @@ def check_callbacks(on_progress: Progress, should_stop: Stop, batch_size: int | 
         raise ValueError("on_progress must be a callable (done, total) or None")
     if should_stop is not None and not callable(should_stop):
         raise ValueError("should_stop must be a callable () -> bool or None")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
-                                   or batch_size < 1):
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+    ):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
 
 
 def check_position_name(task: Any, name: str) -> None:
     if name not in task.positions:
-        raise ValueError(f"task {task.name!r} has no position {name!r}; valid positions are "
-                         f"{sorted(task.positions)} (or 'all')")
+        raise ValueError(
+            f"task {task.name!r} has no position {name!r}; valid positions are "
+            f"{sorted(task.positions)} (or 'all')"
+        )
 
 
 @dataclass(frozen=True)
@@ -84,8 +101,17 @@ class SweepPlan:
     n_cols: int
 
 
-def plan_sweep(model: Any, task: Any, component: Any, direction: Any, heads: Any, positions: Any,
-               on_progress: Progress, should_stop: Stop, batch_size: int | None) -> SweepPlan:
+def plan_sweep(
+    model: Any,
+    task: Any,
+    component: Any,
+    direction: Any,
+    heads: Any,
+    positions: Any,
+    on_progress: Progress,
+    should_stop: Stop,
+    batch_size: int | None,
+) -> SweepPlan:
     """Validate a sweep's arguments once, in the same order for every sweep."""
     comp = Component.coerce(component)
     dirn = Direction.coerce(direction)
@@ -107,7 +133,9 @@ class Slot:
     mask: Bool[Tensor, "b s"]
 
 
-def position_slots(task: Any, positions: Any, allow_each: bool = True) -> tuple[list[Slot], list[str] | None, str | None]:
+def position_slots(
+    task: Any, positions: Any, allow_each: bool = True
+) -> tuple[list[Slot], list[str] | None, str | None]:
     """(slots, position labels or None for 2-D grids, single-position description)."""
     b, s = task.clean_tokens.shape
     ar = torch.arange(s)
@@ -121,14 +149,24 @@ def position_slots(task: Any, positions: Any, allow_each: bool = True) -> tuple[
         return slots, [str(p) for p in range(s)], None
     if isinstance(positions, str):
         check_position_name(task, positions)
-        return [Slot(positions, ar[None] == task.positions[positions].cpu()[:, None])], None, positions
-    if isinstance(positions, (list, tuple)) and positions and all(isinstance(p, str) for p in positions):
+        return (
+            [Slot(positions, ar[None] == task.positions[positions].cpu()[:, None])],
+            None,
+            positions,
+        )
+    if (
+        isinstance(positions, (list, tuple))
+        and positions
+        and all(isinstance(p, str) for p in positions)
+    ):
         for p in positions:
             check_position_name(task, p)
         slots = [Slot(p, ar[None] == task.positions[p].cpu()[:, None]) for p in positions]
         return slots, list(positions), None
-    raise ValueError(f"positions must be 'all', 'each', a position name or a list of names; got "
-                     f"{positions!r} (task {task.name!r} has {sorted(task.positions)})")
+    raise ValueError(
+        f"positions must be 'all', 'each', a position name or a list of names; got "
+        f"{positions!r} (task {task.name!r} has {sorted(task.positions)})"
+    )
 
 
 def first_diff(task: Any) -> Int[Tensor, " b"]:
@@ -150,7 +188,9 @@ class Window:
     end_index: Int[Tensor, " b"]  # END in window coordinates
 
 
-def window_for(mask: Bool[Tensor, "b s"], fd: Tensor, end: Tensor, only_end: bool = False) -> Window:
+def window_for(
+    mask: Bool[Tensor, "b s"], fd: Tensor, end: Tensor, only_end: bool = False
+) -> Window:
     """The smallest window per example that holds every effective patch cell and END."""
     s = mask.shape[1]
     ar = torch.arange(s)[None]
@@ -178,8 +218,11 @@ def split_window(win: Window, max_groups: int = 3) -> list[tuple[Tensor | None, 
     best = {(0, 0): (0, [])}
     for k in range(1, max_groups + 1):
         for j in range(1, n + 1):
-            options = [(best[(i, k - 1)][0] + (j - i) * lens[i], [*best[(i, k - 1)][1], i])
-                       for i in range(j) if (i, k - 1) in best]
+            options = [
+                (best[(i, k - 1)][0] + (j - i) * lens[i], [*best[(i, k - 1)][1], i])
+                for i in range(j)
+                if (i, k - 1) in best
+            ]
             if options:
                 best[(j, k)] = min(options)
     cost, cuts = min(best[(n, k)] for k in range(1, max_groups + 1) if (n, k) in best)
@@ -207,7 +250,9 @@ class MetricReader:
             ids = torch.cat([task.answers.reshape(-1), task.wrong_answers.reshape(-1)])
             cols = torch.unique(ids)
             remap = lambda t: torch.searchsorted(cols, t.contiguous())
-            self.task = replace(task, answers=remap(task.answers), wrong_answers=remap(task.wrong_answers))
+            self.task = replace(
+                task, answers=remap(task.answers), wrong_answers=remap(task.wrong_answers)
+            )
             self.cols = cols.to(device)
         self._subsets: dict = {}
 

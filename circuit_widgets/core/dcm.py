@@ -63,16 +63,32 @@ class TrainingCurve:
         """One row per step; val_accuracy / val_loss are NaN at steps without a check."""
         import pandas as pd
 
-        val = {int(s): (float(a), float(l))
-               for s, a, l in zip(self.val_step, self.val_accuracy, self.val_loss)}
-        return pd.DataFrame([
-            {"step": int(s), "epoch": int(e), "loss": float(lo), "target_logit": float(t),
-             "mask_size": float(ms), "n_selected": int(n),
-             "val_accuracy": val.get(int(s), (math.nan, math.nan))[0],
-             "val_loss": val.get(int(s), (math.nan, math.nan))[1]}
-            for s, e, lo, t, ms, n in zip(self.step, self.epoch, self.loss, self.target_logit,
-                                          self.mask_size, self.n_selected)
-        ])
+        val = {
+            int(s): (float(a), float(l))
+            for s, a, l in zip(self.val_step, self.val_accuracy, self.val_loss)
+        }
+        return pd.DataFrame(
+            [
+                {
+                    "step": int(s),
+                    "epoch": int(e),
+                    "loss": float(lo),
+                    "target_logit": float(t),
+                    "mask_size": float(ms),
+                    "n_selected": int(n),
+                    "val_accuracy": val.get(int(s), (math.nan, math.nan))[0],
+                    "val_loss": val.get(int(s), (math.nan, math.nan))[1],
+                }
+                for s, e, lo, t, ms, n in zip(
+                    self.step,
+                    self.epoch,
+                    self.loss,
+                    self.target_logit,
+                    self.mask_size,
+                    self.n_selected,
+                )
+            ]
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,29 +134,39 @@ class MaskResult:
 
     def circuit(self, group: str = "dcm", name: str = "") -> Circuit:
         """The selected heads as a one-group Circuit acting at this result's position."""
-        return Circuit.from_heads(self.selected, position=self.position,
-                                  name=name or self.desideratum, group=group)
+        return Circuit.from_heads(
+            self.selected, position=self.position, name=name or self.desideratum, group=group
+        )
 
     def to_dataframe(self):
         """One row per trained head: layer, head, mask, final_mask, selected."""
         import pandas as pd
 
         chosen = set(self.selected)
-        return pd.DataFrame([
-            {"layer": h.layer, "head": h.head, "mask": float(self.mask[h.layer, h.head]),
-             "final_mask": float(self.final_mask[h.layer, h.head]), "selected": h in chosen}
-            for h in self.heads
-        ])
+        return pd.DataFrame(
+            [
+                {
+                    "layer": h.layer,
+                    "head": h.head,
+                    "mask": float(self.mask[h.layer, h.head]),
+                    "final_mask": float(self.final_mask[h.layer, h.head]),
+                    "selected": h in chosen,
+                }
+                for h in self.heads
+            ]
+        )
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "stopped early"
         heads = ", ".join(str(h) for h in self.selected[:12])
         more = f", ... (+{self.n_selected - 12})" if self.n_selected > 12 else ""
-        return (f"MaskResult({self.desideratum}@{self.position}, lam={self.lam:g}: "
-                f"{self.n_selected}/{len(self.heads)} heads [{heads}{more}]; accuracy "
-                f"train {self.train_accuracy:.2f} val {self.val_accuracy:.2f} test "
-                f"{self.test_accuracy:.2f} (no patch {self.baseline_accuracy:.2f}, all patched "
-                f"{self.full_patch_accuracy:.2f}); {state})")
+        return (
+            f"MaskResult({self.desideratum}@{self.position}, lam={self.lam:g}: "
+            f"{self.n_selected}/{len(self.heads)} heads [{heads}{more}]; accuracy "
+            f"train {self.train_accuracy:.2f} val {self.val_accuracy:.2f} test "
+            f"{self.test_accuracy:.2f} (no patch {self.baseline_accuracy:.2f}, all patched "
+            f"{self.full_patch_accuracy:.2f}); {state})"
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,17 +206,25 @@ class SweepResult:
         """One row per finished lambda: n_selected, selected heads, train/val/test accuracy."""
         import pandas as pd
 
-        return pd.DataFrame([
-            {"lam": r.lam, "n_selected": r.n_selected,
-             "selected": " ".join(str(h) for h in r.selected),
-             "train_accuracy": r.train_accuracy, "val_accuracy": r.val_accuracy,
-             "test_accuracy": r.test_accuracy, "complete": r.complete}
-            for r in self.results
-        ])
+        return pd.DataFrame(
+            [
+                {
+                    "lam": r.lam,
+                    "n_selected": r.n_selected,
+                    "selected": " ".join(str(h) for h in r.selected),
+                    "train_accuracy": r.train_accuracy,
+                    "val_accuracy": r.val_accuracy,
+                    "test_accuracy": r.test_accuracy,
+                    "complete": r.complete,
+                }
+                for r in self.results
+            ]
+        )
 
     def __repr__(self) -> str:
-        rows = "; ".join(f"lam={r.lam:g}: {r.n_selected} heads, test {r.test_accuracy:.2f}"
-                         for r in self.results)
+        rows = "; ".join(
+            f"lam={r.lam:g}: {r.n_selected} heads, test {r.test_accuracy:.2f}" for r in self.results
+        )
         state = "complete" if self.complete else f"stopped ({len(self.results)}/{len(self.lams)})"
         return f"SweepResult({rows}; {state})"
 
@@ -228,15 +262,22 @@ def dcm(
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
     plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size)
-    ticker = _Ticker(on_progress, should_stop,
-                     plan.prep_units() + plan.run_units(epochs, eval_every) + plan.reference_units())
+    ticker = _Ticker(
+        on_progress,
+        should_stop,
+        plan.prep_units() + plan.run_units(epochs, eval_every) + plan.reference_units(),
+    )
     with _frozen(model):
         if not plan.prepare(ticker):
             return plan.unfinished(lam, epochs, lr, seed, eval_every)
         result = plan.train(lam, lr, epochs, seed, eval_every, ticker)
         base, full = plan.reference_accuracies(ticker)
-    return replace(result, baseline_accuracy=base, full_patch_accuracy=full,
-                    complete=result.complete and not ticker.stopped)
+    return replace(
+        result,
+        baseline_accuracy=base,
+        full_patch_accuracy=full,
+        complete=result.complete and not ticker.stopped,
+    )
 
 
 def dcm_sweep(
@@ -260,21 +301,33 @@ def dcm_sweep(
     unknown = sorted(set(dcm_kwargs) - set(_SWEEP_KWARGS))
     if unknown:
         hint = " (the sweep's lambdas go in lams=[...])" if "lam" in unknown else ""
-        raise TypeError(f"dcm_sweep got unexpected keyword argument(s) {unknown}{hint}; "
-                        f"valid ones are {list(_SWEEP_KWARGS)}")
+        raise TypeError(
+            f"dcm_sweep got unexpected keyword argument(s) {unknown}{hint}; "
+            f"valid ones are {list(_SWEEP_KWARGS)}"
+        )
     if isinstance(lams, (str, bytes)) or not isinstance(lams, Sequence) or len(lams) == 0:
         raise ValueError(f"lams must be a non-empty list of numbers >= 0, got {lams!r}")
     lams = [float(_number("lams item", x, low=0.0)) for x in lams]
-    kw = {"lr": 0.1, "epochs": 2, "batch_size": 32, "seed": 0, "split": (0.6, 0.2, 0.2),
-          "eval_every": None, **dcm_kwargs}
-    _check_numbers(lam=0.0, lr=kw["lr"], epochs=kw["epochs"], seed=kw["seed"],
-                   eval_every=kw["eval_every"])
+    kw = {
+        "lr": 0.1,
+        "epochs": 2,
+        "batch_size": 32,
+        "seed": 0,
+        "split": (0.6, 0.2, 0.2),
+        "eval_every": None,
+        **dcm_kwargs,
+    }
+    _check_numbers(
+        lam=0.0, lr=kw["lr"], epochs=kw["epochs"], seed=kw["seed"], eval_every=kw["eval_every"]
+    )
     check_callbacks(on_progress, should_stop, kw["batch_size"])
-    plan = _Plan.build(model, desideratum, heads, position, kw["split"], kw["seed"],
-                       kw["batch_size"])
+    plan = _Plan.build(
+        model, desideratum, heads, position, kw["split"], kw["seed"], kw["batch_size"]
+    )
     per_run = plan.run_units(kw["epochs"], kw["eval_every"])
-    ticker = _Ticker(on_progress, should_stop,
-                     plan.prep_units() + len(lams) * per_run + plan.reference_units())
+    ticker = _Ticker(
+        on_progress, should_stop, plan.prep_units() + len(lams) * per_run + plan.reference_units()
+    )
     results: list[MaskResult] = []
     base = full = math.nan
     if on_result is not None and not callable(on_result):
@@ -337,12 +390,18 @@ class _frozen:
             raise RuntimeError(
                 f"the model's weights were changed in place during DCM ({', '.join(changed[:5])}"
                 f"{more}); DCM trains only its mask, so its results no longer describe this "
-                f"model: reload it, and do not edit weights from on_progress or another thread")
+                f"model: reload it, and do not edit weights from on_progress or another thread"
+            )
 
 
 def _number(label: str, value: Any, *, low: float, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value < low or (strict and value == low):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < low
+        or (strict and value == low)
+    ):
         bound = f"> {low:g}" if strict else f">= {low:g}"
         raise ValueError(f"{label} must be a finite number {bound}, got {value!r}")
     return float(value)
@@ -367,8 +426,9 @@ def _check_heads(heads: Sequence[Any] | None, shape: ModelShape) -> list[Head]:
     if heads is None:
         return [Head(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
     if isinstance(heads, (str, Head)) or not isinstance(heads, (Sequence, set, frozenset)):
-        raise TypeError(f"heads must be a list of Head / 'l.h' / (l, h) items or None, got "
-                         f"{heads!r}")
+        raise TypeError(
+            f"heads must be a list of Head / 'l.h' / (l, h) items or None, got {heads!r}"
+        )
     out = sorted({Head.parse(h) for h in heads})
     if not out:
         raise ValueError("heads is empty; give at least one head (or None for every head)")
@@ -380,12 +440,17 @@ def _check_heads(heads: Sequence[Any] | None, shape: ModelShape) -> list[Head]:
 def _check_parts(desideratum: Any, split: Sequence[float], seed: int) -> tuple[Desideratum, ...]:
     if isinstance(desideratum, Desideratum):
         return desideratum.split(tuple(split), seed=seed)
-    if (isinstance(desideratum, (tuple, list)) and len(desideratum) == 3
-            and all(isinstance(d, Desideratum) for d in desideratum)):
+    if (
+        isinstance(desideratum, (tuple, list))
+        and len(desideratum) == 3
+        and all(isinstance(d, Desideratum) for d in desideratum)
+    ):
         return tuple(desideratum)
-    raise TypeError(f"desideratum must be a Desideratum (see tasks.desiderata or "
-                    f"Desideratum.from_examples) or a (train, val, test) triple of them, got "
-                    f"{type(desideratum).__name__}")
+    raise TypeError(
+        f"desideratum must be a Desideratum (see tasks.desiderata or "
+        f"Desideratum.from_examples) or a (train, val, test) triple of them, got "
+        f"{type(desideratum).__name__}"
+    )
 
 
 def _check_structure(parts: tuple[Desideratum, ...], position: str, shape: ModelShape) -> None:
@@ -394,28 +459,38 @@ def _check_structure(parts: tuple[Desideratum, ...], position: str, shape: Model
         what = f"desideratum {d.name!r} ({label} part)"
         nb, ns = d.base_tokens.shape[0], d.source_tokens.shape[0]
         if nb != ns or d.targets.shape[:1] != (nb,):
-            raise ValueError(f"{what}: base and source differ in structure: {nb} base prompts, "
-                             f"{ns} source prompts, {d.targets.shape[0]} targets")
+            raise ValueError(
+                f"{what}: base and source differ in structure: {nb} base prompts, "
+                f"{ns} source prompts, {d.targets.shape[0]} targets"
+            )
         if set(d.base_positions) != set(d.source_positions):
             raise ValueError(
                 f"{what}: base and source differ in structure: base positions "
-                f"{sorted(d.base_positions)}, source positions {sorted(d.source_positions)}")
+                f"{sorted(d.base_positions)}, source positions {sorted(d.source_positions)}"
+            )
         if position not in d.base_positions:
-            raise ValueError(f"{what} has no position {position!r}; valid positions are "
-                             f"{sorted(d.base_positions)}")
+            raise ValueError(
+                f"{what} has no position {position!r}; valid positions are "
+                f"{sorted(d.base_positions)}"
+            )
         for side, pos in (("base", d.base_positions), ("source", d.source_positions)):
             if tuple(pos[position].shape) != (nb,):
-                raise ValueError(f"{what}: {side} position {position!r} must hold one index per "
-                                 f"example ({nb}), got shape {tuple(pos[position].shape)}")
+                raise ValueError(
+                    f"{what}: {side} position {position!r} must hold one index per "
+                    f"example ({nb}), got shape {tuple(pos[position].shape)}"
+                )
         if d.targets.dim() != 1:
             raise ValueError(
                 f"{what}: DCM scores one target token per example, but targets has shape "
-                f"{tuple(d.targets.shape)} (a multi-token target?); give single-token targets")
+                f"{tuple(d.targets.shape)} (a multi-token target?); give single-token targets"
+            )
         bad = (d.targets < 0) | (d.targets >= shape.d_vocab)
         if bad.any():
             i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"{what}: target {int(d.targets[i])} of example {i} is not a token "
-                             f"id of this model (0..{shape.d_vocab - 1})")
+            raise ValueError(
+                f"{what}: target {int(d.targets[i])} of example {i} is not a token "
+                f"id of this model (0..{shape.d_vocab - 1})"
+            )
         if nb == 0:
             raise ValueError(f"{what} is empty")
 
@@ -430,24 +505,48 @@ class _Part:
 class _Plan:
     """The split, the trained heads and the source z at the position: shared by a sweep."""
 
-    def __init__(self, model: Any, parts: tuple[Desideratum, ...], heads: list[Head],
-                 position: str, batch_size: int, shape: ModelShape) -> None:
+    def __init__(
+        self,
+        model: Any,
+        parts: tuple[Desideratum, ...],
+        heads: list[Head],
+        position: str,
+        batch_size: int,
+        shape: ModelShape,
+    ) -> None:
         self.model, self.heads, self.position, self.bs, self.shape = (
-            model, heads, position, batch_size, shape)
+            model,
+            heads,
+            position,
+            batch_size,
+            shape,
+        )
         self.device = torch.device(getattr(model.cfg, "device", None) or "cpu")
         self.parts = [_Part(d.to(self.device)) for d in parts]
         self.name = parts[0].name
         self.eng = self._window_engine()
         self.layers = sorted({h.layer for h in heads})
         # per layer: query-head indices and their slots in the flat mask vector
-        self.cols = {l: torch.tensor([h.head for h in heads if h.layer == l], device=self.device)
-                     for l in self.layers}
-        self.slots = {l: torch.tensor([i for i, h in enumerate(heads) if h.layer == l],
-                                      device=self.device) for l in self.layers}
+        self.cols = {
+            l: torch.tensor([h.head for h in heads if h.layer == l], device=self.device)
+            for l in self.layers
+        }
+        self.slots = {
+            l: torch.tensor([i for i, h in enumerate(heads) if h.layer == l], device=self.device)
+            for l in self.layers
+        }
 
     @classmethod
-    def build(cls, model: Any, desideratum: Any, heads: Any, position: Any,
-              split: Sequence[float], seed: int, batch_size: int) -> _Plan:
+    def build(
+        cls,
+        model: Any,
+        desideratum: Any,
+        heads: Any,
+        position: Any,
+        split: Sequence[float],
+        seed: int,
+        batch_size: int,
+    ) -> _Plan:
         shape = model_shape(model)
         if not isinstance(position, str):
             raise TypeError(f"position must be a position name such as 'END', got {position!r}")
@@ -491,8 +590,9 @@ class _Plan:
                     return False
                 sub = d.subset(rows)
                 pos = sub.source_positions[self.position]
-                run = run_with_edits(self.model, sub.source_tokens, capture=capture,
-                                     at=sub.source_positions["END"])
+                run = run_with_edits(
+                    self.model, sub.source_tokens, capture=capture, at=sub.source_positions["END"]
+                )
                 ar = torch.arange(len(sub), device=pos.device)
                 for l in self.layers:
                     z = run.captured[(l, "z")]
@@ -508,9 +608,17 @@ class _Plan:
         eng = cache.engine_for(self.model)
         if eng is None:
             return None
-        need = sum(p.d.base_tokens.numel() for p in self.parts) * eng.n_layers * 2 * eng.n_kv * eng.d_head
-        late = any(bool((p.d.base_positions[self.position] > p.d.base_positions["END"]).any())
-                   for p in self.parts)
+        need = (
+            sum(p.d.base_tokens.numel() for p in self.parts)
+            * eng.n_layers
+            * 2
+            * eng.n_kv
+            * eng.d_head
+        )
+        late = any(
+            bool((p.d.base_positions[self.position] > p.d.base_positions["END"]).any())
+            for p in self.parts
+        )
         return None if late or need * eng.dtype.itemsize > KV_BUDGET_BYTES else eng
 
     def _prepare_windows(self, ticker: _Ticker) -> bool:
@@ -565,23 +673,28 @@ class _Plan:
             target = sub.targets.to(logits.device)
             return logits[ar, target].float(), logits.argmax(-1) == target
         edits = None if mask is None else self._edits(mask, part, rows, sub)
-        logits = run_with_edits(self.model, sub.base_tokens, edits,
-                                at=sub.base_positions["END"], grad=grad).logits
+        logits = run_with_edits(
+            self.model, sub.base_tokens, edits, at=sub.base_positions["END"], grad=grad
+        ).logits
         ar = torch.arange(len(sub), device=logits.device)
         target = sub.targets.to(logits.device)
         return logits[ar, target].float(), logits.argmax(-1) == target
 
-    def _window_logits(self, mask: Tensor | None, part: _Part, rows: Tensor, sub: Desideratum,
-                       grad: bool) -> Tensor:
+    def _window_logits(
+        self, mask: Tensor | None, part: _Part, rows: Tensor, sub: Desideratum, grad: bool
+    ) -> Tensor:
         """Final logits at END [b, vocab], recomputing only positions from the mixed one on."""
         eng, dev = self.eng, self.device
         idx = rows.to(dev)
         starts = sub.base_positions[self.position].to(dev)
         end = sub.base_positions["END"].to(dev) - starts  # END in window coordinates
         w = int(end.max()) + 1
-        tokens = part.d.base_tokens.to(dev)[idx]  # the cached keys' width (a subset may trim padding)
-        base = Trace(tokens, [], [], [], [], [], [k[idx] for k in part.kv[0]],
-                     [v[idx] for v in part.kv[1]])
+        tokens = part.d.base_tokens.to(dev)[
+            idx
+        ]  # the cached keys' width (a subset may trim padding)
+        base = Trace(
+            tokens, [], [], [], [], [], [k[idx] for k in part.kv[0]], [v[idx] for v in part.kv[1]]
+        )
         edits = {}
         if mask is not None:
             ar = torch.arange(len(rows), device=dev)
@@ -605,8 +718,9 @@ class _Plan:
             edits = {(l, "z"): edit_for(l) for l in self.layers}
         with torch.enable_grad() if grad else torch.no_grad():
             init = gather_window(eng.embed(tokens), window_positions(starts, w))[None]
-            x = run_window(eng, base, starts, w, 1, 0, "resid_pre", init=init, edits=edits,
-                           end_index=end)
+            x = run_window(
+                eng, base, starts, w, 1, 0, "resid_pre", init=init, edits=edits, end_index=end
+            )
             return eng.logits(x[0])
 
     def _evaluate(self, mask: Tensor | None, part: _Part, ticker: _Ticker) -> tuple[float, float]:
@@ -624,15 +738,18 @@ class _Plan:
 
     # ---- training
 
-    def train(self, lam: float, lr: float, epochs: int, seed: int, eval_every: int | None,
-              ticker: _Ticker) -> MaskResult:
+    def train(
+        self, lam: float, lr: float, epochs: int, seed: int, eval_every: int | None, ticker: _Ticker
+    ) -> MaskResult:
         train, val, test = self.parts
         n_train = len(train.d)
         gen = torch.Generator().manual_seed(seed)
         mask = torch.ones(len(self.heads), device=self.device, requires_grad=True)
         opt = torch.optim.Adam([mask], lr=lr)
         checks = set(self.eval_steps(epochs, eval_every))
-        curve = {k: [] for k in ("step", "epoch", "loss", "target_logit", "mask_size", "n_selected")}
+        curve = {
+            k: [] for k in ("step", "epoch", "loss", "target_logit", "mask_size", "n_selected")
+        }
         vals = {k: [] for k in ("val_step", "val_accuracy", "val_loss")}
         best: tuple | None = None  # (accuracy, -loss, step, mask)
         step, complete = 0, True
@@ -642,7 +759,7 @@ class _Plan:
                 if ticker.stop_requested():
                     complete = False
                     break
-                rows = order[a:a + self.bs]
+                rows = order[a : a + self.bs]
                 logit, _ = self._target_logits(mask, train, rows, grad=True)
                 loss = -logit.mean() + lam * (1 - mask).sum()
                 opt.zero_grad()
@@ -653,10 +770,14 @@ class _Plan:
                 step += 1
                 ticker.tick()
                 soft = mask.detach()
-                for k, v in (("step", step), ("epoch", epoch), ("loss", float(loss.detach())),
-                             ("target_logit", float(logit.detach().mean())),
-                             ("mask_size", float((1 - soft).sum())),
-                             ("n_selected", int((soft < 0.5).sum()))):
+                for k, v in (
+                    ("step", step),
+                    ("epoch", epoch),
+                    ("loss", float(loss.detach())),
+                    ("target_logit", float(logit.detach().mean())),
+                    ("mask_size", float((1 - soft).sum())),
+                    ("n_selected", int((soft < 0.5).sum())),
+                ):
                     curve[k].append(v)
                 if step in checks:
                     rounded = (soft >= 0.5).float()
@@ -684,27 +805,44 @@ class _Plan:
             train_acc = test_acc = math.nan
         notes = []
         if best is None:
-            notes.append("stopped before the first validation check: the mask shown is the last "
-                         "step's, never validated")
+            notes.append(
+                "stopped before the first validation check: the mask shown is the last "
+                "step's, never validated"
+            )
         return MaskResult(
-            mask=self._grid(kept), final_mask=self._grid(final), heads=list(self.heads),
+            mask=self._grid(kept),
+            final_mask=self._grid(final),
+            heads=list(self.heads),
             selected=[h for h, r in zip(self.heads, rounded.tolist()) if r == 0.0],
-            position=self.position, desideratum=self.name, lam=lam,
-            train_accuracy=train_acc, val_accuracy=best[0] if best is not None else math.nan,
-            test_accuracy=test_acc, baseline_accuracy=math.nan, full_patch_accuracy=math.nan,
+            position=self.position,
+            desideratum=self.name,
+            lam=lam,
+            train_accuracy=train_acc,
+            val_accuracy=best[0] if best is not None else math.nan,
+            test_accuracy=test_acc,
+            baseline_accuracy=math.nan,
+            full_patch_accuracy=math.nan,
             curve=TrainingCurve(
                 step=torch.tensor(curve["step"], dtype=torch.long),
                 epoch=torch.tensor(curve["epoch"], dtype=torch.long),
-                loss=torch.tensor(curve["loss"]), target_logit=torch.tensor(curve["target_logit"]),
+                loss=torch.tensor(curve["loss"]),
+                target_logit=torch.tensor(curve["target_logit"]),
                 mask_size=torch.tensor(curve["mask_size"]),
                 n_selected=torch.tensor(curve["n_selected"], dtype=torch.long),
                 val_step=torch.tensor(vals["val_step"], dtype=torch.long),
                 val_accuracy=torch.tensor(vals["val_accuracy"]),
-                val_loss=torch.tensor(vals["val_loss"])),
+                val_loss=torch.tensor(vals["val_loss"]),
+            ),
             best_step=best[2] if best is not None else step,
-            n_examples=tuple(len(p.d) for p in self.parts), complete=complete,
-            settings={"lr": lr, "epochs": epochs, "batch_size": self.bs, "seed": seed,
-                      "eval_every": eval_every},
+            n_examples=tuple(len(p.d) for p in self.parts),
+            complete=complete,
+            settings={
+                "lr": lr,
+                "epochs": epochs,
+                "batch_size": self.bs,
+                "seed": seed,
+                "eval_every": eval_every,
+            },
             notes=notes,
         )
 
@@ -715,23 +853,49 @@ class _Plan:
         full, _ = self._evaluate(torch.zeros(len(self.heads), device=self.device), test, ticker)
         return base, full
 
-    def unfinished(self, lam: float, epochs: int, lr: float, seed: int,
-                   eval_every: int | None) -> MaskResult:
+    def unfinished(
+        self, lam: float, epochs: int, lr: float, seed: int, eval_every: int | None
+    ) -> MaskResult:
         """What a run stopped while reading the source prompts returns."""
         ones = torch.ones(len(self.heads), device=self.device)
         empty = torch.zeros(0)
         nan = math.nan
         return MaskResult(
-            mask=self._grid(ones), final_mask=self._grid(ones), heads=list(self.heads),
-            selected=[], position=self.position, desideratum=self.name, lam=lam,
-            train_accuracy=nan, val_accuracy=nan, test_accuracy=nan, baseline_accuracy=nan,
+            mask=self._grid(ones),
+            final_mask=self._grid(ones),
+            heads=list(self.heads),
+            selected=[],
+            position=self.position,
+            desideratum=self.name,
+            lam=lam,
+            train_accuracy=nan,
+            val_accuracy=nan,
+            test_accuracy=nan,
+            baseline_accuracy=nan,
             full_patch_accuracy=nan,
-            curve=TrainingCurve(empty.long(), empty.long(), empty, empty, empty, empty.long(),
-                                empty.long(), empty, empty),
-            best_step=0, n_examples=tuple(len(p.d) for p in self.parts), complete=False,
-            settings={"lr": lr, "epochs": epochs, "batch_size": self.bs, "seed": seed,
-                      "eval_every": eval_every},
-            notes=["stopped before training began"])
+            curve=TrainingCurve(
+                empty.long(),
+                empty.long(),
+                empty,
+                empty,
+                empty,
+                empty.long(),
+                empty.long(),
+                empty,
+                empty,
+            ),
+            best_step=0,
+            n_examples=tuple(len(p.d) for p in self.parts),
+            complete=False,
+            settings={
+                "lr": lr,
+                "epochs": epochs,
+                "batch_size": self.bs,
+                "seed": seed,
+                "eval_every": eval_every,
+            },
+            notes=["stopped before training began"],
+        )
 
     def _grid(self, values: Tensor) -> Float[Tensor, "layer head"]:
         grid = torch.full((self.shape.n_layers, self.shape.n_heads), math.nan)

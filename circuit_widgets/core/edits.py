@@ -54,10 +54,14 @@ def run_with_edits(
     for key, fn in edits.items():
         _check_key(model, key)
         if not callable(fn):
-            raise TypeError(f"edit for {key} must be a callable act -> act, got {type(fn).__name__}")
+            raise TypeError(
+                f"edit for {key} must be a callable act -> act, got {type(fn).__name__}"
+            )
     if at is not None and (at.dim() != 1 or len(at) != tokens.shape[0]):
-        raise ValueError(f"at must hold one position per example ({tokens.shape[0]}), "
-                         f"got shape {tuple(at.shape)}")
+        raise ValueError(
+            f"at must hold one position per example ({tokens.shape[0]}), "
+            f"got shape {tuple(at.shape)}"
+        )
     eng = cache.engine_for(model)
     with torch.enable_grad() if grad else torch.no_grad():
         if eng is not None:
@@ -77,7 +81,9 @@ def _check_key(model: Any, key: Any) -> tuple[int, str]:
     return key
 
 
-def _fast(eng: FastModel, tokens: Tensor, edits: dict, capture: set, at: Tensor | None) -> EditedRun:
+def _fast(
+    eng: FastModel, tokens: Tensor, edits: dict, capture: set, at: Tensor | None
+) -> EditedRun:
     b, s = tokens.shape
     tokens = tokens.to(eng.device)
     pos = torch.arange(s, device=eng.device).expand(b, s)
@@ -113,9 +119,16 @@ def _fast(eng: FastModel, tokens: Tensor, edits: dict, capture: set, at: Tensor 
     return EditedRun(eng.logits(x), captured)
 
 
-_SITE_COMPONENT = {"resid_pre": Component.RESID_PRE, "q": Component.Q, "k": Component.K,
-                   "v": Component.V, "pattern": Component.PATTERN, "z": Component.Z,
-                   "attn_out": Component.ATTN_OUT, "mlp_out": Component.MLP_OUT}
+_SITE_COMPONENT = {
+    "resid_pre": Component.RESID_PRE,
+    "q": Component.Q,
+    "k": Component.K,
+    "v": Component.V,
+    "pattern": Component.PATTERN,
+    "z": Component.Z,
+    "attn_out": Component.ATTN_OUT,
+    "mlp_out": Component.MLP_OUT,
+}
 
 
 def _hooked(model: Any, tokens: Tensor, edits: dict, capture: set, at: Tensor | None) -> EditedRun:

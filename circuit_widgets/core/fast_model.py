@@ -62,8 +62,12 @@ class FastModel:
                 a, mlp = _raw(b.attn), _raw(b.mlp)
                 # the bridge computes q/k/v with its own split copies of c_attn: read those
                 split = b.attn if hasattr(b.attn, "q") else None
-                proj = {"o": _raw(a.c_proj), "fc": _raw(mlp.c_fc), "down": _raw(mlp.c_proj),
-                        "act": mlp.act}
+                proj = {
+                    "o": _raw(a.c_proj),
+                    "fc": _raw(mlp.c_fc),
+                    "down": _raw(mlp.c_proj),
+                    "act": mlp.act,
+                }
                 if split is not None:
                     proj.update(q=_raw(split.q), k=_raw(split.k), v=_raw(split.v))
                 else:
@@ -83,8 +87,12 @@ class FastModel:
                 attn, mlp = _raw(b.self_attn), _raw(b.mlp)
                 gemma = family == "gemma3"
                 proj = {n: _raw(getattr(attn, f"{n}_proj")) for n in "qkvo"}
-                proj.update(gate=_raw(mlp.gate_proj), up=_raw(mlp.up_proj),
-                            down=_raw(mlp.down_proj), act=mlp.act_fn)
+                proj.update(
+                    gate=_raw(mlp.gate_proj),
+                    up=_raw(mlp.up_proj),
+                    down=_raw(mlp.down_proj),
+                    act=mlp.act_fn,
+                )
                 self.layers.append(
                     _Layer(
                         _raw(b.input_layernorm),

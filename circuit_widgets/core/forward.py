@@ -52,17 +52,32 @@ class Trace:
             pos = torch.arange(s, device=q.device).expand(b, s)
             qr = eng.rotate(layer, q[None], pos, "q")[0]
             masks = causal_masks(eng, torch.zeros(b, dtype=torch.long, device=q.device), s, s)
-            _, probs = attend(eng, layer, qr[None], self.k_rot[layer][None], self.v[layer][None],
-                               None, masks, want_pattern=True)
+            _, probs = attend(
+                eng,
+                layer,
+                qr[None],
+                self.k_rot[layer][None],
+                self.v[layer][None],
+                None,
+                masks,
+                want_pattern=True,
+            )
             self._lazy[key] = probs[0]
         return self._lazy[key]
 
     def subset(self, sl: slice) -> Trace:
         """Examples ``sl`` (a contiguous slice, so every tensor is a view)."""
         pick = lambda xs: [x[sl] for x in xs]
-        return Trace(self.tokens[sl], pick(self.resid_pre), pick(self.resid_mid),
-                     pick(self.attn_out), pick(self.mlp_out), pick(self.z), pick(self.k_rot),
-                     pick(self.v))
+        return Trace(
+            self.tokens[sl],
+            pick(self.resid_pre),
+            pick(self.resid_mid),
+            pick(self.attn_out),
+            pick(self.mlp_out),
+            pick(self.z),
+            pick(self.k_rot),
+            pick(self.v),
+        )
 
 
 # ---------------------------------------------------------------------- attention
@@ -86,8 +101,16 @@ def causal_masks(eng: FastModel, starts: Tensor, w: int, s: int):
     return out
 
 
-def attend(eng: FastModel, layer: int, q: Tensor, k: Tensor, v: Tensor,
-            prefix: tuple[Tensor, Tensor] | None, masks: dict, want_pattern: bool = False):
+def attend(
+    eng: FastModel,
+    layer: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix: tuple[Tensor, Tensor] | None,
+    masks: dict,
+    want_pattern: bool = False,
+):
     """z [V,b,wq,H,dh] from rotated q [V,b,wq,H,dh] and window k, v [V,b,w,K,dh], plus the
     trace's keys/values [b,s,K,dh] for positions before each example's window. Masks are
     [b, wq, keys]; wq is w, or 1 when only END's query is needed."""
@@ -236,8 +259,10 @@ def run_window(
                 ar = torch.arange(len(starts), device=starts.device)
                 q, x = q[:, ar, end_index][:, :, None], x[:, ar, end_index][:, :, None]
                 q_pos = pos[ar, end_index][:, None]
-                q_masks = {win: (pre[ar, end_index][:, None], wm[ar, end_index][:, None])
-                           for win, (pre, wm) in masks.items()}
+                q_masks = {
+                    win: (pre[ar, end_index][:, None], wm[ar, end_index][:, None])
+                    for win, (pre, wm) in masks.items()
+                }
             qr, kr = eng.rotate(l, q, q_pos, "q"), eng.rotate(l, k, pos, "k")
             z, _ = attend(eng, l, qr, kr, v, (pick(base.k_rot[l]), pick(base.v[l])), q_masks)
             if (l, "z") in edits:  # z is [V, b, wq, H, dh]; wq is 1 where only END is computed

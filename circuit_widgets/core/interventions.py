@@ -52,13 +52,17 @@ class Intervention:
             raise ValueError("intervene needs at least one head")
         for h in self.heads:
             if h.layer >= self.shape.n_layers or h.head >= self.shape.n_heads:
-                raise ValueError(f"head {h} is outside the model (layers 0-{self.shape.n_layers - 1}, "
-                                 f"heads 0-{self.shape.n_heads - 1})")
+                raise ValueError(
+                    f"head {h} is outside the model (layers 0-{self.shape.n_layers - 1}, "
+                    f"heads 0-{self.shape.n_heads - 1})"
+                )
         if attend_to is None and scale is None and replace_with is None:
             raise ValueError("intervene needs attend_to, scale or replace_with")
         if at != "all" and at not in task.positions:
-            raise ValueError(f"at must be 'all' or a position of task {task.name!r}: "
-                             f"{sorted(task.positions)}; got {at!r}")
+            raise ValueError(
+                f"at must be 'all' or a position of task {task.name!r}: "
+                f"{sorted(task.positions)}; got {at!r}"
+            )
         self.at = at
         self.targets = None if attend_to is None else self._targets(attend_to)
         self.scales = None if scale is None else self._scales(scale)
@@ -80,14 +84,18 @@ class Intervention:
         """[b, k] key positions per example."""
         task = self.task
         if self.at == "all":
-            raise ValueError("attention can only be forced at a named query position (at='END', ...), "
-                             "not at='all'")
+            raise ValueError(
+                "attention can only be forced at a named query position (at='END', ...), "
+                "not at='all'"
+            )
         if isinstance(attend_to, Tensor):
             t = attend_to.long().cpu()
             t = t[:, None] if t.dim() == 1 else t
             if t.dim() != 2 or t.shape[0] != len(task):
-                raise ValueError(f"attend_to as a tensor must be [batch] or [batch, k] with batch "
-                                 f"{len(task)}, got {tuple(attend_to.shape)}")
+                raise ValueError(
+                    f"attend_to as a tensor must be [batch] or [batch, k] with batch "
+                    f"{len(task)}, got {tuple(attend_to.shape)}"
+                )
         else:
             names = [attend_to] if isinstance(attend_to, str) else list(attend_to)
             parts = []
@@ -99,15 +107,18 @@ class Intervention:
                 else:
                     raise ValueError(
                         f"task {task.name!r} has no position or position set {name!r}; positions: "
-                        f"{sorted(task.positions)}, sets: {sorted(task.position_sets)}")
+                        f"{sorted(task.positions)}, sets: {sorted(task.position_sets)}"
+                    )
             if not parts:
                 raise ValueError("attend_to names no positions")
             t = torch.cat(parts, 1)
         query = task.positions[self.at].cpu()
         if (t < 0).any() or (t > query[:, None]).any():
             b = int(((t < 0) | (t > query[:, None])).any(1).nonzero()[0, 0])
-            raise ValueError(f"attend_to positions {t[b].tolist()} of example {b} must lie in "
-                             f"0..{int(query[b])} (at or before its {self.at!r} query position)")
+            raise ValueError(
+                f"attend_to positions {t[b].tolist()} of example {b} must lie in "
+                f"0..{int(query[b])} (at or before its {self.at!r} query position)"
+            )
         return t
 
     def _scales(self, scale: Any) -> dict[Head, float]:
@@ -115,7 +126,9 @@ class Intervention:
             out = {Head.parse(h): float(s) for h, s in scale.items()}
             extra = sorted(set(out) - set(self.heads))
             if extra:
-                raise ValueError(f"scale names heads {[str(h) for h in extra]} that are not in heads")
+                raise ValueError(
+                    f"scale names heads {[str(h) for h in extra]} that are not in heads"
+                )
             return out
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise ValueError(f"scale must be a number or a dict {{head: number}}, got {scale!r}")  # noqa: TRY004 - every input mistake is a ValueError
@@ -131,15 +144,22 @@ class Intervention:
         elif hasattr(replace_with, "clean_tokens") and hasattr(replace_with, "positions"):
             src_task, tokens = replace_with, replace_with.clean_tokens
         else:
-            raise ValueError(f"replace_with must be a Task or 'corrupt', got {type(replace_with).__name__}")
+            raise ValueError(
+                f"replace_with must be a Task or 'corrupt', got {type(replace_with).__name__}"
+            )
         if len(src_task) != len(task):
-            raise ValueError(f"replace_with has {len(src_task)} examples; the task has {len(task)}: "
-                             f"one source prompt per example is needed")
+            raise ValueError(
+                f"replace_with has {len(src_task)} examples; the task has {len(task)}: "
+                f"one source prompt per example is needed"
+            )
         if self.at == "all":
-            if tokens.shape != task.clean_tokens.shape or not torch.equal(src_task.lengths.cpu(),
-                                                                          task.lengths.cpu()):
-                raise ValueError("replace_with at='all' needs source prompts of the same lengths as "
-                                 "the task's; use a named position (at='END') otherwise")
+            if tokens.shape != task.clean_tokens.shape or not torch.equal(
+                src_task.lengths.cpu(), task.lengths.cpu()
+            ):
+                raise ValueError(
+                    "replace_with at='all' needs source prompts of the same lengths as "
+                    "the task's; use a named position (at='END') otherwise"
+                )
         elif self.at not in src_task.positions:
             raise ValueError(f"replace_with task {src_task.name!r} has no position {self.at!r}")
         layers = sorted({h.layer for h in self.heads})
@@ -187,37 +207,46 @@ class Intervention:
                     f"this intervention is bound to the prompts of task {t.name!r} ({n} prompts of "
                     f"up to {S} tokens, clean or corrupt, any subset in any order) but row {r} of a "
                     f"forward's batch ({b} x {s} tokens) is none of them; run other prompts outside "
-                    f"the with-block, or make an intervention for them")
+                    f"the with-block, or make an intervention for them"
+                )
             other = next((j for j in cand[1:] if not self._same_edit(cand[0], j, s)), None)
             if other is not None:
                 raise ValueError(
                     f"row {r} of a forward's batch is both prompt {cand[0]} and prompt {other} of "
                     f"task {t.name!r} (the same tokens), whose edits differ, so the intervention "
                     f"cannot tell which to apply; drop the duplicate prompts from the task or run "
-                    f"them outside the with-block")
+                    f"them outside the with-block"
+                )
         return rows
 
     def _same_edit(self, i: int, j: int, s: int) -> bool:
         """Whether examples i and j get the same edit on a batch of width s."""
-        if self.at != "all" and int(self.task.positions[self.at][i]) != int(self.task.positions[self.at][j]):
+        if self.at != "all" and int(self.task.positions[self.at][i]) != int(
+            self.task.positions[self.at][j]
+        ):
             return False
         if self.targets is not None and not torch.equal(self.targets[i], self.targets[j]):
             return False
-        return self.source_z is None or all(torch.equal(z[i, :s], z[j, :s]) for z in self.source_z.values())
+        return self.source_z is None or all(
+            torch.equal(z[i, :s], z[j, :s]) for z in self.source_z.values()
+        )
 
     def _batch_rows(self, b: int, s: int) -> Tensor:
         """The example index of each row of the activation now being edited."""
         if self._rows is not None and self.active:
             if len(self._rows) != b:
-                raise ValueError(f"a forward's activations have {b} rows but its tokens had "
-                                 f"{len(self._rows)}; the intervention cannot match them to examples")
+                raise ValueError(
+                    f"a forward's activations have {b} rows but its tokens had "
+                    f"{len(self._rows)}; the intervention cannot match them to examples"
+                )
             return self._rows
         # No token guard ran (edits() used directly): only the task's own full batch is known.
         if b != len(self.task) or s != self.task.seq_len:
             raise ValueError(
                 f"this intervention is bound to task {self.task.name!r} ({len(self.task)} prompts "
                 f"of {self.task.seq_len} tokens) but a forward ran on a batch of {b} x {s}; edits() "
-                f"apply to the task's full batch only; use the with-block for subsets of its prompts")
+                f"apply to the task's full batch only; use the with-block for subsets of its prompts"
+            )
         return torch.arange(b)
 
     def _pattern_fn(self, layer: int):
@@ -231,7 +260,9 @@ class Intervention:
             b, dev = len(rows), act.device
             row = torch.zeros(b, act.shape[-1], dtype=act.dtype, device=dev)
             # Uniform over the targets (a position listed twice gets twice the weight).
-            row.scatter_add_(1, t.to(dev), torch.full(t.shape, 1.0 / t.shape[1], dtype=act.dtype, device=dev))
+            row.scatter_add_(
+                1, t.to(dev), torch.full(t.shape, 1.0 / t.shape[1], dtype=act.dtype, device=dev)
+            )
             out = act.clone()
             ar = torch.arange(b, device=dev)
             for c in cols:
@@ -250,8 +281,11 @@ class Intervention:
             rows = self._batch_rows(act.shape[0], act.shape[1])
             b, s = act.shape[:2]
             dev = act.device
-            where = (torch.ones(b, s, dtype=torch.bool) if at is None
-                     else torch.arange(s)[None] == at[rows][:, None])
+            where = (
+                torch.ones(b, s, dtype=torch.bool)
+                if at is None
+                else torch.arange(s)[None] == at[rows][:, None]
+            )
             src = None
             if source is not None:
                 src = source[rows, :s]
@@ -283,7 +317,9 @@ class Intervention:
     def hooks(self) -> list[tuple[str, Any]]:
         """The intervention as (hook name, fn) pairs for ``model.run_with_hooks``."""
         site = {"pattern": Component.PATTERN, "z": Component.Z}
-        out = [(hook_names.hook_name(site[s], l), _as_hook(fn)) for (l, s), fn in self.edits().items()]
+        out = [
+            (hook_names.hook_name(site[s], l), _as_hook(fn)) for (l, s), fn in self.edits().items()
+        ]
         if _TOKEN_HOOK in (getattr(self.model, "hook_dict", None) or {}):
             out.insert(0, (_TOKEN_HOOK, self._token_guard))
         return out
@@ -373,8 +409,9 @@ def intervene(
     subset and trimmed of padding, gets each example's own edit; a forward on any other
     prompts raises ValueError. Heads: one head (Head, "l.h", (l, h)) or a list or tuple of them.
     """
-    return Intervention(model, task, heads=heads, attend_to=attend_to, scale=scale,
-                        replace_with=replace_with, at=at)
+    return Intervention(
+        model, task, heads=heads, attend_to=attend_to, scale=scale, replace_with=replace_with, at=at
+    )
 
 
 # ====================================================================== attention readout
@@ -403,11 +440,15 @@ class AttentionResult:
     def to_dataframe(self):
         import pandas as pd
 
-        return pd.DataFrame({"head": [str(h) for h in self.heads],
-                             "layer": [h.layer for h in self.heads],
-                             "head_index": [h.head for h in self.heads],
-                             "mean": self.mean.tolist(),
-                             "std": self.per_example.std(0, unbiased=False).tolist()})
+        return pd.DataFrame(
+            {
+                "head": [str(h) for h in self.heads],
+                "layer": [h.layer for h in self.heads],
+                "head_index": [h.head for h in self.heads],
+                "mean": self.mean.tolist(),
+                "std": self.per_example.std(0, unbiased=False).tolist(),
+            }
+        )
 
     def __repr__(self) -> str:
         body = ", ".join(f"{k}: {v:.3f}" for k, v in self.as_dict().items())
@@ -430,23 +471,28 @@ def head_attention(
     if which not in ("clean", "corrupt"):
         raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
     if at == "all":
-        raise ValueError("head_attention reads each head's attention row at one query position "
-                         "per example: at must be a position name (at='END', ...), not 'all'")
+        raise ValueError(
+            "head_attention reads each head's attention row at one query position "
+            "per example: at must be a position name (at='END', ...), not 'all'"
+        )
     heads = Head.parse_many(heads)
     order = list(dict.fromkeys(heads))  # the caller's order, once each
     # An Intervention object checks heads, positions and targets for us.
     spec = Intervention(model, task, heads=heads, attend_to=to, scale=1.0, at=at)
     tokens = task.clean_tokens if which == "clean" else task.corrupt_tokens
     layers = sorted({h.layer for h in spec.heads})
-    run = run_with_edits(model, tokens, capture=[(l, "pattern") for l in layers],
-                         at=task.positions["END"])
+    run = run_with_edits(
+        model, tokens, capture=[(l, "pattern") for l in layers], at=task.positions["END"]
+    )
     b = len(task)
     ar = torch.arange(b)
     query = task.positions[at].cpu()
     t = spec.targets
     out = torch.zeros(b, len(order))
     for i, h in enumerate(order):
-        rows = run.captured[(h.layer, "pattern")].detach().float().cpu()[ar, h.head, query]  # [b, k]
+        rows = (
+            run.captured[(h.layer, "pattern")].detach().float().cpu()[ar, h.head, query]
+        )  # [b, k]
         # Each distinct key once, so a repeated target is not counted twice.
         hit = torch.zeros_like(rows, dtype=torch.bool)
         hit[ar[:, None].expand_as(t), t] = True

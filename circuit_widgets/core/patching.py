@@ -66,8 +66,9 @@ def activation_patch(
     on_progress(done, total) and should_stop() are called between passes; once stopped, the
     partial grid comes back with complete=False.
     """
-    plan = plan_sweep(model, task, component, direction, heads, positions, on_progress,
-                      should_stop, batch_size)
+    plan = plan_sweep(
+        model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
+    )
     comp, dirn, shape, subset = plan.comp, plan.dirn, plan.shape, plan.subset
     slots, labels, single, n_cols = plan.slots, plan.labels, plan.single, plan.n_cols
     L, P, B = shape.n_layers, len(slots), len(task)
@@ -98,19 +99,27 @@ def activation_patch(
                 jobs += [(layer, p, c) for c in chunks(cols, per_pass) if c]
         groups = [split_window(win) for win in windows]
         run = lambda layer, p, cols: _grouped(
-            groups[p], len(cols), B, lambda ex, win: _fast_cells(
-                eng, comp, base, src, layer, cols, win, reader, ex))
+            groups[p],
+            len(cols),
+            B,
+            lambda ex, win: _fast_cells(eng, comp, base, src, layer, cols, win, reader, ex),
+        )
     else:
         notes.append(f"generic path, one bridge forward per cell: {cache.generic_reason(model)}")
         c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
         base_tokens = task.clean_tokens if dirn == Direction.NOISE else task.corrupt_tokens
         src_cache = x_cache if dirn == Direction.NOISE else c_cache
-        jobs = [(layer, p, [c]) for layer in range(L) for p in range(P)
-                for c in wanted[layer, p].nonzero().flatten().tolist()]
+        jobs = [
+            (layer, p, [c])
+            for layer in range(L)
+            for p in range(P)
+            for c in wanted[layer, p].nonzero().flatten().tolist()
+        ]
         m_base = (m_clean if dirn == Direction.NOISE else m_corrupt).to(model.cfg.device)
-        run = lambda layer, p, cols: (_hooked_cell(
-            model, task, comp, base_tokens, src_cache, layer, cols[0], slots[p].mask)
-            - m_base)[None]
+        run = lambda layer, p, cols: (
+            _hooked_cell(model, task, comp, base_tokens, src_cache, layer, cols[0], slots[p].mask)
+            - m_base
+        )[None]
 
     base_gap = (m_clean if dirn == Direction.NOISE else m_corrupt).float() - m_clean.float()
     total = len(jobs)
@@ -129,12 +138,24 @@ def activation_patch(
     if labels is None:
         per_example, done = per_example[:, :, 0], done[:, 0]
     if dirn == Direction.DENOISE:
-        notes.append("denoise: corrupt run with clean activations patched in; values are still "
-                     "patched - clean, recovered = 1 - normalized")
+        notes.append(
+            "denoise: corrupt run with clean activations patched in; values are still "
+            "patched - clean, recovered = 1 - normalized"
+        )
     return build_grid(
-        per_example, done, m_clean, m_corrupt, shape=shape, component=comp,
-        direction=dirn.value, kind="activation", metric_name=task.metric_name,
-        positions=labels, position=single, complete=complete, notes=notes,
+        per_example,
+        done,
+        m_clean,
+        m_corrupt,
+        shape=shape,
+        component=comp,
+        direction=dirn.value,
+        kind="activation",
+        metric_name=task.metric_name,
+        positions=labels,
+        position=single,
+        complete=complete,
+        notes=notes,
     )
 
 
@@ -154,9 +175,17 @@ def _grouped(groups: list, n_variants: int, n_examples: int, fn) -> Tensor:
     return out
 
 
-def _fast_cells(eng: FastModel, comp: Component, base: Trace, src: Trace, layer: int,
-                cols: list[int], win: Window, reader: MetricReader,
-                ex: Tensor | None = None) -> Tensor:
+def _fast_cells(
+    eng: FastModel,
+    comp: Component,
+    base: Trace,
+    src: Trace,
+    layer: int,
+    cols: list[int],
+    win: Window,
+    reader: MetricReader,
+    ex: Tensor | None = None,
+) -> Tensor:
     """Metric change [V, B] of ``len(cols)`` patched copies of every example, in one pass.
 
     Row 0 of the pass is the base run itself, unpatched: each variant's metric is taken
@@ -178,8 +207,11 @@ def _fast_cells(eng: FastModel, comp: Component, base: Trace, src: Trace, layer:
     sel = pm[None, :, :, None] & onehot[:, None, None, :]
     init, edits, stage = None, {}, None
     if comp in (Component.Z, Component.PATTERN):
-        z_src = (g(src.z[layer]) if comp == Component.Z
-                 else _pattern_z(eng, pick(base.v[layer]), pick(src.pattern(eng, layer)), pos))
+        z_src = (
+            g(src.z[layer])
+            if comp == Component.Z
+            else _pattern_z(eng, pick(base.v[layer]), pick(src.pattern(eng, layer)), pos)
+        )
         init = torch.where(sel[..., None], z_src[None], g(base.z[layer])[None])
         stage = "z"
     elif comp in (Component.Q, Component.K, Component.V):
@@ -188,14 +220,28 @@ def _fast_cells(eng: FastModel, comp: Component, base: Trace, src: Trace, layer:
         edits[(layer, comp.value)] = lambda t: torch.where(sel[..., None], new, t)
         stage = "attn"
     else:
-        name = {Component.ATTN_OUT: "attn_out", Component.MLP_OUT: "mlp_out",
-                Component.RESID_PRE: "resid_pre"}[comp]
+        name = {
+            Component.ATTN_OUT: "attn_out",
+            Component.MLP_OUT: "mlp_out",
+            Component.RESID_PRE: "resid_pre",
+        }[comp]
         s_act, b_act = getattr(src, name)[layer], getattr(base, name)[layer]
         patch = pm[None, :, :, None] & onehot[:, None, None, :]  # [V, b, w, 1]
         init = torch.where(patch, g(s_act)[None], g(b_act)[None])
         stage = name
-    final = run_window(eng, base, starts, w, V, layer, stage, init, edits, examples=ex_dev,
-                       end_index=win.end_index.to(dev))  # [V, b, d]
+    final = run_window(
+        eng,
+        base,
+        starts,
+        w,
+        V,
+        layer,
+        stage,
+        init,
+        edits,
+        examples=ex_dev,
+        end_index=win.end_index.to(dev),
+    )  # [V, b, d]
     metric = reader(eng.logits(final, reader.cols), ex)
     return metric[1:] - metric[:1]
 
@@ -213,8 +259,16 @@ def _pattern_z(eng: FastModel, base_v: Tensor, src_pattern: Tensor, pos: Tensor)
 # ---------------------------------------------------------------------- generic path
 
 
-def _hooked_cell(model: Any, task: Any, comp: Component, base_tokens: Tensor, src_cache: dict,
-                 layer: int, col: int, mask: Tensor) -> Tensor:
+def _hooked_cell(
+    model: Any,
+    task: Any,
+    comp: Component,
+    base_tokens: Tensor,
+    src_cache: dict,
+    layer: int,
+    col: int,
+    mask: Tensor,
+) -> Tensor:
     """Metric [B] of one patched bridge forward (the reference semantics, through hooks)."""
     name = hooks.hook_name(comp, layer)
     src = src_cache[name]

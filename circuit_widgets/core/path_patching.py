@@ -69,7 +69,8 @@ def path_patch(
     to_logits, recv = _check_receivers(receivers, shape)
     if not isinstance(position, str):
         raise ValueError(  # noqa: TRY004 - the brief: every input mistake is a ValueError
-            f"position must be 'all' or a position name, got {position!r}")
+            f"position must be 'all' or a position name, got {position!r}"
+        )
     if position != "all":
         check_position_name(task, position)
     if senders is not None:
@@ -82,7 +83,8 @@ def path_patch(
             if bad:
                 raise ValueError(
                     f"sender {bad[0]} is at or above receiver layer {low}: a sender can only "
-                    f"reach receivers in later layers (senders must be in layers < {low})")
+                    f"reach receivers in later layers (senders must be in layers < {low})"
+                )
     elif to_logits:
         sender_list = [Head(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
     else:
@@ -94,8 +96,11 @@ def path_patch(
 
     b_ = len(task)
     s = task.clean_tokens.shape[1]
-    mask = (torch.ones(b_, s, dtype=torch.bool) if position == "all"
-            else torch.arange(s)[None] == task.positions[position].cpu()[:, None])
+    mask = (
+        torch.ones(b_, s, dtype=torch.bool)
+        if position == "all"
+        else torch.arange(s)[None] == task.positions[position].cpu()[:, None]
+    )
     per_example = torch.full((b_, shape.n_layers, shape.n_heads), float("nan"))
     done = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.bool)
     by_layer: dict[int, list[int]] = {}
@@ -104,12 +109,16 @@ def path_patch(
 
     eng = cache.engine_for(model)
     notes = [
-        (f"senders: z from the corrupt run at position {position!r}; every other head's z "
-         f"frozen to its clean value; MLPs {'frozen to clean' if freeze_mlps else 'recompute'}"),
+        (
+            f"senders: z from the corrupt run at position {position!r}; every other head's z "
+            f"frozen to its clean value; MLPs {'frozen to clean' if freeze_mlps else 'recompute'}"
+        ),
     ]
     if not to_logits:
-        notes.append("receivers' q/k/v from that run patched into a fresh clean run where "
-                     "everything else recomputes")
+        notes.append(
+            "receivers' q/k/v from that run patched into a fresh clean run where "
+            "everything else recomputes"
+        )
     notes += _gqa_notes(recv, shape)
     if eng is not None:
         reader = MetricReader(task, eng.device)
@@ -117,18 +126,23 @@ def path_patch(
         clean, corrupt = cache.fast_runs(model, task, eng)
         win = window_for(mask, first_diff(task), task.positions["END"].cpu(), only_end=to_logits)
         per_pass = variants_per_pass(batch_size, b_, win.w)
-        jobs = [(layer, c) for layer, cols in sorted(by_layer.items()) for c in chunks(cols, per_pass)]
+        jobs = [
+            (layer, c) for layer, cols in sorted(by_layer.items()) for c in chunks(cols, per_pass)
+        ]
         run = lambda layer, cols: _fast_senders(
-            eng, clean, corrupt, layer, cols, win, recv, freeze_mlps, reader)
+            eng, clean, corrupt, layer, cols, win, recv, freeze_mlps, reader
+        )
     else:
-        notes.append(f"generic path, two bridge forwards per sender: "
-                     f"{cache.generic_reason(model)}")
+        notes.append(f"generic path, two bridge forwards per sender: {cache.generic_reason(model)}")
         c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
         jobs = [(layer, [c]) for layer, cols in sorted(by_layer.items()) for c in cols]
         m_base = m_clean.to(model.cfg.device)
-        run = lambda layer, cols: (_hooked_sender(
-            model, task, shape, c_cache, x_cache, layer, cols[0], mask, recv, freeze_mlps)
-            - m_base)[None]
+        run = lambda layer, cols: (
+            _hooked_sender(
+                model, task, shape, c_cache, x_cache, layer, cols[0], mask, recv, freeze_mlps
+            )
+            - m_base
+        )[None]
 
     complete = True
     for i, (layer, cols) in enumerate(jobs):
@@ -142,9 +156,20 @@ def path_patch(
         if on_progress is not None:
             on_progress(i + 1, len(jobs))
     return build_grid(
-        per_example, done, m_clean, m_corrupt, shape=shape, component=Component.Z,
-        direction="noise", kind="path", metric_name=task.metric_name, positions=None,
-        position=position, complete=complete, receivers=_describe(recv, shape), notes=notes,
+        per_example,
+        done,
+        m_clean,
+        m_corrupt,
+        shape=shape,
+        component=Component.Z,
+        direction="noise",
+        kind="path",
+        metric_name=task.metric_name,
+        positions=None,
+        position=position,
+        complete=complete,
+        receivers=_describe(recv, shape),
+        notes=notes,
     )
 
 
@@ -154,20 +179,25 @@ def path_patch(
 def _check_receivers(receivers: Any, shape: ModelShape) -> tuple[bool, list[Receiver]]:
     if isinstance(receivers, str):
         if receivers != "logits":
-            raise ValueError(f"receivers must be 'logits' or a list of Receiver(layer, head, "
-                             f"input), got {receivers!r}")
+            raise ValueError(
+                f"receivers must be 'logits' or a list of Receiver(layer, head, "
+                f"input), got {receivers!r}"
+            )
         return True, []
     if isinstance(receivers, Receiver):
         receivers = [receivers]
     if not isinstance(receivers, (list, tuple)) or not receivers:
-        raise ValueError("receivers must be 'logits' or a non-empty list of Receiver(layer, head, input)")
+        raise ValueError(
+            "receivers must be 'logits' or a non-empty list of Receiver(layer, head, input)"
+        )
     out = []
     for r in receivers:
         if isinstance(r, tuple):
             r = Receiver(*r)
         if not isinstance(r, Receiver):
             raise ValueError(  # noqa: TRY004 - every input mistake is a ValueError
-                f"cannot read a receiver from {r!r}; use Receiver(layer, head, 'q'|'k'|'v')")
+                f"cannot read a receiver from {r!r}; use Receiver(layer, head, 'q'|'k'|'v')"
+            )
         check_head(r.as_head, shape, "receiver")
         out.append(r)
     return False, sorted(set(out))
@@ -197,7 +227,8 @@ def _gqa_notes(recv: list[Receiver], shape: ModelShape) -> list[str]:
             notes.append(
                 f"receiver {r}: {r.input.value} is computed per key/value head; kv head {g} is "
                 f"patched, which feeds query heads {shape.query_heads_of(g)} (grouped-query "
-                f"attention)")
+                f"attention)"
+            )
     return notes
 
 
@@ -215,8 +246,17 @@ def _receiver_slots(recv: list[Receiver], group: int) -> dict[tuple[int, str], l
 # ---------------------------------------------------------------------- fast path
 
 
-def _fast_senders(eng: FastModel, clean: Trace, corrupt: Trace, layer: int, cols: list[int],
-                  win: Window, recv: list[Receiver], freeze: bool, reader: MetricReader) -> Tensor:
+def _fast_senders(
+    eng: FastModel,
+    clean: Trace,
+    corrupt: Trace,
+    layer: int,
+    cols: list[int],
+    win: Window,
+    recv: list[Receiver],
+    freeze: bool,
+    reader: MetricReader,
+) -> Tensor:
     """Metric change [V, B] for ``cols`` senders of one layer, against row 0 of the same
     pass, the unpatched clean run (so a sender that changes nothing gives exactly 0)."""
     dev = eng.device
@@ -283,9 +323,18 @@ def _replace_heads(heads: list[int], new: Tensor, pm: Tensor):
 # ---------------------------------------------------------------------- generic path
 
 
-def _hooked_sender(model: Any, task: Any, shape: ModelShape, c_cache: dict, x_cache: dict,
-                   layer: int, head: int, mask: Tensor, recv: list[Receiver],
-                   freeze: bool) -> Tensor:
+def _hooked_sender(
+    model: Any,
+    task: Any,
+    shape: ModelShape,
+    c_cache: dict,
+    x_cache: dict,
+    layer: int,
+    head: int,
+    mask: Tensor,
+    recv: list[Receiver],
+    freeze: bool,
+) -> Tensor:
     """Metric [B] for one sender, with two bridge forwards (the reference semantics)."""
     dev = model.cfg.device
     tokens = task.clean_tokens.to(dev)
@@ -298,16 +347,21 @@ def _hooked_sender(model: Any, task: Any, shape: ModelShape, c_cache: dict, x_ca
                 src = x_cache[hooks.hook_name(Component.Z, l)]
                 out[:, :, head] = torch.where(m, src[:, :, head], out[:, :, head])
             return out
+
         return fn
 
     fwd = [(hooks.hook_name(Component.Z, l), freeze_z(l)) for l in range(shape.n_layers)]
     if freeze:
-        fwd += [(hooks.hook_name(Component.MLP_OUT, l),
-                 lambda act, hook=None, l=l: c_cache[hooks.hook_name(Component.MLP_OUT, l)].clone())
-                for l in range(shape.n_layers)]
+        fwd += [
+            (
+                hooks.hook_name(Component.MLP_OUT, l),
+                lambda act, hook=None, l=l: c_cache[hooks.hook_name(Component.MLP_OUT, l)].clone(),
+            )
+            for l in range(shape.n_layers)
+        ]
     slots = _receiver_slots(recv, shape.group_size)
     captured: dict[tuple[int, str], Tensor] = {}
-    for (rl, inp) in slots:
+    for rl, inp in slots:
         comp = Component.coerce(inp)
 
         def grab(act: Tensor, hook: Any = None, key=(rl, inp)) -> Tensor:

@@ -113,5 +113,7 @@ class HeadGrid:
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else f"partial ({int(self.done.sum())} cells)"
-        return (f"HeadGrid({self.kind} patching of {self.component}, {self.direction}, "
-                f"shape={self.shape}, metric={self.metric_name}, {state})")
+        return (
+            f"HeadGrid({self.kind} patching of {self.component}, {self.direction}, "
+            f"shape={self.shape}, metric={self.metric_name}, {state})"
+        )

@@ -48,7 +48,11 @@ class ArithmeticRecipe:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0 or self.max_minutes <= 0:
             raise ValueError(f"lr and max_minutes must be > 0, got {self.lr}, {self.max_minutes}")
-        bad = [m for m in self.target_modules if m not in TARGET_MODULES + ("gate_proj", "up_proj", "down_proj")]
+        bad = [
+            m
+            for m in self.target_modules
+            if m not in TARGET_MODULES + ("gate_proj", "up_proj", "down_proj")
+        ]
         if bad:
             raise ValueError(f"unknown target modules {bad}; choose from q/k/v/o/gate/up/down_proj")
         if any(o not in OPERATIONS for o in self.ops) or not self.ops:
@@ -87,10 +91,16 @@ def lora_model(hf_model, recipe: ArithmeticRecipe):
     from peft import LoraConfig, get_peft_model
 
     if recipe.first_layer >= hf_model.config.num_hidden_layers:
-        raise ValueError(f"first_layer must be < {hf_model.config.num_hidden_layers}, got {recipe.first_layer}")
+        raise ValueError(
+            f"first_layer must be < {hf_model.config.num_hidden_layers}, got {recipe.first_layer}"
+        )
     cfg = LoraConfig(
-        r=recipe.rank, lora_alpha=recipe.alpha, lora_dropout=0.0,
-        target_modules=list(recipe.target_modules), bias="none", task_type="CAUSAL_LM",
+        r=recipe.rank,
+        lora_alpha=recipe.alpha,
+        lora_dropout=0.0,
+        target_modules=list(recipe.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
         layers_to_transform=list(range(recipe.first_layer, hf_model.config.num_hidden_layers)),
     )
     return get_peft_model(hf_model, cfg)
@@ -185,7 +195,9 @@ def demo_folder() -> Path:
     return _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
 
 
-def save_adapter(model, out: str | Path, recipe: ArithmeticRecipe, log: TrainLog, command: str) -> None:
+def save_adapter(
+    model, out: str | Path, recipe: ArithmeticRecipe, log: TrainLog, command: str
+) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)

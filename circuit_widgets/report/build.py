@@ -36,8 +36,16 @@ QUICK_SIZES: dict[str, dict[str, Any]] = {
     "finetune": {"n": 8},
 }
 
-PACKAGES = ("circuit-widgets", "torch", "transformer-lens", "transformers", "peft", "numpy",
-            "matplotlib", "tqdm")
+PACKAGES = (
+    "circuit-widgets",
+    "torch",
+    "transformer-lens",
+    "transformers",
+    "peft",
+    "numpy",
+    "matplotlib",
+    "tqdm",
+)
 
 
 @dataclass
@@ -58,10 +66,18 @@ class StudyRun:
     figure_errors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {"title": self.title, "status": self.status, "seconds": self.seconds,
-                "params": _jsonable(self.params), "result": self.data, "summary": self.summary,
-                "error": self.error, "traceback": self.traceback,
-                "figures": dict(self.figures), "figure_errors": list(self.figure_errors)}
+        return {
+            "title": self.title,
+            "status": self.status,
+            "seconds": self.seconds,
+            "params": _jsonable(self.params),
+            "result": self.data,
+            "summary": self.summary,
+            "error": self.error,
+            "traceback": self.traceback,
+            "figures": dict(self.figures),
+            "figure_errors": list(self.figure_errors),
+        }
 
 
 @dataclass
@@ -129,8 +145,12 @@ def _shape(model: Any) -> dict[str, Any]:
         s = model_shape(model)
     except Exception as e:  # noqa: BLE001 - the page shows whatever could be read
         return {"error": str(e)}
-    return {"n_layers": s.n_layers, "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads,
-            "d_head": s.d_head}
+    return {
+        "n_layers": s.n_layers,
+        "n_heads": s.n_heads,
+        "n_kv_heads": s.n_kv_heads,
+        "d_head": s.d_head,
+    }
 
 
 def _accepted(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -171,9 +191,14 @@ def _run_ioi(ctx: dict, params: dict, on_progress, should_stop) -> Any:
     kw = dict(params)
     reuse = ctx.get("results", {}).get("reuse")
     # The reuse study ran the same pipeline on the same IOI prompts: use it rather than rerun it.
-    if (reuse is not None and getattr(reuse, "complete", False) and "task" not in kw
-            and reuse.n == kw.get("n", 24) and reuse.seed == kw.get("seed", 0)
-            and reuse.top_frac == kw.get("top_frac", 0.02)):
+    if (
+        reuse is not None
+        and getattr(reuse, "complete", False)
+        and "task" not in kw
+        and reuse.n == kw.get("n", 24)
+        and reuse.seed == kw.get("seed", 0)
+        and reuse.top_frac == kw.get("top_frac", 0.02)
+    ):
         kw["pipeline"] = reuse.ioi
     return ioi_study(ctx["model"], **kw, on_progress=on_progress, should_stop=should_stop)
 
@@ -187,7 +212,9 @@ def _run_reuse(ctx: dict, params: dict, on_progress, should_stop) -> Any:
 def _run_entity(ctx: dict, params: dict, on_progress, should_stop) -> Any:
     from circuit_widgets.studies.entity_tracking import entity_tracking_study
 
-    kw = _accepted(entity_tracking_study, {**params, "on_progress": on_progress, "should_stop": should_stop})
+    kw = _accepted(
+        entity_tracking_study, {**params, "on_progress": on_progress, "should_stop": should_stop}
+    )
     _record(params, kw)
     return entity_tracking_study(ctx["model"], **kw)
 
@@ -196,13 +223,19 @@ def _run_finetune(ctx: dict, params: dict, on_progress, should_stop) -> Any:
     finetuned = ctx["load_finetuned"]()
     from circuit_widgets.studies.finetuning import finetuning_study
 
-    kw = _accepted(finetuning_study, {**params, "on_progress": on_progress, "should_stop": should_stop})
+    kw = _accepted(
+        finetuning_study, {**params, "on_progress": on_progress, "should_stop": should_stop}
+    )
     _record(params, kw)
     et = ctx.get("results", {}).get("entity")
     same = ("n", 16), ("seed", 0), ("n_boxes", 7), ("top_k", 4)
     # The entity study found the base model's circuit on these very prompts: CMAP it, don't refind it.
-    if (et is not None and getattr(et, "complete", False) and "circuit" not in kw
-            and all(getattr(et, k, None) == kw.get(k, d) for k, d in same)):
+    if (
+        et is not None
+        and getattr(et, "complete", False)
+        and "circuit" not in kw
+        and all(getattr(et, k, None) == kw.get(k, d) for k, d in same)
+    ):
         kw["circuit"] = et.circuit
     return finetuning_study(ctx["model"], finetuned, **kw)
 
@@ -214,8 +247,12 @@ def _record(params: dict, kw: dict) -> None:
             del params[k]
 
 
-RUNNERS: dict[str, Callable] = {"ioi": _run_ioi, "reuse": _run_reuse, "entity": _run_entity,
-                                "finetune": _run_finetune}
+RUNNERS: dict[str, Callable] = {
+    "ioi": _run_ioi,
+    "reuse": _run_reuse,
+    "entity": _run_entity,
+    "finetune": _run_finetune,
+}
 # Reuse runs before IOI so that IOI can take its pipeline; the page keeps the order of STUDIES.
 RUN_ORDER = ("reuse", "ioi", "entity", "finetune")
 
@@ -247,7 +284,11 @@ def _save_figures(run: StudyRun, out: Path, dpi: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, fig in figs.items():
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(name)) or "figure"
-        path = folder / f"{run.key}_{safe}.png" if not safe.startswith(run.key) else folder / f"{safe}.png"
+        path = (
+            folder / f"{run.key}_{safe}.png"
+            if not safe.startswith(run.key)
+            else folder / f"{safe}.png"
+        )
         try:
             path.write_bytes(figure_bytes(fig, "png", dpi=dpi))
         except Exception as e:  # noqa: BLE001
@@ -337,7 +378,11 @@ def build_report(
         run = StudyRun(key, TITLES[key], "skipped", params=params)
         runs[key] = run
         if loaded is None:
-            run.status, run.error, run.traceback = "failed", f"model {model!r} did not load: {load_error}", load_tb
+            run.status, run.error, run.traceback = (
+                "failed",
+                f"model {model!r} did not load: {load_error}",
+                load_tb,
+            )
             continue
         if stop_all:
             run.error = "stopped before this study started"
@@ -350,7 +395,11 @@ def build_report(
         try:
             res = RUNNERS[key](ctx, params, bar, should_stop)
         except Exception as e:  # noqa: BLE001 - a failing study is reported, the others run
-            run.status, run.error, run.traceback = "failed", f"{type(e).__name__}: {e}", traceback.format_exc()
+            run.status, run.error, run.traceback = (
+                "failed",
+                f"{type(e).__name__}: {e}",
+                traceback.format_exc(),
+            )
             run.seconds = time.perf_counter() - t
             bar.close()
             continue
@@ -400,8 +449,14 @@ def build_report(
 
     index = out / "index.html"
     index.write_text(render_html(meta, ordered, out), encoding="utf-8")
-    return Report(out=out, index=index, results_json=results_json, runs=ordered, meta=meta,
-                  seconds=time.perf_counter() - t0)
+    return Report(
+        out=out,
+        index=index,
+        results_json=results_json,
+        runs=ordered,
+        meta=meta,
+        seconds=time.perf_counter() - t0,
+    )
 
 
 def _threads() -> int | None:

@@ -14,11 +14,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m circuit_widgets.report",
         description="Run the replication studies on one model and write DIR/index.html, "
-                    "DIR/results.json and DIR/figures/*.png.")
+        "DIR/results.json and DIR/figures/*.png.",
+    )
     p.add_argument("--out", required=True, help="output folder (created if missing)")
     p.add_argument("--model", default="demo", help="model for load_model (default: demo)")
-    p.add_argument("--finetuned", default="demo-arith",
-                   help="fine-tuned model for the finetune study (default: demo-arith; 'none' skips it)")
+    p.add_argument(
+        "--finetuned",
+        default="demo-arith",
+        help="fine-tuned model for the finetune study (default: demo-arith; 'none' skips it)",
+    )
     p.add_argument("--quick", action="store_true", help="the smallest sizes (for CI)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(STUDIES)}")
     p.add_argument("--seed", type=int, default=0, help="seed of every task (default 0)")
@@ -38,10 +42,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     finetuned = None if str(args.finetuned).lower() in ("", "none") else args.finetuned
     try:
-        report = build_report(args.out, model=args.model, finetuned=finetuned, quick=args.quick,
-                              only=args.only, seed=args.seed, progress=not args.no_progress,
-                              command=" ".join(["python -m circuit_widgets.report",
-                                                *(sys.argv[1:] if argv is None else argv)]))
+        report = build_report(
+            args.out,
+            model=args.model,
+            finetuned=finetuned,
+            quick=args.quick,
+            only=args.only,
+            seed=args.seed,
+            progress=not args.no_progress,
+            command=" ".join(
+                ["python -m circuit_widgets.report", *(sys.argv[1:] if argv is None else argv)]
+            ),
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -19,11 +19,11 @@ TITLES = {
 
 REFERENCES = {
     "ioi": "Wang et al. 2022, Interpretability in the Wild (GPT-2 small); Merullo et al. ICLR 2024 "
-           "(GPT-2 medium, top 2% of heads per stage)",
+    "(GPT-2 medium, top 2% of heads per stage)",
     "reuse": "Merullo, Eickhoff, Pavlick, Circuit Component Reuse Across Tasks in Transformer "
-             "Language Models, ICLR 2024 (GPT-2 medium, 24 x 16 heads)",
+    "Language Models, ICLR 2024 (GPT-2 medium, 24 x 16 heads)",
     "entity": "Prakash et al., Fine-Tuning Enhances Existing Mechanisms: A Case Study on Entity "
-              "Tracking, ICLR 2024 (LLaMA-7B)",
+    "Tracking, ICLR 2024 (LLaMA-7B)",
     "finetune": "Prakash et al., ICLR 2024: LLaMA-7B vs Goat-7B / FLoat-7B (arithmetic fine-tunes)",
 }
 
@@ -72,21 +72,46 @@ def ioi_rows(d: dict) -> list[Row]:
     classes = d.get("head_classes") or {}
     paper_ex = get(d, "paper", "examples", default={})
     rows: list[Row] = [
-        ("accuracy (argmax over the vocabulary = IO)", fmt(d.get("accuracy"), "pct"), "—", "not reported"),
+        (
+            "accuracy (argmax over the vocabulary = IO)",
+            fmt(d.get("accuracy"), "pct"),
+            "—",
+            "not reported",
+        ),
         ("IO beats S", fmt(d.get("candidate_accuracy"), "pct"), "—", "not reported"),
-        ("logit diff logit(IO) - logit(S)", fmt(d.get("logit_diff")), "3.56", "GPT-2 small (Wang et al.)"),
+        (
+            "logit diff logit(IO) - logit(S)",
+            fmt(d.get("logit_diff")),
+            "3.56",
+            "GPT-2 small (Wang et al.)",
+        ),
         ("logit diff on corrupt (ABC) prompts", fmt(d.get("corrupt_logit_diff")), "—", ""),
-        ("circuit heads (unique; 4 stages, top 2% each)", fmt(d.get("n_circuit_heads"), "int"), "32",
-         "GPT-2 medium, same procedure (Merullo et al.)"),
+        (
+            "circuit heads (unique; 4 stages, top 2% each)",
+            fmt(d.get("n_circuit_heads"), "int"),
+            "32",
+            "GPT-2 medium, same procedure (Merullo et al.)",
+        ),
         ("circuit heads, by hand", "—", "26 in 7 classes", "GPT-2 small (Wang et al.)"),
     ]
-    labels = {"name_mover": "name movers", "negative_mover": "negative name movers",
-              "s_inhibition": "S-inhibition heads", "induction": "induction heads",
-              "duplicate_token": "duplicate-token heads", "previous_token": "previous-token heads"}
+    labels = {
+        "name_mover": "name movers",
+        "negative_mover": "negative name movers",
+        "s_inhibition": "S-inhibition heads",
+        "induction": "induction heads",
+        "duplicate_token": "duplicate-token heads",
+        "previous_token": "previous-token heads",
+    }
     for key, label in labels.items():
         hs = classes.get(key) or []
-        rows.append((label, f"{len(hs)}: {', '.join(hs)}" if hs else "0",
-                     ", ".join(paper_ex.get(key, [])) or "—", "GPT-2 small (Wang et al.), e.g."))
+        rows.append(
+            (
+                label,
+                f"{len(hs)}: {', '.join(hs)}" if hs else "0",
+                ", ".join(paper_ex.get(key, [])) or "—",
+                "GPT-2 small (Wang et al.), e.g.",
+            )
+        )
     return rows
 
 
@@ -95,26 +120,59 @@ def reuse_rows(d: dict) -> list[Row]:
     rows: list[Row] = [
         ("IOI circuit heads", fmt(o.get("n_a"), "int"), "32", "GPT-2 medium"),
         ("Colored Objects circuit heads", fmt(o.get("n_b"), "int"), "—", ""),
-        ("IOI heads reused by Colored Objects", fmt(o.get("n_shared"), "int"), "25", "GPT-2 medium"),
+        (
+            "IOI heads reused by Colored Objects",
+            fmt(o.get("n_shared"), "int"),
+            "25",
+            "GPT-2 medium",
+        ),
         ("share of the IOI circuit reused", fmt(o.get("frac_a"), "pct"), "78%", "GPT-2 medium"),
         ("Colored Objects accuracy", fmt(d.get("accuracy_before"), "pct"), "49.6%", "GPT-2 medium"),
-        ("... with the attention intervention", fmt(d.get("accuracy_after"), "pct"), "93.7%",
-         "GPT-2 medium (S-inhibition heads + 19.1)"),
-        ("Colored Objects accuracy among the 3 colours (before -> after)",
-         (f"{fmt(d.get('candidate_accuracy_before'), 'pct')} -> "
-          f"{fmt(d.get('candidate_accuracy_after'), 'pct')}"), "—", ""),
-        ("heads intervened on", fmt(d.get("intervention_heads")), "3 S-inhibition + 19.1", "GPT-2 medium"),
-        ("movers' attention to the wrong colours (before -> after)",
-         (f"{fmt(d.get('mover_attention_to_wrong_before_mean'))} -> "
-          f"{fmt(d.get('mover_attention_to_wrong_after_mean'))}"), "decreases", "GPT-2 medium"),
+        (
+            "... with the attention intervention",
+            fmt(d.get("accuracy_after"), "pct"),
+            "93.7%",
+            "GPT-2 medium (S-inhibition heads + 19.1)",
+        ),
+        (
+            "Colored Objects accuracy among the 3 colours (before -> after)",
+            (
+                f"{fmt(d.get('candidate_accuracy_before'), 'pct')} -> "
+                f"{fmt(d.get('candidate_accuracy_after'), 'pct')}"
+            ),
+            "—",
+            "",
+        ),
+        (
+            "heads intervened on",
+            fmt(d.get("intervention_heads")),
+            "3 S-inhibition + 19.1",
+            "GPT-2 medium",
+        ),
+        (
+            "movers' attention to the wrong colours (before -> after)",
+            (
+                f"{fmt(d.get('mover_attention_to_wrong_before_mean'))} -> "
+                f"{fmt(d.get('mover_attention_to_wrong_after_mean'))}"
+            ),
+            "decreases",
+            "GPT-2 medium",
+        ),
     ]
     for key, label in (("ioi_faithfulness", "IOI"), ("colored_faithfulness", "Colored Objects")):
         f = d.get(key)
         if f:
-            rows.append((f"{label} circuit faithfulness ({f.get('metric_name', 'metric')})",
-                         (f"{fmt(f.get('circuit_metric'))} / {fmt(f.get('full_metric'))} = "
-                          f"{fmt(f.get('ratio'))} (random circuits {fmt(f.get('random_metric_mean'))})"),
-                         "—", ""))
+            rows.append(
+                (
+                    f"{label} circuit faithfulness ({f.get('metric_name', 'metric')})",
+                    (
+                        f"{fmt(f.get('circuit_metric'))} / {fmt(f.get('full_metric'))} = "
+                        f"{fmt(f.get('ratio'))} (random circuits {fmt(f.get('random_metric_mean'))})"
+                    ),
+                    "—",
+                    "",
+                )
+            )
     return rows
 
 
@@ -125,25 +183,51 @@ def entity_rows(d: dict) -> list[Row]:
         ("accuracy (argmax over the vocabulary)", fmt(d.get("accuracy"), "pct"), "66%", "LLaMA-7B"),
         ("accuracy among the in-context objects", fmt(d.get("candidate_accuracy"), "pct"), "—", ""),
         ("chance among the boxes", fmt(d.get("chance"), "pct"), "14%", "7 boxes"),
-        ("faithfulness, accuracy: circuit / full model",
-         (f"{fmt(f.get('circuit_accuracy'), 'pct')} / {fmt(f.get('full_accuracy'), 'pct')} = "
-         f"{fmt(f.get('accuracy_ratio'))}"), "66% / 66% = 1.00", "LLaMA-7B (mean ablation)"),
-        (f"faithfulness, {f.get('metric_name', 'metric')}: circuit / full model",
-         f"{fmt(f.get('circuit_metric'))} / {fmt(f.get('full_metric'))} = {fmt(f.get('ratio'))}", "—", ""),
-        ("random circuits of the same size, accuracy", fmt(f.get("random_accuracy_mean"), "pct"), "~0%",
-         "LLaMA-7B"),
+        (
+            "faithfulness, accuracy: circuit / full model",
+            (
+                f"{fmt(f.get('circuit_accuracy'), 'pct')} / {fmt(f.get('full_accuracy'), 'pct')} = "
+                f"{fmt(f.get('accuracy_ratio'))}"
+            ),
+            "66% / 66% = 1.00",
+            "LLaMA-7B (mean ablation)",
+        ),
+        (
+            f"faithfulness, {f.get('metric_name', 'metric')}: circuit / full model",
+            f"{fmt(f.get('circuit_metric'))} / {fmt(f.get('full_metric'))} = {fmt(f.get('ratio'))}",
+            "—",
+            "",
+        ),
+        (
+            "random circuits of the same size, accuracy",
+            fmt(f.get("random_accuracy_mean"), "pct"),
+            "~0%",
+            "LLaMA-7B",
+        ),
     ]
     paper_sizes = {"A": "40", "B": "7", "C": "20", "D": "5"}
     for g in "ABCD":
-        rows.append((f"group {g} heads", fmt(sizes.get(g), "int"), paper_sizes[g],
-                     "LLaMA-7B (top-k, then pruned)"))
+        rows.append(
+            (
+                f"group {g} heads",
+                fmt(sizes.get(g), "int"),
+                paper_sizes[g],
+                "LLaMA-7B (top-k, then pruned)",
+            )
+        )
     for g, per in (d.get("dcm") or {}).items():
         for kind, r in (per or {}).items():
-            rows.append((f"DCM group {g}, {kind}: heads selected (test accuracy)",
-                         (f"{fmt(r.get('n_selected'), 'int')}/{len(r.get('heads') or [])} "
-                         f"({fmt(r.get('test_accuracy'), 'pct')})"),
-                         "carries it" if kind.startswith("pos") else "does not",
-                         "LLaMA-7B: groups carry the box's position, not object or label"))
+            rows.append(
+                (
+                    f"DCM group {g}, {kind}: heads selected (test accuracy)",
+                    (
+                        f"{fmt(r.get('n_selected'), 'int')}/{len(r.get('heads') or [])} "
+                        f"({fmt(r.get('test_accuracy'), 'pct')})"
+                    ),
+                    "carries it" if kind.startswith("pos") else "does not",
+                    "LLaMA-7B: groups carry the box's position, not object or label",
+                )
+            )
     return rows
 
 
@@ -152,21 +236,34 @@ def finetune_rows(d: dict) -> list[Row]:
     et = d.get("entity_tracking_accuracy") or {}
     cm = d.get("cmap") or {}
     rows: list[Row] = [
-        ("arithmetic accuracy, base -> fine-tuned",
-         f"{fmt(ar.get('base'), 'pct')} -> {fmt(ar.get('finetuned'), 'pct')}", "—", "Goat-7B: arithmetic LoRA"),
+        (
+            "arithmetic accuracy, base -> fine-tuned",
+            f"{fmt(ar.get('base'), 'pct')} -> {fmt(ar.get('finetuned'), 'pct')}",
+            "—",
+            "Goat-7B: arithmetic LoRA",
+        ),
         ("entity-tracking accuracy, base", fmt(et.get("base"), "pct"), "66%", "LLaMA-7B"),
         ("entity-tracking accuracy, fine-tuned", fmt(et.get("finetuned"), "pct"), "82%", "Goat-7B"),
     ]
     paper = {"circuit": "82%", "A": "82%", "B": "78%", "C": "62%", "D": "65%"}
     for g in ("circuit", "A", "B", "C", "D"):
         label = "whole circuit" if g == "circuit" else f"group {g} alone"
-        rows.append((f"CMAP (fine-tuned heads into the base), {label}",
-                     fmt((cm.get(g) or {}).get("patched_accuracy"), "pct"), paper[g], "Goat -> LLaMA"))
+        rows.append(
+            (
+                f"CMAP (fine-tuned heads into the base), {label}",
+                fmt((cm.get(g) or {}).get("patched_accuracy"), "pct"),
+                paper[g],
+                "Goat -> LLaMA",
+            )
+        )
     return rows
 
 
 ROWS: dict[str, Callable[[dict], list[Row]]] = {
-    "ioi": ioi_rows, "reuse": reuse_rows, "entity": entity_rows, "finetune": finetune_rows,
+    "ioi": ioi_rows,
+    "reuse": reuse_rows,
+    "entity": entity_rows,
+    "finetune": finetune_rows,
 }
 
 
@@ -177,9 +274,22 @@ def rows_for(key: str, data: dict | None, result: Any = None) -> list[Row]:
     if callable(own):
         out = []
         for r in own():
-            r = tuple(r) if not isinstance(r, dict) else (
-                r.get("quantity", ""), r.get("measured", ""), r.get("paper", ""), r.get("note", ""))
-            out.append(tuple(fmt(x) if not isinstance(x, str) else x for x in (list(r) + ["", "", "", ""])[:4]))
+            r = (
+                tuple(r)
+                if not isinstance(r, dict)
+                else (
+                    r.get("quantity", ""),
+                    r.get("measured", ""),
+                    r.get("paper", ""),
+                    r.get("note", ""),
+                )
+            )
+            out.append(
+                tuple(
+                    fmt(x) if not isinstance(x, str) else x
+                    for x in (list(r) + ["", "", "", ""])[:4]
+                )
+            )
         return out
     if data is None or key not in ROWS:
         return []

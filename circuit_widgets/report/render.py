@@ -39,8 +39,13 @@ figcaption{font-size:.85em;color:#555}.muted{color:#666;font-size:.9em}
 def _table(header: list[str] | None, rows: list[list[Any]], num_cols: tuple[int, ...] = ()) -> str:
     head = "".join(f"<th>{esc(h)}</th>" for h in header or [])
     body = "".join(
-        "<tr>" + "".join(f"<td{' class=num' if i in num_cols else ''}>{esc(c)}</td>"
-                         for i, c in enumerate(r)) + "</tr>" for r in rows)
+        "<tr>"
+        + "".join(
+            f"<td{' class=num' if i in num_cols else ''}>{esc(c)}</td>" for i, c in enumerate(r)
+        )
+        + "</tr>"
+        for r in rows
+    )
     thead = f"<thead><tr>{head}</tr></thead>" if head else ""
     return f"<table>{thead}<tbody>{body}</tbody></table>"
 
@@ -51,8 +56,10 @@ def _img(out: Path, rel: str, name: str) -> str:
         data = base64.b64encode(path.read_bytes()).decode("ascii")
     except OSError as e:
         return f"<p class=error>figure {esc(name)} missing: {esc(e)}</p>"
-    return (f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{data}'>"
-            f"<figcaption>{esc(name)} — <a href='{esc(rel)}'>{esc(rel)}</a></figcaption></figure>")
+    return (
+        f"<figure><img alt='{esc(name)}' src='data:image/png;base64,{data}'>"
+        f"<figcaption>{esc(name)} — <a href='{esc(rel)}'>{esc(rel)}</a></figcaption></figure>"
+    )
 
 
 def _examples(data: dict) -> str:
@@ -68,20 +75,35 @@ def _cell(v: Any) -> str:
 
 
 def _study(key: str, run: Any, out: Path) -> str:
-    parts = [f"<section id='{esc(key)}'><h2>{esc(run.title)}</h2>",
-             f"<p class=muted>Paper: {esc(REFERENCES.get(key, ''))}</p>",
-             (f"<p>Status: <span class='status-{esc(run.status)}'>{esc(run.status)}</span>; wall time "
-              f"{run.seconds:.1f} s; parameters: {esc(_params(run.params))}</p>")]
+    parts = [
+        f"<section id='{esc(key)}'><h2>{esc(run.title)}</h2>",
+        f"<p class=muted>Paper: {esc(REFERENCES.get(key, ''))}</p>",
+        (
+            f"<p>Status: <span class='status-{esc(run.status)}'>{esc(run.status)}</span>; wall time "
+            f"{run.seconds:.1f} s; parameters: {esc(_params(run.params))}</p>"
+        ),
+    ]
     if run.error:
-        parts.append(f"<div class=error><b>Error:</b> {esc(run.error)}"
-                     + (f"<details><summary>traceback</summary><pre>{esc(run.traceback)}</pre></details>"
-                        if run.traceback else "") + "</div>")
+        parts.append(
+            f"<div class=error><b>Error:</b> {esc(run.error)}"
+            + (
+                f"<details><summary>traceback</summary><pre>{esc(run.traceback)}</pre></details>"
+                if run.traceback
+                else ""
+            )
+            + "</div>"
+        )
     if run.data is not None or run.result is not None:
         rows = rows_for(key, run.data, run.result)
         if rows:
-            parts.append("<h3>This model vs the paper</h3>"
-                         + _table(["quantity", "measured here", "paper", "paper's model / note"],
-                                  [list(r) for r in rows], num_cols=(1, 2)))
+            parts.append(
+                "<h3>This model vs the paper</h3>"
+                + _table(
+                    ["quantity", "measured here", "paper", "paper's model / note"],
+                    [list(r) for r in rows],
+                    num_cols=(1, 2),
+                )
+            )
         if run.summary:
             parts.append(f"<h3>Summary</h3><pre>{esc(run.summary)}</pre>")
         if run.data is not None:
@@ -89,29 +111,46 @@ def _study(key: str, run: Any, out: Path) -> str:
         for name, rel in run.figures.items():
             parts.append(_img(out, rel, name))
         for e in run.figure_errors:
-            parts.append(f"<p class={'muted' if e.startswith('no figures') else 'error'}>{esc(e)}</p>")
+            parts.append(
+                f"<p class={'muted' if e.startswith('no figures') else 'error'}>{esc(e)}</p>"
+            )
         if run.data is not None:
             text = json.dumps(run.data, indent=1, allow_nan=False)
-            parts.append(f"<details><summary>All numbers of this study (as in results.json)</summary>"
-                         f"<pre>{esc(text)}</pre></details>")
+            parts.append(
+                f"<details><summary>All numbers of this study (as in results.json)</summary>"
+                f"<pre>{esc(text)}</pre></details>"
+            )
     parts.append("</section>")
     return "\n".join(parts)
 
 
 def _params(p: dict) -> str:
-    return ", ".join(f"{k}={v if isinstance(v, (int, float, str, bool)) or v is None else type(v).__name__}"
-                     for k, v in p.items()) or "defaults"
+    return (
+        ", ".join(
+            f"{k}={v if isinstance(v, (int, float, str, bool)) or v is None else type(v).__name__}"
+            for k, v in p.items()
+        )
+        or "defaults"
+    )
 
 
 def render_html(meta: dict, runs: dict, out: Path) -> str:
     """The whole page as a string."""
     shape = meta.get("model_shape") or {}
-    shape_txt = (f"{shape.get('n_layers')} layers x {shape.get('n_heads')} heads "
-                 f"({shape.get('n_kv_heads')} key/value heads)" if "n_layers" in shape else "")
+    shape_txt = (
+        f"{shape.get('n_layers')} layers x {shape.get('n_heads')} heads "
+        f"({shape.get('n_kv_heads')} key/value heads)"
+        if "n_layers" in shape
+        else ""
+    )
     overview = _table(
         ["study", "status", "wall time (s)", "sizes and seed"],
-        [[runs[k].title, runs[k].status, f"{runs[k].seconds:.1f}", _params(runs[k].params)] for k in runs],
-        num_cols=(2,))
+        [
+            [runs[k].title, runs[k].status, f"{runs[k].seconds:.1f}", _params(runs[k].params)]
+            for k in runs
+        ],
+        num_cols=(2,),
+    )
     facts = [
         ["model", f"{meta.get('model')}: {shape_txt}" if shape_txt else meta.get("model")],
         ["model load (s)", f"{meta.get('model_load_seconds') or 0:.1f}"],
@@ -126,14 +165,16 @@ def render_html(meta: dict, runs: dict, out: Path) -> str:
     ]
     if meta.get("model_error"):
         facts.insert(1, ["model error", meta["model_error"]])
-    versions = _table(["package", "version"], [[k, v] for k, v in (meta.get("versions") or {}).items()])
+    versions = _table(
+        ["package", "version"], [[k, v] for k, v in (meta.get("versions") or {}).items()]
+    )
     body = "\n".join(_study(k, r, out) for k, r in runs.items())
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(meta.get('title'))} — {esc(meta.get('model'))}</title>
+<title>{esc(meta.get("title"))} — {esc(meta.get("model"))}</title>
 <style>{CSS}</style></head><body>
-<h1>{esc(meta.get('title'))}</h1>
+<h1>{esc(meta.get("title"))}</h1>
 <p class=muted>Every number on this page was measured in this run, on the model named below; the
 papers' numbers stand beside them for comparison (the papers used other, larger models:
 GPT-2 small/medium, LLaMA-7B and its fine-tunes). Results JSON: <a href="results.json">results.json</a>.</p>

@@ -23,11 +23,17 @@ from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.tasks.desiderata import KINDS
 from circuit_widgets.types import Circuit
 
-GROUP_ROLES = {"A": "value fetchers", "B": "position transmitters", "C": "position detectors",
-               "D": "structure readers"}
-PAPER = ("Prakash et al., LLaMA-7B, 7 boxes: accuracy 0.66; circuit A 40, B 7, C 20, D 5 heads; "
-         "faithfulness 1.00 (circuit 0.66 / full 0.66); random circuits ~0.00; DCM: the groups "
-         "carry the correct box's position, not the object or the label.")
+GROUP_ROLES = {
+    "A": "value fetchers",
+    "B": "position transmitters",
+    "C": "position detectors",
+    "D": "structure readers",
+}
+PAPER = (
+    "Prakash et al., LLaMA-7B, 7 boxes: accuracy 0.66; circuit A 40, B 7, C 20, D 5 heads; "
+    "faithfulness 1.00 (circuit 0.66 / full 0.66); random circuits ~0.00; DCM: the groups "
+    "carry the correct box's position, not the object or the label."
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -70,25 +76,40 @@ class EntityTrackingResult:
         rows = []
         for g, per in self.dcm.items():
             for kind, r in per.items():
-                rows.append({"group": g, "desideratum": kind, "position": r.position,
-                             "n_heads": len(r.heads), "n_selected": r.n_selected,
-                             "selected": " ".join(str(h) for h in r.selected),
-                             "test_accuracy": r.test_accuracy,
-                             "no_patch_accuracy": r.baseline_accuracy,
-                             "all_patched_accuracy": r.full_patch_accuracy,
-                             "complete": r.complete})
+                rows.append(
+                    {
+                        "group": g,
+                        "desideratum": kind,
+                        "position": r.position,
+                        "n_heads": len(r.heads),
+                        "n_selected": r.n_selected,
+                        "selected": " ".join(str(h) for h in r.selected),
+                        "test_accuracy": r.test_accuracy,
+                        "no_patch_accuracy": r.baseline_accuracy,
+                        "all_patched_accuracy": r.full_patch_accuracy,
+                        "complete": r.complete,
+                    }
+                )
         return pd.DataFrame(rows)
 
     def to_dict(self) -> dict:
         """Plain numbers, strings and lists (JSON-ready; NaN stays a float NaN)."""
         f = self.faithfulness
         return {
-            "n": self.n, "n_boxes": self.n_boxes, "seed": self.seed, "top_k": self.top_k,
-            "dcm_examples": self.dcm_examples, "dcm_settings": dict(self.dcm_settings),
-            "seconds": self.seconds, "complete": self.complete,
-            "accuracy": self.accuracy, "candidate_accuracy": self.candidate_accuracy,
-            "answer_prob": self.answer_prob, "chance": self.chance,
-            "picked_box": list(self.picked_box), "query_box": list(self.query_box),
+            "n": self.n,
+            "n_boxes": self.n_boxes,
+            "seed": self.seed,
+            "top_k": self.top_k,
+            "dcm_examples": self.dcm_examples,
+            "dcm_settings": dict(self.dcm_settings),
+            "seconds": self.seconds,
+            "complete": self.complete,
+            "accuracy": self.accuracy,
+            "candidate_accuracy": self.candidate_accuracy,
+            "answer_prob": self.answer_prob,
+            "chance": self.chance,
+            "picked_box": list(self.picked_box),
+            "query_box": list(self.query_box),
             "circuit": self.circuit.to_dict(),
             "group_sizes": {g.name: len(g.heads) for g in self.circuit.groups},
             "faithfulness": None if f is None else f.to_dict(),
@@ -100,28 +121,39 @@ class EntityTrackingResult:
         """A few lines of text: accuracy, the circuit, faithfulness, DCM per group."""
         state = "" if self.complete else "; STOPPED EARLY"
         lines = [
-            (f"Entity tracking (n={self.n} prompts, {self.n_boxes} boxes, top {self.top_k} heads per "
-             f"group, seed {self.seed}; {self.seconds:.0f} s{state})"),
-            (f"Accuracy {_pct(self.accuracy)} (argmax over the vocabulary; chance among the boxes "
-             f"{_pct(self.chance)}), among the {self.n_boxes} objects {_pct(self.candidate_accuracy)}; "
-             f"mean p(answer) {self.answer_prob:.3f}"),
-            (f"Box of the most likely object: {_dist(self.picked_box)}; box asked about: "
-             f"{_dist(self.query_box)}"),
+            (
+                f"Entity tracking (n={self.n} prompts, {self.n_boxes} boxes, top {self.top_k} heads per "
+                f"group, seed {self.seed}; {self.seconds:.0f} s{state})"
+            ),
+            (
+                f"Accuracy {_pct(self.accuracy)} (argmax over the vocabulary; chance among the boxes "
+                f"{_pct(self.chance)}), among the {self.n_boxes} objects {_pct(self.candidate_accuracy)}; "
+                f"mean p(answer) {self.answer_prob:.3f}"
+            ),
+            (
+                f"Box of the most likely object: {_dist(self.picked_box)}; box asked about: "
+                f"{_dist(self.query_box)}"
+            ),
         ]
         for g in self.circuit.groups:
             heads = ", ".join(str(h) for h in sorted(g.heads)) or "-"
-            lines.append(f"Group {g.name} ({GROUP_ROLES.get(g.name, g.name)}) @ {g.position}: {heads}")
+            lines.append(
+                f"Group {g.name} ({GROUP_ROLES.get(g.name, g.name)}) @ {g.position}: {heads}"
+            )
         f = self.faithfulness
         if f is not None:
             lines.append(
                 f"Faithfulness (mean ablation): p(answer) {f.circuit_metric:.4f} / {f.full_metric:.4f} = "
                 f"{f.ratio:.2f}; accuracy {_pct(f.circuit_accuracy)} / {_pct(f.full_accuracy)}; random "
                 f"circuits p {f.random_metric_mean:.4f} ± {f.random_metric_std:.4f}, accuracy "
-                f"{_pct(f.random_accuracy_mean)}; means per {f.means}")
+                f"{_pct(f.random_accuracy_mean)}; means per {f.means}"
+            )
         for g, per in self.dcm.items():
-            parts = [f"{k} {r.n_selected}/{len(r.heads)} (test {_pct(r.test_accuracy)}, no patch "
-                     f"{_pct(r.baseline_accuracy)}, all patched {_pct(r.full_patch_accuracy)})"
-                     for k, r in per.items()]
+            parts = [
+                f"{k} {r.n_selected}/{len(r.heads)} (test {_pct(r.test_accuracy)}, no patch "
+                f"{_pct(r.baseline_accuracy)}, all patched {_pct(r.full_patch_accuracy)})"
+                for k, r in per.items()
+            ]
             lines.append(f"DCM group {g}: " + "; ".join(parts))
         lines.append(PAPER)
         lines += [f"note: {x}" for x in self.notes]
@@ -136,25 +168,43 @@ class EntityTrackingResult:
         for g in self.circuit.groups:
             if g.name in self.pipeline.grids:
                 figs[f"grid_{g.name}"] = plots.plot_head_grid(
-                    self.pipeline.grids[g.name], selected=g.heads,
+                    self.pipeline.grids[g.name],
+                    selected=g.heads,
                     title=f"group {g.name} ({GROUP_ROLES.get(g.name, g.name)}) @ {g.position}: "
-                          f"path patching, p(answer) change")
-        bars = {"full model": {"accuracy": self.accuracy, "among the objects": self.candidate_accuracy,
-                               "chance": self.chance}}
+                    f"path patching, p(answer) change",
+                )
+        bars = {
+            "full model": {
+                "accuracy": self.accuracy,
+                "among the objects": self.candidate_accuracy,
+                "chance": self.chance,
+            }
+        }
         f = self.faithfulness
         if f is not None:
             bars["circuit only"] = {"accuracy": f.circuit_accuracy}
             bars["random circuits"] = {"accuracy": f.random_accuracy_mean}
         figs["accuracy"] = plots.plot_bars(bars, title="Entity tracking accuracy")
         figs["picked_box"] = plots.plot_bars(
-            {f"box {i + 1}": {"asked": q, "picked": p}
-             for i, (q, p) in enumerate(zip(self.query_box, self.picked_box))},
-            title="Which box's object the model ranks first", ylabel="share of prompts")
+            {
+                f"box {i + 1}": {"asked": q, "picked": p}
+                for i, (q, p) in enumerate(zip(self.query_box, self.picked_box))
+            },
+            title="Which box's object the model ranks first",
+            ylabel="share of prompts",
+        )
         if self.dcm:
             figs["dcm"] = plots.plot_bars(
-                {g: {k: (r.n_selected / len(r.heads) if r.heads else math.nan) for k, r in per.items()}
-                 for g, per in self.dcm.items()},
-                title="DCM: share of each group's heads selected", ylabel="share of heads")
+                {
+                    g: {
+                        k: (r.n_selected / len(r.heads) if r.heads else math.nan)
+                        for k, r in per.items()
+                    }
+                    for g, per in self.dcm.items()
+                },
+                title="DCM: share of each group's heads selected",
+                ylabel="share of heads",
+            )
         return figs
 
     def __repr__(self) -> str:
@@ -162,11 +212,19 @@ class EntityTrackingResult:
 
 
 def _mask_dict(r: MaskResult) -> dict:
-    return {"position": r.position, "heads": [str(h) for h in r.heads],
-            "selected": [str(h) for h in r.selected], "n_selected": r.n_selected,
-            "train_accuracy": r.train_accuracy, "val_accuracy": r.val_accuracy,
-            "test_accuracy": r.test_accuracy, "no_patch_accuracy": r.baseline_accuracy,
-            "all_patched_accuracy": r.full_patch_accuracy, "lam": r.lam, "complete": r.complete}
+    return {
+        "position": r.position,
+        "heads": [str(h) for h in r.heads],
+        "selected": [str(h) for h in r.selected],
+        "n_selected": r.n_selected,
+        "train_accuracy": r.train_accuracy,
+        "val_accuracy": r.val_accuracy,
+        "test_accuracy": r.test_accuracy,
+        "no_patch_accuracy": r.baseline_accuracy,
+        "all_patched_accuracy": r.full_patch_accuracy,
+        "lam": r.lam,
+        "complete": r.complete,
+    }
 
 
 def _pct(x: float | None) -> str:
@@ -193,7 +251,7 @@ def box_scores(model: Any, task: Any) -> tuple[torch.Tensor, torch.Tensor, torch
     objects = torch.cat([wrong, wrong[:, :1]], 1)
     for i in range(len(task)):
         j = int(q[i])
-        objects[i] = torch.cat([wrong[i, :j], task.answers[i:i + 1].cpu(), wrong[i, j:]])
+        objects[i] = torch.cat([wrong[i, :j], task.answers[i : i + 1].cpu(), wrong[i, j:]])
     return logits, objects, q
 
 
@@ -241,7 +299,9 @@ def entity_tracking_study(
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < -1:
         raise ValueError(f"n_random must be an int >= -1 (-1 skips faithfulness), got {n_random!r}")
     if 0 < dcm_examples < 3:
-        raise ValueError(f"dcm_examples must be 0 (no DCM) or >= 3 (train/val/test), got {dcm_examples}")
+        raise ValueError(
+            f"dcm_examples must be 0 (no DCM) or >= 3 (train/val/test), got {dcm_examples}"
+        )
     kinds = [desiderata] if isinstance(desiderata, str) else list(desiderata)
     bad = [k for k in kinds if k not in KINDS]
     if bad:
@@ -265,29 +325,50 @@ def entity_tracking_study(
         def cb(done: int, tot: int) -> None:
             if on_progress is not None:
                 on_progress(lo + ((hi - lo) * done) // max(tot, 1), total)
+
         return cb
 
     pipe_end = 700 if n_dcm else 950
-    pipe = circuit_pipeline(model, task, top_k=top_k, on_progress=part(0, pipe_end),
-                            should_stop=should_stop, rank_by="relative")
+    pipe = circuit_pipeline(
+        model,
+        task,
+        top_k=top_k,
+        on_progress=part(0, pipe_end),
+        should_stop=should_stop,
+        rank_by="relative",
+    )
     complete = pipe.complete
-    notes.append("pipeline: heads ranked by |mean over examples of (p_patched - p_clean) / "
-                 "p_clean| (Prakash et al.'s score), not by the normalized effect")
+    notes.append(
+        "pipeline: heads ranked by |mean over examples of (p_patched - p_clean) / "
+        "p_clean| (Prakash et al.'s score), not by the normalized effect"
+    )
     notes += [f"pipeline: {x}" for x in pipe.notes]
     stopped = lambda: should_stop is not None and should_stop()
 
     faith = None
     if complete and n_random >= 0 and not stopped():
         ref = tasks.entity_tracking(model, n=n, seed=seed + 1, n_boxes=n_boxes)
-        faith = faithfulness(model, task, pipe.circuit, n_random=n_random, seed=seed,
-                             reference_task=ref, reference="clean")
+        faith = faithfulness(
+            model,
+            task,
+            pipe.circuit,
+            n_random=n_random,
+            seed=seed,
+            reference_task=ref,
+            reference="clean",
+        )
         notes += [f"faithfulness: {x}" for x in faith.notes]
     if on_progress is not None and complete:
         on_progress(pipe_end + (0 if n_dcm else 50), total)
 
     masks: dict[str, dict[str, MaskResult]] = {}
-    settings = {"epochs": dcm_epochs, "batch_size": dcm_batch_size, "lam": dcm_lam, "lr": dcm_lr,
-                "split": [0.6, 0.2, 0.2]}
+    settings = {
+        "epochs": dcm_epochs,
+        "batch_size": dcm_batch_size,
+        "lam": dcm_lam,
+        "lr": dcm_lr,
+        "split": [0.6, 0.2, 0.2],
+    }
     if complete and n_dcm and not stopped():
         des = tasks.desiderata(model, n=dcm_examples, seed=seed, n_boxes=n_boxes)
         groups = [g for g in pipe.circuit.groups if g.heads]
@@ -301,9 +382,19 @@ def entity_tracking_study(
                 complete = False
                 break
             lo = pipe_end + round(i * step)
-            r = dcm(model, des[kind], heads=sorted(g.heads), position=g.position, lam=dcm_lam,
-                    lr=dcm_lr, epochs=dcm_epochs, batch_size=dcm_batch_size, seed=seed,
-                    on_progress=part(lo, pipe_end + round((i + 1) * step)), should_stop=should_stop)
+            r = dcm(
+                model,
+                des[kind],
+                heads=sorted(g.heads),
+                position=g.position,
+                lam=dcm_lam,
+                lr=dcm_lr,
+                epochs=dcm_epochs,
+                batch_size=dcm_batch_size,
+                seed=seed,
+                on_progress=part(lo, pipe_end + round((i + 1) * step)),
+                should_stop=should_stop,
+            )
             masks.setdefault(g.name, {})[kind] = r
             if not r.complete:
                 complete = False
@@ -313,11 +404,28 @@ def entity_tracking_study(
     if complete and on_progress is not None:
         on_progress(total, total)
     if acc < 1.0 / n_boxes:
-        notes.append(f"accuracy {acc:.1%} is below chance among the boxes ({1 / n_boxes:.1%}): the "
-                     f"model does not track entities here, so the circuit and DCM describe what it "
-                     f"does instead")
+        notes.append(
+            f"accuracy {acc:.1%} is below chance among the boxes ({1 / n_boxes:.1%}): the "
+            f"model does not track entities here, so the circuit and DCM describe what it "
+            f"does instead"
+        )
     return EntityTrackingResult(
-        accuracy=acc, candidate_accuracy=cand, answer_prob=prob, chance=1.0 / n_boxes,
-        picked_box=picked_box, query_box=query_box, pipeline=pipe, faithfulness=faith, dcm=masks,
-        n=n, n_boxes=n_boxes, seed=seed, top_k=top_k, dcm_examples=dcm_examples,
-        dcm_settings=settings, seconds=time.perf_counter() - t0, complete=complete, notes=notes)
+        accuracy=acc,
+        candidate_accuracy=cand,
+        answer_prob=prob,
+        chance=1.0 / n_boxes,
+        picked_box=picked_box,
+        query_box=query_box,
+        pipeline=pipe,
+        faithfulness=faith,
+        dcm=masks,
+        n=n,
+        n_boxes=n_boxes,
+        seed=seed,
+        top_k=top_k,
+        dcm_examples=dcm_examples,
+        dcm_settings=settings,
+        seconds=time.perf_counter() - t0,
+        complete=complete,
+        notes=notes,
+    )

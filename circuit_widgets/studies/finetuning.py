@@ -18,9 +18,11 @@ from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.types import Circuit
 
-PAPER = ("Prakash et al., LLaMA-7B base / Goat-7B (arithmetic LoRA), 7 boxes: entity tracking "
-         "0.66 -> 0.82; CMAP of Goat's heads into LLaMA: whole circuit 0.82, A 0.82, B 0.78, "
-         "C 0.62, D 0.65 (FLoat: 0.82 / 0.82 / 0.74 / 0.56 / 0.65).")
+PAPER = (
+    "Prakash et al., LLaMA-7B base / Goat-7B (arithmetic LoRA), 7 boxes: entity tracking "
+    "0.66 -> 0.82; CMAP of Goat's heads into LLaMA: whole circuit 0.82, A 0.82, B 0.78, "
+    "C 0.62, D 0.65 (FLoat: 0.82 / 0.82 / 0.74 / 0.56 / 0.65)."
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,16 +62,35 @@ class FinetuningResult:
         """Plain numbers, strings and lists (JSON-ready; NaN stays a float NaN)."""
         cm = None
         if self.cmap is not None:
-            cm = {g: {**self.cmap.group(g), "heads": [str(h) for h in self.cmap.heads[g]],
-                      "position": self.cmap.positions.get(g)} for g in self.cmap.groups}
+            cm = {
+                g: {
+                    **self.cmap.group(g),
+                    "heads": [str(h) for h in self.cmap.heads[g]],
+                    "position": self.cmap.positions.get(g),
+                }
+                for g in self.cmap.groups
+            }
         top = None
         if self.grid is not None:
             top = [{"head": str(h), "value": v} for h, v in self.grid.top(10)]
         return {
-            "n": self.n, "arithmetic_n": self.arithmetic_n, "n_boxes": self.n_boxes, "seed": self.seed, "top_k": self.top_k,
-            "grid_position": self.grid_position, "grid_n": self.grid_n, "seconds": self.seconds, "complete": self.complete,
-            "arithmetic_accuracy": {"base": self.arithmetic_base, "finetuned": self.arithmetic_finetuned},
-            "entity_tracking_accuracy": {"base": self.entity_base, "finetuned": self.entity_finetuned},
+            "n": self.n,
+            "arithmetic_n": self.arithmetic_n,
+            "n_boxes": self.n_boxes,
+            "seed": self.seed,
+            "top_k": self.top_k,
+            "grid_position": self.grid_position,
+            "grid_n": self.grid_n,
+            "seconds": self.seconds,
+            "complete": self.complete,
+            "arithmetic_accuracy": {
+                "base": self.arithmetic_base,
+                "finetuned": self.arithmetic_finetuned,
+            },
+            "entity_tracking_accuracy": {
+                "base": self.entity_base,
+                "finetuned": self.entity_finetuned,
+            },
             "circuit": self.circuit.to_dict(),
             "cmap": cm,
             "cmap_grid_top": top,
@@ -80,12 +101,18 @@ class FinetuningResult:
         """A few lines of text: both accuracies, the circuit, CMAP per group and per head."""
         state = "" if self.complete else "; STOPPED EARLY"
         lines = [
-            (f"Fine-tuning study (n={self.n} prompts per task, {self.n_boxes} boxes, top {self.top_k} "
-             f"heads per group, seed {self.seed}; {self.seconds:.0f} s{state})"),
-            (f"Arithmetic accuracy (first answer digit, n={self.arithmetic_n}): base {_pct(self.arithmetic_base)}, fine-tuned "
-             f"{_pct(self.arithmetic_finetuned)}"),
-            (f"Entity-tracking accuracy: base {_pct(self.entity_base)}, fine-tuned "
-             f"{_pct(self.entity_finetuned)} (chance among the boxes {_pct(1 / self.n_boxes)})"),
+            (
+                f"Fine-tuning study (n={self.n} prompts per task, {self.n_boxes} boxes, top {self.top_k} "
+                f"heads per group, seed {self.seed}; {self.seconds:.0f} s{state})"
+            ),
+            (
+                f"Arithmetic accuracy (first answer digit, n={self.arithmetic_n}): base {_pct(self.arithmetic_base)}, fine-tuned "
+                f"{_pct(self.arithmetic_finetuned)}"
+            ),
+            (
+                f"Entity-tracking accuracy: base {_pct(self.entity_base)}, fine-tuned "
+                f"{_pct(self.entity_finetuned)} (chance among the boxes {_pct(1 / self.n_boxes)})"
+            ),
             f"Base circuit: {_groups(self.circuit)}",
         ]
         if self.cmap is not None:
@@ -94,12 +121,16 @@ class FinetuningResult:
                 d = self.cmap.group(g)
                 parts.append(f"{g} {_pct(d['patched_accuracy'])} (p {d['patched_metric']:.4f})")
             d0 = self.cmap.group(self.cmap.groups[0])
-            lines.append(f"CMAP, fine-tuned heads into the base: accuracy base {_pct(d0['base_accuracy'])}, "
-                         f"fine-tuned {_pct(d0['finetuned_accuracy'])}; patched " + ", ".join(parts))
+            lines.append(
+                f"CMAP, fine-tuned heads into the base: accuracy base {_pct(d0['base_accuracy'])}, "
+                f"fine-tuned {_pct(d0['finetuned_accuracy'])}; patched " + ", ".join(parts)
+            )
         if self.grid is not None:
             top = ", ".join(f"{h} {v:+.4f}" for h, v in self.grid.top(5))
-            lines.append(f"CMAP per head at {self.grid_position} (p(answer) change, n={self.grid_n}), "
-                         f"largest: {top}")
+            lines.append(
+                f"CMAP per head at {self.grid_position} (p(answer) change, n={self.grid_n}), "
+                f"largest: {top}"
+            )
         lines.append(PAPER)
         lines += [f"note: {x}" for x in self.notes]
         return "\n".join(lines)
@@ -110,21 +141,35 @@ class FinetuningResult:
 
         figs: dict[str, Any] = {
             "accuracy": plots.plot_bars(
-                {"arithmetic": {"base": self.arithmetic_base, "fine-tuned": self.arithmetic_finetuned},
-                 "entity tracking": {"base": self.entity_base, "fine-tuned": self.entity_finetuned}},
-                title="Accuracy, base vs fine-tuned"),
+                {
+                    "arithmetic": {
+                        "base": self.arithmetic_base,
+                        "fine-tuned": self.arithmetic_finetuned,
+                    },
+                    "entity tracking": {
+                        "base": self.entity_base,
+                        "fine-tuned": self.entity_finetuned,
+                    },
+                },
+                title="Accuracy, base vs fine-tuned",
+            ),
         }
         if self.cmap is not None:
             bars = {}
             for g in self.cmap.groups:
                 d = self.cmap.group(g)
-                bars[g] = {"base": d["base_accuracy"], "fine-tuned": d["finetuned_accuracy"],
-                           "patched": d["patched_accuracy"]}
+                bars[g] = {
+                    "base": d["base_accuracy"],
+                    "fine-tuned": d["finetuned_accuracy"],
+                    "patched": d["patched_accuracy"],
+                }
             figs["cmap"] = plots.plot_bars(bars, title="CMAP: entity-tracking accuracy per group")
         if self.grid is not None:
             figs["cmap_grid"] = plots.plot_head_grid(
-                self.grid, selected=self.circuit,
-                title=f"CMAP per head at {self.grid_position}: p(answer) change (circuit outlined)")
+                self.grid,
+                selected=self.circuit,
+                title=f"CMAP per head at {self.grid_position}: p(answer) change (circuit outlined)",
+            )
         return figs
 
     def __repr__(self) -> str:
@@ -136,8 +181,13 @@ def _pct(x: float | None) -> str:
 
 
 def _groups(c: Circuit) -> str:
-    return "; ".join(f"{g.name}@{g.position}: {', '.join(str(h) for h in sorted(g.heads)) or '-'}"
-                     for g in c.groups) or "(empty)"
+    return (
+        "; ".join(
+            f"{g.name}@{g.position}: {', '.join(str(h) for h in sorted(g.heads)) or '-'}"
+            for g in c.groups
+        )
+        or "(empty)"
+    )
 
 
 @torch.no_grad()
@@ -185,11 +235,13 @@ def finetuning_study(
     check_compatible(base, finetuned)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be an int >= 1, got {n!r}")
-    if arithmetic_n is not None and (isinstance(arithmetic_n, bool) or not isinstance(arithmetic_n, int)
-                                     or arithmetic_n < 1):
+    if arithmetic_n is not None and (
+        isinstance(arithmetic_n, bool) or not isinstance(arithmetic_n, int) or arithmetic_n < 1
+    ):
         raise ValueError(f"arithmetic_n must be an int >= 1 or None, got {arithmetic_n!r}")
-    if grid_n is not None and (isinstance(grid_n, bool) or not isinstance(grid_n, int)
-                               or not 1 <= grid_n <= n):
+    if grid_n is not None and (
+        isinstance(grid_n, bool) or not isinstance(grid_n, int) or not 1 <= grid_n <= n
+    ):
         raise ValueError(f"grid_n must be an int in 1..n ({n}) or None, got {grid_n!r}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
         raise ValueError(f"top_k must be an int >= 1, got {top_k!r}")
@@ -199,20 +251,28 @@ def finetuning_study(
             raise ValueError("circuit must be a Circuit (or a result holding one), or None")
     t0 = time.perf_counter()
     notes: list[str] = []
-    check_arithmetic_args(arithmetic_digits, ("+",), "test", "arithmetic")  # bad arguments always raise
+    check_arithmetic_args(
+        arithmetic_digits, ("+",), "test", "arithmetic"
+    )  # bad arguments always raise
     try:
         digit_ids(Vocab.of(base), "arithmetic")
-    except ValueError as exc:  # only a tokenizer that cannot write the task (GPT-2's) skips the step
+    except (
+        ValueError
+    ) as exc:  # only a tokenizer that cannot write the task (GPT-2's) skips the step
         arith = None
         notes.append(f"arithmetic skipped: {exc}")
     else:
         arith = tasks.arithmetic(base, n=arithmetic_n or n, seed=seed, digits=arithmetic_digits)
     et = tasks.entity_tracking(base, n=n, seed=seed, n_boxes=n_boxes)
     if grid_position != "all" and grid_position not in et.positions:
-        raise ValueError(f"grid_position must be 'all' or one of {sorted(et.positions)}, got "
-                         f"{grid_position!r}")
-    a_base, a_ft = ((_accuracy(base, arith), _accuracy(finetuned, arith)) if arith is not None
-                    else (math.nan, math.nan))
+        raise ValueError(
+            f"grid_position must be 'all' or one of {sorted(et.positions)}, got {grid_position!r}"
+        )
+    a_base, a_ft = (
+        (_accuracy(base, arith), _accuracy(finetuned, arith))
+        if arith is not None
+        else (math.nan, math.nan)
+    )
     e_base, e_ft = _accuracy(base, et), _accuracy(finetuned, et)
     total = 1000
     stopped = lambda: should_stop is not None and should_stop()
@@ -221,13 +281,20 @@ def finetuning_study(
         def cb(done: int, tot: int) -> None:
             if on_progress is not None:
                 on_progress(lo + ((hi - lo) * done) // max(tot, 1), total)
+
         return cb
 
     pipe = None
     complete = True
     if circuit is None:
-        pipe = circuit_pipeline(base, et, top_k=top_k, on_progress=part(0, 700), should_stop=should_stop,
-                                rank_by="relative")  # Prakash et al.'s (p_patched - p_clean) / p_clean
+        pipe = circuit_pipeline(
+            base,
+            et,
+            top_k=top_k,
+            on_progress=part(0, 700),
+            should_stop=should_stop,
+            rank_by="relative",
+        )  # Prakash et al.'s (p_patched - p_clean) / p_clean
         circuit = pipe.circuit
         complete = pipe.complete
         notes += [f"pipeline: {x}" for x in pipe.notes]
@@ -236,30 +303,54 @@ def finetuning_study(
     res = grid = None
     groups = Circuit(tuple(g for g in circuit.groups if g.heads), circuit.name)
     if complete and not stopped() and groups.groups:
-        res = cmap(base, finetuned, et, circuit=groups, on_progress=part(700, 750),
-                   should_stop=should_stop)
+        res = cmap(
+            base, finetuned, et, circuit=groups, on_progress=part(700, 750), should_stop=should_stop
+        )
         complete = res.complete
         notes += [f"cmap: {x}" for x in res.notes]
     elif complete and not groups.groups:
         notes.append("the circuit has no heads: CMAP per group skipped")
     if complete and not stopped():
         grid_task = et if grid_n is None else et.subset(slice(0, grid_n))
-        grid = cmap_grid(base, finetuned, grid_task, component="z", position=grid_position,
-                         on_progress=part(750, 1000), should_stop=should_stop)
+        grid = cmap_grid(
+            base,
+            finetuned,
+            grid_task,
+            component="z",
+            position=grid_position,
+            on_progress=part(750, 1000),
+            should_stop=should_stop,
+        )
         complete = grid.complete
     elif complete:
         complete = False
     if complete and on_progress is not None:
         on_progress(total, total)
     if e_base < 1.0 / n_boxes and e_ft < 1.0 / n_boxes:
-        notes.append("both models are below chance on entity tracking here, so CMAP has no gain "
-                     "to explain; read it as a check of the machinery")
+        notes.append(
+            "both models are below chance on entity tracking here, so CMAP has no gain "
+            "to explain; read it as a check of the machinery"
+        )
     return FinetuningResult(
-        arithmetic_base=a_base, arithmetic_finetuned=a_ft, entity_base=e_base, entity_finetuned=e_ft,
-        circuit=circuit, pipeline=pipe, cmap=res, grid=grid, n=n,
-        arithmetic_n=arithmetic_n or n, n_boxes=n_boxes, seed=seed,
-        top_k=top_k, grid_position=grid_position, grid_n=grid_n or n, seconds=time.perf_counter() - t0,
-        complete=complete, notes=notes)
+        arithmetic_base=a_base,
+        arithmetic_finetuned=a_ft,
+        entity_base=e_base,
+        entity_finetuned=e_ft,
+        circuit=circuit,
+        pipeline=pipe,
+        cmap=res,
+        grid=grid,
+        n=n,
+        arithmetic_n=arithmetic_n or n,
+        n_boxes=n_boxes,
+        seed=seed,
+        top_k=top_k,
+        grid_position=grid_position,
+        grid_n=grid_n or n,
+        seconds=time.perf_counter() - t0,
+        complete=complete,
+        notes=notes,
+    )
 
 
 def _shape(model: Any) -> tuple[int, int]:

@@ -254,7 +254,7 @@ def resolve_positions(
 
 def single_token_ids(
     vocab: Vocab, values: Sequence[str | Sequence[str]], label: str, what: str
-) -> Int[torch.Tensor, "batch *k"]:
+) -> Int[torch.Tensor, " batch *k"]:
     """Answer strings -> ids, [batch] for one string per example or [batch, k] for lists of k."""
     as_lists = any(not isinstance(v, str) for v in values)
     rows: list[list[int]] = []

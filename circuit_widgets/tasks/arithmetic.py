@@ -93,7 +93,9 @@ def arithmetic(
     vocab = Vocab.of(model)
     dig = digit_ids(vocab, what)
     rng = random.Random(seed)
-    out: dict[str, list] = {k: [] for k in ("clean", "corrupt", "pos", "cp", "kp", "meta", "ans", "wrong")}
+    out: dict[str, list] = {
+        k: [] for k in ("clean", "corrupt", "pos", "cp", "kp", "meta", "ans", "wrong")
+    }
     for _ in range(n):
         a, op, b = sample_problem(rng, digits, ops, split)
         first = str(solve(a, op, b))[0]
@@ -102,7 +104,9 @@ def arithmetic(
             if str(solve(ca, cop, cb))[0] != first:
                 break
         else:  # 1-digit subtraction can pin the first digit; say so instead of looping
-            raise ValueError(f"{what}: cannot find a corrupt problem for {a}{op}{b}; use more digits")
+            raise ValueError(
+                f"{what}: cannot find a corrupt problem for {a}{op}{b}; use more digits"
+            )
         rows = []
         for x, o, y in ((a, op, b), (ca, cop, cb)):
             prompt = Prompt().add(str(x), "a").add(o, "op").add(str(y), "b").add("=")
@@ -124,17 +128,35 @@ def arithmetic(
         out["wrong"].append([dig[d] for d in range(10) if d != int(first)])
         out["cp"].append(text)
         out["kp"].append(ctext)
-        out["meta"].append({"a": a, "op": op, "b": b, "answer": solve(a, op, b),
-                            "corrupt": f"{ca}{cop}{cb}", "corrupt_answer": solve(ca, cop, cb)})
+        out["meta"].append(
+            {
+                "a": a,
+                "op": op,
+                "b": b,
+                "answer": solve(a, op, b),
+                "corrupt": f"{ca}{cop}{cb}",
+                "corrupt_answer": solve(ca, cop, cb),
+            }
+        )
     return assemble_task(
-        "arithmetic", vocab, out["clean"], out["corrupt"], out["pos"],
-        torch.tensor(out["ans"], dtype=torch.long), torch.tensor(out["wrong"], dtype=torch.long),
-        metric="accuracy", clean_prompts=out["cp"], corrupt_prompts=out["kp"], meta=out["meta"],
+        "arithmetic",
+        vocab,
+        out["clean"],
+        out["corrupt"],
+        out["pos"],
+        torch.tensor(out["ans"], dtype=torch.long),
+        torch.tensor(out["wrong"], dtype=torch.long),
+        metric="accuracy",
+        clean_prompts=out["cp"],
+        corrupt_prompts=out["kp"],
+        meta=out["meta"],
     )
 
 
 @torch.no_grad()
-def greedy_answers(model: Any, task: Task, *, max_digits: int | None = None, batch_size: int = 64) -> list[str]:
+def greedy_answers(
+    model: Any, task: Task, *, max_digits: int | None = None, batch_size: int = 64
+) -> list[str]:
     """The digits each example's prompt continues with, greedily, up to the first non-digit.
 
     ``model`` is a TransformerBridge. Each example's next token is written at its own END + 1,

@@ -26,8 +26,8 @@ class Task:
     clean_tokens: Int[torch.Tensor, "batch pos"]
     corrupt_tokens: Int[torch.Tensor, "batch pos"]
     attention_mask: Int[torch.Tensor, "batch pos"]
-    answers: Int[torch.Tensor, "batch *k"]
-    wrong_answers: Int[torch.Tensor, "batch *k"]
+    answers: Int[torch.Tensor, " batch *k"]
+    wrong_answers: Int[torch.Tensor, " batch *k"]
     positions: dict[str, Int[torch.Tensor, " batch"]]
     metric_name: str = "logit_diff"
     clean_prompts: list[str] = field(default_factory=list)
@@ -90,8 +90,14 @@ class Task:
         from circuit_widgets.tasks.pairs import task_from_pairs  # pairs imports this module
 
         return task_from_pairs(
-            model, clean, corrupt, answers, wrong_answers,
-            positions=positions, metric=metric, name=name,
+            model,
+            clean,
+            corrupt,
+            answers,
+            wrong_answers,
+            positions=positions,
+            metric=metric,
+            name=name,
         )
 
     # ------------------------------------------------------------------ shape facts
@@ -123,7 +129,9 @@ class Task:
 
     # ------------------------------------------------------------------ metrics
 
-    def final_logits(self, logits: Float[torch.Tensor, "batch pos vocab"]) -> Float[torch.Tensor, "batch vocab"]:
+    def final_logits(
+        self, logits: Float[torch.Tensor, "batch pos vocab"]
+    ) -> Float[torch.Tensor, "batch vocab"]:
         """Logits at each example's END position (accepts [batch, vocab] as already final)."""
         if logits.dim() == 2:
             return logits
@@ -138,7 +146,9 @@ class Task:
     def logit_diff(self, logits: torch.Tensor) -> Float[torch.Tensor, " batch"]:
         """Answer logit minus wrong-answer logit at END (means over several of either)."""
         final = self.final_logits(logits)
-        return self._gather(final, self.answers).mean(1) - self._gather(final, self.wrong_answers).mean(1)
+        return self._gather(final, self.answers).mean(1) - self._gather(
+            final, self.wrong_answers
+        ).mean(1)
 
     def accuracy(self, logits: torch.Tensor) -> Float[torch.Tensor, " batch"]:
         """1.0 where the argmax over the whole vocabulary is an answer token."""
@@ -150,8 +160,10 @@ class Task:
     def candidate_accuracy(self, logits: torch.Tensor) -> Float[torch.Tensor, " batch"]:
         """1.0 where an answer beats every wrong answer (argmax among the candidates)."""
         final = self.final_logits(logits)
-        return (self._gather(final, self.answers).max(1).values
-                > self._gather(final, self.wrong_answers).max(1).values).float()
+        return (
+            self._gather(final, self.answers).max(1).values
+            > self._gather(final, self.wrong_answers).max(1).values
+        ).float()
 
     def prob(self, logits: torch.Tensor) -> Float[torch.Tensor, " batch"]:
         """Probability of the answer (summed over answer tokens) at END."""
@@ -164,7 +176,7 @@ class Task:
 
     # ------------------------------------------------------------------ derived tasks
 
-    def to(self, device: str | torch.device) -> "Task":
+    def to(self, device: str | torch.device) -> Task:
         """The same task with every tensor on ``device`` (generators build on the CPU)."""
         return replace(
             self,
@@ -177,15 +189,15 @@ class Task:
             position_sets={k: v.to(device) for k, v in self.position_sets.items()},
         )
 
-    def with_metric(self, metric_name: str) -> "Task":
+    def with_metric(self, metric_name: str) -> Task:
         return replace(self, metric_name=metric_name)
 
-    def subset(self, index: Sequence[int] | slice | torch.Tensor) -> "Task":
+    def subset(self, index: Sequence[int] | slice | torch.Tensor) -> Task:
         """The examples at ``index``, trimmed of padding no remaining example needs."""
         idx = torch.arange(len(self))[index] if not isinstance(index, torch.Tensor) else index
         idx = idx.reshape(-1)
         keep = int(self.attention_mask[idx].sum(-1).max()) if len(idx) else 0
-        pick = lambda xs: [xs[i] for i in idx.tolist()] if xs else []  # noqa: E731
+        pick = lambda xs: [xs[i] for i in idx.tolist()] if xs else []
         return replace(
             self,
             clean_tokens=self.clean_tokens[idx, :keep],

@@ -19,7 +19,9 @@ import traitlets
 
 logger = logging.getLogger(__name__)
 
-_BUILD_HINT = "run `bash scripts/dev setup`, or `cd js && npm ci && npm run build`, in the source checkout"
+_BUILD_HINT = (
+    "run `bash scripts/dev setup`, or `cd js && npm ci && npm run build`, in the source checkout"
+)
 
 
 class BundleMissingError(RuntimeError):
@@ -280,8 +282,10 @@ class BaseWidget(anywidget.AnyWidget):
         """Keyword arguments the constructor accepts."""
         params = inspect.signature(cls.__init__).parameters.values()
         named = {
-            p.name for p in params
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and not p.name.startswith("_")
+            p.name
+            for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and not p.name.startswith("_")
             and p.name != "self"
         }
         return sorted(named | set(cls._trait_kwargs))
@@ -325,7 +329,9 @@ class BaseWidget(anywidget.AnyWidget):
                 self.status = "running"
         with self._executor_lock:
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="circuit_widgets")
+                self._executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="circuit_widgets"
+                )
             job.future = self._executor.submit(self._run_job, job, fn, args, kwargs)
         return job
 
@@ -369,7 +375,11 @@ class BaseWidget(anywidget.AnyWidget):
                     job.partial = value
                 with self._job_lock:
                     # the last partial (a stopped sweep's return value) may not be on screen yet
-                    if self._owned_by(job) and job.partial is not None and job.partial is not job._shown:
+                    if (
+                        self._owned_by(job)
+                        and job.partial is not None
+                        and job.partial is not job._shown
+                    ):
                         self._on_partial(job.partial)
                         job._shown = job.partial
                     self._finish(job, "cancelled")

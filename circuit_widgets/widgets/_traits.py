@@ -13,7 +13,11 @@ def array_to_json(value: np.ndarray | None, widget: Any = None) -> dict | None:
     if value is None:
         return None
     arr = np.ascontiguousarray(value)
-    return {"view": memoryview(arr.reshape(-1)).cast("B"), "dtype": str(arr.dtype), "shape": list(arr.shape)}
+    return {
+        "view": memoryview(arr.reshape(-1)).cast("B"),
+        "dtype": str(arr.dtype),
+        "shape": list(arr.shape),
+    }
 
 
 def array_from_json(value: dict | None, widget: Any = None) -> np.ndarray | None:

@@ -47,13 +47,16 @@ def _heads_of(heads: Any, n_layers: int, n_heads: int) -> list[list[int]]:
     if heads is None:
         return []
     items: Iterable[Any] = heads.heads if isinstance(heads, Circuit) else heads
-    if isinstance(items, (str, Head)) or (isinstance(items, tuple) and len(items) == 2
-                                          and all(isinstance(x, int) for x in items)):
+    if isinstance(items, (str, Head)) or (
+        isinstance(items, tuple) and len(items) == 2 and all(isinstance(x, int) for x in items)
+    ):
         items = [items]
     out = sorted({Head.parse(tuple(h) if isinstance(h, list) else h) for h in items})
     for h in out:
         if h.layer >= n_layers or h.head >= n_heads:
-            raise ValueError(f"head {h} is outside the model (layers 0-{n_layers - 1}, heads 0-{n_heads - 1})")
+            raise ValueError(
+                f"head {h} is outside the model (layers 0-{n_layers - 1}, heads 0-{n_heads - 1})"
+            )
     if len(out) > MAX_HEADS:
         raise ValueError(f"{len(out)} heads selected; the attention view shows at most {MAX_HEADS}")
     return [[h.layer, h.head] for h in out]
@@ -86,8 +89,13 @@ def attention_patterns(model: Any, tokens: Any, heads: list[list[int]]) -> np.nd
             grabbed[layer] = act.detach()
             return act
 
-        hooks = [(f"blocks.{layer}.attn.hook_pattern", lambda a, hook=None, layer=layer: grab(a, hook, layer))
-                 for layer in layers]
+        hooks = [
+            (
+                f"blocks.{layer}.attn.hook_pattern",
+                lambda a, hook=None, layer=layer: grab(a, hook, layer),
+            )
+            for layer in layers
+        ]
         with torch.no_grad():
             model.run_with_hooks(toks, fwd_hooks=hooks)
     out = torch.stack([grabbed[layer][0, head] for layer, head in heads])
@@ -132,8 +140,16 @@ class AttentionWidget(BaseWidget):
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "prompt")
 
-    def __init__(self, model: Any, task: Any, heads: Any = None, example: int = 0, *,
-                 title: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        task: Any,
+        heads: Any = None,
+        example: int = 0,
+        *,
+        title: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._check_kwargs(kwargs)
         from circuit_widgets.models import model_shape
 
@@ -141,21 +157,33 @@ class AttentionWidget(BaseWidget):
         self._model, self._task, self._shape = model, task, shape
         n = len(task)
         if not isinstance(example, int) or isinstance(example, bool) or not 0 <= example < n:
-            raise ValueError(f"example must be an int in 0-{n - 1} (the task has {n} examples), got {example!r}")
+            raise ValueError(
+                f"example must be an int in 0-{n - 1} (the task has {n} examples), got {example!r}"
+            )
         pairs = _heads_of(heads, shape.n_layers, shape.n_heads)
         version, _ = circuitsvis_source()
         prompt = kwargs.pop("prompt", "clean")
         if prompt not in ("clean", "corrupt"):
             raise ValueError(f"prompt must be 'clean' or 'corrupt', got {prompt!r}")
         state = {
-            "_esm": read_bundle("attention"), "heads": pairs, "example": example, "n_examples": n,
-            "prompt": prompt, "title": "" if title is None else str(title), "circuitsvis_version": version,
+            "_esm": read_bundle("attention"),
+            "heads": pairs,
+            "example": example,
+            "n_examples": n,
+            "prompt": prompt,
+            "title": "" if title is None else str(title),
+            "circuitsvis_version": version,
         }
         # Tokens now (no model run); the patterns on the worker: another widget may hold the model.
         toks = self._prompt_tokens(example, prompt)
         n_tok = int(toks.shape[-1])
-        state.update(tokens=_token_strings(model, toks), patterns=np.zeros((0, n_tok, n_tok), np.float32),
-                     shown=[], head_labels=[], shown_example=example)
+        state.update(
+            tokens=_token_strings(model, toks),
+            patterns=np.zeros((0, n_tok, n_tok), np.float32),
+            shown=[],
+            head_labels=[],
+            shown_example=example,
+        )
         super().__init__(state, **kwargs)
         self.on_msg(self._on_front_end_msg)
         self.observe(self._recompute, names=["heads", "example", "prompt"])
@@ -172,7 +200,9 @@ class AttentionWidget(BaseWidget):
     def _valid_example(self, proposal: dict) -> int:
         value, n = proposal["value"], len(self._task)
         if not 0 <= value < n:
-            raise traitlets.TraitError(f"example must be in 0-{n - 1} (the task has {n} examples), got {value}")
+            raise traitlets.TraitError(
+                f"example must be in 0-{n - 1} (the task has {n} examples), got {value}"
+            )
         return value
 
     @property
@@ -201,8 +231,11 @@ class AttentionWidget(BaseWidget):
         with using(self._model):
             patterns = attention_patterns(self._model, toks, heads)
         return {
-            "tokens": _token_strings(self._model, toks), "patterns": patterns, "shown": heads,
-            "head_labels": [self._label(layer, head) for layer, head in heads], "shown_example": example,
+            "tokens": _token_strings(self._model, toks),
+            "patterns": patterns,
+            "shown": heads,
+            "head_labels": [self._label(layer, head) for layer, head in heads],
+            "shown_example": example,
         }
 
     def _recompute(self, change: dict | None = None) -> None:
@@ -238,8 +271,10 @@ class AttentionWidget(BaseWidget):
         return (self.patterns.tobytes(), tuple(self.tokens), tuple(self.head_labels), self.title)
 
     def __repr__(self) -> str:
-        return (f"AttentionWidget(example {self.shown_example} of {self.n_examples}, "
-                f"{len(self.tokens)} tokens, heads {', '.join(f'{l}.{h}' for l, h in self.shown) or '(none)'})")
+        return (
+            f"AttentionWidget(example {self.shown_example} of {self.n_examples}, "
+            f"{len(self.tokens)} tokens, heads {', '.join(f'{l}.{h}' for l, h in self.shown) or '(none)'})"
+        )
 
 
 def _token_strings(model: Any, tokens: Any) -> list[str]:

@@ -18,7 +18,9 @@ SERIES = ("base", "patched", "fine-tuned")
 
 def _check_grid_position(task: Any, position: Any) -> None:
     if position != "all" and (not isinstance(position, str) or position not in task.positions):
-        raise ValueError(f"grid_position must be 'all' or one of {sorted(task.positions)}, got {position!r}")
+        raise ValueError(
+            f"grid_position must be 'all' or one of {sorted(task.positions)}, got {position!r}"
+        )
 
 
 def _as_circuit(circuit: Any) -> Circuit:
@@ -63,8 +65,17 @@ class CMAPWidget(BaseWidget):
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "grid_position", "sweep_grid")
 
-    def __init__(self, base: Any, finetuned: Any, task: Any, circuit: Any = None, *,
-                 component: str = "z", title: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        base: Any,
+        finetuned: Any,
+        task: Any,
+        circuit: Any = None,
+        *,
+        component: str = "z",
+        title: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._check_kwargs(kwargs)
         from circuit_widgets.core.cmap import check_compatible
         from circuit_widgets.models import model_shape
@@ -77,12 +88,30 @@ class CMAPWidget(BaseWidget):
         grid_position = kwargs.pop("grid_position", "END")
         _check_grid_position(task, grid_position)
         nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
-        placeholder = type("Placeholder", (), {"values": nan, "complete": True, "kind": "not run yet: press Run",
-                                               "metric_name": task.metric_name})()
-        grid = HeadGridWidget(placeholder, title=title or f"CMAP: each head patched alone · {task.name}")
+        placeholder = type(
+            "Placeholder",
+            (),
+            {
+                "values": nan,
+                "complete": True,
+                "kind": "not run yet: press Run",
+                "metric_name": task.metric_name,
+            },
+        )()
+        grid = HeadGridWidget(
+            placeholder, title=title or f"CMAP: each head patched alone · {task.name}"
+        )
         grid._use_model_groups(shape.n_heads, shape.n_kv_heads)
-        super().__init__({"_esm": read_bundle("cmap"), "grid": grid, "grid_position": grid_position,
-                          "bars": np.zeros((0, 3), np.float32), "recovered": np.zeros(0, np.float32)}, **kwargs)
+        super().__init__(
+            {
+                "_esm": read_bundle("cmap"),
+                "grid": grid,
+                "grid_position": grid_position,
+                "bars": np.zeros((0, 3), np.float32),
+                "recovered": np.zeros(0, np.float32),
+            },
+            **kwargs,
+        )
         self.circuit = circuit
         # a refused Run's message goes once the groups it was about change
         self.observe(self._inputs_changed, names=["groups", "enabled", "grid_position"])
@@ -108,10 +137,19 @@ class CMAPWidget(BaseWidget):
         was_on = set(self.enabled)
         self._circuit = c
         with self.hold_sync():
-            self.groups = [{"name": g.name, "position": g.position or "all",
-                            "heads": [str(h) for h in sorted(g.heads)]} for g in c.groups]
-            self.enabled = [g.name for g in c.groups
-                            if not keep_toggles or g.name in was_on or g.name not in before]
+            self.groups = [
+                {
+                    "name": g.name,
+                    "position": g.position or "all",
+                    "heads": [str(h) for h in sorted(g.heads)],
+                }
+                for g in c.groups
+            ]
+            self.enabled = [
+                g.name
+                for g in c.groups
+                if not keep_toggles or g.name in was_on or g.name not in before
+            ]
             self.grid.circuit = c  # its heads outlined, their group names on hover
 
     @traitlets.validate("enabled")
@@ -150,9 +188,15 @@ class CMAPWidget(BaseWidget):
         share = 0.3 if sweep_grid else 1.0
         # job.stopper(hold): between two batches the models go to any widget waiting for them
         with using(self._base, self._finetuned) as hold:
-            res = cmap(self._base, self._finetuned, self._task, circuit=circuit, component=self._component,
-                       on_progress=lambda d, t: job.report(progress=share * d / max(t, 1)),
-                       should_stop=job.stopper(hold))
+            res = cmap(
+                self._base,
+                self._finetuned,
+                self._task,
+                circuit=circuit,
+                component=self._component,
+                on_progress=lambda d, t: job.report(progress=share * d / max(t, 1)),
+                should_stop=job.stopper(hold),
+            )
         out: dict = {"cmap": res}
         if not res.complete:
             return out  # stopped: shown as the cancelled job's result
@@ -161,9 +205,16 @@ class CMAPWidget(BaseWidget):
             job.check()
             with using(self._base, self._finetuned) as hold:
                 out["grid"] = cmap_grid(
-                    self._base, self._finetuned, self._task, component=self._component, position=grid_position,
-                    on_progress=lambda d, t: job.report(progress=share + (1 - share) * d / max(t, 1)),
-                    should_stop=job.stopper(hold))
+                    self._base,
+                    self._finetuned,
+                    self._task,
+                    component=self._component,
+                    position=grid_position,
+                    on_progress=lambda d, t: job.report(
+                        progress=share + (1 - share) * d / max(t, 1)
+                    ),
+                    should_stop=job.stopper(hold),
+                )
         return out
 
     def _on_partial(self, partial: dict) -> None:
@@ -209,21 +260,32 @@ class CMAPWidget(BaseWidget):
             ys = self.bars[:, j] if len(self.bars) else np.zeros(0)
             xs = np.arange(len(labels)) + (j - 1) * width
             bars = left.bar(xs, ys, width=width * 0.92, label=name, color=color)
-            left.bar_label(bars, labels=[f"{y:.2f}" if np.isfinite(y) else "" for y in ys], fontsize=7)
+            left.bar_label(
+                bars, labels=[f"{y:.2f}" if np.isfinite(y) else "" for y in ys], fontsize=7
+            )
         left.set_xticks(range(len(labels)), labels)
         left.set_ylim(0, 1.1)
         left.set_ylabel("accuracy")
         left.spines[["top", "right"]].set_visible(False)
         left.legend(fontsize=8, frameon=False, ncols=3, loc="upper left")
-        left.set_title("CMAP: accuracy per group" if labels else "CMAP (not run yet)", loc="left", fontsize=10)
+        left.set_title(
+            "CMAP: accuracy per group" if labels else "CMAP (not run yet)", loc="left", fontsize=10
+        )
         row = {layer: r for r, layer in enumerate(self.grid.layer_numbers)}
-        plot_head_grid(self.grid.values, heads=self.grid.heads, layers=self.grid.layers, ax=right,
-                       metric_name=self.grid.metric_name or "value", title=self.grid.title or None,
-                       selected=[(row[l], h) for l, h in self.grid.selected])
+        plot_head_grid(
+            self.grid.values,
+            heads=self.grid.heads,
+            layers=self.grid.layers,
+            ax=right,
+            metric_name=self.grid.metric_name or "value",
+            title=self.grid.title or None,
+            selected=[(row[l], h) for l, h in self.grid.selected],
+        )
         return fig
 
     def __repr__(self) -> str:
         rows = ", ".join(f"{n}: {b[1]:.2f}" for n, b in zip(self.bar_labels, self.bars))
-        return (f"CMAPWidget(groups {', '.join(self.enabled) or '(none)'}; patched accuracy "
-                f"{rows or '-'}; status {self.status})")
-
+        return (
+            f"CMAPWidget(groups {', '.join(self.enabled) or '(none)'}; patched accuracy "
+            f"{rows or '-'}; status {self.status})"
+        )

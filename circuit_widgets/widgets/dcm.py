@@ -18,8 +18,10 @@ from circuit_widgets.widgets.head_grid import HeadGridWidget
 
 def _check_lams(lams: Any) -> list[float]:
     items = list(lams) if isinstance(lams, (list, tuple)) else None
-    if not items or any(not isinstance(x, (int, float)) or isinstance(x, bool) or not 0 <= x < math.inf
-                        for x in items):
+    if not items or any(
+        not isinstance(x, (int, float)) or isinstance(x, bool) or not 0 <= x < math.inf
+        for x in items
+    ):
         raise ValueError(f"lams must be a non-empty list of finite numbers >= 0, got {lams!r}")
     return [float(x) for x in items]
 
@@ -29,7 +31,9 @@ def _check_position(desideratum: Any, position: Any) -> None:
     if not isinstance(position, str):
         raise ValueError(f"position must be a position name such as 'END', got {position!r}")  # noqa: TRY004 - input mistakes are ValueErrors
     if names is not None and position not in names:
-        raise ValueError(f"position {position!r} is not one of the desideratum's positions {sorted(names)}")
+        raise ValueError(
+            f"position {position!r} is not one of the desideratum's positions {sorted(names)}"
+        )
 
 
 class _MaskGrid:
@@ -80,10 +84,22 @@ class DCMWidget(BaseWidget):
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout",)
 
-    def __init__(self, model: Any, desideratum: Any, heads: Any = None, position: str = "END", *,
-                 lams: Sequence[float] | None = None, epochs: int = 2, lr: float = 0.1,
-                 batch_size: int = 32, seed: int = 0, select_result: bool = True, title: str | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        desideratum: Any,
+        heads: Any = None,
+        position: str = "END",
+        *,
+        lams: Sequence[float] | None = None,
+        epochs: int = 2,
+        lr: float = 0.1,
+        batch_size: int = 32,
+        seed: int = 0,
+        select_result: bool = True,
+        title: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._check_kwargs(kwargs)
         from circuit_widgets.core.dcm import DEFAULT_LAMS
         from circuit_widgets.models import model_shape
@@ -92,21 +108,39 @@ class DCMWidget(BaseWidget):
         self._model, self._desideratum, self._shape = model, desideratum, shape
         lam_list = _check_lams(DEFAULT_LAMS if lams is None else lams)
         _check_position(desideratum, position)
-        self._heads = None if heads is None else [Head.parse(tuple(h) if isinstance(h, list) else h)
-                                                  for h in (heads.heads if isinstance(heads, Circuit) else heads)]
+        self._heads = (
+            None
+            if heads is None
+            else [
+                Head.parse(tuple(h) if isinstance(h, list) else h)
+                for h in (heads.heads if isinstance(heads, Circuit) else heads)
+            ]
+        )
         for h in self._heads or []:
             if h.layer >= shape.n_layers or h.head >= shape.n_heads:
-                raise ValueError(f"head {h} is outside the model (layers 0-{shape.n_layers - 1}, "
-                                 f"heads 0-{shape.n_heads - 1})")
+                raise ValueError(
+                    f"head {h} is outside the model (layers 0-{shape.n_layers - 1}, "
+                    f"heads 0-{shape.n_heads - 1})"
+                )
         self._select_result = bool(select_result)
         self._train_kwargs = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
         self._results: list[Any] = []
         nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
-        grid = HeadGridWidget(_MaskGrid(nan, "1 - mask", True, "not trained yet: press Train"),
-                              title=title or f"DCM · {getattr(desideratum, 'name', 'desideratum')} @ {position}")
+        grid = HeadGridWidget(
+            _MaskGrid(nan, "1 - mask", True, "not trained yet: press Train"),
+            title=title or f"DCM · {getattr(desideratum, 'name', 'desideratum')} @ {position}",
+        )
         grid._use_model_groups(shape.n_heads, shape.n_kv_heads)
-        super().__init__({"_esm": read_bundle("dcm"), "grid": grid, "lams": [float(x) for x in lam_list],
-                          "desideratum": str(getattr(desideratum, "name", "")), "position": position}, **kwargs)
+        super().__init__(
+            {
+                "_esm": read_bundle("dcm"),
+                "grid": grid,
+                "lams": [float(x) for x in lam_list],
+                "desideratum": str(getattr(desideratum, "name", "")),
+                "position": position,
+            },
+            **kwargs,
+        )
         self.on_msg(self._on_front_end_msg)
         self.observe(self._show, names="lam_index")
 
@@ -146,7 +180,9 @@ class DCMWidget(BaseWidget):
     def _valid_index(self, proposal: dict) -> int:
         value, n = proposal["value"], max(1, len(self._results))
         if not 0 <= value < n:
-            raise traitlets.TraitError(f"lam_index must be in 0-{n - 1} ({len(self._results)} lambdas trained)")
+            raise traitlets.TraitError(
+                f"lam_index must be in 0-{n - 1} ({len(self._results)} lambdas trained)"
+            )
         return value
 
     def _show(self, change: dict | None = None) -> None:
@@ -157,20 +193,32 @@ class DCMWidget(BaseWidget):
         kind = f"DCM mask, λ = {r.lam:g}: {r.n_selected} of {len(r.heads)} heads selected"
         grid = _MaskGrid((1.0 - mask).astype(np.float32), "1 - mask", bool(r.complete), kind)
         curve = r.curve
-        checks = np.stack([curve.val_step.float().cpu().numpy(), curve.val_accuracy.float().cpu().numpy()], 1) \
-            if len(curve.val_step) else np.zeros((0, 2), np.float32)
+        checks = (
+            np.stack(
+                [curve.val_step.float().cpu().numpy(), curve.val_accuracy.float().cpu().numpy()], 1
+            )
+            if len(curve.val_step)
+            else np.zeros((0, 2), np.float32)
+        )
         num = lambda x: None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
         with self.hold_sync():
             self.grid.set_result(grid)
-            if self._select_result:  # else the grid keeps the user's (e.g. an explorer's shared) circuit
+            if (
+                self._select_result
+            ):  # else the grid keeps the user's (e.g. an explorer's shared) circuit
                 self.grid.selected = [[h.layer, h.head] for h in r.selected]
             self.loss = curve.loss.float().cpu().numpy()
             self.val_accuracy = checks
             self.summary = {
-                "lam": float(r.lam), "n_selected": int(r.n_selected), "n_heads": len(r.heads),
-                "train_accuracy": num(r.train_accuracy), "val_accuracy": num(r.val_accuracy),
-                "test_accuracy": num(r.test_accuracy), "baseline_accuracy": num(r.baseline_accuracy),
-                "full_patch_accuracy": num(r.full_patch_accuracy), "best_step": int(r.best_step),
+                "lam": float(r.lam),
+                "n_selected": int(r.n_selected),
+                "n_heads": len(r.heads),
+                "train_accuracy": num(r.train_accuracy),
+                "val_accuracy": num(r.val_accuracy),
+                "test_accuracy": num(r.test_accuracy),
+                "baseline_accuracy": num(r.baseline_accuracy),
+                "full_patch_accuracy": num(r.full_patch_accuracy),
+                "best_step": int(r.best_step),
                 "complete": bool(r.complete),
             }
 
@@ -192,10 +240,17 @@ class DCMWidget(BaseWidget):
         # One sweep: the source activations and reference accuracies are computed once; the
         # model is handed to any waiting widget between two batches (job.stopper).
         with using(self._model) as hold:
-            sweep = dcm_sweep(self._model, self._desideratum, heads=self._heads, position=position,
-                              lams=lams, should_stop=job.stopper(hold), on_result=landed,
-                              on_progress=lambda d, t: job.report(progress=d / max(t, 1)),
-                              **self._train_kwargs)
+            sweep = dcm_sweep(
+                self._model,
+                self._desideratum,
+                heads=self._heads,
+                position=position,
+                lams=lams,
+                should_stop=job.stopper(hold),
+                on_result=landed,
+                on_progress=lambda d, t: job.report(progress=d / max(t, 1)),
+                **self._train_kwargs,
+            )
         return list(sweep.results)
 
     def _on_partial(self, partial: list[Any]) -> None:
@@ -211,8 +266,10 @@ class DCMWidget(BaseWidget):
         self._on_partial(result)
         # Rest on the lambda with the best validation accuracy (ties: the sparser mask).
         if self._results:
-            best = max(range(len(self._results)),
-                       key=lambda i: (np.nan_to_num(self._results[i].val_accuracy, nan=-1.0), i))
+            best = max(
+                range(len(self._results)),
+                key=lambda i: (np.nan_to_num(self._results[i].val_accuracy, nan=-1.0), i),
+            )
             self.lam_index = best
 
     def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
@@ -233,19 +290,32 @@ class DCMWidget(BaseWidget):
         fig = Figure(figsize=(11, 4.2), dpi=100, layout="constrained")
         left, right = fig.subplots(1, 2, width_ratios=[1.3, 1], gridspec_kw={"wspace": 0.08})
         row = {layer: r for r, layer in enumerate(self.grid.layer_numbers)}
-        plot_head_grid(self.grid.values, heads=self.grid.heads, layers=self.grid.layers, metric_name="1 - mask",
-                       selected=[(row[l], h) for l, h in self.grid.selected], ax=left,
-                       title=self.grid.kind or "DCM mask")
+        plot_head_grid(
+            self.grid.values,
+            heads=self.grid.heads,
+            layers=self.grid.layers,
+            metric_name="1 - mask",
+            selected=[(row[l], h) for l, h in self.grid.selected],
+            ax=left,
+            title=self.grid.kind or "DCM mask",
+        )
         if len(self.loss):
             right.plot(np.arange(len(self.loss)), self.loss, color="#2166ac", linewidth=1.5)
         right.set_xlabel("step")
         right.set_ylabel("loss")
         right.spines[["top", "right"]].set_visible(False)
         s = self.summary
-        right.set_title(f"λ = {s['lam']:g}: test accuracy {s['test_accuracy'] if s.get('test_accuracy') is not None else float('nan'):.2f}"
-                        if s else "not trained yet", loc="left", fontsize=10)
+        right.set_title(
+            f"λ = {s['lam']:g}: test accuracy {s['test_accuracy'] if s.get('test_accuracy') is not None else float('nan'):.2f}"
+            if s
+            else "not trained yet",
+            loc="left",
+            fontsize=10,
+        )
         return fig
 
     def __repr__(self) -> str:
-        return (f"DCMWidget({self.desideratum}@{self.position}, {self.n_done}/{len(self.lams)} lambdas trained, "
-                f"shown {self.summary.get('lam', '-')}, selected {len(self.grid.selected)}, status {self.status})")
+        return (
+            f"DCMWidget({self.desideratum}@{self.position}, {self.n_done}/{len(self.lams)} lambdas trained, "
+            f"shown {self.summary.get('lam', '-')}, selected {len(self.grid.selected)}, status {self.status})"
+        )

@@ -51,9 +51,20 @@ class CircuitExplorer(BaseWidget):
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "tab")
 
-    def __init__(self, model: Any, task: Any, *, circuit: Any = None, desideratum: Any = None,
-                 dcm_heads: Any = None, dcm_position: str = "END", dcm_lams: Any = None,
-                 finetuned: Any = None, title: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        task: Any,
+        *,
+        circuit: Any = None,
+        desideratum: Any = None,
+        dcm_heads: Any = None,
+        dcm_position: str = "END",
+        dcm_lams: Any = None,
+        finetuned: Any = None,
+        title: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         self._check_kwargs(kwargs)
         pp = PathPatchingWidget(model, task, title=title)
         att = AttentionWidget(model, task, [], title="Attention of the circuit's heads")
@@ -62,8 +73,9 @@ class CircuitExplorer(BaseWidget):
         if desideratum is not None:
             from circuit_widgets.widgets.dcm import DCMWidget
 
-            state["dcm"] = DCMWidget(model, desideratum, dcm_heads, dcm_position, lams=dcm_lams,
-                                     select_result=False)  # a trained mask must not overwrite the shared circuit
+            state["dcm"] = DCMWidget(
+                model, desideratum, dcm_heads, dcm_position, lams=dcm_lams, select_result=False
+            )  # a trained mask must not overwrite the shared circuit
             names.append("DCM")
             traits.append("dcm")
         if finetuned is not None:
@@ -158,7 +170,9 @@ class CircuitExplorer(BaseWidget):
     def cancel(self) -> bool:
         """Cancel whatever any tab is running."""
         # _trait_values, not the traits: close() also runs on a half-built explorer (from __del__)
-        children = [self._trait_values.get(n) for n in ("path_patching", "attention", "dcm", "cmap")]
+        children = [
+            self._trait_values.get(n) for n in ("path_patching", "attention", "dcm", "cmap")
+        ]
         return any([w.cancel() for w in children if w is not None])  # noqa: C419 - a list: cancel every one, no short cut
 
     # ------------------------------------------------------------------ static image
@@ -174,4 +188,3 @@ class CircuitExplorer(BaseWidget):
 
     def __repr__(self) -> str:
         return f"CircuitExplorer(tabs {', '.join(self.tab_names)}; circuit {self.circuit})"
-

@@ -35,7 +35,9 @@ def _read_result(result: Any) -> dict[str, Any]:
             f"{tuple(arr.shape)}: pass one position's slice, e.g. result.values[:, p]"
         )
     if arr.ndim != 2:
-        raise ValueError(f"HeadGridWidget needs [n_layers, n_heads] values, got shape {tuple(arr.shape)}")
+        raise ValueError(
+            f"HeadGridWidget needs [n_layers, n_heads] values, got shape {tuple(arr.shape)}"
+        )
     n_layers, n_heads = arr.shape
     layers = getattr(result, "layers", None)
     layer_labels = _labels(layers, n_layers, "layer")
@@ -105,8 +107,14 @@ def _named_groups(circuit: Any, pairs: list[list[int]]) -> list[dict]:
     groups = circuit.groups
     if len(groups) == 1 and groups[0].name == "heads" and groups[0].position is None:
         return []
-    out = [{"name": g.name, "position": g.position or "all", "heads": [[h.layer, h.head] for h in sorted(g.heads)]}
-           for g in groups]
+    out = [
+        {
+            "name": g.name,
+            "position": g.position or "all",
+            "heads": [[h.layer, h.head] for h in sorted(g.heads)],
+        }
+        for g in groups
+    ]
     return _prune(out, {tuple(p) for p in pairs})
 
 
@@ -123,10 +131,16 @@ def _grouped_circuit(selected: list[list[int]], groups: list[dict]) -> Circuit:
     """The selected heads in their named groups; heads in none go to the group "heads"."""
     if not groups:
         return Circuit.from_heads([Head(layer, head) for layer, head in selected])
-    named = Circuit(tuple(
-        CircuitGroup(g["name"], frozenset(Head(*p) for p in g["heads"]),
-                     None if g.get("position") in (None, "all") else g["position"])
-        for g in groups))
+    named = Circuit(
+        tuple(
+            CircuitGroup(
+                g["name"],
+                frozenset(Head(*p) for p in g["heads"]),
+                None if g.get("position") in (None, "all") else g["position"],
+            )
+            for g in groups
+        )
+    )
     return _with_heads(named, selected)
 
 
@@ -203,12 +217,16 @@ class HeadGridWidget(BaseWidget):
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "threshold", "top_k")
 
-    def __init__(self, result: Any, *, title: str | None = None, selection: Any = None, **kwargs: Any) -> None:
+    def __init__(
+        self, result: Any, *, title: str | None = None, selection: Any = None, **kwargs: Any
+    ) -> None:
         self._check_kwargs(kwargs)  # before the (slower) reading of the result
         state = _read_result(result)
         kvg = state.pop("kv_groups")
         state["kv_groups"], state["kv_columns"] = (kvg, True) if kvg else ([], False)
-        state["selected"] = _selection_pairs(selection, state["layer_numbers"], state["values"].shape[1])
+        state["selected"] = _selection_pairs(
+            selection, state["layer_numbers"], state["values"].shape[1]
+        )
         state["groups"] = _named_groups(selection, state["selected"])
         state["title"] = "" if title is None else str(title)
         state["_esm"] = read_bundle("head_grid")
@@ -228,8 +246,13 @@ class HeadGridWidget(BaseWidget):
         if kvg:
             state["kv_groups"], state["kv_columns"] = kvg, True
         else:  # query-head columns keep a grouping their owner gave (e.g. from the model) if it fits
-            keep_groups = not self.kv_columns and sum(map(len, self.kv_groups)) == state["values"].shape[1]
-            state["kv_groups"], state["kv_columns"] = (list(self.kv_groups) if keep_groups else []), False
+            keep_groups = (
+                not self.kv_columns and sum(map(len, self.kv_groups)) == state["values"].shape[1]
+            )
+            state["kv_groups"], state["kv_columns"] = (
+                (list(self.kv_groups) if keep_groups else []),
+                False,
+            )
         rows, n_heads = set(state["layer_numbers"]), state["values"].shape[1]
         current = list(self.selected)
         keep = [p for p in current if p[0] in rows and p[1] < n_heads]
@@ -238,7 +261,10 @@ class HeadGridWidget(BaseWidget):
                 self.selected = keep
             values = state.pop("values")
             for name, value in state.items():
-                if name in ("layer_numbers", "heads", "layers", "kv_groups") and getattr(self, name) == value:
+                if (
+                    name in ("layer_numbers", "heads", "layers", "kv_groups")
+                    and getattr(self, name) == value
+                ):
                     continue  # unchanged lists fire no change event
                 setattr(self, name, value)
             self.values = values  # last: a `values` observer sees the matching labels and masks
@@ -313,17 +339,30 @@ class HeadGridWidget(BaseWidget):
         from circuit_widgets.plots import plot_head_grid
 
         row = {layer: r for r, layer in enumerate(self.layer_numbers)}
-        return plot_head_grid(self.values, heads=self.heads, layers=self.layers, title=self.title or None,
-                              metric_name=self.metric_name or None,
-                              selected=[(row[layer], head) for layer, head in self.selected])
+        return plot_head_grid(
+            self.values,
+            heads=self.heads,
+            layers=self.layers,
+            title=self.title or None,
+            metric_name=self.metric_name or None,
+            selected=[(row[layer], head) for layer, head in self.selected],
+        )
 
     def _png_key(self) -> Any:
-        return (self.values.tobytes(), tuple(self.heads), tuple(self.layers), self.title,
-                self.metric_name, tuple(map(tuple, self.selected)))
+        return (
+            self.values.tobytes(),
+            tuple(self.heads),
+            tuple(self.layers),
+            self.title,
+            self.metric_name,
+            tuple(map(tuple, self.selected)),
+        )
 
     def __repr__(self) -> str:
         n_layers, n_heads = self.values.shape
         finite = int(np.isfinite(self.values).sum())
         peak = float(np.nanmax(np.abs(self.values))) if finite else math.nan
-        return (f"HeadGridWidget({n_layers} layers x {n_heads} heads, {finite} computed, "
-                f"max |value| {peak:.3g}, selected {len(self.selected)})")
+        return (
+            f"HeadGridWidget({n_layers} layers x {n_heads} heads, {finite} computed, "
+            f"max |value| {peak:.3g}, selected {len(self.selected)})"
+        )

@@ -38,9 +38,16 @@ NO_PREVIEW = "no preview for receiver heads: exact values only"
 def _empty_state(n_layers: int, n_heads: int, metric_name: str) -> GridState:
     nan = np.full((n_layers, n_heads), np.nan, np.float32)
     # complete: nothing was asked for yet, so the grid does not call itself "partial"
-    return GridState(nan, None, None, list(range(n_layers)), [str(h) for h in range(n_heads)],
-                     kind="not run yet: choose receivers and position, then Run", metric_name=metric_name,
-                     complete=True)
+    return GridState(
+        nan,
+        None,
+        None,
+        list(range(n_layers)),
+        [str(h) for h in range(n_heads)],
+        kind="not run yet: choose receivers and position, then Run",
+        metric_name=metric_name,
+        complete=True,
+    )
 
 
 class PathPatchingWidget(BaseWidget):
@@ -80,15 +87,32 @@ class PathPatchingWidget(BaseWidget):
     """What the grid shows now: '', 'preview', 'exact' (partial while running)."""
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = (
-        "layout", "receivers", "receiver_input", "position", "freeze_mlps", "preview")
+        "layout",
+        "receivers",
+        "receiver_input",
+        "position",
+        "freeze_mlps",
+        "preview",
+    )
 
-    def __init__(self, model: Any, task: Any, *, title: str | None = None, layers_per_step: int = 1,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: Any,
+        task: Any,
+        *,
+        title: str | None = None,
+        layers_per_step: int = 1,
+        **kwargs: Any,
+    ) -> None:
         self._check_kwargs(kwargs)
         from circuit_widgets.models import model_shape
 
         shape = model_shape(model)
-        if not isinstance(layers_per_step, int) or isinstance(layers_per_step, bool) or layers_per_step < 1:
+        if (
+            not isinstance(layers_per_step, int)
+            or isinstance(layers_per_step, bool)
+            or layers_per_step < 1
+        ):
             raise ValueError(f"layers_per_step must be an int >= 1, got {layers_per_step!r}")
         self._model, self._task, self._shape = model, task, shape
         self._layers_per_step = layers_per_step
@@ -100,12 +124,22 @@ class PathPatchingWidget(BaseWidget):
         grid = HeadGridWidget(self._state, title=title or f"path patching · {task.name}")
         grid._use_model_groups(shape.n_heads, shape.n_kv_heads)
         attention = AttentionWidget(model, task, [], title="Attention of the selected heads")
-        super().__init__({"grid": grid, "attention": attention, "position_options": options,
-                          "position": position, "_esm": read_bundle("path_patching")}, **kwargs)
+        super().__init__(
+            {
+                "grid": grid,
+                "attention": attention,
+                "position_options": options,
+                "position": position,
+                "_esm": read_bundle("path_patching"),
+            },
+            **kwargs,
+        )
         grid.observe(self._on_select, names="selected")
         # a refused Run's message goes once any setting it could have been about changes
         grid.observe(self._inputs_changed, names="selected")
-        self.observe(self._inputs_changed, names=["receivers", "receiver_input", "position", "freeze_mlps"])
+        self.observe(
+            self._inputs_changed, names=["receivers", "receiver_input", "position", "freeze_mlps"]
+        )
         self.on_msg(self._on_front_end_msg)
 
     # ------------------------------------------------------------------ selection
@@ -120,14 +154,16 @@ class PathPatchingWidget(BaseWidget):
         self.grid.circuit = circuit
 
     def _on_select(self, change: dict) -> None:
-        heads = [Head(layer, head) for layer, head in self.grid.selected][: 32]
+        heads = [Head(layer, head) for layer, head in self.grid.selected][:32]
         self.attention.heads = [[h.layer, h.head] for h in heads]
 
     @traitlets.validate("position")
     def _valid_position(self, proposal: dict) -> str:
         value = proposal["value"]
         if self.position_options and value not in self.position_options:
-            raise traitlets.TraitError(f"position must be one of {self.position_options}, got {value!r}")
+            raise traitlets.TraitError(
+                f"position must be one of {self.position_options}, got {value!r}"
+            )
         return value
 
     # ------------------------------------------------------------------ running
@@ -137,11 +173,15 @@ class PathPatchingWidget(BaseWidget):
             return "logits"
         heads = sorted(self.grid.circuit.heads)
         if not heads:
-            raise ValueError("receivers='selected' but no heads are selected: click receiver heads on the grid "
-                             "(shift-click adds), or choose 'logits'")
+            raise ValueError(
+                "receivers='selected' but no heads are selected: click receiver heads on the grid "
+                "(shift-click adds), or choose 'logits'"
+            )
         if min(h.layer for h in heads) == 0:
-            raise ValueError("receiver heads in layer 0 have no earlier heads to send to them; select heads in "
-                             f"layers 1-{self._shape.n_layers - 1}")
+            raise ValueError(
+                "receiver heads in layer 0 have no earlier heads to send to them; select heads in "
+                f"layers 1-{self._shape.n_layers - 1}"
+            )
         return [Receiver(h.layer, h.head, self.receiver_input) for h in heads]
 
     def run(self) -> Job:
@@ -160,10 +200,11 @@ class PathPatchingWidget(BaseWidget):
         top = self._shape.n_layers if receivers == "logits" else min(r.layer for r in receivers)
         layers = list(range(top))
         k = self._layers_per_step
-        return [layers[i:i + k] for i in range(0, len(layers), k)]
+        return [layers[i : i + k] for i in range(0, len(layers), k)]
 
-    def _sweep(self, job: Job, receivers: str | list[Receiver], position: str, freeze: bool,
-               preview: bool) -> GridState:
+    def _sweep(
+        self, job: Job, receivers: str | list[Receiver], position: str, freeze: bool, preview: bool
+    ) -> GridState:
         from circuit_widgets.core import path_patch
         from circuit_widgets.core.attribution import path_attribution
 
@@ -179,8 +220,13 @@ class PathPatchingWidget(BaseWidget):
         job.set(phase="", run_receivers=described)
         if preview:
             with using(self._model) as hold:
-                est = path_attribution(self._model, task, position=position, freeze_mlps=freeze,
-                                       should_stop=job.stopper(hold))
+                est = path_attribution(
+                    self._model,
+                    task,
+                    position=position,
+                    freeze_mlps=freeze,
+                    should_stop=job.stopper(hold),
+                )
             job.check()
             state.values = est.values.float().cpu().numpy().astype(np.float32)
             state.normalized = est.normalized.float().cpu().numpy().astype(np.float32)
@@ -192,9 +238,18 @@ class PathPatchingWidget(BaseWidget):
         for i, layers in enumerate(steps):
             job.check()
             senders = [Head(layer, h) for layer in layers for h in range(shape.n_heads)]
-            with using(self._model) as hold:  # per layer chunk: an attention view waits one batch at most
-                res = path_patch(self._model, task, receivers=receivers, senders=senders, position=position,
-                                 freeze_mlps=freeze, should_stop=job.stopper(hold))
+            with using(
+                self._model
+            ) as hold:  # per layer chunk: an attention view waits one batch at most
+                res = path_patch(
+                    self._model,
+                    task,
+                    receivers=receivers,
+                    senders=senders,
+                    position=position,
+                    freeze_mlps=freeze,
+                    should_stop=job.stopper(hold),
+                )
             vals = res.values.float().cpu().numpy()
             norm = res.normalized.float().cpu().numpy()
             done = res.done.cpu().numpy()
@@ -245,13 +300,23 @@ class PathPatchingWidget(BaseWidget):
         finite = int(np.isfinite(self.grid.values).sum())
         pending = int(np.nansum(self.grid.pending)) if self.grid.pending is not None else 0
         peak = float(np.nanmax(np.abs(self.grid.values))) if finite else math.nan
-        return (f"PathPatchingWidget({self._shape.n_layers} x {self._shape.n_heads}, receivers "
-                f"{self.run_receivers or self.receivers}, {finite - pending} exact, {pending} preview, "
-                f"max |value| {peak:.3g}, status {self.status})")
+        return (
+            f"PathPatchingWidget({self._shape.n_layers} x {self._shape.n_heads}, receivers "
+            f"{self.run_receivers or self.receivers}, {finite - pending} exact, {pending} preview, "
+            f"max |value| {peak:.3g}, status {self.status})"
+        )
 
 
 def _copy(state: GridState) -> GridState:
-    return GridState(state.values.copy(), None if state.normalized is None else state.normalized.copy(),
-                     None if state.pending is None else state.pending.copy(), list(state.layers),
-                     list(state.heads), state.kind, state.component, state.metric_name, state.complete,
-                     list(state.notes))
+    return GridState(
+        state.values.copy(),
+        None if state.normalized is None else state.normalized.copy(),
+        None if state.pending is None else state.pending.copy(),
+        list(state.layers),
+        list(state.heads),
+        state.kind,
+        state.component,
+        state.metric_name,
+        state.complete,
+        list(state.notes),
+    )

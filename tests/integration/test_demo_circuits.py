@@ -24,8 +24,14 @@ N = 8  # prompts per task: small, so the whole study stays within CI's budget on
 @pytest.fixture(scope="module")
 def study(demo_model):
     seen = []
-    res = circuit_reuse(demo_model, n=N, top_frac=0.02, seed=0, n_random=2,
-                        on_progress=lambda d, t: seen.append((d, t)))
+    res = circuit_reuse(
+        demo_model,
+        n=N,
+        top_frac=0.02,
+        seed=0,
+        n_random=2,
+        on_progress=lambda d, t: seen.append((d, t)),
+    )
     return res, seen
 
 
@@ -49,15 +55,25 @@ def test_study_structure(study, demo_model):
     assert o.frac_a == pytest.approx(o.n_shared / len(res.ioi.circuit))
     assert set(res.negative_movers) <= res.ioi.circuit.heads | res.colored.circuit.heads
     for h in res.negative_movers:
-        stage_effects = [p.effect("movers", h) for p in (res.ioi, res.colored)
-                         if h in p.circuit.group("movers").heads]
+        stage_effects = [
+            p.effect("movers", h)
+            for p in (res.ioi, res.colored)
+            if h in p.circuit.group("movers").heads
+        ]
         assert min(stage_effects) < 0
     for h in res.inhibition_heads:
-        assert h in res.ioi.circuit.group("inhibition").heads and res.ioi.effect("inhibition", h) > 0
+        assert (
+            h in res.ioi.circuit.group("inhibition").heads and res.ioi.effect("inhibition", h) > 0
+        )
     assert set(res.intervention_heads) == set(res.inhibition_heads) | set(
-        res.ioi.negative_heads("movers"))
-    for x in (res.accuracy_before, res.accuracy_after, res.candidate_accuracy_before,
-              res.candidate_accuracy_after):
+        res.ioi.negative_heads("movers")
+    )
+    for x in (
+        res.accuracy_before,
+        res.accuracy_after,
+        res.candidate_accuracy_before,
+        res.candidate_accuracy_after,
+    ):
         assert 0.0 <= x <= 1.0
     assert all(0.0 <= v <= 1.0 for v in res.mover_attention_before.values())
     d = res.to_dict()
@@ -65,8 +81,10 @@ def test_study_structure(study, demo_model):
     assert Circuit.from_dict(d["ioi_circuit"]) == res.ioi.circuit
     from circuit_widgets import tasks
 
-    for f, task in ((res.ioi_faithfulness, tasks.ioi(demo_model, n=N, seed=0)),
-                    (res.colored_faithfulness, tasks.colored_objects(demo_model, n=N, seed=0))):
+    for f, task in (
+        (res.ioi_faithfulness, tasks.ioi(demo_model, n=N, seed=0)),
+        (res.colored_faithfulness, tasks.colored_objects(demo_model, n=N, seed=0)),
+    ):
         # means="auto": one mean per position only when every prompt has the same length.
         assert f.means == ("position" if len(set(task.lengths.tolist())) == 1 else "class")
         assert len(f.random_metric) == 2

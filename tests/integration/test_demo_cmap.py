@@ -74,7 +74,9 @@ def test_live_adapter_gives_the_merged_model(demo_model, arith, task):
     live = load_model("demo-arith", merge=False)
     sub = task.subset(slice(0, 4))
     with torch.no_grad():
-        torch.testing.assert_close(live(sub.clean_tokens), arith(sub.clean_tokens), atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            live(sub.clean_tokens), arith(sub.clean_tokens), atol=2e-4, rtol=1e-4
+        )
     kw = {"heads": list(range(20, 30)), "component": "attn_out", "positions": "END"}
     got, want = cmap(demo_model, live, sub, **kw), cmap(demo_model, arith, sub, **kw)
     torch.testing.assert_close(got.patched_metric, want.patched_metric, atol=1e-3, rtol=1e-3)
@@ -86,12 +88,15 @@ def test_cmap_on_the_demo_pair(demo_model, arith, task):
     assert torch.equal(same.patched_metric[0], same.base_metric)
     grid = cmap_grid(demo_model, arith, sub, component="mlp_out")
     assert grid.shape == (30, 1) and grid.complete and grid.kind == "cmap"
-    circ = Circuit.from_groups({"late": [(l, h) for l in range(15, 30) for h in range(9)]},
-                               positions={"late": "END"})
+    circ = Circuit.from_groups(
+        {"late": [(l, h) for l in range(15, 30) for h in range(9)]}, positions={"late": "END"}
+    )
     res = cmap(demo_model, arith, sub, circuit=circ)
     assert res.groups == ["late"]
     # The adapter sits on layers L.. only: their attention outputs at every position give the
     # fine-tuned model's logits (MLPs and layers below are identical in both models).
-    layers = json.loads((DEMO_ARITH_ADAPTER / "adapter_config.json").read_text())["layers_to_transform"]
+    layers = json.loads((DEMO_ARITH_ADAPTER / "adapter_config.json").read_text())[
+        "layers_to_transform"
+    ]
     full = cmap(demo_model, arith, sub, heads=layers, component="attn_out", positions="all")
     torch.testing.assert_close(full.patched_metric[0], full.finetuned_metric, atol=1e-3, rtol=1e-3)

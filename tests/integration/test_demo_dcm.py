@@ -65,8 +65,9 @@ def test_dcm_on_one_group_matches_plain_hooks_and_leaves_the_weights_alone(demo_
 
     def accuracy(part, patched) -> float:
         with torch.no_grad():
-            _, cache = demo_model.run_with_cache(part.source_tokens,
-                                                 names_filter=lambda n: n in names)
+            _, cache = demo_model.run_with_cache(
+                part.source_tokens, names_filter=lambda n: n in names
+            )
         pb, ps = part.base_positions["END"], part.source_positions["END"]
         rows = torch.arange(len(part))
         hooks = []

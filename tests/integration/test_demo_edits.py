@@ -20,7 +20,11 @@ def test_head_edits_agree_with_bridge_hooks(demo_model, grad):
         scale = torch.ones(9, requires_grad=grad)
 
         def z(a):
-            return a * scale[None, None, :, None] * torch.tensor([1.0] * 8 + [0.0])[None, None, :, None]
+            return (
+                a
+                * scale[None, None, :, None]
+                * torch.tensor([1.0] * 8 + [0.0])[None, None, :, None]
+            )
 
         def pattern(p):
             out = p.clone()

@@ -89,8 +89,7 @@ def test_task_is_sound(demo_model, ioi_task):
 
 def test_activation_patch_chosen_heads_at_end(core, demo_model, ioi_task):
     chosen = [Head(9, 1), Head(20, 4), Head(29, 8)]
-    grid = core.activation_patch(demo_model, ioi_task, component="z", positions="END",
-                                 heads=chosen)
+    grid = core.activation_patch(demo_model, ioi_task, component="z", positions="END", heads=chosen)
     task = ioi_task
     metric_clean = reference.run_metric(demo_model, task.clean_tokens, task)
     corrupt_cache = reference.cache_of(
@@ -102,23 +101,34 @@ def test_activation_patch_chosen_heads_at_end(core, demo_model, ioi_task):
         name = reference.hook_name("z", h.layer)
 
         def hook(act, hook, h=h, name=name):
-            return reference.copy_slice(act, corrupt_cache[name], "z", h.head,
-                                        task.positions["END"])
+            return reference.copy_slice(
+                act, corrupt_cache[name], "z", h.head, task.positions["END"]
+            )
 
-        expected = (reference.run_metric(demo_model, task.clean_tokens, task, [(name, hook)])
-                    - metric_clean).mean()
+        expected = (
+            reference.run_metric(demo_model, task.clean_tokens, task, [(name, hook)]) - metric_clean
+        ).mean()
         assert abs(float(values[h.layer, h.head] - expected)) <= 1e-4, (
-            str(h), float(values[h.layer, h.head]), float(expected))
+            str(h),
+            float(values[h.layer, h.head]),
+            float(expected),
+        )
     assert int((~torch.isnan(values)).sum()) == len(chosen)
 
 
 def test_path_patch_to_a_gqa_k_receiver(core, demo_model, ioi_task):
     """Receiver 22.4's k lives on KV head 1, shared with 22.3 and 22.5."""
     senders = [Head(8, 1), Head(21, 0)]
-    grid = core.path_patch(demo_model, ioi_task, receivers=[Receiver(22, 4, "k")],
-                           senders=senders, position="S2")
-    ref = reference.ref_path_patch(demo_model, ioi_task, [(22, 4, "k")],
-                                   senders=[(h.layer, h.head) for h in senders], position="S2")
+    grid = core.path_patch(
+        demo_model, ioi_task, receivers=[Receiver(22, 4, "k")], senders=senders, position="S2"
+    )
+    ref = reference.ref_path_patch(
+        demo_model,
+        ioi_task,
+        [(22, 4, "k")],
+        senders=[(h.layer, h.head) for h in senders],
+        position="S2",
+    )
     values = grid.values.detach().cpu().float()
     for h in senders:
         assert abs(float(values[h.layer, h.head] - ref[:, h.layer, h.head].mean())) <= 1e-4, str(h)

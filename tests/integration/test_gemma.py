@@ -44,20 +44,26 @@ def test_engine_covers_gemma_and_the_task_is_sound(gemma, task):
     shape = cw.model_shape(gemma)
     assert (shape.n_layers, shape.n_heads, shape.n_kv_heads) == (18, 4, 1)
     with torch.no_grad():
-        torch.testing.assert_close(gemma(task.clean_tokens), gemma.original_model(task.clean_tokens).logits,
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            gemma(task.clean_tokens),
+            gemma.original_model(task.clean_tokens).logits,
+            atol=1e-4,
+            rtol=1e-4,
+        )
 
 
 @pytest.mark.parametrize("component", ["z", "v", "pattern", "mlp_out"])
 def test_activation_patch_fast_equals_hooks(gemma, task, component):
     heads = [Head(2, 1), Head(9, 0), Head(17, 3)] if component not in ("v", "mlp_out") else None
-    kw = dict(component=component, positions="END", heads=heads)
+    kw = {"component": component, "positions": "END", "heads": heads}
     fast = cw.activation_patch(gemma, task, **kw)
     with cache.force_hooked():
         slow = cw.activation_patch(gemma, task, **kw)
     assert fast.values.shape == slow.values.shape
     assert fast.values.nan_to_num().abs().max() > 1e-3, "some patch should move the metric"
-    torch.testing.assert_close(fast.per_example, slow.per_example, atol=ATOL, rtol=1e-3, equal_nan=True)
+    torch.testing.assert_close(
+        fast.per_example, slow.per_example, atol=ATOL, rtol=1e-3, equal_nan=True
+    )
 
 
 def test_path_patch_to_logits_matches_the_reference(gemma, task):
@@ -87,4 +93,6 @@ def test_edits_fast_equal_hooks(gemma, task, site):
         plain = gemma(tokens)
     assert (fast.logits - plain).abs().max() > 1e-2, "the edit must change the output"
     torch.testing.assert_close(fast.logits, slow.logits, atol=ATOL, rtol=1e-3)
-    torch.testing.assert_close(fast.captured[(8, site)], slow.captured[(8, site)], atol=ATOL, rtol=1e-3)
+    torch.testing.assert_close(
+        fast.captured[(8, site)], slow.captured[(8, site)], atol=ATOL, rtol=1e-3
+    )

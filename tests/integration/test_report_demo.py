@@ -29,9 +29,25 @@ def cli_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("report_demo")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "circuit_widgets.report", "--out", str(out), "--quick",
-         "--only", ",".join(ONLY), "--threads", str(min(2, os.cpu_count() or 1)), "--no-progress"],
-        check=False, capture_output=True, text=True, env=env, timeout=1800)
+        [
+            sys.executable,
+            "-m",
+            "circuit_widgets.report",
+            "--out",
+            str(out),
+            "--quick",
+            "--only",
+            ",".join(ONLY),
+            "--threads",
+            str(min(2, os.cpu_count() or 1)),
+            "--no-progress",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
     return proc, out
 
 
@@ -86,6 +102,8 @@ def test_page_shows_numbers_beside_the_papers(cli_report):
     assert f"<td class=num>{ioi['logit_diff']:.3f}</td><td class=num>3.56</td>" in page
     reuse = data["studies"]["reuse"]["result"]
     assert f"<td class=num>{reuse['overlap']['frac_a']:.1%}</td><td class=num>78%</td>" in page
-    assert page.count("data:image/png;base64,") == sum(len(s["figures"]) for s in data["studies"].values())
+    assert page.count("data:image/png;base64,") == sum(
+        len(s["figures"]) for s in data["studies"].values()
+    )
     for run in data["studies"].values():
         assert f"<pre>{html.escape(run['summary'])}</pre>" in page

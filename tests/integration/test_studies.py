@@ -30,10 +30,19 @@ N, BOXES, TOP_K = 4, 2, 2
 @pytest.fixture(scope="module")
 def study(demo_model):
     seen = []
-    res = entity_tracking_study(demo_model, n=N, n_boxes=BOXES, seed=0, top_k=TOP_K, n_random=1,
-                                dcm_examples=5, dcm_epochs=1, dcm_batch_size=1,
-                                desiderata=("positional",),
-                                on_progress=lambda d, t: seen.append((d, t)))
+    res = entity_tracking_study(
+        demo_model,
+        n=N,
+        n_boxes=BOXES,
+        seed=0,
+        top_k=TOP_K,
+        n_random=1,
+        dcm_examples=5,
+        dcm_epochs=1,
+        dcm_batch_size=1,
+        desiderata=("positional",),
+        on_progress=lambda d, t: seen.append((d, t)),
+    )
     return res, seen
 
 
@@ -50,8 +59,11 @@ def test_entity_study_structure(study, demo_model):
     assert isinstance(res, EntityTrackingResult) and res.complete
     assert seen[-1][0] == seen[-1][1] and all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
     assert [(g.name, g.position, len(g.heads)) for g in res.circuit.groups] == [
-        ("A", "END", TOP_K), ("B", "END", TOP_K), ("C", "query_label", TOP_K),
-        ("D", "query_label_ctx", TOP_K)]
+        ("A", "END", TOP_K),
+        ("B", "END", TOP_K),
+        ("C", "query_label", TOP_K),
+        ("D", "query_label_ctx", TOP_K),
+    ]
     # Every group's heads are the top |relative effect| heads of its own grid, the score of
     # Prakash et al.: the mean over examples of (p_patched - p_clean) / p_clean.
     assert res.pipeline.rank_by == "relative" and any("Prakash" in n for n in res.notes)
@@ -60,8 +72,9 @@ def test_entity_study_structure(study, demo_model):
         clean = grid.metric_clean.reshape(-1, 1, 1)
         relative = (grid.per_example / clean).mean(0)  # p(answer) is never 0: no example left out
         ranked = sorted(relative[grid.done].abs().tolist(), reverse=True)
-        assert sorted((abs(float(relative[h.layer, h.head])) for h in g.heads), reverse=True) == \
-            pytest.approx(ranked[:TOP_K])
+        assert sorted(
+            (abs(float(relative[h.layer, h.head])) for h in g.heads), reverse=True
+        ) == pytest.approx(ranked[:TOP_K])
     assert len(res.picked_box) == len(res.query_box) == BOXES
     assert sum(res.picked_box) == pytest.approx(1.0) and sum(res.query_box) == pytest.approx(1.0)
 
@@ -77,8 +90,10 @@ def test_entity_study_matches_plain_forwards(study, demo_model):
     p_answer = probs[torch.arange(N), task.answers]
     assert res.answer_prob == pytest.approx(float(p_answer.mean()), abs=1e-4)
     # The box the model ranks first, from the objects as written in each prompt.
-    ids = [[demo_model.tokenizer.encode(" " + o, add_special_tokens=False)[0] for o in m["objects"]]
-           for m in task.meta]
+    ids = [
+        [demo_model.tokenizer.encode(" " + o, add_special_tokens=False)[0] for o in m["objects"]]
+        for m in task.meta
+    ]
     first = probs.gather(1, torch.tensor(ids)).argmax(1)
     assert res.picked_box == pytest.approx((torch.bincount(first, minlength=BOXES) / N).tolist())
     f = res.faithfulness
@@ -123,8 +138,9 @@ def test_entity_study_stops_and_checks_input(demo_model):
 
 def test_finetuning_study(study, demo_model, arith):
     circuit = study[0].circuit
-    res = finetuning_study(demo_model, arith, n=N, n_boxes=BOXES, arithmetic_n=16, circuit=circuit,
-                           grid_n=2)
+    res = finetuning_study(
+        demo_model, arith, n=N, n_boxes=BOXES, arithmetic_n=16, circuit=circuit, grid_n=2
+    )
     assert isinstance(res, FinetuningResult) and res.complete and res.pipeline is None
     assert res.cmap.groups == ["A", "B", "C", "D", "circuit"]
     et = entity_tracking(demo_model, n=N, seed=0, n_boxes=BOXES)
@@ -138,7 +154,11 @@ def test_finetuning_study(study, demo_model, arith):
     assert res.grid.shape == (30, 9) and res.grid.values[:15].abs().max() < 1e-6
     assert 0.0 <= res.arithmetic_base <= 1.0 and 0.0 <= res.arithmetic_finetuned <= 1.0
     d = json.loads(json.dumps(res.to_dict()))
-    assert set(d["cmap"]) == {"A", "B", "C", "D", "circuit"} and d["arithmetic_n"] == 16 and d["grid_n"] == 2
+    assert (
+        set(d["cmap"]) == {"A", "B", "C", "D", "circuit"}
+        and d["arithmetic_n"] == 16
+        and d["grid_n"] == 2
+    )
     assert {"accuracy", "cmap", "cmap_grid"} <= set(res.figures())
     bad = Circuit.from_groups({"A": [(40, 0)]}, positions={"A": "END"})
     with pytest.raises(ValueError, match="outside the model"):

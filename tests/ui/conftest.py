@@ -53,8 +53,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="session")
 def chromium_path() -> str:
     if not (os.path.isfile(CHROMIUM) and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium; `bash scripts/dev setup` does it)")
-    pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+        pytest.skip(
+            f"no Chromium at {CHROMIUM} (Debian: apt-get install -y chromium; `bash scripts/dev setup` does it)"
+        )
+    pytest.importorskip(
+        "playwright.sync_api", reason="the playwright Python package is not installed"
+    )
     return CHROMIUM
 
 
@@ -100,11 +104,23 @@ def jupyter_lab(chromium_path, tmp_path_factory):
     log = open(log_path, "w")  # noqa: SIM115 - held open for the server's lifetime
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-            "--port-retries=0", f"--ServerApp.root_dir={root}", f"--IdentityProvider.token={TOKEN}",
-            "--ServerApp.password=", "--allow-root",
+            sys.executable,
+            "-m",
+            "jupyterlab",
+            "--no-browser",
+            "--ip=127.0.0.1",
+            f"--port={port}",
+            "--port-retries=0",
+            f"--ServerApp.root_dir={root}",
+            f"--IdentityProvider.token={TOKEN}",
+            "--ServerApp.password=",
+            "--allow-root",
         ],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=root,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 60
@@ -180,7 +196,9 @@ def _open_notebook(browser, base: str, name: str, *, viewport=(1280, 1100)):
     """
     from playwright.sync_api import expect
 
-    page = browser.new_page(viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True)
+    page = browser.new_page(
+        viewport={"width": viewport[0], "height": viewport[1]}, accept_downloads=True
+    )
     page.set_default_timeout(30_000)
     expect.set_options(timeout=30_000)
     console: list[str] = []
@@ -194,7 +212,9 @@ def _open_notebook(browser, base: str, name: str, *, viewport=(1280, 1100)):
 
     page.on("dialog", on_dialog)
     kernel_dialog = page.locator(".jp-Dialog").filter(has_text="Select Kernel")
-    page.add_locator_handler(kernel_dialog, lambda d: d.locator(".jp-Dialog-button.jp-mod-accept").click())
+    page.add_locator_handler(
+        kernel_dialog, lambda d: d.locator(".jp-Dialog-button.jp-mod-accept").click()
+    )
 
     # ?reset: a fresh workspace, so an earlier test's notebook tab is not restored beside this one
     page.goto(f"{base}/lab/tree/{name}?reset&token={TOKEN}")

@@ -41,15 +41,15 @@ w = HeadGridWidget(Grid(values, normalized=values / 2, metric_name="logit diff",
 seen = ipw.Label("kernel saw: (nothing yet)")
 w.observe(lambda change: setattr(seen, "value", f"kernel saw: {w.circuit}"), names="selected")
 display(w, seen)''',
-    '''\
-HeadGridWidget(torch.randn(24, 16, generator=torch.Generator().manual_seed(1)), title="24 layers x 16 heads")''',
-    f'''\
+    """\
+HeadGridWidget(torch.randn(24, 16, generator=torch.Generator().manual_seed(1)), title="24 layers x 16 heads")""",
+    f"""\
 EVIL = {EVIL!r}
 x = HeadGridWidget(
     Grid(torch.tensor([[1.0, -2.0, 0.5, 0.0], [0.3, 0.2, -0.1, 1.5], [0.0, 0.0, math.nan, 0.7]]),
          heads=["0", EVIL, "<img src=x onerror=alert(2)>", "3"], layers=["L0", "L1", EVIL], metric_name=EVIL),
     title=EVIL + " & <b>not bold</b>")
-x''',
+x""",
     'print("KERNEL_SELECTED=" + json.dumps(w.selected))',
 ]
 
@@ -60,7 +60,11 @@ def lab(jupyter_lab, browser, output_dir, open_notebook):
 
     base, root = jupyter_lab
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
     nbformat.write(nb, root / NOTEBOOK)
     t0 = time.monotonic()
     page, console, dialogs = open_notebook(browser, base, NOTEBOOK)
@@ -76,7 +80,11 @@ def lab(jupyter_lab, browser, output_dir, open_notebook):
         raise
     finally:
         errors = [c for c in console if c.startswith(("pageerror", "console.error"))]
-        print(f"[ui] browser console: {len(console)} messages, {len(errors)} errors", *errors[:20], sep="\n  ")
+        print(
+            f"[ui] browser console: {len(console)} messages, {len(errors)} errors",
+            *errors[:20],
+            sep="\n  ",
+        )
         page.close()
 
 
@@ -89,7 +97,9 @@ def test_head_grid_hover_select_filter_export(lab, output_dir):
     expect(cells).to_have_count(270)
     expect(widget.locator("rect.cw-nan")).to_have_count(54)
     expect(widget.locator(".cw-hg-title")).to_have_text("Planted pattern: 30 layers x 9 heads")
-    expect(widget.locator(".cw-hg-subtitle")).to_have_text("activation patching · z · partial: 216 of 270 heads computed")
+    expect(widget.locator(".cw-hg-subtitle")).to_have_text(
+        "activation patching · z · partial: 216 of 270 heads computed"
+    )
     expect(widget.locator(".cw-hg-nan-legend")).to_have_text("not computed")
     expect(widget.locator(".cw-hg-axis-layer")).to_have_text("layer")
     expect(widget.locator(".cw-hg-axis-head")).to_have_text("head")
@@ -196,11 +206,15 @@ def test_head_grid_hover_select_filter_export(lab, output_dir):
 
     sync = [r[0] for r in repaints]
     frame = [r[1] for r in repaints]
-    print(f"[ui] 30x9 repaint after a threshold move: median {statistics.median(sync):.2f} ms, "
-          f"max {max(sync):.2f} ms (DOM + style); to the next painted frame median "
-          f"{statistics.median(frame):.1f} ms (includes waiting for vsync); {len(repaints)} moves")
-    print(f"[ui] click -> kernel observer -> label back in the page: "
-          f"{', '.join(f'{t:.0f} ms' for t in round_trips)}")
+    print(
+        f"[ui] 30x9 repaint after a threshold move: median {statistics.median(sync):.2f} ms, "
+        f"max {max(sync):.2f} ms (DOM + style); to the next painted frame median "
+        f"{statistics.median(frame):.1f} ms (includes waiting for vsync); {len(repaints)} moves"
+    )
+    print(
+        f"[ui] click -> kernel observer -> label back in the page: "
+        f"{', '.join(f'{t:.0f} ms' for t in round_trips)}"
+    )
     errors = [c for c in console if c.startswith("pageerror")]
     assert not errors, errors
 
@@ -214,8 +228,12 @@ def test_24x16_grid_is_readable(lab, output_dir):
     expect(widget.locator(".cw-hg-head-labels text")).to_have_count(16)
     expect(widget.locator(".cw-hg-layer-labels text")).to_have_count(24)
     # labels do not overlap: head labels are at least 20 px apart, layer labels 14 px
-    xs = widget.locator(".cw-hg-head-labels text").evaluate_all("ns => ns.map(n => n.getBoundingClientRect().x)")
-    ys = widget.locator(".cw-hg-layer-labels text").evaluate_all("ns => ns.map(n => n.getBoundingClientRect().y)")
+    xs = widget.locator(".cw-hg-head-labels text").evaluate_all(
+        "ns => ns.map(n => n.getBoundingClientRect().x)"
+    )
+    ys = widget.locator(".cw-hg-layer-labels text").evaluate_all(
+        "ns => ns.map(n => n.getBoundingClientRect().y)"
+    )
     assert min(b - a for a, b in pairwise(xs)) >= 20
     assert min(b - a for a, b in pairwise(ys)) >= 14
     box = widget.locator("svg").bounding_box()
@@ -232,11 +250,15 @@ def test_labels_are_text_not_html(lab, output_dir):
     expect(widget.locator("rect.cw-cell")).to_have_count(12)
     expect(widget.locator(".cw-hg-title")).to_have_text(EVIL + " & <b>not bold</b>")
     expect(widget.locator(".cw-hg-head-labels text").nth(1)).to_have_text(EVIL)
-    expect(widget.locator(".cw-hg-head-labels text").nth(2)).to_have_text("<img src=x onerror=alert(2)>")
+    expect(widget.locator(".cw-hg-head-labels text").nth(2)).to_have_text(
+        "<img src=x onerror=alert(2)>"
+    )
     expect(widget.locator(".cw-hg-layer-labels text").nth(2)).to_have_text(EVIL)
     assert widget.locator("script, img, b").count() == 0
     widget.locator("rect.cw-cell").nth(10).hover()  # layer label EVIL, head label "<img ...>"
-    expect(widget.locator(".cw-tt-labels")).to_have_text("layer " + EVIL + ", head <img src=x onerror=alert(2)>")
+    expect(widget.locator(".cw-tt-labels")).to_have_text(
+        "layer " + EVIL + ", head <img src=x onerror=alert(2)>"
+    )
     widget.scroll_into_view_if_needed()
     widget.screenshot(path=str(output_dir / "head_grid_labels.png"))
     page.wait_for_timeout(200)  # an injected script or onerror handler would have fired by now

@@ -22,7 +22,7 @@ EVIL = "<script>alert(1)</script>"
 
 CELLS = [
     # 0: models and tasks (tiny, random weights); the prompt carries markup that must stay text
-    f'''\
+    f"""\
 import json, math, time
 import torch
 torch.set_num_threads(1)
@@ -40,51 +40,51 @@ EVIL = {EVIL!r}
 evil = Task.from_pairs(model, ["When Mary and John went to " + EVIL + " the store, John gave a drink to"],
                        ["When Anna and John went to " + EVIL + " the store, John gave a drink to"],
                        [" Mary"], [" John"])
-des = desiderata(model, 12, seed=0, n_boxes=3)["positional"]''',
+des = desiderata(model, 12, seed=0, n_boxes=3)["positional"]""",
     # 1: two attention widgets: the renderer must load once for the whole page
-    '''\
+    """\
 att = AttentionWidget(model, evil, ["1.2", "3.5", "0.0"], title="Attention " + EVIL)
-display(att)''',
-    '''\
+display(att)""",
+    """\
 att2 = AttentionWidget(model, task, ["2.1"], example=1)
-att2''',
+att2""",
     # 3: path patching; a kernel-side observer reports what the kernel sees
-    '''\
+    """\
 pp = PathPatchingWidget(model, task, title="Path patching (tiny Llama, GQA)")
 seen = ipw.Label("kernel saw: (nothing yet)")
 pp.grid.observe(lambda change: setattr(seen, "value", f"kernel saw: {pp.circuit}"), names="selected")
-display(pp, seen)''',
+display(pp, seen)""",
     # 4: a long run to cancel: a bigger (still random) model, exact values only
-    '''\
+    """\
 big = cw.tiny_model("gpt2", n_layers=24, n_heads=8, d_model=256, seed=0)
 big_task = cw.tasks.ioi(big, n=96, seed=0)
 slow = PathPatchingWidget(big, big_task, title="A long run: exact values replace the preview layer by layer")
-slow''',
+slow""",
     # 5: the explorer: path patching, attention, DCM and CMAP around one circuit
-    '''\
+    """\
 ex = CircuitExplorer(model, task, desideratum=des, dcm_position="query_label", dcm_lams=[0.01, 0.3],
                      finetuned=finetuned, title="Explorer")
-ex''',
+ex""",
     # 6: asked while a run is going
     'print("KERNEL_ANSWER", 6 * 7, slow.status)',
     # 7: what the kernel holds
-    '''\
+    """\
 print("KERNEL_STATE=" + json.dumps({
     "pp_selected": pp.grid.selected, "pp_finite": int(pp.grid.values.size - torch.isnan(torch.tensor(pp.grid.values)).sum()),
     "pp_status": pp.status, "slow_status": slow.status,
     "slow_rows": int((torch.tensor(slow.grid.pending) == 0).all(1).sum()) if slow.grid.pending is not None else -1,
     "slow_pending": int(slow.grid.pending.sum()) if slow.grid.pending is not None else -1,
-    "ex_circuit": str(ex.circuit), "dcm_done": ex.dcm.n_done, "cmap_rows": ex.cmap.bar_labels}))''',
+    "ex_circuit": str(ex.circuit), "dcm_done": ex.dcm.n_done, "cmap_rows": ex.cmap.bar_labels}))""",
     # 8: one finite value and a threshold above it: the sliders' knobs must agree with their labels
-    '''\
+    """\
 few = HeadGridWidget(torch.tensor([[0.5, math.nan], [math.nan, math.nan]]), threshold=3.0, title="One value")
-few''',
+few""",
     # 9: a grouped circuit for the explorer; Run All leaves it alone, the explorer test runs it again
-    '''\
+    """\
 STEP = globals().get("STEP", -1) + 1
 if STEP:
     ex.circuit = Circuit.from_groups({"movers": ["1.3"], "inhibit": ["3.0", "2.4"]}, positions={"movers": "END"})
-print("GROUPED", STEP, ex.circuit)''',
+print("GROUPED", STEP, ex.circuit)""",
 ]
 STATE_CELL = 7
 
@@ -116,7 +116,11 @@ def lab(jupyter_lab, browser, output_dir, open_notebook):
 
     base, root = jupyter_lab
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
     nbformat.write(nb, root / NOTEBOOK)
     t0 = time.monotonic()
     page, console, dialogs = open_notebook(browser, base, NOTEBOOK, viewport=(1280, 1300))
@@ -127,8 +131,12 @@ def lab(jupyter_lab, browser, output_dir, open_notebook):
         panel = page.locator(".jp-NotebookPanel")
         expect(panel.locator(".cw-ex")).to_have_count(1, timeout=120_000)
         state_cell = panel.locator(".jp-Notebook .jp-Cell").nth(STATE_CELL)
-        expect(state_cell.locator(".jp-OutputArea-output")).to_contain_text("KERNEL_STATE=", timeout=60_000)
-        expect(panel.locator(".jp-Notebook .jp-Cell").last.locator(".jp-OutputArea-output")).to_contain_text("GROUPED 0")
+        expect(state_cell.locator(".jp-OutputArea-output")).to_contain_text(
+            "KERNEL_STATE=", timeout=60_000
+        )
+        expect(
+            panel.locator(".jp-Notebook .jp-Cell").last.locator(".jp-OutputArea-output")
+        ).to_contain_text("GROUPED 0")
         print(f"\n[ui] notebook open + Run All + widgets rendered: {time.monotonic() - t0:.1f} s")
         yield page, panel, console, dialogs, requests
     except Exception:
@@ -136,7 +144,11 @@ def lab(jupyter_lab, browser, output_dir, open_notebook):
         raise
     finally:
         errors = [c for c in console if c.startswith(("pageerror", "console.error"))]
-        print(f"[ui] browser console: {len(console)} messages, {len(errors)} errors", *errors[:20], sep="\n  ")
+        print(
+            f"[ui] browser console: {len(console)} messages, {len(errors)} errors",
+            *errors[:20],
+            sep="\n  ",
+        )
         page.close()
 
 
@@ -151,38 +163,56 @@ def test_attention_draws_offline_once_per_page_and_tokens_are_text(lab, output_d
     expect(att.locator(".cw-att-cv canvas").first).to_be_visible()
     painted = att.locator(".cw-att-cv canvas").first.evaluate(
         """(c) => { const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }""")
+                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
+    )
     assert painted > 200, f"the attention canvas is (nearly) blank: {painted} painted pixels"
     # per-query-head patterns, GQA labels say which kv head is shared
-    expect(att.locator(".cw-att-chip")).to_have_text([
-        "L0H0 (kv 0, shared by q0-3)", "L1H2 (kv 0, shared by q0-3)", "L3H5 (kv 1, shared by q4-7)"])
+    expect(att.locator(".cw-att-chip")).to_have_text(
+        [
+            "L0H0 (kv 0, shared by q0-3)",
+            "L1H2 (kv 0, shared by q0-3)",
+            "L3H5 (kv 1, shared by q4-7)",
+        ]
+    )
     expect(att.locator(".cw-att-title")).to_have_text("Attention " + EVIL)
     # the prompt's markup is text: the tiny tokenizer turns it into '<unk>', '<', '>' pieces
     tokens = att.locator(".cw-att-token").all_inner_texts()
     assert "<unk>" in tokens and ">" in tokens, tokens
     assert att.locator("script, unk, img").count() == 0
     # the renderer was fetched from the kernel and evaluated exactly once for all views
-    expect(panel.locator(".cw-att .cw-att-cv").filter(has_text="Head Selector")).to_have_count(2, timeout=30_000)
-    loads = page.evaluate("window.__circuitWidgetsCircuitsVis && window.__circuitWidgetsCircuitsVis.loads")
+    expect(panel.locator(".cw-att .cw-att-cv").filter(has_text="Head Selector")).to_have_count(
+        2, timeout=30_000
+    )
+    loads = page.evaluate(
+        "window.__circuitWidgetsCircuitsVis && window.__circuitWidgetsCircuitsVis.loads"
+    )
     assert loads == 1
     assert page.locator("script#circuit-widgets-circuitsvis").count() == 1
     # no request left localhost (blob: URLs are the page's own memory)
-    outside = [u for u in requests
-               if urlparse(u).scheme not in ("blob", "data") and urlparse(u).hostname not in ("127.0.0.1", "localhost")]
+    outside = [
+        u
+        for u in requests
+        if urlparse(u).scheme not in ("blob", "data")
+        and urlparse(u).hostname not in ("127.0.0.1", "localhost")
+    ]
     assert not outside, outside
     att.scroll_into_view_if_needed()
     att.screenshot(path=str(output_dir / "attention.png"))
     # nothing of circuitsvis' layout (its rows have negative margins) sticks out left of the widget
     overhang = att.evaluate("""(root) => { const l = root.getBoundingClientRect().left;
         return Math.min(...[...root.querySelectorAll('.cw-att-cv *')].map(e => e.getBoundingClientRect().left - l)); }""")
-    assert overhang >= 0, f"the attention view starts {-overhang:.0f} px left of the widget, where it is clipped"
+    assert overhang >= 0, (
+        f"the attention view starts {-overhang:.0f} px left of the widget, where it is clipped"
+    )
 
     # the example slider recomputes in the kernel and redraws
     att2 = panel.locator(".jp-Cell").nth(2).locator(".cw-att")
     expect(att2.locator(".cw-att-subtitle")).to_contain_text("example 2 of 8")
     first_tokens = att2.locator(".cw-att-token").all_inner_texts()
     slider = att2.locator(".cw-att-example")
-    slider.evaluate("(s) => { s.value = '4'; s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change')); }")
+    slider.evaluate(
+        "(s) => { s.value = '4'; s.dispatchEvent(new Event('input')); s.dispatchEvent(new Event('change')); }"
+    )
     expect(att2.locator(".cw-att-subtitle")).to_contain_text("example 5 of 8")
     assert att2.locator(".cw-att-token").all_inner_texts() != first_tokens
     att2.locator(".cw-att-prompt").select_option("corrupt")
@@ -202,14 +232,18 @@ def test_path_patching_runs_selects_and_shows_attention(lab, output_dir):
     expect(grid.locator("rect.cw-nan")).to_have_count(32)  # nothing computed yet
     expect(pp.locator(".cw-pp-position")).to_have_value("END")
     # nothing computed: the top-k knob sits at the right end, under its label "all"
-    knob = grid.locator(".cw-hg-topk-input").evaluate("(s) => [Number(s.min), Number(s.max), Number(s.value)]")
+    knob = grid.locator(".cw-hg-topk-input").evaluate(
+        "(s) => [Number(s.min), Number(s.max), Number(s.value)]"
+    )
     assert knob[2] == knob[1] > knob[0], knob
     expect(grid.locator(".cw-hg-topk output")).to_have_text("all")
     builds0 = int(grid.get_attribute("data-builds"))
     pp.locator(".cw-run").click()
     expect(pp.locator(".cw-pp-note")).to_contain_text("senders → logits")
     expect(grid.locator("rect.cw-nan")).to_have_count(0, timeout=60_000)
-    expect(grid.locator("rect.cw-preview")).to_have_count(0)  # every preview replaced by an exact value
+    expect(grid.locator("rect.cw-preview")).to_have_count(
+        0
+    )  # every preview replaced by an exact value
     expect(grid.locator(".cw-hg-subtitle")).to_have_text("path patching → logits · z")
     builds = int(grid.get_attribute("data-builds")) - builds0
     build_ms = float(grid.get_attribute("data-build-ms"))
@@ -239,22 +273,30 @@ def test_path_patching_runs_selects_and_shows_attention(lab, output_dir):
     grid.locator('rect.cw-cell[data-layer="2"][data-head="1"]').click(modifiers=["Shift"])
     expect(seen).to_have_text("kernel saw: Circuit(heads@all: 2.1, 3.5)")
     att = pp.locator(".cw-att")
-    expect(att.locator(".cw-att-chip")).to_have_text(["L2H1 (kv 0, shared by q0-3)", "L3H5 (kv 1, shared by q4-7)"])
+    expect(att.locator(".cw-att-chip")).to_have_text(
+        ["L2H1 (kv 0, shared by q0-3)", "L3H5 (kv 1, shared by q4-7)"]
+    )
     expect(att.locator(".cw-att-cv")).to_contain_text("Head Selector", timeout=30_000)
     timing = page.evaluate("window.__cwPP")
-    round_trips = [next(t for t, text in timing["labels"] if t > click and text.count(".") == n) - click
-                   for click, n in zip(timing["clicks"], (1, 2))]
+    round_trips = [
+        next(t for t, text in timing["labels"] if t > click and text.count(".") == n) - click
+        for click, n in zip(timing["clicks"], (1, 2))
+    ]
 
     # receivers = the selected heads' values: senders only below layer 2
     pp.locator(".cw-pp-receivers").select_option("selected")
     pp.locator(".cw-pp-input").select_option("v")
     pp.locator(".cw-run").click()
     expect(pp.locator(".cw-pp-note")).to_contain_text("senders → 2.1.v, 3.5.v")
-    expect(grid.locator(".cw-hg-subtitle")).to_contain_text("path patching → 2.1.v, 3.5.v", timeout=60_000)
+    expect(grid.locator(".cw-hg-subtitle")).to_contain_text(
+        "path patching → 2.1.v, 3.5.v", timeout=60_000
+    )
     expect(grid.locator("rect.cw-cell:not(.cw-nan)")).to_have_count(16)  # layers 0-1 only
     expect(grid.locator("rect.cw-cell[aria-selected=true]")).to_have_count(2)
     # no estimate of a receiver-head path exists: the status line says so, no cell is a preview
-    expect(pp.locator(":scope > .cw-status")).to_contain_text("no preview for receiver heads: exact values only")
+    expect(pp.locator(":scope > .cw-status")).to_contain_text(
+        "no preview for receiver heads: exact values only"
+    )
     expect(grid.locator("rect.cw-preview")).to_have_count(0)
     pp.scroll_into_view_if_needed()
     pp.screenshot(path=str(output_dir / "path_patching_receivers.png"))
@@ -263,12 +305,18 @@ def test_path_patching_runs_selects_and_shows_attention(lab, output_dir):
     grid.locator('rect.cw-cell[data-layer="0"][data-head="0"]').click()
     pp.locator(".cw-run").click()
     expect(pp.locator(":scope > .cw-status")).to_contain_text("layer 0 have no earlier heads")
-    expect(pp.locator(":scope > .cw-status")).not_to_contain_text("no preview")  # the old run's note is gone
+    expect(pp.locator(":scope > .cw-status")).not_to_contain_text(
+        "no preview"
+    )  # the old run's note is gone
     pp.locator(":scope > .cw-status").screenshot(path=str(output_dir / "path_patching_error.png"))
-    print(f"[ui] path patching: {builds} grid rebuilds during the run (preview + exact layers), last "
-          f"rebuild {build_ms:.1f} ms")
-    print(f"[ui] path-patching grid click -> kernel observer -> label back: "
-          f"{', '.join(f'{t:.0f} ms' for t in round_trips)}")
+    print(
+        f"[ui] path patching: {builds} grid rebuilds during the run (preview + exact layers), last "
+        f"rebuild {build_ms:.1f} ms"
+    )
+    print(
+        f"[ui] path-patching grid click -> kernel observer -> label back: "
+        f"{', '.join(f'{t:.0f} ms' for t in round_trips)}"
+    )
     assert not [c for c in console if c.startswith("pageerror")]
 
 
@@ -285,7 +333,9 @@ def test_cancel_stops_a_long_run_and_the_kernel_answers_meanwhile(lab, output_di
     expect(grid.locator("rect.cw-preview")).to_have_count(24 * 8, timeout=60_000)
     slow.scroll_into_view_if_needed()
     slow.screenshot(path=str(output_dir / "path_patching_preview.png"))
-    expect(grid.locator(".cw-hg-subtitle")).to_contain_text(re.compile(r"exact: [1-9]\d* of 192 heads"), timeout=60_000)
+    expect(grid.locator(".cw-hg-subtitle")).to_contain_text(
+        re.compile(r"exact: [1-9]\d* of 192 heads"), timeout=60_000
+    )
     # the kernel answers a cell while the run goes on
     t0 = time.monotonic()
     run_cell(page, panel, 6)
@@ -294,18 +344,24 @@ def test_cancel_stops_a_long_run_and_the_kernel_answers_meanwhile(lab, output_di
     answer_s = time.monotonic() - t0
     exact_rows = 24 - grid.locator("rect.cw-preview").count() // 8
     slow.locator(".cw-cancel").click()
-    expect(slow.locator(":scope > .cw-status")).to_contain_text("cancelled (partial result shown)", timeout=30_000)
+    expect(slow.locator(":scope > .cw-status")).to_contain_text(
+        "cancelled (partial result shown)", timeout=30_000
+    )
     state = kernel_state(page, panel)
     assert state["slow_status"] == "cancelled"
     assert 0 < state["slow_rows"] < 24
-    assert state["slow_rows"] <= exact_rows + 2  # stopped within one batch (one sender layer) of the click
+    assert (
+        state["slow_rows"] <= exact_rows + 2
+    )  # stopped within one batch (one sender layer) of the click
     # partial results stay on screen: exact rows, the rest still the preview (none blank)
     expect(grid.locator("rect.cw-preview")).to_have_count(state["slow_pending"])
     expect(grid.locator("rect.cw-nan")).to_have_count(0)
     slow.scroll_into_view_if_needed()
     slow.screenshot(path=str(output_dir / "path_patching_cancelled.png"))
-    print(f"[ui] long run: the kernel answered a cell in {answer_s:.2f} s while running; cancelled after "
-          f"{state['slow_rows']} of 24 layers ({exact_rows} shown at the click)")
+    print(
+        f"[ui] long run: the kernel answered a cell in {answer_s:.2f} s while running; cancelled after "
+        f"{state['slow_rows']} of 24 layers ({exact_rows} shown at the click)"
+    )
     assert not [c for c in console if c.startswith("pageerror")]
 
 
@@ -332,7 +388,9 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
     # drawn while its tab was hidden: the zoomed pattern must size itself once the tab is shown
     page.wait_for_function(
         "(el) => Math.max(...[...el.querySelectorAll('canvas')].map(c => c.getBoundingClientRect().height)) > 150",
-        arg=panes.nth(1).element_handle(), timeout=10_000)
+        arg=panes.nth(1).element_handle(),
+        timeout=10_000,
+    )
     ex.screenshot(path=str(output_dir / "explorer_attention.png"))
 
     ex.locator(".cw-ex-tab").nth(2).click()
@@ -344,11 +402,15 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
     expect(dcm.locator(".cw-dcm-lambda-out")).to_contain_text("of 2 trained")
     d = dcm.locator("path.cw-chart-line").get_attribute("d")
     assert d and d.startswith("M") and "L" in d, d
-    dcm.locator(".cw-dcm-lambda").evaluate("(s) => { s.value = '0'; s.dispatchEvent(new Event('input')); }")
+    dcm.locator(".cw-dcm-lambda").evaluate(
+        "(s) => { s.value = '0'; s.dispatchEvent(new Event('input')); }"
+    )
     expect(dcm.locator(".cw-dcm-lambda-out")).to_have_text("λ = 0.01 · 2 of 2 trained")
     ticks = dcm.locator(".cw-chart-ytick").all_text_contents()
     assert len(ticks) == 2 and ticks[0] != ticks[1], f"the loss axis' ends read the same: {ticks}"
-    inside = dcm.locator(".cw-line-chart").evaluate("""(svg) => { const l = svg.getBoundingClientRect().left;
+    inside = dcm.locator(
+        ".cw-line-chart"
+    ).evaluate("""(svg) => { const l = svg.getBoundingClientRect().left;
         return Math.min(...[...svg.querySelectorAll('.cw-chart-ytick')].map(t => t.getBoundingClientRect().left - l)); }""")
     assert inside >= 0, f"a loss tick label is cut off at the chart's left edge ({inside:.0f} px)"
     expect(dcm.locator(".cw-hg-subtitle")).to_contain_text("λ = 0.01")  # the kernel sent that mask
@@ -359,11 +421,14 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
     # CMAP patches the shared circuit as one group
     expect(cm.locator(".cw-cmap-toggle")).to_have_count(1)
     cm.locator(".cw-run").click()
-    expect(cm.locator("rect.cw-bar")).to_have_count(3, timeout=60_000)  # one group x (base, patched, ft)
+    expect(cm.locator("rect.cw-bar")).to_have_count(
+        3, timeout=60_000
+    )  # one group x (base, patched, ft)
     expect(cm.locator(".cw-bar-label")).to_have_text(["heads"])
     # a bar of 0 is drawn (a thin bar on the baseline) so that 0 does not look like "missing"
     bars = cm.locator("rect.cw-bar").evaluate_all(
-        "ns => ns.map(n => [Number(n.getAttribute('data-value')), Number(n.getAttribute('height')), n.classList.contains('cw-bar-zero')])")
+        "ns => ns.map(n => [Number(n.getAttribute('data-value')), Number(n.getAttribute('height')), n.classList.contains('cw-bar-zero')])"
+    )
     assert all(h >= 2 for _, h, _ in bars) and all(zero == (v <= 0) for v, _, zero in bars), bars
     if all(v == 0 for v, _, _ in bars):
         expect(cm.locator(".cw-bar-note")).to_have_text("all values are 0 (computed, not missing)")
@@ -380,15 +445,19 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
 
     # a grouped circuit: its groups reach every tab, survive clicks, and name themselves on hover
     run_cell(page, panel, len(CELLS) - 1)
-    expect(panel.locator(".jp-Notebook .jp-Cell").last.locator(".jp-OutputArea-output")).to_contain_text("GROUPED 1")
+    expect(
+        panel.locator(".jp-Notebook .jp-Cell").last.locator(".jp-OutputArea-output")
+    ).to_contain_text("GROUPED 1")
     expect(ex.locator(".cw-ex-circuit")).to_have_text(
-        "circuit (shared by every tab): movers@END: 1.3 · inhibit@all: 2.4, 3.0")
+        "circuit (shared by every tab): movers@END: 1.3 · inhibit@all: 2.4, 3.0"
+    )
     expect(cm.locator(".cw-cmap-toggle")).to_have_count(2)
     cm.locator('.cw-cmap-toggle[data-group="inhibit"]').uncheck()
     ex.locator(".cw-ex-tab").nth(0).click()
     pp_grid.locator('rect.cw-cell[data-layer="0"][data-head="1"]').click(modifiers=["Shift"])
     expect(ex.locator(".cw-ex-circuit")).to_have_text(
-        "circuit (shared by every tab): movers@END: 1.3 · inhibit@all: 2.4, 3.0 · heads@all: 0.1")
+        "circuit (shared by every tab): movers@END: 1.3 · inhibit@all: 2.4, 3.0 · heads@all: 0.1"
+    )
     pp_grid.locator('rect.cw-cell[data-layer="1"][data-head="3"]').hover()
     expect(pp_grid.locator(".cw-tt-group")).to_have_text("group movers @ END")
     expect(pp_grid.locator(".cw-tt-kv")).to_have_text("kv 0, shared by q0-3")
@@ -396,12 +465,18 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
     page.mouse.move(0, 0)
     ex.locator(".cw-ex-tab").nth(3).click()
     expect(cm.locator(".cw-cmap-toggle")).to_have_count(3)
-    checked = cm.locator(".cw-cmap-toggle").evaluate_all("ns => ns.map(n => [n.dataset.group, n.checked])")
-    assert checked == [["movers", True], ["inhibit", False], ["heads", True]], checked  # toggles kept
+    checked = cm.locator(".cw-cmap-toggle").evaluate_all(
+        "ns => ns.map(n => [n.dataset.group, n.checked])"
+    )
+    assert checked == [["movers", True], ["inhibit", False], ["heads", True]], (
+        checked
+    )  # toggles kept
     ex.screenshot(path=str(output_dir / "explorer_cmap_groups.png"))
     assert not [c for c in console if c.startswith("pageerror")]
     errors = [c for c in console if c.startswith("console.error")]
-    print(f"[ui] explorer: console errors {len(errors)}; grid build times are per widget in data-build-ms")
+    print(
+        f"[ui] explorer: console errors {len(errors)}; grid build times are per widget in data-build-ms"
+    )
     _ = statistics  # timings above are printed per test
 
 
@@ -411,12 +486,18 @@ def test_slider_knobs_agree_with_their_labels(lab, output_dir):
     _, panel, _, _, _ = lab
     few = panel.locator(".jp-Cell").nth(8).locator(".cw-hg")
     expect(few.locator("rect.cw-cell")).to_have_count(4)
-    top = few.locator(".cw-hg-topk-input").evaluate("(s) => [Number(s.min), Number(s.max), Number(s.value)]")
+    top = few.locator(".cw-hg-topk-input").evaluate(
+        "(s) => [Number(s.min), Number(s.max), Number(s.value)]"
+    )
     assert top[2] == top[1] > top[0], f"top-k knob not at the 'all' end: {top}"
     expect(few.locator(".cw-hg-topk output")).to_have_text("all")
-    thr = few.locator(".cw-hg-threshold-input").evaluate("(s) => [Number(s.min), Number(s.max), Number(s.value)]")
+    thr = few.locator(".cw-hg-threshold-input").evaluate(
+        "(s) => [Number(s.min), Number(s.max), Number(s.value)]"
+    )
     assert thr[2] == thr[1] == 3.0, f"threshold knob does not show the threshold 3: {thr}"
     expect(few.locator(".cw-hg-threshold output")).to_have_text("3")
-    expect(few.locator("rect.cw-cell.cw-dim")).to_have_count(1)  # the one value is below the threshold
+    expect(few.locator("rect.cw-cell.cw-dim")).to_have_count(
+        1
+    )  # the one value is below the threshold
     few.scroll_into_view_if_needed()
     few.screenshot(path=str(output_dir / "head_grid_sliders_few.png"))

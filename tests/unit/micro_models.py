@@ -9,7 +9,6 @@ the attribution one, whose hooks are checked under autograd in ``test_patching_r
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from circuit_widgets.models import model_shape, tiny_model
@@ -46,8 +45,14 @@ def n_columns(model, component: str) -> int:
 # --------------------------------------------------------------------------- models
 
 
-def sharp_tiny_model(arch: str, *, n_layers: int = 2, seed: int = 0, qk_scale: float = 10.0,
-                     n_kv_heads: int | None = None):
+def sharp_tiny_model(
+    arch: str,
+    *,
+    n_layers: int = 2,
+    seed: int = 0,
+    qk_scale: float = 10.0,
+    n_kv_heads: int | None = None,
+):
     """The conftest tiny model (4 heads, llama with 2 KV heads; 2 layers unless told), with
     W_Q and W_K scaled so attention is far from uniform: at init std 0.02 every pattern is ~uniform and
     q/k/pattern patches move the metric by ~1e-4, too little for a 1e-5 tolerance to mean much.
@@ -115,8 +120,15 @@ PLANTED_HEADS = {(0, 1), (1, 2)}
 # --------------------------------------------------------------------------- tasks
 
 
-def random_task(model, *, n: int = 4, seq_len: int = 7, lengths=(7, 5, 6, 4), seed: int = 0,
-                extra_position: str = "S") -> Task:
+def random_task(
+    model,
+    *,
+    n: int = 4,
+    seq_len: int = 7,
+    lengths=(7, 5, 6, 4),
+    seed: int = 0,
+    extra_position: str = "S",
+) -> Task:
     """Random clean prompts, right-padded to different lengths; the corrupt prompt resamples
     the token at S and about half the other real tokens. END = last real index."""
     gen = torch.Generator().manual_seed(seed)
@@ -170,8 +182,9 @@ def late_diff_task(model, *, seed: int = 0, n_answers: int = 1, n_wrong: int = 1
     )
 
 
-def planted_task(model, *, n: int = 5, seq_len: int = 8, lengths=(8, 6, 7, 5, 8),
-                 seed: int = 0) -> Task:
+def planted_task(
+    model, *, n: int = 5, seq_len: int = 8, lengths=(8, 6, 7, 5, 8), seed: int = 0
+) -> Task:
     """Clean prompts hold the answer token at S, corrupt ones the wrong answer; every other
     real token is shared. The planted circuit makes logit_diff(clean) > logit_diff(corrupt)."""
     gen = torch.Generator().manual_seed(seed)
@@ -180,8 +193,11 @@ def planted_task(model, *, n: int = 5, seq_len: int = 8, lengths=(8, 6, 7, 5, 8)
     lengths = torch.tensor(lengths[:n])
     mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
     ids = torch.randperm(vocab - 1, generator=gen)[: n * (seq_len + 2)].reshape(n, seq_len + 2) + 1
-    clean, answers, wrong = (ids[:, :seq_len].clone(), ids[:, seq_len].clone(),
-                             ids[:, seq_len + 1].clone())
+    clean, answers, wrong = (
+        ids[:, :seq_len].clone(),
+        ids[:, seq_len].clone(),
+        ids[:, seq_len + 1].clone(),
+    )
     s_pos = torch.stack([torch.randint(0, int(ln) - 1, (1,), generator=gen)[0] for ln in lengths])
     corrupt = clean.clone()
     clean[torch.arange(n), s_pos] = answers
@@ -243,22 +259,22 @@ def position_specs(task: Task, positions):
         return [(None, None)], False
     if positions == "each":
         n = len(task)
-        return [
-            (torch.full((n,), p), p < task.lengths) for p in range(task.seq_len)
-        ], True
+        return [(torch.full((n,), p), p < task.lengths) for p in range(task.seq_len)], True
     if isinstance(positions, str):
         return [(task.positions[positions], None)], False
     return [(task.positions[name], None) for name in positions], True
 
 
-def ref_activation_patch(model, task: Task, component: str, positions="all",
-                         direction: str = "noise"):
+def ref_activation_patch(
+    model, task: Task, component: str, positions="all", direction: str = "noise"
+):
     """Per-example metric_patched - metric_clean: [batch, L, C] or [batch, L, P, C].
 
     noise: clean run with corrupt activations; denoise: corrupt run with clean activations.
     """
     base, source = (
-        (task.clean_tokens, task.corrupt_tokens) if direction == "noise"
+        (task.clean_tokens, task.corrupt_tokens)
+        if direction == "noise"
         else (task.corrupt_tokens, task.clean_tokens)
     )
     metric_clean = run_metric(model, task.clean_tokens, task)
@@ -270,15 +286,19 @@ def ref_activation_patch(model, task: Task, component: str, positions="all",
         name = hook_name(component, layer)
         for pi, (pos, valid) in enumerate(specs):
             for col in range(n_col):
+
                 def hook(act, hook, name=name, col=col, pos=pos, valid=valid):
                     return copy_slice(act, src_cache[name], component, col, pos, valid)
 
-                out[:, layer, pi, col] = run_metric(model, base, task, [(name, hook)]) - metric_clean
+                out[:, layer, pi, col] = (
+                    run_metric(model, base, task, [(name, hook)]) - metric_clean
+                )
     return out if has_pos else out[:, :, 0]
 
 
-def ref_path_patch_one(model, task: Task, sender, receivers="logits", position="all",
-                       freeze_mlps=False, *, caches=None):
+def ref_path_patch_one(
+    model, task: Task, sender, receivers="logits", position="all", freeze_mlps=False, *, caches=None
+):
     """Per-example metric - metric_clean for one sender head (Wang et al. path patching).
 
     Run A: clean tokens; every head's z frozen to its clean z except the sender, which takes its
@@ -344,8 +364,9 @@ def path_caches(model, task: Task):
     return cache_of(model, task.clean_tokens, names), cache_of(model, task.corrupt_tokens, names)
 
 
-def ref_path_patch(model, task: Task, receivers="logits", senders=None, position="all",
-                   freeze_mlps=False):
+def ref_path_patch(
+    model, task: Task, receivers="logits", senders=None, position="all", freeze_mlps=False
+):
     """[batch, L, H] of ref_path_patch_one, NaN outside the senders. senders=None: every head
     below the lowest receiver layer (every head for logits)."""
     shape = model_shape(model)
@@ -370,7 +391,8 @@ def ref_attribution(model, task: Task, component: str, direction: str = "noise")
     backward pass; act is the live tensor, so paths through later layers are kept.
     """
     base, source = (
-        (task.clean_tokens, task.corrupt_tokens) if direction == "noise"
+        (task.clean_tokens, task.corrupt_tokens)
+        if direction == "noise"
         else (task.corrupt_tokens, task.clean_tokens)
     )
     n_layers, n_col = model_shape(model).n_layers, n_columns(model, component)
@@ -412,7 +434,7 @@ def ref_direct_effect(model, task: Task, layer: int, head: int, position="all"):
     hf = model.original_model
     gemma = type(hf).__name__.startswith("Gemma3")
     if hasattr(hf, "transformer"):  # GPT-2: Conv1D weight is [in, out]
-        w_o = hf.transformer.h[layer].attn.c_proj.weight[head * dh:(head + 1) * dh, :]
+        w_o = hf.transformer.h[layer].attn.c_proj.weight[head * dh : (head + 1) * dh, :]
         ln = hf.transformer.ln_f.original_component
 
         def norm(x):
@@ -420,14 +442,14 @@ def ref_direct_effect(model, task: Task, layer: int, head: int, position="all"):
             var = ((x - mu) ** 2).mean(-1, keepdim=True)
             return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
     elif not gemma:  # Llama: Linear weight is [out, in]
-        w_o = hf.model.layers[layer].self_attn.o_proj.weight[:, head * dh:(head + 1) * dh].T
+        w_o = hf.model.layers[layer].self_attn.o_proj.weight[:, head * dh : (head + 1) * dh].T
         ln = hf.model.norm.original_component
 
         def norm(x):
             return x / torch.sqrt((x * x).mean(-1, keepdim=True) + ln.variance_epsilon) * ln.weight
     else:  # Gemma 3: norms scale by (1 + w); the attention branch is normalised before it is added
         o_proj = hf.model.layers[layer].self_attn.o_proj.weight
-        w_o = o_proj[:, head * dh:(head + 1) * dh].T
+        w_o = o_proj[:, head * dh : (head + 1) * dh].T
         post = _raw_module(hf.model.layers[layer].post_attention_layernorm)
         ln = _raw_module(hf.model.norm)
 
@@ -436,6 +458,7 @@ def ref_direct_effect(model, task: Task, layer: int, head: int, position="all"):
 
         def norm(x):
             return gemma_norm(x, ln)
+
     unembed = hf.lm_head.original_component
     zname = hook_name("z", layer)
     dz = corrupt_cache[zname][:, :, head] - clean_cache[zname][:, :, head]  # [batch, pos, d_head]
@@ -449,7 +472,7 @@ def ref_direct_effect(model, task: Task, layer: int, head: int, position="all"):
     if gemma:  # the head's change reaches the residual through its layer's post-attention norm
         z_all = clean_cache[zname].flatten(2)  # [batch, pos, heads * d_head]
         moved = z_all.clone()
-        moved[:, :, head * dh:(head + 1) * dh] += dz
+        moved[:, :, head * dh : (head + 1) * dh] += dz
         branch_delta = gemma_norm(moved @ o_proj.T, post) - gemma_norm(z_all @ o_proj.T, post)
 
     def logits_of(x):
@@ -466,19 +489,3 @@ def ref_direct_effect(model, task: Task, layer: int, head: int, position="all"):
 def _raw_module(module):
     """The HF module under a bridge component (or the module itself)."""
     return getattr(module, "original_component", module)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run several times faster on one thread than on two contended ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def core():
-    from circuit_widgets import core
-
-    return core

@@ -7,9 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from micro_models import (  # noqa: F401 - fixtures core and one_thread are used by name
-    core,
-    one_thread,
+from micro_models import (
     COMPONENTS,
     PLANTED_HEADS,
     hook_name,
@@ -22,6 +20,8 @@ from micro_models import (  # noqa: F401 - fixtures core and one_thread are used
     run_metric,
     sharp_tiny_model,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-4
 ARCHS = ("gpt2", "llama", "gemma3")
@@ -58,15 +58,19 @@ def test_reference_is_the_directional_derivative(sharp, arch):
         name = hook_name("z", layer)
         delta = corrupt[name] - clean[name]
         for head in range(4):
+
             def shift(sign, head=head, delta=delta, name=name):
                 def hook(act, hook):
                     out = act.clone()
                     out[:, :, head] += sign * eps * delta[:, :, head]
                     return out
+
                 return [(name, hook)]
 
-            fd = (run_metric(model, task.clean_tokens, task, shift(+1))
-                  - run_metric(model, task.clean_tokens, task, shift(-1))) / (2 * eps)
+            fd = (
+                run_metric(model, task.clean_tokens, task, shift(+1))
+                - run_metric(model, task.clean_tokens, task, shift(-1))
+            ) / (2 * eps)
             torch.testing.assert_close(ref[:, layer, head], fd, atol=2e-4, rtol=1e-3)
 
 
@@ -85,8 +89,9 @@ def test_matches_autograd_reference(core, sharp, arch, component):
         torch.testing.assert_close(grid.per_example.detach().cpu().float(), ref, atol=ATOL, rtol=0)
     mc = run_metric(model, task.clean_tokens, task)
     mk = run_metric(model, task.corrupt_tokens, task)
-    torch.testing.assert_close(grid.normalized.detach().cpu().float(),
-                               ref.mean(0) / (mk - mc).mean(), atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        grid.normalized.detach().cpu().float(), ref.mean(0) / (mk - mc).mean(), atol=1e-3, rtol=1e-3
+    )
 
 
 @pytest.mark.parametrize("component", ("z", "k", "pattern", "mlp_out"))
@@ -134,8 +139,9 @@ def test_late_difference_and_other_metrics(core, sharp, arch, metric):
         grid = core.attribution_patch(model, task, component=component)
         ref = ref_attribution(model, task, component, "noise")
         atol = ATOL if metric == "logit_diff" else 1e-6  # probabilities here are ~1e-3
-        torch.testing.assert_close(grid.values.detach().cpu().float(), ref.mean(0), atol=atol,
-                                   rtol=1e-4)
+        torch.testing.assert_close(
+            grid.values.detach().cpu().float(), ref.mean(0), atol=atol, rtol=1e-4
+        )
 
 
 def test_planted_circuit_close_to_activation_patching(core, planted):
@@ -175,8 +181,11 @@ def _ref_path_derivative(model, task, layer, head, position, freeze_mlps, eps=1e
         _, clean = model.run_with_cache(task.clean_tokens, names_filter=lambda n: n in names)
         _, corrupt = model.run_with_cache(task.corrupt_tokens, names_filter=lambda n: n in names)
     s = task.clean_tokens.shape[1]
-    where = (torch.ones(len(task), s, 1) if position == "all" else
-             (torch.arange(s)[None] == task.positions[position][:, None]).float()[..., None])
+    where = (
+        torch.ones(len(task), s, 1)
+        if position == "all"
+        else (torch.arange(s)[None] == task.positions[position][:, None]).float()[..., None]
+    )
 
     def hooks(sign):
         out = []
@@ -200,7 +209,9 @@ def _ref_path_derivative(model, task, layer, head, position, freeze_mlps, eps=1e
 @pytest.mark.parametrize("freeze_mlps", [False, True])
 @pytest.mark.parametrize("position", ["all", "END"])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_path_attribution_is_the_derivative_of_path_patching(core, sharp, arch, position, freeze_mlps):
+def test_path_attribution_is_the_derivative_of_path_patching(
+    core, sharp, arch, position, freeze_mlps
+):
     """Each sender's estimate is the derivative of its path-patched metric along (corrupt -
     clean): the paths through other heads are cut, those through MLPs kept unless frozen."""
     model, task = sharp[arch]

@@ -8,9 +8,8 @@ import math
 
 import pytest
 import torch
-from micro_models import (  # noqa: F401 - one_thread is an autouse fixture, used by name
+from micro_models import (
     PLANTED_HEADS,
-    one_thread,
     path_caches,
     planted_micro_model,
     planted_task,
@@ -34,6 +33,8 @@ from circuit_widgets.core.circuits import (
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.models import model_shape
 from circuit_widgets.types import Circuit, CircuitGroup, Component, Head
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,11 @@ def ref_mean_ablate(model, task, keep_cells, *, ref=None, which="corrupt", means
     n_all = sum(counts.values())
 
     def mean_of(l, c):
-        return (sums[(l, c)] / counts[c]).float() if c in counts else (sums[(l, "all")] / n_all).float()
+        return (
+            (sums[(l, c)] / counts[c]).float()
+            if c in counts
+            else (sums[(l, "all")] / n_all).float()
+        )
 
     def hook_for(l):
         def hook(act, hook):
@@ -91,15 +96,19 @@ def ref_mean_ablate(model, task, keep_cells, *, ref=None, which="corrupt", means
                         continue  # padding: never read by a real token
                     c = cls_of(task, b, p)
                     for h in range(shape.n_heads):
-                        kept = any(kl == l and kh == h and (kp is None or int(task.positions[kp][b]) == p)
-                                   for kl, kh, kp in keep_cells)
+                        kept = any(
+                            kl == l and kh == h and (kp is None or int(task.positions[kp][b]) == p)
+                            for kl, kh, kp in keep_cells
+                        )
                         if not kept:
                             out[b, p, h] = mean_of(l, c)[h]
             return out
+
         return hook
 
-    logits = model.run_with_hooks(task.clean_tokens,
-                                  fwd_hooks=[(names[l], hook_for(l)) for l in range(shape.n_layers)])
+    logits = model.run_with_hooks(
+        task.clean_tokens, fwd_hooks=[(names[l], hook_for(l)) for l in range(shape.n_layers)]
+    )
     return task.metric(logits).float()
 
 
@@ -167,7 +176,9 @@ def test_means_per_position_and_per_class_match_plain_references(tiny_llama):
     pos = mean_ablate(tiny_llama, task, circ, means="position", **kw)
     cls = mean_ablate(tiny_llama, task, circ, means="class", **kw)
     assert (auto.means, pos.means, cls.means) == ("position", "position", "class")
-    ref_pos = ref_mean_ablate(tiny_llama, task, cells, ref=ref_task, which="clean", means="position")
+    ref_pos = ref_mean_ablate(
+        tiny_llama, task, cells, ref=ref_task, which="clean", means="position"
+    )
     ref_cls = ref_mean_ablate(tiny_llama, task, cells, ref=ref_task, which="clean", means="class")
     assert (ref_pos - ref_cls).abs().max() > 1e-3  # the two kinds of mean really differ here
     torch.testing.assert_close(pos.per_example, ref_pos, atol=1e-4, rtol=1e-4)
@@ -179,7 +190,9 @@ def test_means_per_position_and_per_class_match_plain_references(tiny_llama):
     f = faithfulness(tiny_llama, task, circ, n_random=1, means="position", **kw)
     assert f.means == "position" and f.circuit_metric == pytest.approx(pos.metric, abs=1e-6)
     assert f.to_dict()["means"] == "position"
-    assert completeness(tiny_llama, task, circ, subsets="groups", means="class", **kw).means == "class"
+    assert (
+        completeness(tiny_llama, task, circ, subsets="groups", means="class", **kw).means == "class"
+    )
     assert minimality(tiny_llama, task, circ, k_sets="empty", **kw).means == "position"
 
 
@@ -187,9 +200,12 @@ def test_means_auto_falls_back_to_classes_and_position_needs_equal_lengths(tiny_
     task = random_task(tiny_llama)  # lengths 7, 5, 6, 4
     res = mean_ablate(tiny_llama, task, [(1, 0)])
     assert res.means == "class"
-    torch.testing.assert_close(res.per_example, ref_mean_ablate(tiny_llama, task, [(1, 0, None)]),
-                               atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match=r"means='position' .* same length; their lengths are \[4, 5, 6, 7\]"):
+    torch.testing.assert_close(
+        res.per_example, ref_mean_ablate(tiny_llama, task, [(1, 0, None)]), atol=1e-4, rtol=1e-4
+    )
+    with pytest.raises(
+        ValueError, match=r"means='position' .* same length; their lengths are \[4, 5, 6, 7\]"
+    ):
         mean_ablate(tiny_llama, task, [(1, 0)], means="position")
     equal = random_task(tiny_llama, lengths=(7, 7, 7, 7))
     shorter = random_task(tiny_llama, seed=2, lengths=(6, 6, 6, 6))
@@ -207,7 +223,8 @@ def test_a_position_the_reference_lacks_gets_one_true_note(tiny_llama):
     ref = ref_mean_ablate(tiny_llama, task, [(1, 0, None)], ref=other, which="clean")
     torch.testing.assert_close(got.per_example, ref, atol=1e-4, rtol=1e-4)
     assert [n for n in got.notes if "'S'" in n] == [
-        "reference task lacks positions ['S']: those classes use the mean over all its real tokens"]
+        "reference task lacks positions ['S']: those classes use the mean over all its real tokens"
+    ]
 
 
 def test_keeping_every_head_through_the_edit_path_gives_the_unablated_score(tiny_llama):
@@ -216,7 +233,10 @@ def test_keeping_every_head_through_the_edit_path_gives_the_unablated_score(tiny
     layer (not the shortcut that skips the edits when every head is kept everywhere). Prompts of
     one length leave no padding in a scored batch, so this needs class means."""
     task = random_task(tiny_llama)  # lengths 7, 5, 6, 4
-    at = {f"P{p}": torch.clamp(torch.full((len(task),), p), max=task.lengths - 1) for p in range(task.seq_len)}
+    at = {
+        f"P{p}": torch.clamp(torch.full((len(task),), p), max=task.lengths - 1)
+        for p in range(task.seq_len)
+    }
     task = dataclasses.replace(task, positions={**task.positions, **at})
     every = [(l, h) for l in range(2) for h in range(4)]
     circ = Circuit.from_groups({name: every for name in at}, positions={name: name for name in at})
@@ -231,17 +251,20 @@ def test_keeping_every_head_through_the_edit_path_gives_the_unablated_score(tiny
 
 def test_random_circuits_keep_sizes_positions_and_distinct_heads():
     shape = model_shape(planted_micro_model())  # 2 x 4 = 8 heads
-    disjoint = Circuit.from_groups({"a": [(0, 0), (0, 1), (1, 0)], "b": [(1, 1), (1, 2), (0, 3)]},
-                                   positions={"a": "END"})
-    shared = Circuit.from_groups({"a": [(0, 0), (0, 1), (1, 0)], "b": [(1, 0), (0, 1), (1, 3)]},
-                                 positions={"b": "S"})
+    disjoint = Circuit.from_groups(
+        {"a": [(0, 0), (0, 1), (1, 0)], "b": [(1, 1), (1, 2), (0, 3)]}, positions={"a": "END"}
+    )
+    shared = Circuit.from_groups(
+        {"a": [(0, 0), (0, 1), (1, 0)], "b": [(1, 0), (0, 1), (1, 3)]}, positions={"b": "S"}
+    )
     for circ in (disjoint, shared):
         inter = len(circ.group("a").heads & circ.group("b").heads)
         draws = []
         for seed in range(20):
             r = random_circuit_like(circ, shape, seed)
-            assert [(g.name, g.position, len(g.heads)) for g in r.groups] == \
-                [(g.name, g.position, len(g.heads)) for g in circ.groups]
+            assert [(g.name, g.position, len(g.heads)) for g in r.groups] == [
+                (g.name, g.position, len(g.heads)) for g in circ.groups
+            ]
             assert len(r) == len(circ)  # as many distinct heads as the circuit
             assert len(r.group("a").heads & r.group("b").heads) == inter
             r.validate(shape.n_layers, shape.n_heads)
@@ -265,8 +288,8 @@ def test_completeness_scores_follow_the_definition(tiny_llama):
         assert fm == pytest.approx(mean_ablate(tiny_llama, task, every - knock).metric, abs=1e-5)
         assert score == pytest.approx(abs(fc - fm), abs=1e-9)
     assert res.scores[0] == pytest.approx(
-        abs(mean_ablate(tiny_llama, task, circ).metric - res.full_metric),
-        abs=1e-4)
+        abs(mean_ablate(tiny_llama, task, circ).metric - res.full_metric), abs=1e-4
+    )
     assert res.max_score == max(res.scores)
     explicit = completeness(tiny_llama, task, circ, subsets=[[(0, 2)]])
     assert explicit.f_circuit[1] == pytest.approx(res.f_circuit[2], abs=1e-6)
@@ -311,7 +334,9 @@ def test_overlap_arithmetic_on_hand_made_circuits():
 
 def test_pipeline_circuit_json_round_trip(planted):
     model, task = planted
-    res = circuit_pipeline(model, task, stages=[Stage("s1", "END"), Stage("s2", "S", "s1", "v")], top_k=1)
+    res = circuit_pipeline(
+        model, task, stages=[Stage("s1", "END"), Stage("s2", "S", "s1", "v")], top_k=1
+    )
     back = Circuit.from_json(res.circuit.to_json())
     assert back == res.circuit
     assert [(g.name, g.position) for g in back.groups] == [("s1", "END"), ("s2", "S")]
@@ -324,7 +349,9 @@ def test_pipeline_finds_exactly_the_planted_heads(planted):
     model, task = planted
     stages = [Stage("movers", "END"), Stage("feeders", "S", "movers", "v")]
     seen = []
-    res = circuit_pipeline(model, task, stages=stages, top_frac=1 / 8, on_progress=lambda d, t: seen.append((d, t)))
+    res = circuit_pipeline(
+        model, task, stages=stages, top_frac=1 / 8, on_progress=lambda d, t: seen.append((d, t))
+    )
     assert res.complete
     assert res.circuit.group("movers").heads == {Head(1, 2)}
     assert res.circuit.group("feeders").heads == {Head(0, 1)}
@@ -332,7 +359,9 @@ def test_pipeline_finds_exactly_the_planted_heads(planted):
     # Other heads write nothing (zero W_O); 0.1 alone reaches the logits only through the norm.
     grid = res.grids["movers"]
     others = [(l, h) for l in range(2) for h in range(4) if (l, h) != (1, 2)]
-    assert all(abs(float(grid.values[l, h])) < 0.01 * abs(float(grid.values[1, 2])) for l, h in others)
+    assert all(
+        abs(float(grid.values[l, h])) < 0.01 * abs(float(grid.values[1, 2])) for l, h in others
+    )
     assert res.grids["feeders"].done[0].all() and not res.grids["feeders"].done[1].any()
     assert seen[-1][0] == seen[-1][1]
     df = res.to_dataframe()
@@ -352,22 +381,41 @@ def test_pipeline_receivers_in_two_layers_match_the_plain_joint_reference():
     assert grid.done[:3].all() and not grid.done[3].any()
     recv = [(h.layer, h.head, inp) for h in receivers for inp in "qv"]
     caches = path_caches(model, task)
-    ref = torch.stack([torch.stack([ref_path_patch_one(model, task, (l, h), recv, "END", caches=caches)
-                                    for h in range(4)], -1) for l in range(3)], 1)  # [batch, 3, 4]
+    ref = torch.stack(
+        [
+            torch.stack(
+                [
+                    ref_path_patch_one(model, task, (l, h), recv, "END", caches=caches)
+                    for h in range(4)
+                ],
+                -1,
+            )
+            for l in range(3)
+        ],
+        1,
+    )  # [batch, 3, 4]
     assert ref.abs().max() > 1e-3  # the paths carry real signal
     torch.testing.assert_close(grid.per_example[:, :3], ref, atol=1e-5, rtol=1e-4)
 
 
 def test_pipeline_notes_say_why_a_stage_is_empty(planted):
     model, task = planted
-    stages = [Stage("a", "END"), Stage("b", "S", "a", "v"), Stage("c", "S", "b", "v"),
-              Stage("d", "S", "c", "v")]
+    stages = [
+        Stage("a", "END"),
+        Stage("b", "S", "a", "v"),
+        Stage("c", "S", "b", "v"),
+        Stage("d", "S", "c", "v"),
+    ]
     res = circuit_pipeline(model, task, stages=stages, top_k=1)
-    assert res.circuit.group("a").heads == {Head(1, 2)} and res.circuit.group("b").heads == {Head(0, 1)}
+    assert res.circuit.group("a").heads == {Head(1, 2)} and res.circuit.group("b").heads == {
+        Head(0, 1)
+    }
     assert not res.circuit.group("c").heads and not res.circuit.group("d").heads
     assert "stage 'c': stage 'b' has no heads above layer 0 to receive, so it is empty" in res.notes
-    assert "stage 'd': stage 'c' picked no heads, so there is nothing to receive into and it is empty" \
+    assert (
+        "stage 'd': stage 'c' picked no heads, so there is nothing to receive into and it is empty"
         in res.notes
+    )
     assert not any(n.startswith("stage 'd'") and "layer 0" in n for n in res.notes)
 
 
@@ -399,16 +447,36 @@ def test_relative_is_the_mean_relative_change_per_example(planted):
     # An example whose clean metric is 0 is left out; a cell not computed stays NaN.
     per = torch.tensor([[[1.0, 2.0]], [[5.0, 5.0]], [[2.0, float("nan")]]])
     done = torch.tensor([[True, True]])
-    g = build_grid(per, done, torch.tensor([2.0, 0.0, 4.0]), torch.zeros(3),
-                   shape=dataclasses.replace(model_shape(model), n_layers=1, n_heads=2),
-                   component=Component.Z, direction="noise", kind="path", metric_name="prob",
-                   positions=None, position="END", complete=True)
+    g = build_grid(
+        per,
+        done,
+        torch.tensor([2.0, 0.0, 4.0]),
+        torch.zeros(3),
+        shape=dataclasses.replace(model_shape(model), n_layers=1, n_heads=2),
+        component=Component.Z,
+        direction="noise",
+        kind="path",
+        metric_name="prob",
+        positions=None,
+        position="END",
+        complete=True,
+    )
     assert float(g.relative[0, 0]) == pytest.approx((1.0 / 2 + 2.0 / 4) / 2)
     assert float(g.relative[0, 1]) == pytest.approx(2.0 / 2)
-    not_done = build_grid(per, ~done, torch.tensor([2.0, 0.0, 4.0]), torch.zeros(3),
-                          shape=dataclasses.replace(model_shape(model), n_layers=1, n_heads=2),
-                          component=Component.Z, direction="noise", kind="path", metric_name="prob",
-                          positions=None, position="END", complete=False)
+    not_done = build_grid(
+        per,
+        ~done,
+        torch.tensor([2.0, 0.0, 4.0]),
+        torch.zeros(3),
+        shape=dataclasses.replace(model_shape(model), n_layers=1, n_heads=2),
+        component=Component.Z,
+        direction="noise",
+        kind="path",
+        metric_name="prob",
+        positions=None,
+        position="END",
+        complete=False,
+    )
     assert bool(torch.isnan(not_done.relative).all())
 
 
@@ -432,18 +500,24 @@ def test_rank_by_changes_what_the_pipeline_ranks():
         return {Head(int(i) // 4, int(i) % 4) for i in flat.argsort(descending=True)[:k]}
 
     picked = {}
-    for rank_by, score in (("normalized", grid.normalized), ("relative", grid.relative),
-                           ("value", grid.values)):
+    for rank_by, score in (
+        ("normalized", grid.normalized),
+        ("relative", grid.relative),
+        ("value", grid.values),
+    ):
         for sign in ("abs", "positive"):
-            res = circuit_pipeline(model, task, stages=[Stage("one", "END")], top_k=2, rank_by=rank_by,
-                                   sign=sign)
+            res = circuit_pipeline(
+                model, task, stages=[Stage("one", "END")], top_k=2, rank_by=rank_by, sign=sign
+            )
             assert res.rank_by == rank_by
             oriented = score if rank_by == "normalized" else score * math.copysign(1.0, gap)
             expect = top_k(oriented.abs() if sign == "abs" else oriented)
             assert res.circuit.group("one").heads == expect
             picked[(rank_by, sign)] = expect
     assert picked[("relative", "abs")] != picked[("normalized", "abs")]
-    assert picked[("value", "positive")] == picked[("normalized", "positive")]  # same sign convention
+    assert (
+        picked[("value", "positive")] == picked[("normalized", "positive")]
+    )  # same sign convention
     with pytest.raises(ValueError, match="rank_by must be one of"):
         circuit_pipeline(model, task, rank_by="p")
 
@@ -456,8 +530,13 @@ def test_pipeline_stop_returns_partial(planted):
         calls.append(1)
         return len(calls) > 3
 
-    res = circuit_pipeline(model, task, stages=[Stage("a", "END"), Stage("b", "S", "a", "v")], top_k=1,
-                           should_stop=stop)
+    res = circuit_pipeline(
+        model,
+        task,
+        stages=[Stage("a", "END"), Stage("b", "S", "a", "v")],
+        top_k=1,
+        should_stop=stop,
+    )
     assert not res.complete
 
 
@@ -466,11 +545,18 @@ def test_default_stages_per_task():
 
     ioi = default_stages(SimpleNamespace(name="ioi-ABC"))
     assert [(s.name, s.position, s.receivers, s.inputs) for s in ioi] == [
-        ("movers", "END", "logits", "q"), ("inhibition", "END", "movers", "q"),
-        ("induction", "S2", "inhibition", "kv"), ("previous_token", "S1+1", "induction", "k")]
+        ("movers", "END", "logits", "q"),
+        ("inhibition", "END", "movers", "q"),
+        ("induction", "S2", "inhibition", "kv"),
+        ("previous_token", "S1+1", "induction", "k"),
+    ]
     et = default_stages(SimpleNamespace(name="entity_tracking"))
     assert [(s.name, s.position) for s in et] == [
-        ("A", "END"), ("B", "END"), ("C", "query_label"), ("D", "query_label_ctx")]
+        ("A", "END"),
+        ("B", "END"),
+        ("C", "query_label"),
+        ("D", "query_label_ctx"),
+    ]
     assert [s.inputs for s in et] == ["q", "q", "v", "v"]
 
 

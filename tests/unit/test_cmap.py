@@ -17,11 +17,15 @@ from circuit_widgets.tasks import ioi
 def _layer(model, i):
     attn = model.original_model.model.layers[i].self_attn
     raw = lambda m: getattr(m, "original_component", None) or m
-    return {n: raw(getattr(attn, f"{n}_proj")) for n in "qkvo"}, model.original_model.model.layers[i].mlp
+    return {n: raw(getattr(attn, f"{n}_proj")) for n in "qkvo"}, model.original_model.model.layers[
+        i
+    ].mlp
 
 
 def _llama(seed=0, n_kv_heads=2, n_layers=2):
-    return tiny_model("llama", n_layers=n_layers, n_heads=4, n_kv_heads=n_kv_heads, d_model=32, seed=seed)
+    return tiny_model(
+        "llama", n_layers=n_layers, n_heads=4, n_kv_heads=n_kv_heads, d_model=32, seed=seed
+    )
 
 
 def _perturb_rows(linear, rows, seed, scale=1.0):
@@ -41,7 +45,9 @@ def pair():
     base, ft = _llama(), _llama()
     for i in range(2):
         proj, mlp = _layer(ft, i)
-        for j, lin in enumerate(list(proj.values()) + [getattr(mlp, "original_component", mlp).gate_proj]):
+        for j, lin in enumerate(
+            list(proj.values()) + [getattr(mlp, "original_component", mlp).gate_proj]
+        ):
             _perturb_rows(lin, slice(None), seed=10 * i + j, scale=0.3)
     return base, ft
 
@@ -64,7 +70,9 @@ def _logits(model, task):
 def test_identical_models_change_nothing_exactly(task):
     a, b = _llama(), _llama()
     for ft in (a, b):  # the same object, and a separate copy with equal weights
-        res = cmap(a, ft, task, heads="all", component=("z", "attn_out", "mlp_out"), positions="all")
+        res = cmap(
+            a, ft, task, heads="all", component=("z", "attn_out", "mlp_out"), positions="all"
+        )
         assert torch.equal(res.patched_metric[0], res.base_metric)
         # The fine-tuned run has another batch shape, so it matches to float precision only.
         torch.testing.assert_close(res.base_metric, res.finetuned_metric, atol=1e-6, rtol=1e-6)
@@ -105,7 +113,9 @@ def test_planted_heads_rank_first_and_recover_the_finetune(planted, task):
     grid = cmap_grid(base, ft, task, component="z", position="END")
     top = grid.top(4)
     assert {h for h, _ in top[:2]} == {Head(1, 0), Head(1, 3)}
-    others = [grid.values[l, h] for l in range(2) for h in range(4) if (l, h) not in ((1, 0), (1, 3))]
+    others = [
+        grid.values[l, h] for l in range(2) for h in range(4) if (l, h) not in ((1, 0), (1, 3))
+    ]
     assert all(float(v) == 0.0 for v in others)  # every other head's z is identical in both models
     # recovered = share of the base -> fine-tuned gap closed: 0 where the head is the same
     gap = float(grid.metric_corrupt.mean() - grid.metric_clean.mean())
@@ -119,15 +129,22 @@ def test_planted_heads_rank_first_and_recover_the_finetune(planted, task):
 
 def test_circuit_groups_and_the_whole_circuit(planted, task):
     base, ft = planted
-    circ = Circuit.from_groups({"A": [(1, 0)], "B": [(1, 3)], "C": [(0, 1)]},
-                               positions={"A": "END", "B": "END", "C": "S2"})
+    circ = Circuit.from_groups(
+        {"A": [(1, 0)], "B": [(1, 3)], "C": [(0, 1)]}, positions={"A": "END", "B": "END", "C": "S2"}
+    )
     res = cmap(base, ft, task, circuit=circ)
     assert res.groups == ["A", "B", "C", "circuit"]
-    assert res.positions["C"] == "S2" and res.heads["circuit"] == [Head(0, 1), Head(1, 0), Head(1, 3)]
+    assert res.positions["C"] == "S2" and res.heads["circuit"] == [
+        Head(0, 1),
+        Head(1, 0),
+        Head(1, 3),
+    ]
     torch.testing.assert_close(res.patched_metric[3], res.finetuned_metric, atol=1e-5, rtol=1e-5)
     assert torch.equal(res.patched_metric[2], res.base_metric)  # head 0.1 is the same in both
     df = res.to_dataframe()
-    assert list(df["group"]) == res.groups and df["recovered"].iloc[3] == pytest.approx(1.0, abs=1e-4)
+    assert list(df["group"]) == res.groups and df["recovered"].iloc[3] == pytest.approx(
+        1.0, abs=1e-4
+    )
     over = cmap(base, ft, task, circuit=circ, positions={"A": "IO"})
     assert over.positions["A"] == "IO" and over.positions["B"] == "END"
 
@@ -235,9 +252,18 @@ def hf_llama(vocab_size: int, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     hf = LlamaForCausalLM(cfg).eval()
     hf.config.architectures = ["LlamaForCausalLM"]
     return hf
@@ -261,25 +287,48 @@ def test_mismatched_vocabulary_is_named(tmp_path):
 def test_progress_and_stop_keep_partial_results(pair, task):
     base, ft = pair
     seen = []
-    res = cmap(base, ft, task, heads=[(1, 0)], positions="END", batch_size=2,
-               on_progress=lambda d, t: seen.append((d, t)), should_stop=lambda: len(seen) >= 1)
+    res = cmap(
+        base,
+        ft,
+        task,
+        heads=[(1, 0)],
+        positions="END",
+        batch_size=2,
+        on_progress=lambda d, t: seen.append((d, t)),
+        should_stop=lambda: len(seen) >= 1,
+    )
     assert seen == [(1, 3)] and not res.complete
     assert res.done.tolist() == [True, True, False, False, False, False]
-    assert math.isnan(float(res.patched_metric[0, 3])) and not math.isnan(float(res.group("heads")["patched_metric"]))
+    assert math.isnan(float(res.patched_metric[0, 3])) and not math.isnan(
+        float(res.group("heads")["patched_metric"])
+    )
     calls = []
-    grid = cmap_grid(base, ft, task, batch_size=4, on_progress=lambda d, t: calls.append(d),
-                     should_stop=lambda: len(calls) >= 2)
+    grid = cmap_grid(
+        base,
+        ft,
+        task,
+        batch_size=4,
+        on_progress=lambda d, t: calls.append(d),
+        should_stop=lambda: len(calls) >= 2,
+    )
     assert not grid.complete and 0 < int(grid.done.sum()) < 8
-    assert torch.isnan(grid.values[~grid.done]).all() and not torch.isnan(grid.values[grid.done]).any()
+    assert (
+        torch.isnan(grid.values[~grid.done]).all() and not torch.isnan(grid.values[grid.done]).any()
+    )
     full = cmap_grid(base, ft, task, batch_size=4)
-    assert full.complete and torch.allclose(full.values, cmap_grid(base, ft, task).values, atol=1e-6)
+    assert full.complete and torch.allclose(
+        full.values, cmap_grid(base, ft, task).values, atol=1e-6
+    )
 
 
 def test_result_type(pair, task):
     base, ft = pair
     res = cmap(base, ft, task, heads=[(1, 0)])
     assert isinstance(res, CMAPResult) and res.positions == {"heads": None}
-    assert res.patched_metric.shape == (1, len(task)) and res.patched_accuracy.shape == (1, len(task))
+    assert res.patched_metric.shape == (1, len(task)) and res.patched_accuracy.shape == (
+        1,
+        len(task),
+    )
     assert "CMAPResult" in repr(res)
 
 
@@ -311,7 +360,9 @@ def test_tokenizers_differing_only_in_special_tokens_are_named(tmp_path):
         check_compatible(base, load_model(hf_llama(base.cfg.d_vocab), tokenizer=special))
     assert "eos_token_id" in str(err.value) and "pad_token_id" not in str(err.value)
     tok = AutoTokenizer.from_pretrained(base.tokenizer.name_or_path)
-    tok.backend_tokenizer.normalizer = normalizers.Lowercase()  # same vocabulary, other ids for "Mary"
+    tok.backend_tokenizer.normalizer = (
+        normalizers.Lowercase()
+    )  # same vocabulary, other ids for "Mary"
     lower = _reloaded(tok, tmp_path / "lower")
     with pytest.raises(ValueError, match="tokenizer backend: normalizer differ"):
         check_compatible(base, load_model(hf_llama(base.cfg.d_vocab), tokenizer=lower))
@@ -336,7 +387,9 @@ def test_a_heads_list_must_not_mix_column_kinds(pair, task):
     assert zq.heads["heads"] == kv.heads["heads"] == [Head(1, 1)]
     every = cmap(base, ft, task, heads="all", component=["z", "v"], positions="END")
     assert every.complete
-    circ = cmap(base, ft, task, circuit=Circuit.from_heads([(1, 3)], position="END"), component=["z", "v"])
+    circ = cmap(
+        base, ft, task, circuit=Circuit.from_heads([(1, 3)], position="END"), component=["z", "v"]
+    )
     alone = cmap(base, ft, task, heads=[(1, 3)], component="z", positions="END")
     assert not torch.allclose(circ.patched_metric, alone.patched_metric)  # v of kv head 1 came too
 
@@ -361,8 +414,9 @@ def test_each_group_is_patched_at_its_own_position(task):
     assert (every.patched_metric[0] - at_s2.patched_metric[0]).abs().max() > 1e-3
     assert torch.equal(at_first.patched_metric[0], at_first.base_metric)
     # The same in one call: each group's cells at its own position, the circuit at all of them.
-    circ = Circuit.from_groups({"s2": head, "every": head, "first": head},
-                               positions={"s2": "S2", "first": "first"})
+    circ = Circuit.from_groups(
+        {"s2": head, "every": head, "first": head}, positions={"s2": "S2", "first": "first"}
+    )
     res = cmap(base, ft, t, circuit=circ)
     assert res.positions == {"s2": "S2", "every": None, "first": "first", "circuit": "per group"}
     torch.testing.assert_close(res.patched_metric[0], at_s2.patched_metric[0], atol=1e-5, rtol=1e-5)

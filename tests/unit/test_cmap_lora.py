@@ -25,9 +25,18 @@ def _hf_llama(vocab_size: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     hf = LlamaForCausalLM(cfg).eval()
     hf.config.architectures = ["LlamaForCausalLM"]
     return hf
@@ -91,7 +100,10 @@ def test_qkv_adapter_z_patching_live_as_merged(task):
     # Only q/k/v changed, so every head's z everywhere reproduces the fine-tuned output.
     torch.testing.assert_close(got.patched_metric[0], got.finetuned_metric, atol=1e-5, rtol=1e-5)
     assert (got.finetuned_metric - got.base_metric).abs().max() > 0.05
-    g_live, g_merged = cmap_grid(base, live, task, component="v"), cmap_grid(base, merged, task, component="v")
+    g_live, g_merged = (
+        cmap_grid(base, live, task, component="v"),
+        cmap_grid(base, merged, task, component="v"),
+    )
     torch.testing.assert_close(g_live.values, g_merged.values, atol=1e-5, rtol=1e-5)
 
 
@@ -101,15 +113,31 @@ def _gpt2_pair(targets):
 
     tok = tiny_tokenizer()
     torch.manual_seed(0)
-    hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                                    bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
-                                    attn_pdrop=0.0)).eval()
+    hf = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=len(tok),
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
+    ).eval()
     hf.config.architectures = ["GPT2LMHeadModel"]
     base = load_model(copy.deepcopy(hf), tokenizer=tok)
     task = ioi(base, n=4, seed=0)
     torch.manual_seed(1)
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False,
-                          fan_in_fan_out=True)
+    cfg = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=list(targets),
+        init_lora_weights=False,
+        fan_in_fan_out=True,
+    )
     pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -123,7 +151,8 @@ def _gpt2_pair(targets):
         from transformer_lens.model_bridge import TransformerBridge
 
         live = TransformerBridge.boot_transformers(
-            "gpt2-lora", hf_model=copy.deepcopy(pm).get_base_model(), tokenizer=base.tokenizer)
+            "gpt2-lora", hf_model=copy.deepcopy(pm).get_base_model(), tokenizer=base.tokenizer
+        )
     return base, live, merged, task, hf_metric, pm, tok
 
 
@@ -134,9 +163,11 @@ def test_gpt2_c_attn_adapter_the_bridge_never_runs_is_refused():
     # Both engines would compute q/k/v from the bridge's split copies of c_attn, without the adapter.
     assert (hf_metric - task.metric(base(task.clean_tokens))).abs().max() > 0.05
     names = r"transformer\.h\.0\.attn\.c_attn, transformer\.h\.1\.attn\.c_attn"
-    for call in (lambda: cmap(base, live, task, heads="all", positions="all"),
-                 lambda: cmap_grid(base, live, task),
-                 lambda: check_compatible(base, live)):
+    for call in (
+        lambda: cmap(base, live, task, heads="all", positions="all"),
+        lambda: cmap_grid(base, live, task),
+        lambda: check_compatible(base, live),
+    ):
         with pytest.raises(ValueError, match=f"finetuned model: .*{names}.*merge_and_unload"):
             call()
     with pytest.raises(ValueError, match=f"base model: .*{names}"):

@@ -15,7 +15,9 @@ def model(request):
     return request.getfixturevalue(request.param)
 
 
-@pytest.mark.parametrize("comp", ["z", "q", "k", "v", "pattern", "attn_out", "mlp_out", "resid_pre"])
+@pytest.mark.parametrize(
+    "comp", ["z", "q", "k", "v", "pattern", "attn_out", "mlp_out", "resid_pre"]
+)
 def test_fast_matches_hooked_gradients(model, comp):
     task = random_task(model)
     fast = attribution_patch(model, task, comp)
@@ -36,8 +38,12 @@ def test_estimate_is_the_directional_derivative(tiny_llama):
     eps = 1e-2
     for h in range(4):
         up, down = (
-            run_metric(model, task, task.clean_tokens,
-                       [(name, lambda a, hook=None, h=h, t=t: _shift(a, c[name], x[name], h, t))])
+            run_metric(
+                model,
+                task,
+                task.clean_tokens,
+                [(name, lambda a, hook=None, h=h, t=t: _shift(a, c[name], x[name], h, t))],
+            )
             for t in (eps, -eps)
         )
         fd = (up - down) / (2 * eps)

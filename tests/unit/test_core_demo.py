@@ -30,13 +30,17 @@ def test_z_all_and_end_match_run_with_hooks(demo_model, task):
         grid = activation_patch(demo_model, task, positions=positions, heads=HEADS)
         for h in HEADS:
             name = f"blocks.{h.layer}.attn.hook_z"
-            mask = (torch.ones_like(task.attention_mask, dtype=torch.bool) if positions == "all"
-                    else torch.arange(task.seq_len)[None] == task.positions["END"][:, None])
+            mask = (
+                torch.ones_like(task.attention_mask, dtype=torch.bool)
+                if positions == "all"
+                else torch.arange(task.seq_len)[None] == task.positions["END"][:, None]
+            )
 
             def hook(act, hook=None, name=name, h=h, mask=mask):
                 out = act.clone()
-                out[:, :, h.head] = torch.where(mask[:, :, None], x[name][:, :, h.head],
-                                                act[:, :, h.head])
+                out[:, :, h.head] = torch.where(
+                    mask[:, :, None], x[name][:, :, h.head], act[:, :, h.head]
+                )
                 return out
 
             ref = run_metric(demo_model, task, task.clean_tokens, [(name, hook)]) - clean
@@ -46,16 +50,23 @@ def test_z_all_and_end_match_run_with_hooks(demo_model, task):
 
 def test_gqa_k_and_path_patching_match_generic_path(demo_model, task):
     runs = [
-        lambda: activation_patch(demo_model, task, component="k", positions="X",
-                                 heads=[Head(5, 1), Head(20, 2)]),
+        lambda: activation_patch(
+            demo_model, task, component="k", positions="X", heads=[Head(5, 1), Head(20, 2)]
+        ),
         lambda: path_patch(demo_model, task, senders=HEADS),
-        lambda: path_patch(demo_model, task, senders=HEADS[:2],
-                           receivers=[Receiver(20, 4, "q"), Receiver(20, 7, "v")], position="X"),
+        lambda: path_patch(
+            demo_model,
+            task,
+            senders=HEADS[:2],
+            receivers=[Receiver(20, 4, "q"), Receiver(20, 7, "v")],
+            position="X",
+        ),
         lambda: attribution_patch(demo_model, task, "v"),
     ]
     for run in runs:
         fast = run()
         with force_hooked():
             slow = run()
-        torch.testing.assert_close(fast.per_example, slow.per_example, atol=TOL, rtol=0,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            fast.per_example, slow.per_example, atol=TOL, rtol=0, equal_nan=True
+        )

@@ -13,23 +13,29 @@ HEAD = 1
 
 def _edit(site: str):
     if site == "pattern":  # every query attends to itself only
+
         def fn(p):
             out = p.clone()
             out[:, HEAD] = torch.eye(p.shape[-1], dtype=p.dtype, device=p.device)
             return out
+
         return fn
     if site in ("q", "k"):
+
         def fn(a):
             out = a.clone()
             # Sharpen attention; flipped too, as Gemma's q/k norms undo a pure scale.
             out[:, :, HEAD % a.shape[2]] = 30.0 * out[:, :, HEAD % a.shape[2]].flip(-1)
             return out
+
         return fn
     if site in ("v", "z"):
+
         def fn(a):
             out = a.clone()
             out[:, :, HEAD % a.shape[2]] *= -0.5
             return out
+
         return fn
     return lambda a: a * 0.5
 

@@ -35,13 +35,19 @@ def test_trace_matches_bridge_cache(model):
     for l in range(eng.n_layers):
         q, k, v = tr.qkv_raw(eng, l)
         pairs = {
-            "attn.hook_z": tr.z[l], "attn.hook_q": q, "attn.hook_k": k, "attn.hook_v": v,
-            "attn.hook_pattern": tr.pattern(eng, l), "hook_attn_out": tr.attn_out[l],
-            "hook_mlp_out": tr.mlp_out[l], "hook_resid_pre": tr.resid_pre[l],
+            "attn.hook_z": tr.z[l],
+            "attn.hook_q": q,
+            "attn.hook_k": k,
+            "attn.hook_v": v,
+            "attn.hook_pattern": tr.pattern(eng, l),
+            "hook_attn_out": tr.attn_out[l],
+            "hook_mlp_out": tr.mlp_out[l],
+            "hook_resid_pre": tr.resid_pre[l],
         }
         for name, act in pairs.items():
-            torch.testing.assert_close(act, cache[f"blocks.{l}.{name}"], atol=TOL, rtol=0,
-                                       msg=f"blocks.{l}.{name}")
+            torch.testing.assert_close(
+                act, cache[f"blocks.{l}.{name}"], atol=TOL, rtol=0, msg=f"blocks.{l}.{name}"
+            )
 
 
 def test_gqa_keys_are_per_kv_head(tiny_llama):
@@ -61,10 +67,17 @@ def test_resume_without_patch_reproduces_the_run(model, stage):
         starts = torch.tensor([2, 5, 0, 3, 4])
         w = task.seq_len - int(starts.min())
         pos = window_positions(starts, w)
-        init = {"resid_pre": tr.resid_pre, "z": tr.z, "attn_out": tr.attn_out,
-                "mlp_out": tr.mlp_out}.get(stage)
-        init = gather_window(init[1], pos)[None].expand(3, *gather_window(init[1], pos).shape) \
-            if init else None
+        init = {
+            "resid_pre": tr.resid_pre,
+            "z": tr.z,
+            "attn_out": tr.attn_out,
+            "mlp_out": tr.mlp_out,
+        }.get(stage)
+        init = (
+            gather_window(init[1], pos)[None].expand(3, *gather_window(init[1], pos).shape)
+            if init
+            else None
+        )
         out = run_window(eng, tr, starts, w, 3, 1, stage, init)
         ref = gather_window(tr.resid_pre[-1], pos)
     valid = pos < task.seq_len
@@ -84,4 +97,6 @@ def test_end_only_last_layer_matches_full_window(model):
         only = run_window(eng, tr, starts, w, 2, 0, "attn", end_index=end)
     ar = torch.arange(len(starts))
     torch.testing.assert_close(only, full[:, ar, end], atol=TOL, rtol=0)
-    torch.testing.assert_close(only[0], tr.resid_pre[-1][ar, task.positions["END"]], atol=TOL, rtol=0)
+    torch.testing.assert_close(
+        only[0], tr.resid_pre[-1][ar, task.positions["END"]], atol=TOL, rtol=0
+    )

@@ -7,8 +7,14 @@ import torch
 from circuit_widgets.tasks.base import Task
 
 
-def random_task(model, n: int = 5, seed: int = 0, min_len: int = 7, max_len: int = 11,
-                metric: str = "logit_diff") -> Task:
+def random_task(
+    model,
+    n: int = 5,
+    seed: int = 0,
+    min_len: int = 7,
+    max_len: int = 11,
+    metric: str = "logit_diff",
+) -> Task:
     """Random prompts of mixed lengths (right-padded); corrupt differs from position 2 on."""
     g = torch.Generator().manual_seed(seed)
     vocab = min(int(model.cfg.d_vocab), 400)

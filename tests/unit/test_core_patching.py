@@ -35,17 +35,23 @@ def reference(model, task, comp, layer, col, mask, direction="noise"):
         out = act.clone()
         if comp == Component.PATTERN:
             sel = mask[:, None, :, None].expand(-1, 1, -1, act.shape[-1])
-            out[:, col : col + 1] = torch.where(sel, src[name][:, col : col + 1], act[:, col : col + 1])
+            out[:, col : col + 1] = torch.where(
+                sel, src[name][:, col : col + 1], act[:, col : col + 1]
+            )
         elif comp.per_head:
             out[:, :, col] = torch.where(mask[:, :, None], src[name][:, :, col], act[:, :, col])
         else:
             out = torch.where(mask[:, :, None], src[name], act)
         return out
 
-    return run_metric(model, task, base, [(name, hook)]) - run_metric(model, task, task.clean_tokens)
+    return run_metric(model, task, base, [(name, hook)]) - run_metric(
+        model, task, task.clean_tokens
+    )
 
 
-@pytest.mark.parametrize("comp", ["z", "q", "k", "v", "pattern", "attn_out", "mlp_out", "resid_pre"])
+@pytest.mark.parametrize(
+    "comp", ["z", "q", "k", "v", "pattern", "attn_out", "mlp_out", "resid_pre"]
+)
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
 def test_every_component_matches_run_with_hooks(model, comp, direction):
     task = random_task(model)
@@ -76,9 +82,14 @@ def test_positions_match_run_with_hooks(model, positions):
     for layer in range(2):
         for h in range(4):
             for p, mask in enumerate(masks):
-                got = grid.per_example[:, layer, p, h] if grid.values.dim() == 3 else grid.per_example[:, layer, h]
-                torch.testing.assert_close(got, reference(model, task, "z", layer, h, mask),
-                                           atol=TOL, rtol=0)
+                got = (
+                    grid.per_example[:, layer, p, h]
+                    if grid.values.dim() == 3
+                    else grid.per_example[:, layer, h]
+                )
+                torch.testing.assert_close(
+                    got, reference(model, task, "z", layer, h, mask), atol=TOL, rtol=0
+                )
 
 
 def test_patches_have_an_effect(tiny_llama):
@@ -101,8 +112,11 @@ def test_gqa_kv_columns(tiny_llama):
 
 def test_generic_path_matches_fast_path(model):
     task = random_task(model, seed=5)
-    for kw in ({"component": "z"}, {"component": "k", "positions": "END", "direction": "denoise"},
-               {"component": "attn_out", "positions": ["X", "END"]}):
+    for kw in (
+        {"component": "z"},
+        {"component": "k", "positions": "END", "direction": "denoise"},
+        {"component": "attn_out", "positions": ["X", "END"]},
+    ):
         fast = activation_patch(model, task, **kw)
         with force_hooked():
             slow = activation_patch(model, task, **kw)
@@ -127,9 +141,14 @@ def test_heads_subset_progress_and_stop(tiny_gpt2):
     grid = activation_patch(tiny_gpt2, task, heads=[Head(1, 2), "0.1"])
     assert grid.done.sum() == 2 and grid.values.isnan().sum() == 6
     calls = []
-    grid = activation_patch(tiny_gpt2, task, positions="each", batch_size=len(task),
-                            on_progress=lambda d, t: calls.append((d, t)),
-                            should_stop=lambda: len(calls) >= 3)
+    grid = activation_patch(
+        tiny_gpt2,
+        task,
+        positions="each",
+        batch_size=len(task),
+        on_progress=lambda d, t: calls.append((d, t)),
+        should_stop=lambda: len(calls) >= 3,
+    )
     assert not grid.complete and calls[-1][0] == 3 and calls[-1][1] > 3
     assert 0 < int(grid.done.sum()) < grid.done.numel()
     assert grid.values[grid.done].isfinite().all() and grid.values[~grid.done].isnan().all()

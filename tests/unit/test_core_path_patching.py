@@ -25,8 +25,11 @@ def wang_reference(model, task, sender, receivers, position, freeze_mlps):
     shape = model_shape(model)
     c, x = caches(model, task)
     s = task.seq_len
-    mask = (torch.ones(len(task), s, dtype=torch.bool) if position == "all"
-            else torch.arange(s)[None] == task.positions[position][:, None])
+    mask = (
+        torch.ones(len(task), s, dtype=torch.bool)
+        if position == "all"
+        else torch.arange(s)[None] == task.positions[position][:, None]
+    )
     hooks_a = []
     for l in range(shape.n_layers):
         zname = f"blocks.{l}.attn.hook_z"
@@ -34,8 +37,9 @@ def wang_reference(model, task, sender, receivers, position, freeze_mlps):
         def fz(act, hook=None, l=l, zname=zname):
             out = c[zname].clone()
             if l == sender.layer:
-                out[:, :, sender.head] = torch.where(mask[:, :, None], x[zname][:, :, sender.head],
-                                                     out[:, :, sender.head])
+                out[:, :, sender.head] = torch.where(
+                    mask[:, :, None], x[zname][:, :, sender.head], out[:, :, sender.head]
+                )
             return out
 
         hooks_a.append((zname, fz))
@@ -45,7 +49,9 @@ def wang_reference(model, task, sender, receivers, position, freeze_mlps):
     grabbed = {}
     for r in receivers:
         name = f"blocks.{r.layer}.attn.hook_{r.input.value}"
-        hooks_a.append((name, lambda act, hook=None, name=name: grabbed.__setitem__(name, act.clone())))
+        hooks_a.append(
+            (name, lambda act, hook=None, name=name: grabbed.__setitem__(name, act.clone()))
+        )
     metric_clean = run_metric(model, task, task.clean_tokens)
     metric_a = run_metric(model, task, task.clean_tokens, hooks_a)
     if not receivers:
@@ -127,7 +133,8 @@ def test_frozen_mlps_to_logits_is_the_direct_effect(tiny_llama):
             moved = final + o_proj(z_new.flatten(1)) - o_proj(z.flatten(1))
             logits = model.original_model.lm_head(model.original_model.model.norm(moved))
         ref = task.metric(logits) - task.metric(
-            model.original_model.lm_head(model.original_model.model.norm(final)))
+            model.original_model.lm_head(model.original_model.model.norm(final))
+        )
         torch.testing.assert_close(grid.per_example[:, 0, h], ref, atol=TOL, rtol=0)
 
 
@@ -137,8 +144,9 @@ def test_generic_path_matches_fast_path(model):
         fast = path_patch(model, task, **kw)
         with force_hooked():
             slow = path_patch(model, task, **kw)
-        torch.testing.assert_close(fast.per_example, slow.per_example, atol=TOL, rtol=0,
-                                   equal_nan=True)
+        torch.testing.assert_close(
+            fast.per_example, slow.per_example, atol=TOL, rtol=0, equal_nan=True
+        )
 
 
 def test_validation(tiny_llama):
@@ -160,7 +168,12 @@ def test_validation(tiny_llama):
 def test_stop_keeps_partial(tiny_gpt2):
     task = random_task(tiny_gpt2)
     seen = []
-    grid = path_patch(tiny_gpt2, task, batch_size=len(task), on_progress=lambda d, t: seen.append(d),
-                      should_stop=lambda: len(seen) >= 2)
+    grid = path_patch(
+        tiny_gpt2,
+        task,
+        batch_size=len(task),
+        on_progress=lambda d, t: seen.append(d),
+        should_stop=lambda: len(seen) >= 2,
+    )
     assert not grid.complete and grid.done.sum() == 2
     assert seen == [1, 2]

@@ -9,12 +9,13 @@ import re
 
 import pytest
 import torch
-from micro_models import one_thread  # noqa: F401 - autouse fixture, used by name
 
 from circuit_widgets import tiny_model
 from circuit_widgets.core.dcm import MaskResult, SweepResult, dcm, dcm_sweep
 from circuit_widgets.tasks import Desideratum, desiderata
 from circuit_widgets.types import Circuit, Head
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 USED = list(range(10, 18))  # the planted model's vocabulary: one-hot tokens 10..17
 FRAME_FIRST, FRAME_END = 10, 11  # every prompt starts with 10 and ends with 11
@@ -47,10 +48,10 @@ def planted_dcm_model(carriers: dict, *, const: float = 20.0, scale: float = 100
             layer.input_layernorm.weight.fill_(1.0)
             layer.post_attention_layernorm.weight.fill_(1.0)
             for g in range(2):
-                attn.v_proj.weight[g * 8:(g + 1) * 8, 0:8] = eye
+                attn.v_proj.weight[g * 8 : (g + 1) * 8, 0:8] = eye
             for (cl, ch), w in carriers.items():
                 if cl == layer_idx:
-                    attn.o_proj.weight[8:16, ch * 8:(ch + 1) * 8] = w * eye
+                    attn.o_proj.weight[8:16, ch * 8 : (ch + 1) * 8] = w * eye
         hf.model.norm.weight.fill_(1.0)
         head = hf.lm_head
         head.weight.zero_()
@@ -76,8 +77,9 @@ def planted_desideratum(n: int = 40, seed: int = 0, width: int = 9) -> Desiderat
         src[i, :length] = torch.tensor([FRAME_FIRST] + [b] * (length - 2) + [FRAME_END])
         mask[i, :length] = 1
         targets[i], end[i] = b, length - 1
-    return Desideratum("planted", base, src, mask, mask.clone(), {"END": end},
-                       {"END": end.clone()}, targets)
+    return Desideratum(
+        "planted", base, src, mask, mask.clone(), {"END": end}, {"END": end.clone()}, targets
+    )
 
 
 CARRIERS = {Head(0, 1): 1.0, Head(1, 0): 1.0, Head(1, 3): 1.0}  # 0.0 shares 0.1's KV head
@@ -108,21 +110,23 @@ def source_z(model, d: Desideratum, layers) -> dict[int, torch.Tensor]:
     return {l: cache[n].clone() for n, l in names.items()}
 
 
-def ref_target_logits(model, d: Desideratum, mask: dict, position: str,
-                      src: dict) -> torch.Tensor:
+def ref_target_logits(model, d: Desideratum, mask: dict, position: str, src: dict) -> torch.Tensor:
     """Target logit at each base END with z[b, pos_b, h] <- m z + (1 - m) z_source[b, pos_s, h],
     one example at a time, through the bridge's own hooks; mask {Head: scalar tensor}."""
     pb, ps = d.base_positions[position], d.source_positions[position]
     hooks = []
     for layer in sorted({h.layer for h in mask}):
+
         def hook(z, hook, layer=layer):
             out = z.clone()
             for b in range(z.shape[0]):
                 for h, m in mask.items():
                     if h.layer == layer:
-                        out[b, pb[b], h.head] = (m * z[b, pb[b], h.head]
-                                                 + (1 - m) * src[layer][b, ps[b], h.head])
+                        out[b, pb[b], h.head] = (
+                            m * z[b, pb[b], h.head] + (1 - m) * src[layer][b, ps[b], h.head]
+                        )
             return out
+
         hooks.append((f"blocks.{layer}.attn.hook_z", hook))
     logits = model.run_with_hooks(d.base_tokens, fwd_hooks=hooks)
     end = d.base_positions["END"]
@@ -135,6 +139,7 @@ def ref_accuracy(model, d: Desideratum, patched, position: str, src: dict) -> fl
         pb, ps = d.base_positions[position], d.source_positions[position]
         hooks = []
         for layer in sorted({h.layer for h in patched}):
+
             def hook(z, hook, layer=layer):
                 out = z.clone()
                 for b in range(z.shape[0]):
@@ -142,6 +147,7 @@ def ref_accuracy(model, d: Desideratum, patched, position: str, src: dict) -> fl
                         if h.layer == layer:
                             out[b, pb[b], h.head] = src[layer][b, ps[b], h.head]
                 return out
+
             hooks.append((f"blocks.{layer}.attn.hook_z", hook))
         logits = model.run_with_hooks(d.base_tokens, fwd_hooks=hooks)
     end = d.base_positions["END"]
@@ -171,11 +177,13 @@ def random_desideratum(model, n: int = 15, width: int = 10, seed: int = 0) -> De
         plain = model(base)[torch.arange(n), lb - 1].argmax(-1)
         hooks = []
         for layer in range(n_layers):
+
             def hook(z, hook, layer=layer):
                 out = z.clone()
                 for b in range(n):
                     out[b, mid_b[b]] = src_z[layer][b, mid_s[b]]
                 return out
+
             hooks.append((f"blocks.{layer}.attn.hook_z", hook))
         patched = model.run_with_hooks(base, fwd_hooks=hooks)[torch.arange(n), lb - 1].argmax(-1)
     targets = torch.where(torch.arange(n) % 2 == 1, plain, patched)
@@ -198,8 +206,10 @@ def test_planted_carriers_are_selected_exactly_over_a_range_of_lambda(planted):
         assert chosen == set(CARRIERS), (r.lam, r.selected)  # precision and recall 1
         assert r.test_accuracy == r.val_accuracy == r.train_accuracy == 1.0
         assert r.complete and r.heads == [Head(l, h) for l in range(2) for h in range(4)]
-        non = r.mask[[h.layer for h in r.heads if h not in CARRIERS],
-                     [h.head for h in r.heads if h not in CARRIERS]]
+        non = r.mask[
+            [h.layer for h in r.heads if h not in CARRIERS],
+            [h.head for h in r.heads if h not in CARRIERS],
+        ]
         assert torch.equal(non, torch.ones_like(non))  # zero gradient: never moved
     big = sweep.results[4]
     assert big.selected == [] and big.test_accuracy == 0.0
@@ -219,14 +229,22 @@ def test_lambda_between_head_gains_keeps_exactly_the_stronger_heads():
     src = source_z(model, train, [0, 1])
     with torch.no_grad():
         clean = ref_target_logits(model, train, {}, "END", src).mean()
-        gain = {h: float(ref_target_logits(model, train, {h: torch.tensor(0.0)}, "END", src)
-                         .mean() - clean) for h in weights}
+        gain = {
+            h: float(
+                ref_target_logits(model, train, {h: torch.tensor(0.0)}, "END", src).mean() - clean
+            )
+            for h in weights
+        }
     g = gain[Head(0, 2)]
     assert g > 1.0
     assert gain[Head(1, 1)] == pytest.approx(2 * g, rel=0.02)
     assert gain[Head(0, 0)] == pytest.approx(4 * g, rel=0.02)
-    for lam, expected in ((1.5 * g, {Head(1, 1), Head(0, 0)}), (3 * g, {Head(0, 0)}),
-                          (0.5 * g, set(weights)), (5 * g, set())):
+    for lam, expected in (
+        (1.5 * g, {Head(1, 1), Head(0, 0)}),
+        (3 * g, {Head(0, 0)}),
+        (0.5 * g, set(weights)),
+        (5 * g, set()),
+    ):
         r = dcm(model, d, lam=lam, lr=0.2, epochs=3, batch_size=8)
         assert set(r.selected) == expected, (lam / g, r.selected, r.mask)
 
@@ -260,8 +278,14 @@ def test_heads_subset_trains_only_those_heads(planted):
 def sensitive_tiny_model(arch: str):
     """The conftest tiny model (GQA for llama) with attention weights x8, so that head outputs
     move the prediction (at init they barely do). A private instance."""
-    model = tiny_model(arch, n_layers=2, n_heads=4, n_kv_heads={"llama": 2, "gemma3": 1}.get(arch),
-                       d_model=32, seed=0)
+    model = tiny_model(
+        arch,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads={"llama": 2, "gemma3": 1}.get(arch),
+        d_model=32,
+        seed=0,
+    )
     if arch == "gemma3":
         return model  # its branch outputs are normalised (scaling cancels) and its norms random
     with torch.no_grad():
@@ -280,13 +304,25 @@ def test_training_matches_a_plain_hook_reference_step_for_step(arch):
     d = random_desideratum(model, n=30, seed=4)
     heads = [Head(0, 1), Head(0, 2), Head(0, 3), Head(1, 0)]  # 1.0 at 'mid' cannot reach END
     lam, lr = 1e-4, 0.3
-    r = dcm(model, d, heads=heads, position="mid", lam=lam, lr=lr, epochs=3, batch_size=64,
-            eval_every=1, seed=5)
+    r = dcm(
+        model,
+        d,
+        heads=heads,
+        position="mid",
+        lam=lam,
+        lr=lr,
+        epochs=3,
+        batch_size=64,
+        eval_every=1,
+        seed=5,
+    )
     assert_unchanged(model, before)
 
     train, val, test = d.split((0.6, 0.2, 0.2), seed=5)
-    srcs = {name: source_z(model, part, [0, 1])
-            for name, part in (("train", train), ("val", val), ("test", test))}
+    srcs = {
+        name: source_z(model, part, [0, 1])
+        for name, part in (("train", train), ("val", val), ("test", test))
+    }
     m = torch.ones(len(heads), requires_grad=True)
     opt = torch.optim.Adam([m], lr=lr)
     losses, val_accs, masks = [], [], []
@@ -314,11 +350,11 @@ def test_training_matches_a_plain_hook_reference_step_for_step(arch):
     assert r.selected == kept and r.val_accuracy == pytest.approx(val_accs[best - 1])
     assert r.val_accuracy == max(val_accs)
     assert r.test_accuracy == pytest.approx(ref_accuracy(model, test, kept, "mid", srcs["test"]))
-    assert r.train_accuracy == pytest.approx(
-        ref_accuracy(model, train, kept, "mid", srcs["train"]))
+    assert r.train_accuracy == pytest.approx(ref_accuracy(model, train, kept, "mid", srcs["train"]))
     assert r.baseline_accuracy == pytest.approx(ref_accuracy(model, test, [], "mid", srcs["test"]))
     assert r.full_patch_accuracy == pytest.approx(
-        ref_accuracy(model, test, heads, "mid", srcs["test"]))
+        ref_accuracy(model, test, heads, "mid", srcs["test"])
+    )
 
 
 def test_same_seed_same_mask_other_seed_other_order(tiny_llama):
@@ -348,8 +384,14 @@ def test_progress_covers_the_run_and_stop_returns_a_partial_result(planted):
     assert full.complete and len(full.curve) == 6
 
     seen = []
-    r = dcm(planted, d, lr=0.2, batch_size=4, on_progress=lambda a, b: seen.append(a),
-            should_stop=lambda: len(seen) >= 14)  # 5 source + 5 key/value batches, 3 steps, 1 check
+    r = dcm(
+        planted,
+        d,
+        lr=0.2,
+        batch_size=4,
+        on_progress=lambda a, b: seen.append(a),
+        should_stop=lambda: len(seen) >= 14,
+    )  # 5 source + 5 key/value batches, 3 steps, 1 check
     assert not r.complete and len(r.curve) == 3 and r.curve.val_step.tolist() == [3]
     assert math.isnan(r.test_accuracy) and math.isnan(r.baseline_accuracy)
     assert r.val_accuracy == 1.0 and set(r.selected) == set(CARRIERS)  # best check so far
@@ -363,10 +405,16 @@ def test_progress_covers_the_run_and_stop_returns_a_partial_result(planted):
 def test_sweep_stops_within_a_lambda_and_keeps_what_it_finished(planted):
     d = planted_desideratum(n=20, seed=8)
     seen, got = [], []
-    sweep = dcm_sweep(planted, d, lams=[0.01, 0.1, 1.0], lr=0.2, batch_size=4,
-                      on_progress=lambda a, b: seen.append((a, b)),
-                      on_result=lambda r: got.append(r),
-                      should_stop=lambda: len(seen) >= 10 + 2 + 12 + 3)  # prep: 5 + 5, references: 1 + 1
+    sweep = dcm_sweep(
+        planted,
+        d,
+        lams=[0.01, 0.1, 1.0],
+        lr=0.2,
+        batch_size=4,
+        on_progress=lambda a, b: seen.append((a, b)),
+        on_result=lambda r: got.append(r),
+        should_stop=lambda: len(seen) >= 10 + 2 + 12 + 3,
+    )  # prep: 5 + 5, references: 1 + 1
     assert not sweep.complete and [r.lam for r in sweep.results] == [0.01, 0.1]
     assert sweep.results[0].complete and not sweep.results[1].complete
     # each lambda reached on_result as it finished, reference accuracies included
@@ -393,7 +441,9 @@ def test_weights_written_in_place_during_dcm_are_caught():
             with torch.no_grad():
                 weight.mul_(1.0)
 
-    with pytest.raises(RuntimeError, match=rf"weights were changed in place during DCM \({re.escape(name)}"):
+    with pytest.raises(
+        RuntimeError, match=rf"weights were changed in place during DCM \({re.escape(name)}"
+    ):
         dcm(model, d, lr=0.2, batch_size=4, on_progress=write)
     with pytest.raises(RuntimeError, match="weights were changed in place"):
         dcm_sweep(model, d, lams=[0.01], lr=0.2, batch_size=4, on_progress=write)
@@ -405,22 +455,31 @@ def test_weights_written_in_place_during_dcm_are_caught():
 
 def test_bad_input_gives_clear_errors(planted, tiny_gpt2):
     d = planted_desideratum(n=10)
-    with pytest.raises(ValueError, match=r"head 2\.0: layer 2 is out of range; valid layers are 0\.\.1"):
+    with pytest.raises(
+        ValueError, match=r"head 2\.0: layer 2 is out of range; valid layers are 0\.\.1"
+    ):
         dcm(planted, d, heads=["2.0"])
-    with pytest.raises(ValueError, match=r"head 1\.4: head 4 is out of range; valid heads are 0\.\.3"):
+    with pytest.raises(
+        ValueError, match=r"head 1\.4: head 4 is out of range; valid heads are 0\.\.3"
+    ):
         dcm(planted, d, heads=[(1, 4)])
     with pytest.raises(ValueError, match="heads is empty"):
         dcm(planted, d, heads=[])
     with pytest.raises(ValueError, match="cannot read a head"):
         dcm(planted, d, heads=["x"])
-    with pytest.raises(ValueError, match=r"has no position 'query_label'; valid positions are \['END'\]"):
+    with pytest.raises(
+        ValueError, match=r"has no position 'query_label'; valid positions are \['END'\]"
+    ):
         dcm(planted, d, position="query_label")
-    for kw, msg in (({"lam": -1}, "lam must be"), ({"lr": 0}, "lr must be a finite number > 0"),
-                    ({"epochs": 0}, "epochs must be an int >= 1"),
-                    ({"batch_size": 0}, "batch_size must be a positive int"),
-                    ({"eval_every": 0}, "eval_every must be"),
-                    ({"split": (0.5, 0.2)}, "sum to 1"),
-                    ({"on_progress": 3}, "on_progress must be a callable")):
+    for kw, msg in (
+        ({"lam": -1}, "lam must be"),
+        ({"lr": 0}, "lr must be a finite number > 0"),
+        ({"epochs": 0}, "epochs must be an int >= 1"),
+        ({"batch_size": 0}, "batch_size must be a positive int"),
+        ({"eval_every": 0}, "eval_every must be"),
+        ({"split": (0.5, 0.2)}, "sum to 1"),
+        ({"on_progress": 3}, "on_progress must be a callable"),
+    ):
         with pytest.raises(ValueError, match=msg):
             dcm(planted, d, **kw)
     with pytest.raises(TypeError, match="heads must be a list"):
@@ -435,11 +494,21 @@ def test_bad_input_gives_clear_errors(planted, tiny_gpt2):
 
 def test_base_and_source_of_different_structure_are_refused(planted):
     d = planted_desideratum(n=10)
-    other = Desideratum(d.name, d.base_tokens, d.source_tokens, d.base_attention_mask,
-                        d.source_attention_mask, {**d.base_positions, "S": d.base_positions["END"]},
-                        d.source_positions, d.targets)
-    with pytest.raises(ValueError, match=r"base and source differ in structure: base positions "
-                                         r"\['END', 'S'\], source positions \['END'\]"):
+    other = Desideratum(
+        d.name,
+        d.base_tokens,
+        d.source_tokens,
+        d.base_attention_mask,
+        d.source_attention_mask,
+        {**d.base_positions, "S": d.base_positions["END"]},
+        d.source_positions,
+        d.targets,
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"base and source differ in structure: base positions "
+        r"\['END', 'S'\], source positions \['END'\]",
+    ):
         dcm(planted, other)
     short = copy.copy(d)  # bypasses __post_init__, as a hand-edited object could
     object.__setattr__(short, "source_tokens", d.source_tokens[:-1])

@@ -28,15 +28,26 @@ def digit_folder(tmp_path_factory):
 
     vocab = {t: i for i, t in enumerate(["<s>", "</s>", "<unk>", *DIGITS, "+", "-", "=", " "])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")  # every character alone
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
-                                  pad_token="</s>", unk_token="<unk>")
+    tk.pre_tokenizer = pre_tokenizers.Split(
+        Regex("."), behavior="isolated"
+    )  # every character alone
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="</s>", unk_token="<unk>"
+    )
     folder = tmp_path_factory.mktemp("digits")
     tok.save_pretrained(folder)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=1,
-                      pad_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
     LlamaForCausalLM(cfg).save_pretrained(folder)
     return folder
 
@@ -93,7 +104,9 @@ def test_split_is_about_a_fifth_and_training_never_sees_held_out(tok):
         a, b = map(int, lhs.split(op))
         assert not held_out(a, op, b) and int(rhs) == solve(a, op, b)
         # The loss reads the answer's digits and the EOS, nothing of the prompt.
-        assert sum(t) == len(rhs) + 1 and t[len(lhs) + 2 : len(lhs) + 2 + len(rhs)] == [1] * len(rhs)
+        assert sum(t) == len(rhs) + 1 and t[len(lhs) + 2 : len(lhs) + 2 + len(rhs)] == [1] * len(
+            rhs
+        )
 
 
 def test_recipe_validation():
@@ -122,8 +135,12 @@ def test_training_saves_a_safetensors_adapter_and_lowers_the_loss(digit_folder, 
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    recipe = ArithmeticRecipe(steps=12, batch_size=8, lr=1e-2, warmup=2, first_layer=1, threads=1, digits=(1,))
-    log = train_arithmetic(tmp_path, recipe, base_folder=digit_folder, progress=False, command="test")
+    recipe = ArithmeticRecipe(
+        steps=12, batch_size=8, lr=1e-2, warmup=2, first_layer=1, threads=1, digits=(1,)
+    )
+    log = train_arithmetic(
+        tmp_path, recipe, base_folder=digit_folder, progress=False, command="test"
+    )
     assert log.steps_done == 12 and not log.interrupted
     assert sum(log.losses[-3:]) < sum(log.losses[:3])
     assert not list(tmp_path.glob("*.bin"))  # weights never pickled
@@ -147,10 +164,30 @@ def test_time_budget_stops_and_still_saves(digit_folder, tmp_path):
 def test_command_line(digit_folder, tmp_path):
     from circuit_widgets.finetune.__main__ import main
 
-    assert main(["arithmetic", "--out", str(tmp_path), "--steps", "2", "--batch-size", "2",
-                 "--base", str(digit_folder), "--threads", "1", "--first-layer", "0"]) == 0
+    assert (
+        main(
+            [
+                "arithmetic",
+                "--out",
+                str(tmp_path),
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--base",
+                str(digit_folder),
+                "--threads",
+                "1",
+                "--first-layer",
+                "0",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((tmp_path / "metadata.json").read_text())
-    assert meta["steps_done"] == 2 and meta["command"].startswith("python -m circuit_widgets.finetune arithmetic")
+    assert meta["steps_done"] == 2 and meta["command"].startswith(
+        "python -m circuit_widgets.finetune arithmetic"
+    )
     with pytest.raises(SystemExit):
         main(["arithmetic"])  # --out is required
 
@@ -174,4 +211,6 @@ def test_greedy_answers_match_one_prompt_at_a_time(digit_folder, tok):
             want += digit[nxt]
             ids.append(nxt)
         assert text == want
-    assert exact_match(model, task).tolist() == [float(g == str(m["answer"])) for g, m in zip(got, task.meta)]
+    assert exact_match(model, task).tolist() == [
+        float(g == str(m["answer"])) for g, m in zip(got, task.meta)
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from micro_models import one_thread, random_task, sharp_tiny_model  # noqa: F401
+from micro_models import random_task, sharp_tiny_model
 
 from circuit_widgets import activation_patch, tiny_model
 from circuit_widgets.core.circuits import mean_ablate
@@ -13,6 +13,8 @@ from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.interventions import head_attention, intervene
 from circuit_widgets.tasks.base import Task
 from circuit_widgets.types import Head
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MOVER, INHIBITOR = Head(1, 0), Head(1, 1)
 TOKENS = list(range(10, 18))  # the 8 tokens with one-hot embeddings
@@ -79,10 +81,16 @@ def inhibition_task(model) -> Task:
     mask = (toks != pad).long()
     corrupt = toks.clone()
     corrupt[torch.arange(4), torch.tensor(apos)] = torch.tensor(wrong)
-    return Task(name="inhibition", clean_tokens=toks, corrupt_tokens=corrupt, attention_mask=mask,
-                answers=torch.tensor(ans), wrong_answers=torch.tensor(wrong),
-                positions={"END": torch.tensor(ends), "A": torch.tensor(apos)},
-                position_sets={"distractors": torch.tensor(dpos)})
+    return Task(
+        name="inhibition",
+        clean_tokens=toks,
+        corrupt_tokens=corrupt,
+        attention_mask=mask,
+        answers=torch.tensor(ans),
+        wrong_answers=torch.tensor(wrong),
+        positions={"END": torch.tensor(ends), "A": torch.tensor(apos)},
+        position_sets={"distractors": torch.tensor(dpos)},
+    )
 
 
 def test_forcing_the_inhibitor_onto_the_distractor_flips_the_answer():
@@ -102,8 +110,10 @@ def test_forcing_the_inhibitor_onto_the_distractor_flips_the_answer():
     torch.testing.assert_close(att.per_example[:, 1], expect, atol=1e-5, rtol=1e-5)
     # Hand check of the construction: the inhibitor's write drops the distractor by ~c per unit.
     ar = torch.arange(4)
-    drop = (before[ar, task.positions["END"], task.wrong_answers]
-            - after[ar, task.positions["END"], task.wrong_answers])
+    drop = (
+        before[ar, task.positions["END"], task.wrong_answers]
+        - after[ar, task.positions["END"], task.wrong_answers]
+    )
     assert (drop > 0).all()
     # Exiting removed the hooks: the model is its old self.
     torch.testing.assert_close(model(task.clean_tokens), before)
@@ -115,6 +125,7 @@ def test_forcing_the_inhibitor_onto_the_distractor_flips_the_answer():
 def ref_force(model, task, heads, targets, at="END", tokens=None):
     """Logits with each head's pattern row at `at` set uniform over `targets` [b, k], by loops
     (on the task's clean prompts, or on ``tokens`` with the task's positions)."""
+
     def hook_for(layer):
         def hook(act, hook):
             out = act.clone()
@@ -127,15 +138,19 @@ def ref_force(model, task, heads, targets, at="END", tokens=None):
                     for k in targets[b].tolist():
                         out[b, h.head, q, k] += 1 / targets.shape[1]
             return out
+
         return hook
 
     layers = sorted({h.layer for h in heads})
-    return model.run_with_hooks(task.clean_tokens if tokens is None else tokens,
-                                fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", hook_for(l)) for l in layers])
+    return model.run_with_hooks(
+        task.clean_tokens if tokens is None else tokens,
+        fwd_hooks=[(f"blocks.{l}.attn.hook_pattern", hook_for(l)) for l in layers],
+    )
 
 
 def ref_z(model, task, heads, fn_cell):
     """Logits with z[b, p, h] replaced by fn_cell(layer, b, p, h, z) for every real cell."""
+
     def hook_for(layer):
         def hook(act, hook):
             out = act.clone()
@@ -145,11 +160,13 @@ def ref_z(model, task, heads, fn_cell):
                         if h.layer == layer:
                             out[b, p, h.head] = fn_cell(layer, b, p, h.head, act[b, p, h.head])
             return out
+
         return hook
 
     layers = sorted({h.layer for h in heads})
-    return model.run_with_hooks(task.clean_tokens,
-                                fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook_for(l)) for l in layers])
+    return model.run_with_hooks(
+        task.clean_tokens, fwd_hooks=[(f"blocks.{l}.attn.hook_z", hook_for(l)) for l in layers]
+    )
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma3"])
@@ -180,10 +197,14 @@ def test_scale_and_replace_match_reference(arch):
         ref_zero = ref_z(model, task, heads, lambda l, b, p, h, z: z * 0)
         with intervene(model, task, heads=heads, scale=0.0, at="all"):
             got_zero = model(task.clean_tokens)
-        ref_scale = ref_z(model, task, heads, lambda l, b, p, h, z: z * (3.0 if p == int(end[b]) else 1.0))
+        ref_scale = ref_z(
+            model, task, heads, lambda l, b, p, h, z: z * (3.0 if p == int(end[b]) else 1.0)
+        )
         with intervene(model, task, heads=heads, scale={heads[0]: 3.0, heads[1]: 3.0}):
             got_scale = model(task.clean_tokens)
-        ref_rep = ref_z(model, task, heads, lambda l, b, p, h, z: cache[f"blocks.{l}.attn.hook_z"][b, p, h])
+        ref_rep = ref_z(
+            model, task, heads, lambda l, b, p, h, z: cache[f"blocks.{l}.attn.hook_z"][b, p, h]
+        )
         with intervene(model, task, heads=heads, replace_with="corrupt", at="all"):
             got_rep = model(task.clean_tokens)
     torch.testing.assert_close(got_zero, ref_zero, atol=1e-5, rtol=1e-5)
@@ -200,8 +221,12 @@ def test_replace_with_another_task_at_end(tiny_llama):
     src = cache["blocks.1.attn.hook_z"]
     end, oend = task.positions["END"], other.positions["END"]
     with torch.no_grad():
-        ref = ref_z(tiny_llama, task, [head],
-                    lambda l, b, p, h, z: src[b, int(oend[b]), h] if p == int(end[b]) else z)
+        ref = ref_z(
+            tiny_llama,
+            task,
+            [head],
+            lambda l, b, p, h, z: src[b, int(oend[b]), h] if p == int(end[b]) else z,
+        )
         with intervene(tiny_llama, task, heads=[head], replace_with=other):
             got = tiny_llama(task.clean_tokens)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
@@ -216,7 +241,9 @@ def test_head_attention_matches_cache(tiny_llama):
     for i, h in enumerate(heads):
         pat = cache[f"blocks.{h.layer}.attn.hook_pattern"]
         for b in range(len(task)):
-            expect = float(pat[b, h.head, int(task.positions["END"][b]), int(task.positions["S"][b])])
+            expect = float(
+                pat[b, h.head, int(task.positions["END"][b]), int(task.positions["S"][b])]
+            )
             assert float(res.per_example[b, i]) == pytest.approx(expect, abs=1e-5)
     assert list(res.as_dict()) == ["0.0", "1.3"]
 
@@ -293,8 +320,11 @@ def test_batched_experiments_inside_the_block_equal_unbatched(edit):
 
     model = sharp_tiny_model("llama")
     task = random_task(model)
-    kw = ({"attend_to": "S"} if edit == "attend"
-          else {"replace_with": random_task(model, seed=1, lengths=(5, 7, 4, 6))})
+    kw = (
+        {"attend_to": "S"}
+        if edit == "attend"
+        else {"replace_with": random_task(model, seed=1, lengths=(5, 7, 4, 6))}
+    )
     circ = [(1, 0), (0, 2), (1, 3)]
     outside = mean_ablate(model, task, circ)
     with intervene(model, task, heads=[(0, 1), (1, 3)], **kw):
@@ -331,11 +361,21 @@ def test_dcm_runs_in_batches_inside_the_block():
     with torch.no_grad():
         forced = ref_force(model, task, heads, targets)[torch.arange(len(task)), end]
         plain = model(task.clean_tokens)[torch.arange(len(task)), end]
-    assert (forced.argmax(-1)[[5, 2]] != plain.argmax(-1)[[5, 2]]).any()  # it matters on the test part
+    assert (
+        forced.argmax(-1)[[5, 2]] != plain.argmax(-1)[[5, 2]]
+    ).any()  # it matters on the test part
     # Targets are the intervened model's own predictions: with no patch it hits every one.
     mask = task.attention_mask
-    d = Desideratum("forced", task.clean_tokens, task.corrupt_tokens, mask, mask.clone(),
-                    {"END": end}, {"END": end.clone()}, forced.argmax(-1))
+    d = Desideratum(
+        "forced",
+        task.clean_tokens,
+        task.corrupt_tokens,
+        mask,
+        mask.clone(),
+        {"END": end},
+        {"END": end.clone()},
+        forced.argmax(-1),
+    )
     parts = (d.subset([0, 3]), d.subset([4, 1]), d.subset([5, 2]))
     with intervene(model, task, heads=heads, attend_to=targets):
         res = dcm(model, parts, heads=["0.0", "1.1"], epochs=1, batch_size=1)
@@ -358,14 +398,24 @@ def test_bad_intervention_input(tiny_llama):
         intervene(tiny_llama, task, heads=["1.0"], replace_with=task.subset([0]))
     with pytest.raises(ValueError, match="head_attention reads .* not 'all'"):
         head_attention(tiny_llama, task, ["1.0"], to="S", at="all")
-    with pytest.raises(ValueError, match=r"cannot read a head from \(1\.7, 2\.9\): its parts must be integers"):
+    with pytest.raises(
+        ValueError, match=r"cannot read a head from \(1\.7, 2\.9\): its parts must be integers"
+    ):
         intervene(tiny_llama, task, heads=[(1.7, 2.9)], scale=0.0)
 
 
 def test_a_tuple_of_heads_is_a_list_of_heads(tiny_llama):
     task = random_task(tiny_llama)
-    assert intervene(tiny_llama, task, heads=((1, 2), (0, 1)), scale=0.0).heads == [Head(0, 1), Head(1, 2)]
-    assert intervene(tiny_llama, task, heads=("1.2", Head(0, 1)), scale=0.0).heads == [Head(0, 1), Head(1, 2)]
-    assert intervene(tiny_llama, task, heads=(1, 2), scale=0.0).heads == [Head(1, 2)]  # one (l, h) pair
+    assert intervene(tiny_llama, task, heads=((1, 2), (0, 1)), scale=0.0).heads == [
+        Head(0, 1),
+        Head(1, 2),
+    ]
+    assert intervene(tiny_llama, task, heads=("1.2", Head(0, 1)), scale=0.0).heads == [
+        Head(0, 1),
+        Head(1, 2),
+    ]
+    assert intervene(tiny_llama, task, heads=(1, 2), scale=0.0).heads == [
+        Head(1, 2)
+    ]  # one (l, h) pair
     res = head_attention(tiny_llama, task, ((1, 3), (0, 0)), to="S")
     assert res.heads == [Head(1, 3), Head(0, 0)]

@@ -10,8 +10,10 @@ from circuit_widgets import models
 from circuit_widgets.tasks import words
 
 
-@pytest.mark.parametrize("arch,kv", [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1),
-                                     ("gemma3", 1), ("gemma3", None)])
+@pytest.mark.parametrize(
+    "arch,kv",
+    [("gpt2", None), ("llama", None), ("llama", 2), ("llama", 1), ("gemma3", 1), ("gemma3", None)],
+)
 def test_tiny_model_shapes_and_bridge_matches_hf(arch, kv):
     model = cw.tiny_model(arch, n_layers=3, n_heads=4, n_kv_heads=kv, d_model=32, seed=1)
     shape = cw.model_shape(model)
@@ -55,10 +57,10 @@ def test_tiny_tokenizer_covers_every_task_word_as_one_token():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(arch="bert"), "arch"),
-        (dict(arch="gpt2", n_heads=5, d_model=32), "divisible"),
-        (dict(arch="gpt2", n_kv_heads=2), "n_kv_heads"),
-        (dict(arch="llama", n_heads=4, n_kv_heads=3), "n_kv_heads"),
+        ({"arch": "bert"}, "arch"),
+        ({"arch": "gpt2", "n_heads": 5, "d_model": 32}, "divisible"),
+        ({"arch": "gpt2", "n_kv_heads": 2}, "n_kv_heads"),
+        ({"arch": "llama", "n_heads": 4, "n_kv_heads": 3}, "n_kv_heads"),
     ],
 )
 def test_tiny_model_rejects_bad_arguments(kwargs, match):
@@ -75,7 +77,10 @@ def test_load_model_wraps_a_transformers_model(tiny_llama):
 
     # A fresh HF model with the tiny model's config and weights, never touched by a bridge.
     hf = AutoModelForCausalLM.from_config(tiny_llama.original_model.config).eval()
-    state = {k.replace("._original_component", ""): v for k, v in tiny_llama.original_model.state_dict().items()}
+    state = {
+        k.replace("._original_component", ""): v
+        for k, v in tiny_llama.original_model.state_dict().items()
+    }
     hf.load_state_dict(state, strict=False)
     tokens = tiny_llama.to_tokens("Mary and John")
     with torch.no_grad():
@@ -136,11 +141,21 @@ def _peft_llama(tok):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      tie_word_embeddings=False)).eval()
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    ).eval()
     hf.config.architectures = ["LlamaForCausalLM"]
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["o_proj", "v_proj"], init_lora_weights=False)
+    cfg = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["o_proj", "v_proj"], init_lora_weights=False
+    )
     pm = peft.get_peft_model(hf, cfg).eval()
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -172,14 +187,23 @@ def test_merge_and_placement_arguments_are_never_silently_ignored(tiny_gpt2):
     from transformers import AutoModelForCausalLM
 
     for spec in ("tiny-gpt2", tiny_gpt2, "demo"):
-        with pytest.raises(TypeError, match="merge= applies to 'demo-arith' and to peft models only"):
+        with pytest.raises(
+            TypeError, match="merge= applies to 'demo-arith' and to peft models only"
+        ):
             cw.load_model(spec, merge=True)
     with pytest.raises(TypeError, match="merge must be True or False"):
         cw.load_model("demo-arith", merge="no")
-    for kw, word in (({"device_map": "auto"}, "device_map"), ({"n_devices": 2}, "n_devices"),
-                     ({"first_n_layers": 1}, "first_n_layers")):
-        with pytest.raises(TypeError, match=f"{word} cannot be used with 'demo-arith' and merge=False"):
+    for kw, word in (
+        ({"device_map": "auto"}, "device_map"),
+        ({"n_devices": 2}, "n_devices"),
+        ({"first_n_layers": 1}, "first_n_layers"),
+    ):
+        with pytest.raises(
+            TypeError, match=f"{word} cannot be used with 'demo-arith' and merge=False"
+        ):
             cw.load_model("demo-arith", merge=False, **kw)
     hf = AutoModelForCausalLM.from_config(tiny_gpt2.original_model.config)
-    with pytest.raises(TypeError, match="device_map cannot be used with an already-loaded GPT2LMHeadModel"):
+    with pytest.raises(
+        TypeError, match="device_map cannot be used with an already-loaded GPT2LMHeadModel"
+    ):
         cw.load_model(hf, tokenizer=tiny_gpt2.tokenizer, device_map="auto")

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from micro_models import (  # noqa: F401 - fixtures core and one_thread are used by name
-    core,
-    one_thread,
+from micro_models import (
     COMPONENTS,
     PER_LAYER,
     PLANTED_HEADS,
@@ -29,6 +27,8 @@ from micro_models import (  # noqa: F401 - fixtures core and one_thread are used
 from circuit_widgets.models import tiny_model
 from circuit_widgets.tasks.base import Task
 from circuit_widgets.types import Head
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-5
 ARCHS = ("gpt2", "llama", "gemma3")
@@ -61,14 +61,20 @@ def assert_grid_matches(grid, ref, model, task, atol=ATOL):
     torch.testing.assert_close(grid.metric_corrupt.detach().cpu().float(), mk, atol=atol, rtol=0)
     assert tuple(grid.values.shape) == tuple(ref.shape[1:])
     assert tuple(grid.per_example.shape) == tuple(ref.shape)
-    torch.testing.assert_close(grid.per_example.detach().cpu().float(), ref, atol=atol, rtol=0,
-                               equal_nan=True)
-    torch.testing.assert_close(grid.values.detach().cpu().float(), ref.mean(0), atol=atol, rtol=0,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        grid.per_example.detach().cpu().float(), ref, atol=atol, rtol=0, equal_nan=True
+    )
+    torch.testing.assert_close(
+        grid.values.detach().cpu().float(), ref.mean(0), atol=atol, rtol=0, equal_nan=True
+    )
     denom = (grid.metric_corrupt - grid.metric_clean).mean()
-    torch.testing.assert_close(grid.normalized.detach().cpu().float(),
-                               (grid.values / denom).detach().cpu().float(), atol=1e-6, rtol=1e-5,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        grid.normalized.detach().cpu().float(),
+        (grid.values / denom).detach().cpu().float(),
+        atol=1e-6,
+        rtol=1e-5,
+        equal_nan=True,
+    )
 
 
 def test_public_api_reexports_the_engine(core):
@@ -152,8 +158,14 @@ def test_hook_replacement_equals_weight_edit(arch, component):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_resid_pre_replacement_is_a_cut(arch):
     """Writing another prompt's resid_pre into a layer gives that prompt's logits exactly."""
-    model = tiny_model(arch, n_layers=2, n_heads=4, n_kv_heads={"llama": 2, "gemma3": 1}.get(arch),
-                       d_model=32, seed=0)
+    model = tiny_model(
+        arch,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads={"llama": 2, "gemma3": 1}.get(arch),
+        d_model=32,
+        seed=0,
+    )
     task = random_task(model)
     corrupt_cache = cache_of(model, task.corrupt_tokens)
     for grad in (False, True):
@@ -161,9 +173,10 @@ def test_resid_pre_replacement_is_a_cut(arch):
             expected = model(task.corrupt_tokens)
             for layer in (0, 1):
                 name = hook_name("resid_pre", layer)
-                hooked = model.run_with_hooks(task.clean_tokens, fwd_hooks=[(
-                    name, lambda a, hook, name=name: corrupt_cache[name].clone()
-                )])
+                hooked = model.run_with_hooks(
+                    task.clean_tokens,
+                    fwd_hooks=[(name, lambda a, hook, name=name: corrupt_cache[name].clone())],
+                )
                 torch.testing.assert_close(hooked, expected, atol=1e-5, rtol=0)
 
 
@@ -198,8 +211,12 @@ def _transformer_lens_patch(model, task, case):
     metric_clean = run_metric(model, task.clean_tokens, task)
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(task.clean_tokens)
-        out = fn(model, task.corrupt_tokens, clean_cache,
-                 lambda logits: task.metric(logits).float().mean() - metric_clean.mean())
+        out = fn(
+            model,
+            task.corrupt_tokens,
+            clean_cache,
+            lambda logits: task.metric(logits).float().mean() - metric_clean.mean(),
+        )
     return out.float(), component, positions
 
 
@@ -219,8 +236,9 @@ def test_reference_agrees_with_transformer_lens(sharp, tasks, arch, case):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_all_positions_matches_reference(core, sharp, tasks, arch, component, direction):
     model, task = sharp[arch], tasks[arch]
-    grid = core.activation_patch(model, task, component=component, positions="all",
-                                 direction=direction)
+    grid = core.activation_patch(
+        model, task, component=component, positions="all", direction=direction
+    )
     ref = ref_activation_patch(model, task, component, "all", direction)
     assert_grid_matches(grid, ref, model, task)
     assert grid.complete and bool(torch.as_tensor(grid.done).all())
@@ -231,10 +249,12 @@ def test_all_positions_matches_reference(core, sharp, tasks, arch, component, di
 @pytest.mark.parametrize("arch", ARCHS)
 def test_named_position_matches_reference(core, sharp, tasks, arch, component, direction):
     model, task = sharp[arch], tasks[arch]
-    grid = core.activation_patch(model, task, component=component, positions="END",
-                                 direction=direction)
-    assert_grid_matches(grid, ref_activation_patch(model, task, component, "END", direction),
-                        model, task)
+    grid = core.activation_patch(
+        model, task, component=component, positions="END", direction=direction
+    )
+    assert_grid_matches(
+        grid, ref_activation_patch(model, task, component, "END", direction), model, task
+    )
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -242,14 +262,23 @@ def test_named_position_matches_reference(core, sharp, tasks, arch, component, d
 def test_position_list_matches_reference(core, sharp, tasks, arch, component):
     model, task = sharp[arch], tasks[arch]
     direction = ("noise", "denoise")[(COMPONENTS.index(component) + ARCHS.index(arch)) % 2]
-    grid = core.activation_patch(model, task, component=component, positions=["END", "S"],
-                                 direction=direction)
+    grid = core.activation_patch(
+        model, task, component=component, positions=["END", "S"], direction=direction
+    )
     ref = ref_activation_patch(model, task, component, ["END", "S"], direction)
     assert_grid_matches(grid, ref, model, task)
 
 
-EACH_CASES = [("llama", "z"), ("llama", "k"), ("llama", "pattern"), ("llama", "mlp_out"),
-              ("gpt2", "q"), ("gpt2", "v"), ("gpt2", "attn_out"), ("gpt2", "resid_pre")]
+EACH_CASES = [
+    ("llama", "z"),
+    ("llama", "k"),
+    ("llama", "pattern"),
+    ("llama", "mlp_out"),
+    ("gpt2", "q"),
+    ("gpt2", "v"),
+    ("gpt2", "attn_out"),
+    ("gpt2", "resid_pre"),
+]
 
 
 @pytest.mark.parametrize("arch,component", EACH_CASES)
@@ -258,8 +287,9 @@ def test_each_position_matches_reference(core, sharp, tasks, arch, component):
     base run's: 0 for noise, metric_corrupt - metric_clean for denoise."""
     model, task = sharp[arch], tasks[arch]
     direction = ("noise", "denoise")[EACH_CASES.index((arch, component)) % 2]
-    grid = core.activation_patch(model, task, component=component, positions="each",
-                                 direction=direction)
+    grid = core.activation_patch(
+        model, task, component=component, positions="each", direction=direction
+    )
     ref = ref_activation_patch(model, task, component, "each", direction)
     assert ref.shape[2] == task.seq_len
     assert_grid_matches(grid, ref, model, task)
@@ -278,8 +308,13 @@ def test_conftest_tiny_models(core, request, fixture, component):
     task = random_task(model, seed=2)
     for direction in ("noise", "denoise"):
         grid = core.activation_patch(model, task, component=component, direction=direction)
-        assert_grid_matches(grid, ref_activation_patch(model, task, component, "all", direction),
-                            model, task, atol=1e-6)
+        assert_grid_matches(
+            grid,
+            ref_activation_patch(model, task, component, "all", direction),
+            model,
+            task,
+            atol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -297,10 +332,12 @@ def test_gqa_kv_columns_and_groups(core, sharp, tasks, arch):
 def test_engine_agrees_with_transformer_lens(core, sharp, tasks, arch, case):
     model, task = sharp[arch], tasks[arch]
     tl, component, positions = _transformer_lens_patch(model, task, case)
-    grid = core.activation_patch(model, task, component=component, positions=positions,
-                                 direction="denoise")
-    torch.testing.assert_close(grid.values.detach().cpu().float().reshape(tl.shape), tl,
-                               atol=ATOL, rtol=0)
+    grid = core.activation_patch(
+        model, task, component=component, positions=positions, direction="denoise"
+    )
+    torch.testing.assert_close(
+        grid.values.detach().cpu().float().reshape(tl.shape), tl, atol=ATOL, rtol=0
+    )
 
 
 @pytest.fixture
@@ -322,10 +359,10 @@ def test_generic_path_matches_reference(core, sharp, tasks, generic_path, compon
 
 def test_generic_path_each_position(core, sharp, tasks, generic_path):
     model, task = sharp["gpt2"], tasks["gpt2"]
-    grid = core.activation_patch(model, task, component="z", positions="each",
-                                 direction="denoise")
-    assert_grid_matches(grid, ref_activation_patch(model, task, "z", "each", "denoise"),
-                        model, task)
+    grid = core.activation_patch(model, task, component="z", positions="each", direction="denoise")
+    assert_grid_matches(
+        grid, ref_activation_patch(model, task, "z", "each", "denoise"), model, task
+    )
 
 
 # --------------------------------------------------------------------------- harder tasks
@@ -339,10 +376,16 @@ def test_late_single_token_difference(core, sharp, arch, positions):
     wrong answers per example."""
     model = sharp[arch]
     task = late_diff_task(model, seed=11, n_answers=2, n_wrong=3)
-    for component, direction in (("z", "noise"), ("k", "denoise"), ("pattern", "noise"),
-                                 ("resid_pre", "denoise"), ("mlp_out", "noise")):
-        grid = core.activation_patch(model, task, component=component, positions=positions,
-                                     direction=direction)
+    for component, direction in (
+        ("z", "noise"),
+        ("k", "denoise"),
+        ("pattern", "noise"),
+        ("resid_pre", "denoise"),
+        ("mlp_out", "noise"),
+    ):
+        grid = core.activation_patch(
+            model, task, component=component, positions=positions, direction=direction
+        )
         ref = ref_activation_patch(model, task, component, positions, direction)
         assert_grid_matches(grid, ref, model, task)
 
@@ -364,10 +407,14 @@ def test_other_metrics(core, sharp, tasks, arch, metric):
     """prob needs the softmax over the whole vocabulary, accuracy the argmax over it."""
     model = sharp[arch]
     task = _argmax_task(model, tasks[arch], metric)
-    for component, positions, direction in (("z", "all", "noise"), ("v", "END", "denoise"),
-                                            ("mlp_out", "each", "noise")):
-        grid = core.activation_patch(model, task, component=component, positions=positions,
-                                     direction=direction)
+    for component, positions, direction in (
+        ("z", "all", "noise"),
+        ("v", "END", "denoise"),
+        ("mlp_out", "each", "noise"),
+    ):
+        grid = core.activation_patch(
+            model, task, component=component, positions=positions, direction=direction
+        )
         ref = ref_activation_patch(model, task, component, positions, direction)
         assert_grid_matches(grid, ref, model, task)
 
@@ -376,10 +423,12 @@ def test_other_metrics(core, sharp, tasks, arch, metric):
 def test_batch_size_does_not_change_results(core, sharp, tasks, batch_size):
     model, task = sharp["llama"], tasks["llama"]
     for component, positions in (("z", "each"), ("k", "END"), ("attn_out", ["S", "END"])):
-        grid = core.activation_patch(model, task, component=component, positions=positions,
-                                     batch_size=batch_size)
-        assert_grid_matches(grid, ref_activation_patch(model, task, component, positions),
-                            model, task)
+        grid = core.activation_patch(
+            model, task, component=component, positions=positions, batch_size=batch_size
+        )
+        assert_grid_matches(
+            grid, ref_activation_patch(model, task, component, positions), model, task
+        )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -387,8 +436,9 @@ def test_single_example_and_no_padding(core, sharp, tasks, arch):
     model = sharp[arch]
     for task in (tasks[arch].subset([3]), tasks[arch].subset([0])):
         for component, positions in (("z", "all"), ("v", "each"), ("resid_pre", "END")):
-            grid = core.activation_patch(model, task, component=component, positions=positions,
-                                         direction="denoise")
+            grid = core.activation_patch(
+                model, task, component=component, positions=positions, direction="denoise"
+            )
             ref = ref_activation_patch(model, task, component, positions, "denoise")
             assert_grid_matches(grid, ref, model, task)
 
@@ -416,11 +466,15 @@ def _same_prompts(task: Task) -> Task:
 def test_corrupt_equal_to_clean_gives_exact_zeros(core, sharp, tasks, arch):
     """Patching an activation with its own clean value changes nothing, bit for bit."""
     model, task = sharp[arch], _same_prompts(tasks[arch])
-    for component, positions, direction in (("z", "all", "noise"), ("v", "each", "denoise"),
-                                            ("mlp_out", ["END", "S"], "noise"),
-                                            ("pattern", "END", "denoise")):
-        grid = core.activation_patch(model, task, component=component, positions=positions,
-                                     direction=direction)
+    for component, positions, direction in (
+        ("z", "all", "noise"),
+        ("v", "each", "denoise"),
+        ("mlp_out", ["END", "S"], "noise"),
+        ("pattern", "END", "denoise"),
+    ):
+        grid = core.activation_patch(
+            model, task, component=component, positions=positions, direction=direction
+        )
         values = grid.values.detach().cpu()
         assert torch.equal(values, torch.zeros_like(values)), (component, values)
 
@@ -439,8 +493,9 @@ def test_planted_model_is_what_its_docstring_says(planted):
     mc, mk = metrics_of(model, task)
     assert (mc > mk).all()
     with torch.no_grad():
-        torch.testing.assert_close(model(task.clean_tokens),
-                                   model.original_model(task.clean_tokens).logits)
+        torch.testing.assert_close(
+            model(task.clean_tokens), model.original_model(task.clean_tokens).logits
+        )
 
 
 def test_planted_circuit_ranks_first(core, planted):
@@ -458,8 +513,9 @@ def test_planted_circuit_ranks_first(core, planted):
                 assert abs(float(grid.normalized[layer, head]) - 1.0) < 0.02
             else:
                 assert values[layer, head] == 0
-    top = sorted(((abs(float(values[l, h])), (l, h)) for l in range(2) for h in range(4)),
-                 reverse=True)
+    top = sorted(
+        ((abs(float(values[l, h])), (l, h)) for l in range(2) for h in range(4)), reverse=True
+    )
     assert {lh for _, lh in top[:2]} == PLANTED_HEADS
     for component in ("q", "k", "pattern"):
         # Zero up to float32 rounding: the patched pattern is recomputed through another kernel
@@ -521,7 +577,11 @@ def test_stop_after_first_batch_keeps_partial_results(core, sharp, tasks):
     full = core.activation_patch(model, task, component="z", positions="each")
     calls: list[tuple[int, int]] = []
     part = core.activation_patch(
-        model, task, component="z", positions="each", batch_size=2,
+        model,
+        task,
+        component="z",
+        positions="each",
+        batch_size=2,
         on_progress=lambda done, total: calls.append((done, total)),
         should_stop=lambda: any(d > 0 for d, _ in calls),
     )
@@ -539,8 +599,13 @@ def test_stop_after_first_batch_keeps_partial_results(core, sharp, tasks):
 def test_progress_is_reported_up_to_the_total(core, sharp, tasks):
     model, task = sharp["llama"], tasks["llama"]
     calls: list[tuple[int, int]] = []
-    grid = core.activation_patch(model, task, component="z", batch_size=2,
-                                 on_progress=lambda done, total: calls.append((done, total)))
+    grid = core.activation_patch(
+        model,
+        task,
+        component="z",
+        batch_size=2,
+        on_progress=lambda done, total: calls.append((done, total)),
+    )
     assert grid.complete
     assert len(calls) >= 2
     dones = [d for d, _ in calls]
@@ -552,16 +617,20 @@ def test_progress_is_reported_up_to_the_total(core, sharp, tasks):
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"component": "resid_post_typo"}, "resid_post_typo"),
-    ({"component": "z", "positions": "IO"}, "IO"),
-    ({"component": "z", "positions": ["END", "IO"]}, "IO"),
-    ({"component": "z", "heads": [Head(0, 4)]}, "4"),
-    ({"component": "z", "heads": [Head(2, 0)]}, "2"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"component": "resid_post_typo"}, "resid_post_typo"),
+        ({"component": "z", "positions": "IO"}, "IO"),
+        ({"component": "z", "positions": ["END", "IO"]}, "IO"),
+        ({"component": "z", "heads": [Head(0, 4)]}, "4"),
+        ({"component": "z", "heads": [Head(2, 0)]}, "2"),
+    ],
+)
 def test_validation_errors(core, sharp, tasks, kwargs, match):
     calls = []
     with pytest.raises(ValueError, match=match):
-        core.activation_patch(sharp["llama"], tasks["llama"],
-                              on_progress=lambda d, t: calls.append(d), **kwargs)
+        core.activation_patch(
+            sharp["llama"], tasks["llama"], on_progress=lambda d, t: calls.append(d), **kwargs
+        )
     assert calls == [], "validation must happen before any computing"

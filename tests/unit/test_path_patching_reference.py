@@ -11,9 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from micro_models import (  # noqa: F401 - fixtures core and one_thread are used by name
-    core,
-    one_thread,
+from micro_models import (
     PLANTED_HEADS,
     late_diff_task,
     planted_micro_model,
@@ -27,6 +25,8 @@ from micro_models import (  # noqa: F401 - fixtures core and one_thread are used
 )
 
 from circuit_widgets.types import Head, Receiver
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-5
 ARCHS = ("gpt2", "llama", "gemma3")
@@ -72,12 +72,17 @@ def assert_grid_matches(grid, ref, model, task, atol=ATOL):
     assert tuple(values.shape) == tuple(ref.shape[1:])
     assert torch.equal(torch.isnan(values), torch.isnan(ref[0])), "NaN exactly outside senders"
     torch.testing.assert_close(values, ref.mean(0), atol=atol, rtol=0, equal_nan=True)
-    torch.testing.assert_close(grid.per_example.detach().cpu().float(), ref, atol=atol, rtol=0,
-                               equal_nan=True)
+    torch.testing.assert_close(
+        grid.per_example.detach().cpu().float(), ref, atol=atol, rtol=0, equal_nan=True
+    )
     denom = (grid.metric_corrupt - grid.metric_clean).mean()
-    torch.testing.assert_close(grid.normalized.detach().cpu().float(),
-                               (grid.values / denom).detach().cpu().float(), atol=1e-6,
-                               rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(
+        grid.normalized.detach().cpu().float(),
+        (grid.values / denom).detach().cpu().float(),
+        atol=1e-6,
+        rtol=1e-5,
+        equal_nan=True,
+    )
 
 
 def notes_text(grid) -> str:
@@ -125,8 +130,9 @@ def test_reference_on_the_planted_circuit(planted):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_to_logits_matches_reference(core, two, arch, position, freeze_mlps):
     model, task = two[arch]
-    grid = core.path_patch(model, task, receivers="logits", position=position,
-                           freeze_mlps=freeze_mlps)
+    grid = core.path_patch(
+        model, task, receivers="logits", position=position, freeze_mlps=freeze_mlps
+    )
     ref = ref_path_patch(model, task, "logits", position=position, freeze_mlps=freeze_mlps)
     assert_grid_matches(grid, ref, model, task)
     assert grid.complete
@@ -148,10 +154,12 @@ def test_to_receiver_matches_reference(core, three, arch, inp, position):
 def test_to_receiver_with_frozen_mlps(core, three, arch):
     model, task = three[arch]
     spec = [(2, 1, "v")]
-    grid = core.path_patch(model, task, receivers=receivers_of(spec), position="END",
-                           freeze_mlps=True)
-    assert_grid_matches(grid, ref_path_patch(model, task, spec, position="END", freeze_mlps=True),
-                        model, task)
+    grid = core.path_patch(
+        model, task, receivers=receivers_of(spec), position="END", freeze_mlps=True
+    )
+    assert_grid_matches(
+        grid, ref_path_patch(model, task, spec, position="END", freeze_mlps=True), model, task
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -233,10 +241,12 @@ def test_late_single_token_difference(core, three, arch):
     """One differing token per example, late, at a different index each; k answers."""
     model, _ = three[arch]
     task = late_diff_task(model, seed=12, n_answers=2, n_wrong=2)
-    for kwargs in ({"receivers": "logits", "position": "S"},
-                   {"receivers": "logits", "position": "all", "freeze_mlps": True},
-                   {"receivers": [(2, 1, "q"), (2, 3, "k")], "position": "S"},
-                   {"receivers": [(1, 0, "v")], "position": "all"}):
+    for kwargs in (
+        {"receivers": "logits", "position": "S"},
+        {"receivers": "logits", "position": "all", "freeze_mlps": True},
+        {"receivers": [(2, 1, "q"), (2, 3, "k")], "position": "S"},
+        {"receivers": [(1, 0, "v")], "position": "all"},
+    ):
         spec = kwargs.pop("receivers")
         recv = spec if spec == "logits" else receivers_of(spec)
         grid = core.path_patch(model, task, receivers=recv, **kwargs)
@@ -261,8 +271,7 @@ def test_batch_size_does_not_change_results(core, three, batch_size):
     spec = [(2, 2, "k")]
     grid = core.path_patch(model, task, receivers=receivers_of(spec), batch_size=batch_size)
     assert_grid_matches(grid, ref_path_patch(model, task, spec), model, task)
-    grid = core.path_patch(model, task, receivers="logits", position="END",
-                           batch_size=batch_size)
+    grid = core.path_patch(model, task, receivers="logits", position="END", batch_size=batch_size)
     assert_grid_matches(grid, ref_path_patch(model, task, "logits", position="END"), model, task)
 
 
@@ -288,15 +297,22 @@ def test_frozen_mlps_to_logits_is_the_direct_effect(core, two, arch, position):
         for head in range(4):
             direct = ref_direct_effect(model, task, layer, head, position)
             assert abs(float(grid.values[layer, head]) - float(direct.mean())) <= ATOL, (
-                layer, head, float(grid.values[layer, head]), float(direct.mean()))
+                layer,
+                head,
+                float(grid.values[layer, head]),
+                float(direct.mean()),
+            )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_corrupt_equal_to_clean_gives_exact_zeros(core, three, arch):
     model, task = three[arch]
     task = replace(task, corrupt_tokens=task.clean_tokens.clone())
-    for kwargs in ({"receivers": "logits"}, {"receivers": "logits", "freeze_mlps": True},
-                   {"receivers": [Receiver(2, 1, "k")], "position": "END"}):
+    for kwargs in (
+        {"receivers": "logits"},
+        {"receivers": "logits", "freeze_mlps": True},
+        {"receivers": [Receiver(2, 1, "k")], "position": "END"},
+    ):
         values = core.path_patch(model, task, **kwargs).values.detach().cpu()
         done = ~torch.isnan(values)
         assert done.any() and torch.equal(values[done], torch.zeros(int(done.sum()))), kwargs
@@ -329,9 +345,14 @@ def test_stop_after_first_batch_keeps_partial_results(core, three):
     receivers = [Receiver(2, 1, "v")]
     full = core.path_patch(model, task, receivers=receivers)
     calls: list[tuple[int, int]] = []
-    part = core.path_patch(model, task, receivers=receivers, batch_size=2,
-                           on_progress=lambda d, t: calls.append((d, t)),
-                           should_stop=lambda: any(d > 0 for d, _ in calls))
+    part = core.path_patch(
+        model,
+        task,
+        receivers=receivers,
+        batch_size=2,
+        on_progress=lambda d, t: calls.append((d, t)),
+        should_stop=lambda: any(d > 0 for d, _ in calls),
+    )
     assert part.complete is False
     done = torch.as_tensor(part.done).bool()
     assert 0 < int(done.sum()) < 8  # 8 senders in layers 0-1
@@ -354,15 +375,18 @@ def test_progress_reaches_the_total(core, two):
 # --------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"receivers": [Receiver(1, 0, "q")], "senders": [Head(1, 2)]}, "layer"),
-    ({"receivers": [Receiver(1, 0, "k")], "senders": [Head(0, 1), Head(2, 0)]}, "layer"),
-    ({"receivers": "logits", "senders": [Head(0, 4)]}, "4"),
-    ({"receivers": "logits", "senders": [Head(3, 0)]}, "3"),
-    ({"receivers": [Receiver(1, 4, "q")]}, "4"),
-    ({"receivers": [Receiver(3, 0, "v")]}, "3"),
-    ({"receivers": "logits", "position": "IO"}, "IO"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"receivers": [Receiver(1, 0, "q")], "senders": [Head(1, 2)]}, "layer"),
+        ({"receivers": [Receiver(1, 0, "k")], "senders": [Head(0, 1), Head(2, 0)]}, "layer"),
+        ({"receivers": "logits", "senders": [Head(0, 4)]}, "4"),
+        ({"receivers": "logits", "senders": [Head(3, 0)]}, "3"),
+        ({"receivers": [Receiver(1, 4, "q")]}, "4"),
+        ({"receivers": [Receiver(3, 0, "v")]}, "3"),
+        ({"receivers": "logits", "position": "IO"}, "IO"),
+    ],
+)
 def test_validation_errors(core, three, kwargs, match):
     model, task = three["llama"]
     calls = []

@@ -22,16 +22,30 @@ SIZES = {"ioi": {"n": 4}, "reuse": {"n": 4, "n_random": 1}}
 
 def script_task(model) -> Task:
     """IOI-shaped prompts that start with a <script> tag (positions as the IOI generator names them)."""
-    clean = [PRE + "When Mary and John went to the store, John gave a drink to",
-             PRE + "When Anna and Paul went to the store, Paul gave a drink to",
-             PRE + "When Paul and Mary went to the store, Mary gave a drink to"]
-    corrupt = [PRE + "When Alice and Mark went to the store, Peter gave a drink to",
-               PRE + "When Jacob and Sarah went to the store, Grace gave a drink to",
-               PRE + "When Alice and Mark went to the store, Peter gave a drink to"]
+    clean = [
+        PRE + "When Mary and John went to the store, John gave a drink to",
+        PRE + "When Anna and Paul went to the store, Paul gave a drink to",
+        PRE + "When Paul and Mary went to the store, Mary gave a drink to",
+    ]
+    corrupt = [
+        PRE + "When Alice and Mark went to the store, Peter gave a drink to",
+        PRE + "When Jacob and Sarah went to the store, Grace gave a drink to",
+        PRE + "When Alice and Mark went to the store, Peter gave a drink to",
+    ]
     return Task.from_pairs(
-        model, clean, corrupt, [" Mary", " Anna", " Paul"], [" John", " Paul", " Mary"],
-        positions={"IO": ["Mary", "Anna", "Paul"], "S1": ["John", "Paul", "Mary"],
-                   "S1+1": [-10] * 3, "S2": [-5] * 3}, name="ioi-script")
+        model,
+        clean,
+        corrupt,
+        [" Mary", " Anna", " Paul"],
+        [" John", " Paul", " Mary"],
+        positions={
+            "IO": ["Mary", "Anna", "Paul"],
+            "S1": ["John", "Paul", "Mary"],
+            "S1+1": [-10] * 3,
+            "S2": [-5] * 3,
+        },
+        name="ioi-script",
+    )
 
 
 def reference_scores(model, task):
@@ -42,7 +56,11 @@ def reference_scores(model, task):
     io, s = task.answers.reshape(-1), task.wrong_answers.reshape(-1)
     ar = torch.arange(len(task))
     ld = end[ar, io] - end[ar, s]
-    return float((end.argmax(-1) == io).float().mean()), float((ld > 0).float().mean()), float(ld.mean())
+    return (
+        float((end.argmax(-1) == io).float().mean()),
+        float((ld > 0).float().mean()),
+        float(ld.mean()),
+    )
 
 
 def reference_attention(model, task, query: str, keys: tuple[str, ...]) -> torch.Tensor:
@@ -82,8 +100,12 @@ def test_ioi_study_numbers_match_a_plain_forward(study, tiny_llama):
     assert res.candidate_accuracy == pytest.approx(cand)
     assert res.logit_diff == pytest.approx(ld, abs=1e-4)
     for name, (q, keys) in SCORES.items():
-        torch.testing.assert_close(res.attention[name], reference_attention(tiny_llama, task, q, keys),
-                                   atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            res.attention[name],
+            reference_attention(tiny_llama, task, q, keys),
+            atol=1e-5,
+            rtol=1e-4,
+        )
 
 
 def test_ioi_head_classes_follow_their_rules(study):
@@ -92,16 +114,27 @@ def test_ioi_head_classes_follow_their_rules(study):
     picked = {(g.name, h) for g in pipe.circuit.groups for h in g.heads if g.name in pipe.grids}
     assert {(c.stage, c.head) for c in res.head_classes} == picked
     for c in res.head_classes:
-        assert c.effect == pytest.approx(float(pipe.grids[c.stage].normalized[c.head.layer, c.head.head]))
+        assert c.effect == pytest.approx(
+            float(pipe.grids[c.stage].normalized[c.head.layer, c.head.head])
+        )
         a = {k: float(v[c.head.layer, c.head.head]) for k, v in res.attention.items()}
         assert c.attention == pytest.approx(a)
         io_over_s = a["END->IO"] > a["END->S"]
         expected = {
-            "movers": ("name_mover" if c.effect > 0 else "negative_mover") if io_over_s else "unclassified",
+            "movers": ("name_mover" if c.effect > 0 else "negative_mover")
+            if io_over_s
+            else "unclassified",
             "inhibition": "s_inhibition" if a["END->S2"] > a["END->IO"] else "unclassified",
-            "induction": ("unclassified" if max(a["S2->S1+1"], a["S2->S1"]) < res.min_attention
-                          else "induction" if a["S2->S1+1"] >= a["S2->S1"] else "duplicate_token"),
-            "previous_token": "previous_token" if a["S1+1->S1"] >= res.min_attention else "unclassified",
+            "induction": (
+                "unclassified"
+                if max(a["S2->S1+1"], a["S2->S1"]) < res.min_attention
+                else "induction"
+                if a["S2->S1+1"] >= a["S2->S1"]
+                else "duplicate_token"
+            ),
+            "previous_token": "previous_token"
+            if a["S1+1->S1"] >= res.min_attention
+            else "unclassified",
         }[c.stage]
         assert c.label == expected
     d = res.to_dict()
@@ -145,8 +178,14 @@ def test_ioi_study_rejects_bad_input(tiny_gpt2):
 def report(tiny_gpt2, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     task = script_task(tiny_gpt2)
-    rep = build_report(out, model=tiny_gpt2, finetuned="no-such-model-xyz", quick=True,
-                       only="ioi,reuse,finetune", sizes={**SIZES, "ioi": {"task": task}})
+    rep = build_report(
+        out,
+        model=tiny_gpt2,
+        finetuned="no-such-model-xyz",
+        quick=True,
+        only="ioi,reuse,finetune",
+        sizes={**SIZES, "ioi": {"task": task}},
+    )
     return rep, task
 
 
@@ -154,8 +193,10 @@ def test_report_files(report):
     rep, _ = report
     out = rep.out
     page = (out / "index.html").read_text(encoding="utf-8")
-    data = json.loads((out / "results.json").read_text(encoding="utf-8"),
-                      parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    data = json.loads(
+        (out / "results.json").read_text(encoding="utf-8"),
+        parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"),
+    )
     assert list(data["studies"]) == ["ioi", "reuse", "finetune"]
     ioi = data["studies"]["ioi"]
     assert ioi["status"] == "ok" and ioi["figures"]
@@ -163,20 +204,28 @@ def test_report_files(report):
         png = (out / rel).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000
         assert rel in page
-    assert page.count("data:image/png;base64,") == sum(len(s["figures"]) for s in data["studies"].values())
+    assert page.count("data:image/png;base64,") == sum(
+        len(s["figures"]) for s in data["studies"].values()
+    )
     meta = data["meta"]
     assert meta["model"] == "tiny-gpt2" and meta["seed"] == 0 and meta["quick"] is True
     assert meta["versions"]["torch"] == torch.__version__
     for key in ("date", "total_seconds", "platform"):
         assert meta[key]
-    assert data["studies"]["reuse"]["params"] == {**QUICK_SIZES["reuse"], **SIZES["reuse"], "seed": 0}
+    assert data["studies"]["reuse"]["params"] == {
+        **QUICK_SIZES["reuse"],
+        **SIZES["reuse"],
+        "seed": 0,
+    }
     assert data["studies"]["ioi"]["params"]["task"] == "Task ioi-script"
 
 
 def test_report_escapes_prompts(report):
     rep, task = report
     page = rep.index.read_text(encoding="utf-8")
-    assert "<script" not in page.lower()  # the page itself runs no script, and no prompt injects one
+    assert (
+        "<script" not in page.lower()
+    )  # the page itself runs no script, and no prompt injects one
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in page
     ex = json.loads(rep.results_json.read_text())["studies"]["ioi"]["result"]["examples"]
     assert [e["prompt"] for e in ex] == task.clean_prompts
@@ -187,7 +236,9 @@ def test_report_shows_measured_and_paper_numbers(report, tiny_gpt2):
     rep, task = report
     ioi = json.loads(rep.results_json.read_text())["studies"]["ioi"]["result"]
     acc, cand, ld = reference_scores(tiny_gpt2, task)
-    assert ioi["accuracy"] == pytest.approx(acc) and ioi["candidate_accuracy"] == pytest.approx(cand)
+    assert ioi["accuracy"] == pytest.approx(acc) and ioi["candidate_accuracy"] == pytest.approx(
+        cand
+    )
     assert ioi["logit_diff"] == pytest.approx(ld, abs=1e-4)
     page = rep.index.read_text(encoding="utf-8")
     # The comparison row: the measured logit diff beside Wang et al.'s.
@@ -207,8 +258,14 @@ def test_a_failing_study_is_reported_and_the_others_run(report):
 
 
 def test_bad_study_arguments_fail_that_study_only(tiny_gpt2, tmp_path):
-    rep = build_report(tmp_path, model=tiny_gpt2, finetuned=None, only=["ioi", "reuse", "finetune"],
-                       figures=False, sizes={"ioi": {"n": 4}, "reuse": {"n": 4, "top_frac": 5.0}})
+    rep = build_report(
+        tmp_path,
+        model=tiny_gpt2,
+        finetuned=None,
+        only=["ioi", "reuse", "finetune"],
+        figures=False,
+        sizes={"ioi": {"n": 4}, "reuse": {"n": 4, "top_frac": 5.0}},
+    )
     assert rep.runs["ioi"].status == "ok"
     assert rep.runs["reuse"].status == "failed" and "top_frac" in rep.runs["reuse"].error
     assert rep.runs["finetune"].status == "skipped" and "fine-tuned" in rep.runs["finetune"].error

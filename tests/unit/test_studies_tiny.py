@@ -12,8 +12,10 @@ from circuit_widgets.studies import finetuning_study
 from circuit_widgets.tasks import entity_tracking
 
 N, BOXES = 4, 2
-CIRCUIT = Circuit.from_groups({"A": [(1, 0)], "B": [(1, 2)], "C": [(0, 1)], "D": [(0, 3)]},
-                              positions={"A": "END", "B": "END", "C": "query_label", "D": "query_label_ctx"})
+CIRCUIT = Circuit.from_groups(
+    {"A": [(1, 0)], "B": [(1, 2)], "C": [(0, 1)], "D": [(0, 3)]},
+    positions={"A": "END", "B": "END", "C": "query_label", "D": "query_label_ctx"},
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,16 +32,21 @@ def pair():
 
 def test_grid_n_limits_the_per_head_grid_to_the_first_prompts(pair):
     base, tuned = pair
-    res = finetuning_study(base, tuned, n=N, n_boxes=BOXES, arithmetic_n=4, circuit=CIRCUIT, grid_n=2)
-    assert res.complete and res.grid_n == 2 and res.to_dict()["grid_n"] == 2 and "n=2" in res.summary()
+    res = finetuning_study(
+        base, tuned, n=N, n_boxes=BOXES, arithmetic_n=4, circuit=CIRCUIT, grid_n=2
+    )
+    assert (
+        res.complete and res.grid_n == 2 and res.to_dict()["grid_n"] == 2 and "n=2" in res.summary()
+    )
     et = entity_tracking(base, n=N, seed=0, n_boxes=BOXES)
     expected = cmap_grid(base, tuned, et.subset(slice(0, 2)), component="z", position="END")
     torch.testing.assert_close(res.grid.values, expected.values)
     assert res.grid.values[0].abs().max() < 1e-6 < res.grid.values[1].abs().max()
     full = finetuning_study(base, tuned, n=N, n_boxes=BOXES, arithmetic_n=4, circuit=CIRCUIT)
     assert full.grid_n == N
-    torch.testing.assert_close(full.grid.values,
-                               cmap_grid(base, tuned, et, component="z", position="END").values)
+    torch.testing.assert_close(
+        full.grid.values, cmap_grid(base, tuned, et, component="z", position="END").values
+    )
 
 
 @pytest.mark.parametrize("grid_n", [0, N + 1, 1.5, True])
@@ -56,6 +63,9 @@ def test_a_real_error_in_the_arithmetic_step_is_raised_not_skipped(pair):
 def test_a_tokenizer_that_cannot_write_the_task_skips_only_the_arithmetic_step(pair):
     # The tiny word-level tokenizer has no token for "37": it cannot express the problems.
     res = finetuning_study(*pair, n=N, n_boxes=BOXES, circuit=CIRCUIT, grid_n=1)
-    assert any(n.startswith("arithmetic skipped:") and "each digit as its own token" in n for n in res.notes)
+    assert any(
+        n.startswith("arithmetic skipped:") and "each digit as its own token" in n
+        for n in res.notes
+    )
     assert math.isnan(res.arithmetic_base) and math.isnan(res.arithmetic_finetuned)
     assert res.complete and res.cmap is not None and res.grid is not None

@@ -33,7 +33,11 @@ def test_from_grid_top_k_top_frac_threshold_and_nan():
     values = torch.tensor([[0.1, -0.9, float("nan")], [0.5, 0.0, 0.3]])
     assert set(Circuit.from_grid(values, top_k=2).heads) == {Head(0, 1), Head(1, 0)}
     assert set(Circuit.from_grid(values, top_k=1, sign="positive").heads) == {Head(1, 0)}
-    assert set(Circuit.from_grid(values, threshold=0.3).heads) == {Head(0, 1), Head(1, 0), Head(1, 2)}
+    assert set(Circuit.from_grid(values, threshold=0.3).heads) == {
+        Head(0, 1),
+        Head(1, 0),
+        Head(1, 2),
+    }
     # 2% of 6 heads rounds to 0 -> at least one head
     assert len(Circuit.from_grid(values, top_frac=0.02)) == 1
     # NaN cells never enter, even when k exceeds the finite cells
@@ -45,7 +49,9 @@ def test_from_grid_top_k_top_frac_threshold_and_nan():
 
 def test_from_grid_reads_a_result_object():
     class Grid:
-        values = torch.zeros(2, 2).index_put_((torch.tensor([1]), torch.tensor([1])), torch.tensor(2.0))
+        values = torch.zeros(2, 2).index_put_(
+            (torch.tensor([1]), torch.tensor([1])), torch.tensor(2.0)
+        )
 
     assert list(Circuit.from_grid(Grid(), top_k=1, position="END")) == [Head(1, 1)]
     assert Circuit.from_grid(Grid(), top_k=1, position="END").groups[0].position == "END"
@@ -71,7 +77,9 @@ def test_json_round_trip():
 
 def test_validate_names_the_problem():
     c = Circuit((CircuitGroup("A", frozenset({Head(5, 0)}), "END"),))
-    with pytest.raises(ValueError, match=r"head 5.0 of group 'A' is outside the model \(layers 0-1"):
+    with pytest.raises(
+        ValueError, match=r"head 5.0 of group 'A' is outside the model \(layers 0-1"
+    ):
         c.validate(n_layers=2, n_heads=4)
     ok = Circuit((CircuitGroup("A", frozenset({Head(1, 0)}), "query_label"),))
     with pytest.raises(ValueError, match="position 'query_label'.*lacks"):
@@ -97,7 +105,12 @@ def test_head_parse_needs_integer_parts():
 def test_parse_many_reads_a_tuple_of_heads_as_several():
     assert Head.parse_many(((1, 2), (0, 1))) == [Head(1, 2), Head(0, 1)]
     assert Head.parse_many(("1.2", Head(0, 1))) == [Head(1, 2), Head(0, 1)]
-    assert Head.parse_many((1, 2)) == Head.parse_many("1.2") == Head.parse_many(Head(1, 2)) == [Head(1, 2)]
+    assert (
+        Head.parse_many((1, 2))
+        == Head.parse_many("1.2")
+        == Head.parse_many(Head(1, 2))
+        == [Head(1, 2)]
+    )
     assert Head.parse_many([(3, 0)]) == [Head(3, 0)]
     with pytest.raises(ValueError, match="parts must be integers"):
         Head.parse_many((1.7, 2.9))
@@ -113,10 +126,23 @@ def test_from_grid_ranks_a_head_grid_by_its_normalized_effect():
     per_example = torch.tensor([[[-1.8, 0.2], [0.1, -0.4]], [[-1.8, 0.2], [0.1, -0.4]]])
     values = per_example.mean(0)
     clean, corrupt = torch.tensor([3.0, 3.0]), torch.tensor([1.0, 1.0])
-    grid = HeadGrid(values=values, normalized=values / -2.0, per_example=per_example,
-                    metric_clean=clean, metric_corrupt=corrupt, done=torch.ones(2, 2, dtype=torch.bool),
-                    complete=True, layers=[0, 1], heads=["0", "1"], positions=None, component="z",
-                    direction="noise", kind="path", metric_name="logit_diff", position="END")
+    grid = HeadGrid(
+        values=values,
+        normalized=values / -2.0,
+        per_example=per_example,
+        metric_clean=clean,
+        metric_corrupt=corrupt,
+        done=torch.ones(2, 2, dtype=torch.bool),
+        complete=True,
+        layers=[0, 1],
+        heads=["0", "1"],
+        positions=None,
+        component="z",
+        direction="noise",
+        kind="path",
+        metric_name="logit_diff",
+        position="END",
+    )
     pos = Circuit.from_grid(grid, top_k=1, sign="positive")
     assert list(pos) == [Head(0, 0)] and pos.groups[0].position == "END"
     assert list(Circuit.from_grid(grid, top_k=1, sign="negative")) == [Head(0, 1)]
@@ -124,7 +150,9 @@ def test_from_grid_ranks_a_head_grid_by_its_normalized_effect():
     assert Circuit.from_grid(grid, top_k=1, position="S").groups[0].position == "S"
     # A tensor is ranked as it is; an undefined normalized falls back to the values.
     assert list(Circuit.from_grid(grid.values, top_k=1, sign="positive")) == [Head(0, 1)]
-    flat = HeadGrid(**{**grid.__dict__, "normalized": torch.full((2, 2), float("nan")), "position": "all"})
+    flat = HeadGrid(
+        **{**grid.__dict__, "normalized": torch.full((2, 2), float("nan")), "position": "all"}
+    )
     picked = Circuit.from_grid(flat, top_k=1, sign="positive")
     assert list(picked) == [Head(0, 1)] and picked.groups[0].position is None
 
@@ -132,7 +160,9 @@ def test_from_grid_ranks_a_head_grid_by_its_normalized_effect():
 def test_union_refuses_a_group_at_two_positions():
     a = Circuit.from_groups({"A": ["1.0"], "B": ["0.1"]}, positions={"A": "END", "B": "S2"})
     b = Circuit.from_groups({"A": ["2.0"]}, positions={"A": "S2"})
-    with pytest.raises(ValueError, match=r"group 'A' acts at position 'END' in one circuit and 'S2' in the other"):
+    with pytest.raises(
+        ValueError, match=r"group 'A' acts at position 'END' in one circuit and 'S2' in the other"
+    ):
         a | b
     # Intersection and difference keep only the left circuit's heads: its positions stand.
     assert (a - b).group("A").position == "END" and (a & b).heads == frozenset()

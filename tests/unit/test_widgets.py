@@ -74,7 +74,12 @@ def test_accepts_headgrid_like_tensor_and_array():
     result = FakeHeadGrid(values, heads=["H0", "H1"], layers=[10, 11, 12], complete=False)
     w = HeadGridWidget(result, title="IOI name movers")
     assert w.heads == ["H0", "H1"] and w.layers == ["10", "11", "12"]
-    assert (w.kind, w.component, w.metric_name, w.complete) == ("activation patching", "z", "logit diff", False)
+    assert (w.kind, w.component, w.metric_name, w.complete) == (
+        "activation patching",
+        "z",
+        "logit diff",
+        False,
+    )
     assert w.title == "IOI name movers"
     np.testing.assert_array_equal(w.values, values.numpy())
 
@@ -92,10 +97,20 @@ def test_engine_headgrid_if_present():
     values = grid(3, 2)
     values[2, 1] = float("nan")
     fields = {
-        "values": values, "normalized": values / 2, "per_example": values[None], "metric_clean": torch.zeros(1),
-        "metric_corrupt": torch.ones(1), "done": ~values.isnan(), "complete": False, "layers": [0, 1, 2],
-        "heads": ["0", "1"], "positions": None, "component": "z", "direction": "denoise",
-        "kind": "activation", "metric_name": "logit_diff",
+        "values": values,
+        "normalized": values / 2,
+        "per_example": values[None],
+        "metric_clean": torch.zeros(1),
+        "metric_corrupt": torch.ones(1),
+        "done": ~values.isnan(),
+        "complete": False,
+        "layers": [0, 1, 2],
+        "heads": ["0", "1"],
+        "positions": None,
+        "component": "z",
+        "direction": "denoise",
+        "kind": "activation",
+        "metric_name": "logit_diff",
     }
     import dataclasses
 
@@ -144,11 +159,16 @@ def test_traits_have_docstrings():
         tree = ast.parse(inspect.getsource(module))
         body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
         for i, node in enumerate(body):
-            if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
-                    and "tag" in ast.dump(node.value.func)):
+            if (
+                isinstance(node, ast.Assign)
+                and isinstance(node.value, ast.Call)
+                and "tag" in ast.dump(node.value.func)
+            ):
                 nxt = body[i + 1] if i + 1 < len(body) else None
                 name = node.targets[0].id
-                assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), f"{cls}.{name}"
+                assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), (
+                    f"{cls}.{name}"
+                )
 
 
 # ---------------------------------------------------------------------------- selection
@@ -212,8 +232,10 @@ def test_partial_results_of_a_background_sweep_are_shown_and_kept():
                 gate.wait(5)
             job.check()  # cancelled while waiting: stops before computing layer 2
             values[layer] = full[layer]
-            job.report(progress=(layer + 1) / 3,
-                       partial=FakeHeadGrid(values.clone(), complete=False, metric_name="logit diff"))
+            job.report(
+                progress=(layer + 1) / 3,
+                partial=FakeHeadGrid(values.clone(), complete=False, metric_name="logit diff"),
+            )
         return FakeHeadGrid(values, complete=True)
 
     w = HeadGridWidget(torch.full((3, 2), float("nan")), selection=["0.1"])
@@ -270,7 +292,9 @@ def test_esm_is_the_built_bundle():
 
 
 def test_missing_bundle_error_says_how_to_build():
-    with pytest.raises(BundleMissingError, match=r"bash scripts/dev setup.*npm ci && npm run build"):
+    with pytest.raises(
+        BundleMissingError, match=r"bash scripts/dev setup.*npm ci && npm run build"
+    ):
         read_bundle("no_such_widget")
 
 
@@ -476,8 +500,9 @@ def test_an_old_jobs_report_cannot_land_on_a_new_run():
     w = Slow()
     w._submit(old)
     applying.wait(5)
-    submitter = threading.Thread(target=lambda: (w._submit(new), events.append("new run submitted"),
-                                                 submitted.set()))
+    submitter = threading.Thread(
+        target=lambda: (w._submit(new), events.append("new run submitted"), submitted.set())
+    )
     submitter.start()
     submitter.join(0.3)
     release.set()
@@ -508,17 +533,24 @@ def test_kv_groups_travel_to_the_view():
 
 def test_a_grouped_circuit_names_its_groups_on_the_grid():
     w = HeadGridWidget(grid(4, 3))
-    c = Circuit.from_groups({"movers": ["3.1", "2.0"], "inhibit": ["1.2"]}, positions={"movers": "END"})
+    c = Circuit.from_groups(
+        {"movers": ["3.1", "2.0"], "inhibit": ["1.2"]}, positions={"movers": "END"}
+    )
     w.circuit = c
     assert w.selected == [[1, 2], [2, 0], [3, 1]]
-    assert w.groups == [{"name": "movers", "position": "END", "heads": [[2, 0], [3, 1]]},
-                        {"name": "inhibit", "position": "all", "heads": [[1, 2]]}]
+    assert w.groups == [
+        {"name": "movers", "position": "END", "heads": [[2, 0], [3, 1]]},
+        {"name": "inhibit", "position": "all", "heads": [[1, 2]]},
+    ]
     assert w.circuit == c
     w.set_state({"selected": [[2, 0], [1, 2], [0, 0]]})  # shift-clicks: 3.1 off, 0.0 on
-    assert w.groups == [{"name": "movers", "position": "END", "heads": [[2, 0]]},
-                        {"name": "inhibit", "position": "all", "heads": [[1, 2]]}]
-    assert w.circuit == Circuit.from_groups({"movers": ["2.0"], "inhibit": ["1.2"], "heads": ["0.0"]},
-                                            positions={"movers": "END"})
+    assert w.groups == [
+        {"name": "movers", "position": "END", "heads": [[2, 0]]},
+        {"name": "inhibit", "position": "all", "heads": [[1, 2]]},
+    ]
+    assert w.circuit == Circuit.from_groups(
+        {"movers": ["2.0"], "inhibit": ["1.2"], "heads": ["0.0"]}, positions={"movers": "END"}
+    )
     w.circuit = ["1.1"]  # plain heads: no group names
     assert w.groups == [] and w.circuit == Circuit.from_heads(["1.1"])
 

@@ -42,7 +42,9 @@ def ioi_gpt2(tiny_gpt2):
 def reference_pattern(model, tokens, layer, head):
     """The bridge's own hook_pattern of one head, read with run_with_cache."""
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens[None], names_filter=lambda n: n.endswith("hook_pattern"))
+        _, cache = model.run_with_cache(
+            tokens[None], names_filter=lambda n: n.endswith("hook_pattern")
+        )
     return cache[f"blocks.{layer}.attn.hook_pattern"][0, head]
 
 
@@ -57,8 +59,9 @@ def test_attention_patterns_match_the_bridge_and_label_gqa(tiny_llama, ioi_llama
     toks = ioi_llama.clean_tokens[2, :n]
     assert w.shown == [[0, 1], [1, 2]] and w.patterns.shape == (2, n, n)
     for i, (layer, head) in enumerate(w.shown):
-        np.testing.assert_allclose(w.patterns[i], reference_pattern(tiny_llama, toks, layer, head).numpy(),
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            w.patterns[i], reference_pattern(tiny_llama, toks, layer, head).numpy(), atol=1e-6
+        )
     assert np.allclose(w.patterns.sum(-1), 1, atol=1e-5) and np.all(np.triu(w.patterns, 1) == 0)
     assert w.head_labels == ["L0H1 (kv 0, shared by q0-1)", "L1H2 (kv 1, shared by q2-3)"]
     assert w.tokens == [tiny_llama.tokenizer.decode([int(t)]) for t in toks]
@@ -84,9 +87,13 @@ def test_attention_recomputes_off_the_main_thread(tiny_gpt2, ioi_gpt2):
 
 
 def test_attention_validation(tiny_gpt2, ioi_gpt2):
-    with pytest.raises(ValueError, match=r"example must be an int in 0-5 \(the task has 6 examples\)"):
+    with pytest.raises(
+        ValueError, match=r"example must be an int in 0-5 \(the task has 6 examples\)"
+    ):
         AttentionWidget(tiny_gpt2, ioi_gpt2, ["0.0"], example=6)
-    with pytest.raises(ValueError, match=r"head 2\.0 is outside the model \(layers 0-1, heads 0-3\)"):
+    with pytest.raises(
+        ValueError, match=r"head 2\.0 is outside the model \(layers 0-1, heads 0-3\)"
+    ):
         AttentionWidget(tiny_gpt2, ioi_gpt2, ["2.0"])
     with pytest.raises(TypeError, match=r"'exampel' \(did you mean 'example'\?\)"):
         AttentionWidget(tiny_gpt2, ioi_gpt2, exampel=1)
@@ -103,9 +110,13 @@ def test_circuitsvis_renderer_is_sent_once_on_request(tiny_gpt2, ioi_gpt2):
     w._on_front_end_msg(w, {"type": "something else"}, [])
     assert sent == []
     w._on_front_end_msg(w, {"type": "circuitsvis"}, [])
-    (content, buffers), = sent
+    ((content, buffers),) = sent
     version, data = circuitsvis_source()
-    assert content == {"type": "circuitsvis", "version": version} == {"type": "circuitsvis", "version": w.circuitsvis_version}
+    assert (
+        content
+        == {"type": "circuitsvis", "version": version}
+        == {"type": "circuitsvis", "version": w.circuitsvis_version}
+    )
     assert bytes(buffers[0]) == data and data.startswith(b'"use strict";var CircuitsVis=')
     assert b"sourceMappingURL" not in data[-200:]  # nothing for the page to fetch
     assert "iife" not in w._esm and len(w._esm) < 100_000  # the bundle does not carry it per widget
@@ -134,8 +145,12 @@ def test_path_patching_grid_equals_one_full_path_patch(request, name):
     task = cw.tasks.ioi(model, n=6, seed=1)
     w = PathPatchingWidget(model, task, position="S2", freeze_mlps=True)
     partials = []
-    w.grid.observe(lambda c: partials.append((w.grid.values.copy(), None if w.grid.pending is None
-                                              else w.grid.pending.copy())), names="values")
+    w.grid.observe(
+        lambda c: partials.append(
+            (w.grid.values.copy(), None if w.grid.pending is None else w.grid.pending.copy())
+        ),
+        names="values",
+    )
     w.run()
     w.wait(60)
     ref = path_patch(model, task, position="S2", freeze_mlps=True)
@@ -194,7 +209,9 @@ def test_path_patching_errors_show_in_the_widget(tiny_gpt2, ioi_gpt2):
         w.run()
     w._on_front_end_msg(w, {"type": "run"}, [])  # the Run button
     assert w.status == "error" and "no heads are selected" in w.error
-    w.position = "S2"  # an unrelated setting... still a change: the refusal no longer describes them
+    w.position = (
+        "S2"  # an unrelated setting... still a change: the refusal no longer describes them
+    )
     assert w.status == "idle" and w.error == ""
     w._on_front_end_msg(w, {"type": "run"}, [])
     assert w.status == "error"
@@ -202,7 +219,10 @@ def test_path_patching_errors_show_in_the_widget(tiny_gpt2, ioi_gpt2):
     assert w.status == "idle" and w.error == ""
     with pytest.raises(ValueError, match="layer 0 have no earlier heads"):
         w.run()
-    with pytest.raises(ValueError, match=r"position must be one of \['IO', 'S1', 'S1\+1', 'S2', 'and', 'END', 'all'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"position must be one of \['IO', 'S1', 'S1\+1', 'S2', 'and', 'END', 'all'\]",
+    ):
         PathPatchingWidget(tiny_gpt2, ioi_gpt2, position="S3")
     with pytest.raises(TypeError, match=r"'freeze_mlp' \(did you mean 'freeze_mlps'\?\)"):
         PathPatchingWidget(tiny_gpt2, ioi_gpt2, freeze_mlp=True)
@@ -262,7 +282,9 @@ def test_dcm_validation(planted):
     d = planted_desideratum(n=8)
     with pytest.raises(ValueError, match="lams must be a non-empty list"):
         DCMWidget(planted, d, lams=[])
-    with pytest.raises(ValueError, match=r"position 'S2' is not one of the desideratum's positions \['END'\]"):
+    with pytest.raises(
+        ValueError, match=r"position 'S2' is not one of the desideratum's positions \['END'\]"
+    ):
         DCMWidget(planted, d, position="S2")
     with pytest.raises(ValueError, match="head 5.0 is outside the model"):
         DCMWidget(planted, d, ["5.0"])
@@ -284,7 +306,9 @@ def test_cmap_widget_matches_cmap_and_cmap_grid(pair):
     from circuit_widgets.core.cmap import cmap, cmap_grid
 
     base, ft, task = pair
-    circuit = Circuit.from_groups({"A": ["1.0", "1.1"], "B": ["0.2"]}, positions={"A": "END", "B": "S2"})
+    circuit = Circuit.from_groups(
+        {"A": ["1.0", "1.1"], "B": ["0.2"]}, positions={"A": "END", "B": "S2"}
+    )
     w = CMAPWidget(base, ft, task, circuit)
     assert [g["name"] for g in w.groups] == ["A", "B"] and w.enabled == ["A", "B"]
     assert w.grid.selected == [[0, 2], [1, 0], [1, 1]]
@@ -294,7 +318,9 @@ def test_cmap_widget_matches_cmap_and_cmap_grid(pair):
     assert w.status == "done" and w.bar_labels == ["A", "B", "circuit"]
     for i, name in enumerate(ref.groups):
         g = ref.group(name)
-        np.testing.assert_allclose(w.bars[i], [g["base_accuracy"], g["patched_accuracy"], g["finetuned_accuracy"]])
+        np.testing.assert_allclose(
+            w.bars[i], [g["base_accuracy"], g["patched_accuracy"], g["finetuned_accuracy"]]
+        )
     grid = cmap_grid(base, ft, task, position="END")
     np.testing.assert_allclose(w.grid.values, grid.values.numpy(), rtol=1e-5, atol=1e-7)
     assert w.grid.selected == [[0, 2], [1, 0], [1, 1]]  # the circuit stays outlined
@@ -335,13 +361,16 @@ def test_explorer_shares_one_circuit(pair):
     from circuit_widgets.tasks import desiderata
 
     d = desiderata(base, 10, seed=0, n_boxes=3)["positional"]
-    ex = CircuitExplorer(base, task, desideratum=d, dcm_position="query_label", finetuned=ft,
-                         circuit=["1.1"])
+    ex = CircuitExplorer(
+        base, task, desideratum=d, dcm_position="query_label", finetuned=ft, circuit=["1.1"]
+    )
     assert ex.tab_names == ["Path patching", "Attention", "DCM", "CMAP"]
     assert ex.path_patching.grid.selected == ex.dcm.grid.selected == [[1, 1]]
     ex.path_patching.grid.set_state({"selected": [[0, 3], [1, 2]]})  # a click on one tab
     want = Circuit.from_heads(["0.3", "1.2"])
-    assert ex.circuit == want and ex.dcm.grid.circuit == want and ex.cmap.circuit.heads == want.heads
+    assert (
+        ex.circuit == want and ex.dcm.grid.circuit == want and ex.cmap.circuit.heads == want.heads
+    )
     ex.attention.wait(10)
     assert ex.attention.shown == [[0, 3], [1, 2]]
     ex.cmap.grid.set_state({"selected": [[0, 0]]})  # ... or on another
@@ -356,9 +385,16 @@ def test_explorer_shares_one_circuit(pair):
 # ---------------------------------------------------------------------------- conventions
 
 
-@pytest.mark.parametrize("module, cls", [
-    ("attention", "AttentionWidget"), ("path_patching", "PathPatchingWidget"), ("dcm", "DCMWidget"),
-    ("cmap", "CMAPWidget"), ("explorer", "CircuitExplorer")])
+@pytest.mark.parametrize(
+    "module, cls",
+    [
+        ("attention", "AttentionWidget"),
+        ("path_patching", "PathPatchingWidget"),
+        ("dcm", "DCMWidget"),
+        ("cmap", "CMAPWidget"),
+        ("explorer", "CircuitExplorer"),
+    ],
+)
 def test_traits_have_docstrings_and_bundles_exist(module, cls):
     import importlib
 
@@ -368,9 +404,15 @@ def test_traits_have_docstrings_and_bundles_exist(module, cls):
     tree = ast.parse(inspect.getsource(mod))
     body = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls).body
     for i, node in enumerate(body):
-        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and "tag" in ast.dump(node.value.func):
+        if (
+            isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Call)
+            and "tag" in ast.dump(node.value.func)
+        ):
             nxt = body[i + 1] if i + 1 < len(body) else None
-            assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), f"{cls}.{node.targets[0].id}"
+            assert isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant), (
+                f"{cls}.{node.targets[0].id}"
+            )
     assert "export" in read_bundle(module)
 
 
@@ -440,7 +482,9 @@ def test_a_run_does_not_touch_the_selection(tiny_model_4layers):
     assert w.grid.selected == [[2, 1]] and w.attention.shown == [[2, 1]]
 
 
-def test_path_patching_cancel_inside_a_chunk_shows_its_finished_cells(tiny_model_4layers, monkeypatch):
+def test_path_patching_cancel_inside_a_chunk_shows_its_finished_cells(
+    tiny_model_4layers, monkeypatch
+):
     from circuit_widgets import core
 
     model, task = tiny_model_4layers
@@ -470,7 +514,9 @@ def test_path_patching_cancel_inside_a_chunk_shows_its_finished_cells(tiny_model
 def test_cmap_cancel_during_the_grid_shows_its_finished_cells(pair, monkeypatch):
     import time
 
-    cmod = importlib.import_module("circuit_widgets.core.cmap")  # the package's `cmap` is the function
+    cmod = importlib.import_module(
+        "circuit_widgets.core.cmap"
+    )  # the package's `cmap` is the function
 
     base, ft, task = pair
     w = CMAPWidget(base, ft, task, ["1.1"])
@@ -507,8 +553,16 @@ def test_closing_a_composite_closes_its_children(pair, tiny_model_4layers):
 
     d = desiderata(base, 10, seed=0, n_boxes=3)["positional"]
     ex = CircuitExplorer(base, ptask, desideratum=d, dcm_position="query_label", finetuned=ft)
-    children = [ex.path_patching, ex.path_patching.grid, ex.path_patching.attention, ex.attention,
-                ex.dcm, ex.dcm.grid, ex.cmap, ex.cmap.grid]
+    children = [
+        ex.path_patching,
+        ex.path_patching.grid,
+        ex.path_patching.attention,
+        ex.attention,
+        ex.dcm,
+        ex.dcm.grid,
+        ex.cmap,
+        ex.cmap.grid,
+    ]
     assert all(c.comm is not None for c in children)
     ex.close()
     assert ex.comm is None and all(c.comm is None for c in children)
@@ -525,12 +579,18 @@ def test_explorer_keeps_groups_positions_and_toggles(pair):
     ex.cmap.enabled = ["B"]
     ex.path_patching.run()  # partial results must not reset the circuit
     ex.path_patching.wait(60)
-    assert ex.circuit == grouped and ex.cmap.enabled == ["B"] and ex.cmap.circuit.heads == {Head(0, 2)}
+    assert (
+        ex.circuit == grouped and ex.cmap.enabled == ["B"] and ex.cmap.circuit.heads == {Head(0, 2)}
+    )
     ex.path_patching.grid.set_state({"selected": [[0, 2], [1, 1], [1, 3]]})  # shift-click adds 1.3
-    want = Circuit.from_groups({"A": ["1.1"], "B": ["0.2"], "heads": ["1.3"]}, positions={"A": "END"})
+    want = Circuit.from_groups(
+        {"A": ["1.1"], "B": ["0.2"], "heads": ["1.3"]}, positions={"A": "END"}
+    )
     assert ex.circuit == want and ex.cmap._circuit == want
     assert ex.cmap.enabled == ["B", "heads"]  # A stays off, the new group is on
-    ex.path_patching.grid.set_state({"selected": [[0, 2], [1, 3]]})  # shift-click removes 1.1: A goes
+    ex.path_patching.grid.set_state(
+        {"selected": [[0, 2], [1, 3]]}
+    )  # shift-click removes 1.1: A goes
     assert ex.circuit == Circuit.from_groups({"B": ["0.2"], "heads": ["1.3"]})
     assert ex.cmap.enabled == ["B", "heads"]
     # a grouped circuit set on the CMAP tab becomes the shared one
@@ -554,7 +614,9 @@ def test_explorer_sync_is_safe_across_threads(pair):
     first.start()
     inside.wait(5)
     # meanwhile a click arrives on another thread: it must not be lost as the first sync's "echo"
-    second = threading.Thread(target=lambda: ex.path_patching.grid.set_state({"selected": [[1, 2]]}))
+    second = threading.Thread(
+        target=lambda: ex.path_patching.grid.set_state({"selected": [[1, 2]]})
+    )
     second.start()
     second.join(0.2)
     gate.set()
@@ -620,7 +682,9 @@ def test_dcm_and_cmap_take_the_model_per_batch(planted, pair, monkeypatch):
     w = DCMWidget(planted, d, None, "END", lams=[0.01, 0.1, 1.0, 10.0], epochs=3, batch_size=4)
     assert _gets_the_model_mid_run(w, planted, w.train) < 0.5
 
-    cmod = importlib.import_module("circuit_widgets.core.cmap")  # the package's `cmap` is the function
+    cmod = importlib.import_module(
+        "circuit_widgets.core.cmap"
+    )  # the package's `cmap` is the function
     base, ft, task = pair
     real = cmod.cmap_grid
 
@@ -639,13 +703,17 @@ def test_dcm_and_cmap_take_the_model_per_batch(planted, pair, monkeypatch):
 def test_path_patching_preview_is_the_path_attribution_of_the_run(tiny_llama, ioi_llama):
     w = PathPatchingWidget(tiny_llama, ioi_llama, position="END")
     first = []
-    w.grid.observe(lambda c: first.append(w.grid.values.copy()) if not first else None, names="values")
+    w.grid.observe(
+        lambda c: first.append(w.grid.values.copy()) if not first else None, names="values"
+    )
     w.run()
     w.wait(60)
     est = path_attribution(tiny_llama, ioi_llama, position="END", freeze_mlps=False)
     np.testing.assert_allclose(first[0], est.values.numpy(), rtol=1e-5, atol=1e-7)
     total = attribution_patch(tiny_llama, ioi_llama, "z", positions="END")
-    assert not np.allclose(first[0], total.values.numpy(), atol=1e-6)  # not the total-effect estimate
+    assert not np.allclose(
+        first[0], total.values.numpy(), atol=1e-6
+    )  # not the total-effect estimate
     assert w.message == ""
 
 
@@ -656,8 +724,10 @@ def test_receiver_heads_get_no_preview_and_the_status_line_says_so(tiny_llama, i
     phases = []
     w.observe(lambda c: phases.append(c["new"]), names="phase")
     pending = []
-    w.grid.observe(lambda c: pending.append(None if w.grid.pending is None else float(w.grid.pending.sum())),
-                   names="values")
+    w.grid.observe(
+        lambda c: pending.append(None if w.grid.pending is None else float(w.grid.pending.sum())),
+        names="values",
+    )
     w.run()
     assert w.message == "no preview for receiver heads: exact values only"
     w.wait(60)
@@ -703,10 +773,15 @@ def test_dcm_and_cmap_traits_are_validated_when_set(planted, pair):
 
     d = planted_desideratum(n=8)
     w = DCMWidget(planted, d, lams=[0.1])
-    with pytest.raises(traitlets.TraitError, match=r"position 'S2' is not one of the desideratum's positions \['END'\]"):
+    with pytest.raises(
+        traitlets.TraitError,
+        match=r"position 'S2' is not one of the desideratum's positions \['END'\]",
+    ):
         w.position = "S2"
     for bad in ([], [-1.0], [float("nan")], [float("inf")]):
-        with pytest.raises(traitlets.TraitError, match="lams must be a non-empty list of finite numbers >= 0"):
+        with pytest.raises(
+            traitlets.TraitError, match="lams must be a non-empty list of finite numbers >= 0"
+        ):
             w.lams = bad
     w.lams = [0, 1]
     assert w.lams == [0.0, 1.0] and w.position == "END"
