@@ -21,7 +21,7 @@ from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Circuit, CircuitGroup, Component, Head, Receiver
+from circuit_widgets.types import Circuit, CircuitGroup, Component, Head, Receiver, Stage
 
 REFERENCES = ("corrupt", "clean")
 MEANS = ("auto", "position", "class")
@@ -799,60 +799,13 @@ def head_overlap(a: Any, b: Any) -> OverlapResult:
 # ====================================================================== pipeline
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One path-patching stage: senders' z from the corrupt run at ``position`` and their
-    effect on ``receivers`` ('logits', or the name of an earlier stage whose heads' ``inputs``
-    — any of 'q', 'k', 'v', e.g. 'kv' — receive). The stage's heads act at ``position``."""
-
-    name: str
-    position: str = "END"
-    receivers: str = "logits"
-    inputs: str = "q"
-    top_k: int | None = None
-    top_frac: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.inputs or set(self.inputs) - set("qkv"):
-            raise ValueError(
-                f"stage {self.name!r}: inputs must be letters of 'qkv', got {self.inputs!r}"
-            )
-
-
 def default_stages(task: Any) -> list[Stage]:
-    """The stages the studies use, by task name.
-
-    IOI (Wang et al., as Merullo et al. run it): movers -> logits at END; inhibition -> movers'
-    queries at END; induction/duplicate -> inhibition heads' keys and values at S2;
-    previous-token -> induction heads' keys at S1+1. Colored Objects, the same shape:
-    movers, inhibition, then heads at the queried object into inhibition heads' keys/values, then
-    heads at the queried object into those heads' queries (clean and corrupt prompts first
-    differ at the queried object, so earlier positions carry no signal to patch). Entity
-    tracking (Prakash et al.): A -> logits at END; B -> A's queries at END; C -> B's values at
-    query_label; D -> C's values at query_label_ctx. Any other task: movers and inhibition.
-    """
-    name = str(getattr(task, "name", ""))
-    if name.startswith("ioi"):
-        return [
-            Stage("movers", "END"),
-            Stage("inhibition", "END", "movers", "q"),
-            Stage("induction", "S2", "inhibition", "kv"),
-            Stage("previous_token", "S1+1", "induction", "k"),
-        ]
-    if name.startswith("colored_objects"):
-        return [
-            Stage("movers", "END"),
-            Stage("inhibition", "END", "movers", "q"),
-            Stage("object_readers", "query_object", "inhibition", "kv"),
-            Stage("object_detectors", "query_object", "object_readers", "q"),
-        ]
-    if name.startswith("entity_tracking"):
-        return [
-            Stage("A", "END"),
-            Stage("B", "END", "A", "q"),
-            Stage("C", "query_label", "B", "v"),
-            Stage("D", "query_label_ctx", "C", "v"),
-        ]
+    """The stages a task carries (``task.stages``, set by its generator: see ``tasks.ioi``,
+    ``tasks.colored_objects``, ``tasks.entity_tracking``); for a task without its own, movers
+    -> logits at END and inhibition -> movers' queries at END."""
+    own = tuple(getattr(task, "stages", ()) or ())
+    if own:
+        return list(own)
     return [Stage("movers", "END"), Stage("inhibition", "END", "movers", "q")]
 
 
