@@ -78,6 +78,7 @@ def load_model(
     n_devices: int | None = None,
     tokenizer: Any = None,
     trust_remote_code: bool = False,
+    merge: bool | None = None,
     **boot_kwargs: Any,
 ):
     """Load a model as a TransformerLens ``TransformerBridge``, offline where possible.
@@ -91,7 +92,6 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    merge = boot_kwargs.pop("merge", None)
     if merge is not None and not isinstance(merge, bool):
         raise TypeError(f"merge must be True or False, got {merge!r}")
     peft = sys.modules.get("peft")  # a PeftModel exists only once peft was imported

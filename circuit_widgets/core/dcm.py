@@ -33,7 +33,6 @@ from circuit_widgets.tasks.desiderata import Desideratum
 from circuit_widgets.types import Circuit, Head
 
 DEFAULT_LAMS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-_SWEEP_KWARGS = ("lr", "epochs", "batch_size", "seed", "split", "eval_every")
 # Base prompts' cached keys/values (what lets each step recompute only position..END).
 KV_BUDGET_BYTES = 3 * 1024**3
 
@@ -289,42 +288,33 @@ def dcm_sweep(
     lams: Sequence[float] = DEFAULT_LAMS,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    lr: float = 0.1,
+    epochs: int = 2,
+    batch_size: int = 32,
+    seed: int = 0,
+    split: Sequence[float] = (0.6, 0.2, 0.2),
+    eval_every: int | None = None,
     on_result: Callable[[MaskResult], None] | None = None,
-    **dcm_kwargs: Any,
+    lam: None = None,
 ) -> SweepResult:
     """``dcm`` once per lambda in ``lams`` on the same split and source activations (computed
-    once), for a lambda slider. ``dcm_kwargs``: lr, epochs, batch_size, seed, split,
-    eval_every. Progress and stopping cover the whole sweep; a stopped sweep keeps the
+    once), for a lambda slider. ``lr``, ``epochs``, ``batch_size``, ``seed``, ``split`` and
+    ``eval_every`` are ``dcm``'s (same defaults). Progress and stopping cover the whole sweep; a stopped sweep keeps the
     lambdas it finished (and the one it was in, flagged incomplete). The baseline and
     full-patch test accuracies are measured before training, so ``on_result`` receives each
     lambda's finished result, reference accuracies included, as soon as it is trained."""
-    unknown = sorted(set(dcm_kwargs) - set(_SWEEP_KWARGS))
-    if unknown:
-        hint = " (the sweep's lambdas go in lams=[...])" if "lam" in unknown else ""
+    if lam is not None:  # dcm's own argument, the likeliest slip here
         raise TypeError(
-            f"dcm_sweep got unexpected keyword argument(s) {unknown}{hint}; "
-            f"valid ones are {list(_SWEEP_KWARGS)}"
+            "dcm_sweep got unexpected keyword argument(s) ['lam'] (the sweep's lambdas go in "
+            "lams=[...])"
         )
     if isinstance(lams, (str, bytes)) or not isinstance(lams, Sequence) or len(lams) == 0:
         raise ValueError(f"lams must be a non-empty list of numbers >= 0, got {lams!r}")
     lams = [float(_number("lams item", x, low=0.0)) for x in lams]
-    kw = {
-        "lr": 0.1,
-        "epochs": 2,
-        "batch_size": 32,
-        "seed": 0,
-        "split": (0.6, 0.2, 0.2),
-        "eval_every": None,
-        **dcm_kwargs,
-    }
-    _check_numbers(
-        lam=0.0, lr=kw["lr"], epochs=kw["epochs"], seed=kw["seed"], eval_every=kw["eval_every"]
-    )
-    check_callbacks(on_progress, should_stop, kw["batch_size"])
-    plan = _Plan.build(
-        model, desideratum, heads, position, kw["split"], kw["seed"], kw["batch_size"]
-    )
-    per_run = plan.run_units(kw["epochs"], kw["eval_every"])
+    _check_numbers(lam=0.0, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
+    check_callbacks(on_progress, should_stop, batch_size)
+    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size)
+    per_run = plan.run_units(epochs, eval_every)
     ticker = _Ticker(
         on_progress, should_stop, plan.prep_units() + len(lams) * per_run + plan.reference_units()
     )
@@ -335,10 +325,10 @@ def dcm_sweep(
     with _frozen(model):
         if plan.prepare(ticker):
             base, full = plan.reference_accuracies(ticker)
-            for lam in lams:
+            for each in lams:
                 if ticker.stopped or ticker.stop_requested():
                     break
-                r = plan.train(lam, kw["lr"], kw["epochs"], kw["seed"], kw["eval_every"], ticker)
+                r = plan.train(each, lr, epochs, seed, eval_every, ticker)
                 results.append(replace(r, baseline_accuracy=base, full_patch_accuracy=full))
                 if on_result is not None:
                     on_result(results[-1])

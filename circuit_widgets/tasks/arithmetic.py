@@ -46,7 +46,8 @@ def sample_problem(
             return a, op, b
 
 
-def _check_args(digits: int, ops, split: str, what: str) -> tuple[str, ...]:
+def check_args(digits: int, ops: tuple[str, ...] | str, split: str, what: str) -> tuple[str, ...]:
+    """The checked operations of an arithmetic task's arguments (ValueError naming ``what``)."""
     if isinstance(digits, bool) or not isinstance(digits, int):
         raise TypeError(f"{what}: digits must be an int, got {digits!r}")
     if not 1 <= digits <= 6:
@@ -89,7 +90,7 @@ def arithmetic(
     """
     what = "arithmetic"
     check_n(n, what)
-    ops = _check_args(digits, ops, split, what)
+    ops = check_args(digits, ops, split, what)
     vocab = Vocab.of(model)
     dig = digit_ids(vocab, what)
     rng = random.Random(seed)

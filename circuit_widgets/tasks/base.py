@@ -100,7 +100,7 @@ class Task:
         the clean prompt; the token holding its last character). END is always the last real
         token. Clean and corrupt prompts of one example must tokenise to the same length
         with the same kind of token at each named position, else a ValueError shows both.
-        ``stages``: the circuit_pipeline stages for such prompts (e.g. ``tasks.ioi.STAGES``).
+        ``stages``: the circuit_pipeline stages for such prompts (IOI's: ``tasks.ioi.STAGES``).
         """
         what = f"Task.from_pairs({name!r})"
         for label, seq in (
