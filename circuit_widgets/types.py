@@ -9,7 +9,7 @@ import enum
 import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeGuard
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -156,7 +156,7 @@ class Head:
         return [cls.parse(v) for v in items]
 
 
-def _is_pair(value: object) -> bool:
+def _is_pair(value: object) -> TypeGuard[tuple[int, int]]:
     """(l, h) with scalar parts, as opposed to a tuple of heads."""
     return (
         isinstance(value, tuple)
@@ -165,7 +165,7 @@ def _is_pair(value: object) -> bool:
     )
 
 
-def _integer(part: object, value: object) -> int:
+def _integer(part: Any, value: object) -> int:
     """An int from an integer-like part; floats such as 1.7 are refused, never truncated."""
     if isinstance(part, bool):
         raise ValueError(f"cannot read a head from {value!r}: its parts must be integers")  # noqa: TRY004 - every input mistake is a ValueError
@@ -363,9 +363,10 @@ class Circuit:
                     f"group {name!r} acts at position {a.position!r} in one circuit and "
                     f"{b.position!r} in the other; rename one group or give both the same position"
                 )
-            position = (a or b).position
+            either = a or b
+            assert either is not None  # every name comes from one of the two circuits
             if heads:
-                out.append(CircuitGroup(name, heads, position))
+                out.append(CircuitGroup(name, heads, either.position))
         return Circuit(tuple(out), self.name or other.name)
 
     def __or__(self, other: Circuit) -> Circuit:

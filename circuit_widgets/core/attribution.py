@@ -216,7 +216,7 @@ def _fast_contrib(
     sl: slice,
     frozen: bool = False,
     freeze_mlps: bool = False,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Forward with grad on the base tokens, keeping ``comp`` at every layer, then one backward."""
     with torch.enable_grad():
         acts, final = _grad_forward(eng, comp, tokens.to(eng.device), frozen, freeze_mlps)

@@ -16,7 +16,7 @@ from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, trace_forward
 
 _ENGINES: weakref.WeakKeyDictionary[Any, FastModel | None] = weakref.WeakKeyDictionary()
-_RUNS: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary] = weakref.WeakKeyDictionary()
+_RUNS: weakref.WeakKeyDictionary[Any, _PerModel] = weakref.WeakKeyDictionary()
 _FORCE_HOOKED = [False]
 
 

@@ -21,7 +21,15 @@ from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Circuit, CircuitGroup, Component, Head, Receiver, Stage
+from circuit_widgets.types import (
+    Circuit,
+    CircuitGroup,
+    Component,
+    Head,
+    Receiver,
+    ReceiverInput,
+    Stage,
+)
 
 REFERENCES = ("corrupt", "clean")
 MEANS = ("auto", "position", "class")
@@ -234,11 +242,11 @@ class _Ablator:
                     k[torch.arange(b), pos, h.head] = True
         out = {}
         for l in range(self.shape.n_layers):
-            k = keep.get(l)
-            if k is None:
+            layer_keep = keep.get(l)
+            if layer_keep is None:
                 out[l] = torch.zeros(b, s, H, dtype=torch.bool)
-            elif not bool(k.all()):
-                out[l] = k
+            elif not bool(layer_keep.all()):
+                out[l] = layer_keep
         return out
 
     def scores(self, circuit: Circuit | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -264,7 +272,7 @@ class _Ablator:
             outs[0].append(sub.metric(logits).float().cpu())
             outs[1].append(sub.accuracy(logits).float().cpu())
             outs[2].append(sub.candidate_accuracy(logits).float().cpu())
-        result = tuple(torch.cat(o) for o in outs)
+        result = (torch.cat(outs[0]), torch.cat(outs[1]), torch.cat(outs[2]))
         if circuit is None:
             self._full = result
         return result
@@ -569,14 +577,14 @@ def completeness(
                 ks.append((f"random {i}", frozenset(h for h in heads if rng.random() < 0.5)))
     else:
         for i, k in enumerate(subsets):
-            heads = frozenset(Head.parse(h) for h in k)
-            outside = sorted(heads - circ.heads)
+            members = frozenset(Head.parse(h) for h in k)
+            outside = sorted(members - circ.heads)
             if outside:
                 raise ValueError(
                     f"subset {i} holds heads {[str(h) for h in outside]} that are not "
                     f"in the circuit; K must be a subset of the circuit"
                 )
-            ks.append((f"subset {i}", heads))
+            ks.append((f"subset {i}", members))
     everything = Circuit.from_heads(_all_heads(abl.shape), group="model")
     full = abl.run(everything).metric
     f_c, f_m = [], []
@@ -927,6 +935,7 @@ def circuit_pipeline(
             if on_progress is not None:
                 on_progress(i * 1000 + (1000 * done) // max(total, 1), n_stages * 1000)
 
+        grid: HeadGrid | None
         if st.receivers == "logits":
             grid = path_patch(
                 model,
@@ -940,7 +949,7 @@ def circuit_pipeline(
             )
         else:
             recv = [
-                Receiver(h.layer, h.head, inp)
+                Receiver(h.layer, h.head, ReceiverInput.coerce(inp))
                 for h in sorted(found[st.receivers])
                 for inp in dict.fromkeys(st.inputs)
             ]
@@ -1078,6 +1087,7 @@ def _banded_path_patch(
         if not grid.complete:
             complete = False
             break
+    assert grid is not None and per_example is not None  # bands is not empty
     desc = ", ".join(str(r) for r in recv)
     return build_grid(
         per_example,

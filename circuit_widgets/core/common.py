@@ -14,7 +14,7 @@ from torch import Tensor
 from circuit_widgets.core import hooks
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Component, Direction, Head
+from circuit_widgets.types import Component, Direction, DirectionName, GridKind, Head
 
 Progress = Callable[[int, int], None] | None
 Stop = Callable[[], bool] | None
@@ -215,7 +215,7 @@ def split_window(win: Window, max_groups: int = 3) -> list[tuple[Tensor | None, 
     order = torch.argsort(need, descending=True, stable=True)
     lens = need[order].tolist()
     # best cut of the sorted lengths into <= max_groups runs: minimise sum(size x longest)
-    best = {(0, 0): (0, [])}
+    best: dict[tuple[int, int], tuple[int, list[int]]] = {(0, 0): (0, [])}
     for k in range(1, max_groups + 1):
         for j in range(1, n + 1):
             options = [
@@ -228,7 +228,7 @@ def split_window(win: Window, max_groups: int = 3) -> list[tuple[Tensor | None, 
     cost, cuts = min(best[(n, k)] for k in range(1, max_groups + 1) if (n, k) in best)
     if len(cuts) == 1 or cost > 0.9 * n * lens[0]:  # under 10% saved: one pass is cheaper
         return [(None, win)]
-    out = []
+    out: list[tuple[Tensor | None, Window]] = []
     for a, b in zip(cuts, [*cuts[1:], n]):
         idx = order[a:b].sort().values
         w = lens[a]
@@ -294,8 +294,8 @@ def build_grid(
     *,
     shape: ModelShape,
     component: Component,
-    direction: str,
-    kind: str,
+    direction: DirectionName,
+    kind: GridKind,
     metric_name: str,
     positions: list[str] | None,
     position: str | None,

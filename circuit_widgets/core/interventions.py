@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -23,6 +23,9 @@ from circuit_widgets.core import hooks as hook_names
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.models import model_shape
 from circuit_widgets.types import Component, Head
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+
 
 _TOKEN_HOOK = "embed.hook_in"
 

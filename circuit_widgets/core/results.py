@@ -84,7 +84,7 @@ class HeadGrid:
         flat = vals.flatten()
         order = torch.argsort(flat.abs().nan_to_num(nan=-1.0), descending=True, stable=True)
         n_cols = vals.shape[-1]
-        out = []
+        out: list[tuple[Head, float]] = []
         for i in order.tolist():
             v = float(flat[i])
             if math.isnan(v) or len(out) >= k:

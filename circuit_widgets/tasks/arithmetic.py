@@ -69,7 +69,7 @@ def digit_ids(vocab: Vocab, what: str) -> list[int]:
             f"{what} needs a tokenizer that writes each digit as its own token (like SmolLM2's); "
             f"{vocab.name!r} tokenises '37+48=' as {vocab.str_tokens(merged)}"
         )
-    return [int(i) for i in ids]
+    return [int(i) for i in ids if i is not None]
 
 
 def arithmetic(

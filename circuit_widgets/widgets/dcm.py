@@ -123,7 +123,12 @@ class DCMWidget(BaseWidget):
                     f"heads 0-{shape.n_heads - 1})"
                 )
         self._select_result = bool(select_result)
-        self._train_kwargs = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
+        self._train_kwargs: dict[str, Any] = {
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+        }
         self._results: list[Any] = []
         nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
         grid = HeadGridWidget(
