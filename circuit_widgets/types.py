@@ -32,6 +32,11 @@ class ModelLike(Protocol):
 
     def parameters(self) -> Iterator[Any]: ...
 
+    def named_parameters(self) -> Iterator[tuple[str, Any]]: ...
+
+    @property
+    def hook_dict(self) -> dict[str, Any]: ...
+
 
 ComponentName = Literal["z", "q", "k", "v", "pattern", "attn_out", "mlp_out", "resid_pre"]
 DirectionName = Literal["denoise", "noise"]

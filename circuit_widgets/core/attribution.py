@@ -7,7 +7,7 @@ base run, from one forward and one backward. Same value convention as ``activati
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -23,12 +23,15 @@ from circuit_widgets.core.common import (
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, attend, causal_masks
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.types import Component, Direction, Head
+from circuit_widgets.types import Component, Direction, Head, ModelLike
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 
 def attribution_patch(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     component: str | Component = "z",
     direction: str | Direction = "noise",
     *,
@@ -52,8 +55,8 @@ def attribution_patch(
 
 
 def path_attribution(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     position: str = "all",
     freeze_mlps: bool = False,
@@ -87,8 +90,8 @@ def path_attribution(
 
 
 def _attribute(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     component: Any,
     direction: Any,
     positions: Any,
@@ -293,8 +296,8 @@ def _grad_forward(
 
 
 def _hooked_contrib(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     comp: Component,
     tokens: Tensor,
     src_cache: dict,

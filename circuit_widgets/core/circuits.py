@@ -10,7 +10,7 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -26,10 +26,14 @@ from circuit_widgets.types import (
     CircuitGroup,
     Component,
     Head,
+    ModelLike,
     Receiver,
     ReceiverInput,
     Stage,
 )
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 REFERENCES = ("corrupt", "clean")
 MEANS = ("auto", "position", "class")
@@ -83,8 +87,8 @@ class AblationResult:
 
 
 def mean_ablate(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     circuit: Circuit | Iterable[Any] | None = None,
     *,
     reference_task: Any = None,
@@ -123,8 +127,8 @@ class _Ablator:
 
     def __init__(
         self,
-        model: Any,
-        task: Any,
+        model: ModelLike,
+        task: Task,
         reference_task: Any,
         reference: str,
         batch_size: int | None,
@@ -170,7 +174,7 @@ class _Ablator:
         self.means = self._means(ref, tokens)
         self._full: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _class_map(self, task: Any, for_reference: bool) -> Tensor:
+    def _class_map(self, task: Task, for_reference: bool) -> Tensor:
         """[b, s] class index of each token; -1 on padding."""
         b, s = task.clean_tokens.shape
         if self.mode == "position":
@@ -223,7 +227,7 @@ class _Ablator:
             )
         return [m.float() for m in means]
 
-    def _keep(self, circuit: Circuit, task: Any, sl: slice, s: int) -> dict[int, Tensor]:
+    def _keep(self, circuit: Circuit, task: Task, sl: slice, s: int) -> dict[int, Tensor]:
         """layer -> [b, s, H] bool: where a head keeps its own output; layers all kept are left out."""
         b = len(range(*sl.indices(len(task))))
         H = self.shape.n_heads
@@ -238,6 +242,7 @@ class _Ablator:
                 if h in everywhere:
                     k[:, :, h.head] = True
                 else:
+                    assert g.position is not None  # position-less groups' heads are everywhere
                     pos = task.positions[g.position][sl].cpu()
                     k[torch.arange(b), pos, h.head] = True
         out = {}
@@ -312,7 +317,7 @@ def _ablate_fn(keep: Tensor, means: Tensor, cls: Tensor):
     return fn
 
 
-def _as_circuit(circuit: Any, shape: ModelShape, task: Any) -> Circuit:
+def _as_circuit(circuit: Any, shape: ModelShape, task: Task) -> Circuit:
     """A Circuit checked against the model and the task (a plain head list keeps heads everywhere)."""
     if circuit is None:
         circ = Circuit()
@@ -441,8 +446,8 @@ def random_circuit_like(circuit: Circuit, shape: ModelShape, seed: int) -> Circu
 
 
 def faithfulness(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     circuit: Circuit | Iterable[Any],
     *,
     n_random: int = 5,
@@ -532,8 +537,8 @@ class CompletenessResult:
 
 
 def completeness(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     circuit: Circuit | Iterable[Any],
     *,
     subsets: str | Sequence[Iterable[Any]] = "groups+random",
@@ -642,8 +647,8 @@ class MinimalityResult:
 
 
 def minimality(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     circuit: Circuit | Iterable[Any],
     *,
     k_sets: str | dict = "group",
@@ -807,7 +812,7 @@ def head_overlap(a: Any, b: Any) -> OverlapResult:
 # ====================================================================== pipeline
 
 
-def default_stages(task: Any) -> list[Stage]:
+def default_stages(task: Task) -> list[Stage]:
     """The stages a task carries (``task.stages``, set by its generator: see ``tasks.ioi``,
     ``tasks.colored_objects``, ``tasks.entity_tracking``); for a task without its own, movers
     -> logits at END and inhibition -> movers' queries at END."""
@@ -876,8 +881,8 @@ class PipelineResult:
 
 
 def circuit_pipeline(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     stages: Sequence[Stage] | None = None,
     top_frac: float = 0.02,
@@ -1012,7 +1017,7 @@ def _ranking(grid: HeadGrid, rank_by: str) -> tuple[Tensor, str | None]:
     return (-raw if gap < 0 else raw), None
 
 
-def _check_stages(stages: list[Stage], task: Any) -> None:
+def _check_stages(stages: list[Stage], task: Task) -> None:
     if not stages:
         raise ValueError("stages must hold at least one Stage")
     seen: list[str] = []

@@ -12,7 +12,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float
@@ -23,7 +23,10 @@ from circuit_widgets.core.common import Progress, Stop, build_grid, check_callba
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, check_adapters, model_shape
-from circuit_widgets.types import Circuit, Component, Head
+from circuit_widgets.types import Circuit, Component, Head, ModelLike
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 COMPONENTS = (
     Component.Z,
@@ -52,7 +55,7 @@ def _bridge(model: Any, label: str) -> Any:
     return inner
 
 
-def _architecture(model: Any) -> str:
+def _architecture(model: ModelLike) -> str:
     hf = getattr(model, "original_model", None)
     names = getattr(getattr(hf, "config", None), "architectures", None)
     return (names or [type(hf).__name__])[0] if hf is not None else type(model).__name__
@@ -277,7 +280,7 @@ def _column_kind(comp: Component) -> str:
     return "key/value heads (k/v)" if comp.per_kv_head else "query heads (z/q)"
 
 
-def _check_position(task: Any, position: Any) -> str | None:
+def _check_position(task: Task, position: Any) -> str | None:
     if position is None or position == "all":
         return None
     if not isinstance(position, str) or position not in task.positions:
@@ -312,7 +315,7 @@ def _group_patch(
 
 def _plan(
     base: Any,
-    task: Any,
+    task: Task,
     circuit: Any,
     heads: Any,
     comps: list[Component],
@@ -411,7 +414,7 @@ def _site_needs(patches: Sequence[_Patch]) -> list[tuple[int, str]]:
     return sorted({k for p in patches for k in p.columns})
 
 
-def _position_mask(task: Any, position: str | None, rows: slice) -> Tensor:
+def _position_mask(task: Task, position: str | None, rows: slice) -> Tensor:
     b = task.clean_tokens[rows].shape[0]
     s = task.clean_tokens.shape[1]
     if position is None:
@@ -420,7 +423,7 @@ def _position_mask(task: Any, position: str | None, rows: slice) -> Tensor:
 
 
 def _cell_masks(
-    patch_list: Sequence[_Patch], task: Any, rows: slice, shape: ModelShape
+    patch_list: Sequence[_Patch], task: Task, rows: slice, shape: ModelShape
 ) -> dict[tuple[int, str], Tensor]:
     """(layer, site) -> bool mask [V*b, s, columns or 1] over all variants (patches) stacked."""
     b = task.clean_tokens[rows].shape[0]
@@ -485,7 +488,7 @@ def _batches(n: int, rows_per_variant: int) -> list[slice]:
 def cmap(
     base: Any,
     finetuned: Any,
-    task: Any,
+    task: Task,
     *,
     circuit: Circuit | None = None,
     heads: Sequence[Any] | str | None = None,
@@ -589,7 +592,7 @@ def cmap(
 def cmap_grid(
     base: Any,
     finetuned: Any,
-    task: Any,
+    task: Task,
     *,
     component: str | Component = "z",
     position: str = "END",

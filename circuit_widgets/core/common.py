@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Int
@@ -14,7 +14,10 @@ from torch import Tensor
 from circuit_widgets.core import hooks
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Component, Direction, DirectionName, GridKind, Head
+from circuit_widgets.types import Component, Direction, DirectionName, GridKind, Head, ModelLike
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 Progress = Callable[[int, int], None] | None
 Stop = Callable[[], bool] | None
@@ -79,7 +82,7 @@ def check_callbacks(on_progress: Progress, should_stop: Stop, batch_size: int | 
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
 
 
-def check_position_name(task: Any, name: str) -> None:
+def check_position_name(task: Task, name: str) -> None:
     if name not in task.positions:
         raise ValueError(
             f"task {task.name!r} has no position {name!r}; valid positions are "
@@ -102,8 +105,8 @@ class SweepPlan:
 
 
 def plan_sweep(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     component: Any,
     direction: Any,
     heads: Any,
@@ -134,7 +137,7 @@ class Slot:
 
 
 def position_slots(
-    task: Any, positions: Any, allow_each: bool = True
+    task: Task, positions: Any, allow_each: bool = True
 ) -> tuple[list[Slot], list[str] | None, str | None]:
     """(slots, position labels or None for 2-D grids, single-position description)."""
     b, s = task.clean_tokens.shape
@@ -169,7 +172,7 @@ def position_slots(
     )
 
 
-def first_diff(task: Any) -> Int[Tensor, " b"]:
+def first_diff(task: Task) -> Int[Tensor, " b"]:
     """Per example, the first position where clean and corrupt tokens differ (its length if
     none): every activation before it is identical in both runs, so patching there is a no-op."""
     differ = ((task.clean_tokens != task.corrupt_tokens) & task.attention_mask.bool()).cpu()
@@ -243,7 +246,7 @@ class MetricReader:
     """task.metric on [batch, vocab] logits; for metrics that read only the answer columns
     (logit_diff, candidate_accuracy) the unembedding is computed on those columns alone."""
 
-    def __init__(self, task: Any, device: torch.device | str) -> None:
+    def __init__(self, task: Task, device: torch.device | str) -> None:
         self.task = task
         self.cols = None
         if task.metric_name in ("logit_diff", "candidate_accuracy"):

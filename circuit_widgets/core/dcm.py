@@ -30,7 +30,7 @@ from circuit_widgets.core.forward import (
 )
 from circuit_widgets.models import ModelShape, model_shape
 from circuit_widgets.tasks.desiderata import Desideratum
-from circuit_widgets.types import Circuit, Head
+from circuit_widgets.types import Circuit, Head, ModelLike
 
 DEFAULT_LAMS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 # Base prompts' cached keys/values (what lets each step recompute only position..END).
@@ -232,7 +232,7 @@ class SweepResult:
 
 
 def dcm(
-    model: Any,
+    model: ModelLike,
     desideratum: Desideratum | Sequence[Desideratum],
     *,
     heads: Sequence[Head | str | tuple[int, int]] | None = None,
@@ -280,7 +280,7 @@ def dcm(
 
 
 def dcm_sweep(
-    model: Any,
+    model: ModelLike,
     desideratum: Desideratum | Sequence[Desideratum],
     *,
     heads: Sequence[Head | str | tuple[int, int]] | None = None,
@@ -362,7 +362,7 @@ class _frozen:
     """Model weights need no gradient while the mask trains; restored afterwards. Every
     in-place write to a parameter bumps its ``_version``, so exiting checks none was written."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: ModelLike) -> None:
         self.named = list(model.named_parameters())
 
     def __enter__(self) -> None:
@@ -497,7 +497,7 @@ class _Plan:
 
     def __init__(
         self,
-        model: Any,
+        model: ModelLike,
         parts: tuple[Desideratum, ...],
         heads: list[Head],
         position: str,
@@ -529,7 +529,7 @@ class _Plan:
     @classmethod
     def build(
         cls,
-        model: Any,
+        model: ModelLike,
         desideratum: Any,
         heads: Any,
         position: Any,

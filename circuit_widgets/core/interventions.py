@@ -27,6 +27,9 @@ from circuit_widgets.types import Component, Head
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing.Self is 3.11+
 
+    from circuit_widgets.tasks.base import Task
+from circuit_widgets.types import ModelLike
+
 _TOKEN_HOOK = "embed.hook_in"
 
 
@@ -39,8 +42,8 @@ class Intervention:
 
     def __init__(
         self,
-        model: Any,
-        task: Any,
+        model: ModelLike,
+        task: Task,
         *,
         heads: Iterable[Any],
         attend_to: str | Sequence[str] | Tensor | None = None,
@@ -387,8 +390,8 @@ def _as_hook(fn):
 
 
 def intervene(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     heads: Iterable[Any],
     attend_to: str | Sequence[str] | Tensor | None = None,
@@ -459,8 +462,8 @@ class AttentionResult:
 
 
 def head_attention(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     heads: Iterable[Any],
     to: str | Sequence[str] | Tensor,
     *,

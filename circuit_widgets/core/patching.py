@@ -9,7 +9,7 @@ many patched copies per pass. Other architectures run one bridge forward per cel
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -31,12 +31,15 @@ from circuit_widgets.core.common import (
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.types import Component, Direction, Head
+from circuit_widgets.types import Component, Direction, Head, ModelLike
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 
 def activation_patch(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     component: str | Component = "z",
     positions: str | Sequence[str] = "all",
@@ -260,8 +263,8 @@ def _pattern_z(eng: FastModel, base_v: Tensor, src_pattern: Tensor, pos: Tensor)
 
 
 def _hooked_cell(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     comp: Component,
     base_tokens: Tensor,
     src_cache: dict,

@@ -11,7 +11,7 @@ recomputes everything from the lowest receiver layer, at positions from the send
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -35,12 +35,15 @@ from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Component, Head, Receiver, ReceiverInput
+from circuit_widgets.types import Component, Head, ModelLike, Receiver, ReceiverInput
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 
 def path_patch(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     receivers: str | Sequence[Receiver] = "logits",
     senders: Sequence[Head | str | tuple[int, int]] | None = None,
@@ -324,8 +327,8 @@ def _replace_heads(heads: list[int], new: Tensor, pm: Tensor):
 
 
 def _hooked_sender(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     shape: ModelShape,
     c_cache: dict,
     x_cache: dict,
