@@ -117,7 +117,7 @@ class MaskResult:
     full_patch_accuracy: float
     curve: TrainingCurve
     best_step: int
-    n_examples: tuple[int, int, int]
+    n_examples: tuple[int, ...]  # train, val, test
     complete: bool
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -574,7 +574,8 @@ class _Plan:
         """Source z at the position, per trained head: one no-grad run per batch. False if stopped."""
         capture = [(l, "z") for l in self.layers]
         for part in self.parts:
-            d, chunks = part.d, {l: [] for l in self.layers}
+            d = part.d
+            chunks: dict[int, list[Tensor]] = {l: [] for l in self.layers}
             for rows in self._ranges(len(d)):
                 if ticker.stop_requested():
                     return False
@@ -737,10 +738,10 @@ class _Plan:
         mask = torch.ones(len(self.heads), device=self.device, requires_grad=True)
         opt = torch.optim.Adam([mask], lr=lr)
         checks = set(self.eval_steps(epochs, eval_every))
-        curve = {
+        curve: dict[str, list[float]] = {
             k: [] for k in ("step", "epoch", "loss", "target_logit", "mask_size", "n_selected")
         }
-        vals = {k: [] for k in ("val_step", "val_accuracy", "val_loss")}
+        vals: dict[str, list[float]] = {k: [] for k in ("val_step", "val_accuracy", "val_loss")}
         best: tuple | None = None  # (accuracy, -loss, step, mask)
         step, complete = 0, True
         for epoch in range(epochs):
