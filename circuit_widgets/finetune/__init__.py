@@ -190,9 +190,9 @@ def _train(out, recipe: ArithmeticRecipe, base_folder, progress: bool, command: 
 
 def demo_folder() -> Path:
     """The demo model's cached safetensors checkpoint (built from the GGUF once)."""
-    from circuit_widgets.models import _cached_gguf_checkpoint, _demo_gguf_path
+    from circuit_widgets.models import cached_gguf_checkpoint, demo_gguf_path
 
-    return _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
+    return cached_gguf_checkpoint("smollm2-135m-instruct", demo_gguf_path)
 
 
 def save_adapter(
