@@ -277,6 +277,18 @@ class Circuit:
         )
 
     @classmethod
+    def parse(cls, value: Any) -> Circuit:
+        """A Circuit from a Circuit, ``{"group": [heads]}``, a list of heads ([l, h] lists
+        included) or None (the empty circuit)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Circuit):
+            return value
+        if isinstance(value, dict):
+            return cls.from_groups(value)
+        return cls.from_heads([Head.parse(tuple(h) if isinstance(h, list) else h) for h in value])
+
+    @classmethod
     def from_grid(
         cls,
         grid,

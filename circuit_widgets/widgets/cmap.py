@@ -8,7 +8,7 @@ import numpy as np
 import traitlets
 from ipywidgets import widget_serialization
 
-from circuit_widgets.types import Circuit, Head
+from circuit_widgets.types import Circuit
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
 from circuit_widgets.widgets._traits import Float32Array
 from circuit_widgets.widgets.head_grid import HeadGridWidget
@@ -21,16 +21,6 @@ def _check_grid_position(task: Any, position: Any) -> None:
         raise ValueError(
             f"grid_position must be 'all' or one of {sorted(task.positions)}, got {position!r}"
         )
-
-
-def _as_circuit(circuit: Any) -> Circuit:
-    if circuit is None:
-        return Circuit()
-    if isinstance(circuit, Circuit):
-        return circuit
-    if isinstance(circuit, dict):
-        return Circuit.from_groups(circuit)
-    return Circuit.from_heads([Head.parse(tuple(h) if isinstance(h, list) else h) for h in circuit])
 
 
 class CMAPWidget(BaseWidget):
@@ -131,7 +121,7 @@ class CMAPWidget(BaseWidget):
 
     def _set_circuit(self, circuit: Any, keep_toggles: bool) -> None:
         """Show a circuit; ``keep_toggles``: groups it had before keep their on/off state (new ones are on)."""
-        c = _as_circuit(circuit)
+        c = Circuit.parse(circuit)
         c.validate(self._shape.n_layers, self._shape.n_heads, self._task.position_names)
         before = {g["name"] for g in self.groups}
         was_on = set(self.enabled)

@@ -100,7 +100,7 @@ def _selection_pairs(selection: Any, layer_numbers: list[int], n_heads: int) -> 
     return [[h.layer, h.head] for h in heads]
 
 
-def _named_groups(circuit: Any, pairs: list[list[int]]) -> list[dict]:
+def named_groups(circuit: Any, pairs: list[list[int]]) -> list[dict]:
     """A grouped Circuit's groups as trait values; [] for plain heads (one unnamed "heads" group)."""
     if not isinstance(circuit, Circuit):
         return []
@@ -141,10 +141,10 @@ def _grouped_circuit(selected: list[list[int]], groups: list[dict]) -> Circuit:
             for g in groups
         )
     )
-    return _with_heads(named, selected)
+    return with_heads(named, selected)
 
 
-def _with_heads(circuit: Circuit, pairs: list[list[int]]) -> Circuit:
+def with_heads(circuit: Circuit, pairs: list[list[int]]) -> Circuit:
     """``circuit`` with exactly these heads: removed heads leave their groups (emptied groups go),
     new heads join the group "heads" (created at all positions if the circuit has none)."""
     want = {Head(int(layer), int(head)) for layer, head in pairs}
@@ -227,7 +227,7 @@ class HeadGridWidget(BaseWidget):
         state["selected"] = _selection_pairs(
             selection, state["layer_numbers"], state["values"].shape[1]
         )
-        state["groups"] = _named_groups(selection, state["selected"])
+        state["groups"] = named_groups(selection, state["selected"])
         state["title"] = "" if title is None else str(title)
         state["_esm"] = read_bundle("head_grid")
         super().__init__(state, **kwargs)
@@ -320,7 +320,7 @@ class HeadGridWidget(BaseWidget):
     def circuit(self, circuit: Circuit | Iterable[Any]) -> None:
         pairs = _selection_pairs(circuit, self.layer_numbers, self.values.shape[1])
         with self.hold_sync():
-            self.groups = _named_groups(circuit, pairs)
+            self.groups = named_groups(circuit, pairs)
             self.selected = pairs
 
     def on_select(self, callback: Callable[[Circuit], Any]) -> Callable[[dict], None]:
