@@ -138,3 +138,15 @@ def test_bad_example_counts():
         Task.from_pairs(tok, CLEAN[0], CORRUPT[0], " Mary", " John")
     with pytest.raises(ValueError, match="example 1 has 1 strings but example 0 has 2"):
         Task.from_pairs(tok, CLEAN, CORRUPT, [[" Mary", " John"], [" Alice"]], [" John", " David"])
+
+
+def test_from_pairs_carries_the_stages_it_is_given(tiny_gpt2):
+    from circuit_widgets import Stage, default_stages
+
+    stages = [Stage("movers", "END"), Stage("inhibition", "END", "movers", "q")]
+    mine = [Stage("readers", "END"), Stage("writers", "S2", "readers", "kv")]
+    args = (tiny_gpt2, CLEAN, CORRUPT, [" Mary", " Alice"], [" John", " David"])
+    plain = Task.from_pairs(*args, positions={"S2": [10, -3]})
+    assert plain.stages == () and default_stages(plain) == stages
+    given = Task.from_pairs(*args, positions={"S2": [10, -3]}, stages=mine)
+    assert given.stages == tuple(mine) and default_stages(given) == mine
