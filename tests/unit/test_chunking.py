@@ -1,0 +1,133 @@
+"""Example chunking under a memory budget: every sweep gives the unchunked numbers, keeps only
+one chunk's runs alive, reports progress over all chunks and stops between jobs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuit_widgets import tiny_model
+from circuit_widgets.core import activation_patch, cache
+from circuit_widgets.core.common import (
+    example_chunks,
+    memory_budget,
+    parse_memory,
+    trace_bytes_per_token,
+)
+from circuit_widgets.tasks import ioi
+
+TINY = 1  # one byte: every chunk holds a single example
+
+
+@pytest.fixture(scope="module")
+def llama(one_thread):
+    return tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def task(llama):
+    return ioi(llama, n=5, seed=0)
+
+
+def test_parse_memory_reads_sizes_and_refuses_nonsense():
+    assert parse_memory(None) is None
+    assert parse_memory(1234) == 1234
+    assert parse_memory("2GB") == 2_000_000_000
+    assert parse_memory("512 MiB") == 512 * 1024**2
+    assert parse_memory("1.5g") == 1_500_000_000
+    assert parse_memory("300k") == 300_000
+    for bad in ("lots", "-1GB", 0, -5, True, "2XB", "MiB", [1]):
+        with pytest.raises(ValueError, match="max_memory"):
+            parse_memory(bad)
+    assert memory_budget("1MB") == 1_000_000
+    free = memory_budget(None)
+    assert 0 < free <= 1 << 30  # a quarter of free RAM, capped at 1 GB on CPU
+
+
+def test_chunks_follow_the_budget(llama, task):
+    assert example_chunks(llama, task, TINY) == [slice(i, i + 1) for i in range(5)]
+    assert example_chunks(llama, task, "1GB") == [slice(0, 5)]
+    # two runs (clean, corrupt) of every token of an example, per layer and stream
+    one = 2 * task.clean_tokens.shape[1] * trace_bytes_per_token(llama)
+    assert example_chunks(llama, task, 2 * one + 1) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+@pytest.mark.parametrize(
+    ("component", "positions", "direction"),
+    [("z", "END", "noise"), ("v", "each", "denoise"), ("mlp_out", ["S2", "END"], "noise")],
+)
+def test_activation_patch_chunked_equals_unchunked(
+    llama, task, hooked, component, positions, direction
+):
+    kw = {"component": component, "positions": positions, "direction": direction}
+    with cache.force_hooked(hooked):
+        whole = activation_patch(llama, task, **kw)
+        ticks = []
+        chunked = activation_patch(
+            llama, task, **kw, max_memory=TINY, on_progress=lambda d, t: ticks.append((d, t))
+        )
+    assert whole.complete and chunked.complete
+    torch.testing.assert_close(chunked.per_example, whole.per_example, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.values, whole.values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.metric_clean, whole.metric_clean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.metric_corrupt, whole.metric_corrupt, atol=1e-5, rtol=1e-5)
+    assert bool(chunked.done.all())
+    assert any("5 chunks" in n for n in chunked.notes)
+    # progress counts every chunk's jobs, once each, up to the total
+    total = ticks[-1][1]
+    assert [d for d, _ in ticks] == list(range(1, total + 1)) and {t for _, t in ticks} == {total}
+
+
+def test_a_stop_in_a_later_chunk_keeps_the_finished_chunks(llama, task):
+    whole = activation_patch(llama, task, component="z", positions="END")
+    per_chunk = []
+    activation_patch(
+        llama,
+        task,
+        component="z",
+        positions="END",
+        max_memory=TINY,
+        on_progress=lambda d, t: per_chunk.append(t),
+    )
+    jobs_per_chunk = per_chunk[-1] // 5
+    calls = []
+
+    def stop() -> bool:
+        calls.append(1)
+        return len(calls) > 2 * jobs_per_chunk + 1  # mid-way through the third chunk
+
+    part = activation_patch(
+        llama, task, component="z", positions="END", max_memory=TINY, should_stop=stop
+    )
+    assert not part.complete and bool(part.done.all())
+    assert part.per_example.shape[0] == 2  # the two finished chunks' examples
+    torch.testing.assert_close(part.per_example, whole.per_example[:2], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(part.metric_clean, whole.metric_clean[:2], atol=1e-5, rtol=1e-5)
+    assert any("2 of 5 examples" in n for n in part.notes)
+    # stopped inside the first chunk: its finished cells on its examples
+    calls.clear()
+    first = activation_patch(
+        llama,
+        task,
+        component="z",
+        positions="END",
+        max_memory=TINY,
+        should_stop=lambda: len(calls.append(1) or calls) > 1,
+    )
+    assert first.per_example.shape[0] == 1 and 0 < int(first.done.sum()) < first.done.numel()
+    d = first.done
+    torch.testing.assert_close(
+        first.per_example[0][d], whole.per_example[0][d], atol=1e-5, rtol=1e-5
+    )
+
+
+def test_chunked_runs_are_not_cached(llama, task):
+    """Only an unchunked run keeps its task's runs; chunks' runs go with their chunk."""
+    cache.clear_cache()
+    activation_patch(llama, task, component="z", positions="END", max_memory=TINY)
+    assert (
+        llama not in cache._RUNS or task not in cache._RUNS[llama] or not cache._RUNS[llama][task]
+    )
+    activation_patch(llama, task, component="z", positions="END")
+    assert {"clean", "corrupt"} <= set(cache._RUNS[llama][task])
