@@ -195,7 +195,7 @@ def chunk_run(model: Any, chunk: Any, eng: FastModel, which: str) -> Trace:
         with torch.no_grad():
             return trace_forward(eng, tokens)
 
-    return chunk.get(f"run_{which}", make)
+    return chunk.get(f"run_{which}_{id(model)}", make)
 
 
 def chunk_metric(model: Any, chunk: Any, eng: FastModel, reader, which: str) -> torch.Tensor:
@@ -210,11 +210,11 @@ def chunk_metric(model: Any, chunk: Any, eng: FastModel, reader, which: str) -> 
         with torch.no_grad():
             return reader(eng.logits(tr.resid_pre[-1][ar, end], reader.cols)).cpu()
 
-    return chunk.get(f"metric_{which}", make)
+    return chunk.get(f"metric_{which}_{id(model)}", make)
 
 
 def chunk_hooked_runs(model: Any, chunk: Any) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
     """hooked_runs for a chunk: cached for the whole task, else for the chunk alone."""
     if chunk.whole:
         return hooked_runs(model, chunk.task)
-    return chunk.get("hooked", lambda: _hooked_compute(model, chunk.task))
+    return chunk.get(f"hooked_{id(model)}", lambda: _hooked_compute(model, chunk.task))

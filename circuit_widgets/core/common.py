@@ -532,6 +532,8 @@ def _kept(per_example, done, m_a, m_b, chunk_rows, finished: int, complete: bool
         rows = slice(0, len(m_a))
     else:
         rows = slice(0, chunk_rows[max(finished, 1) - 1].stop)
+    if not complete:  # a partial result outlives the loop that keeps filling these tensors
+        per_example, done, m_a, m_b = (t.clone() for t in (per_example, done, m_a, m_b))
     return SweepOut(per_example[rows], done, m_a[rows], m_b[rows], complete, len(chunk_rows))
 
 

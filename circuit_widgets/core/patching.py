@@ -216,12 +216,14 @@ def _fast_cells(
     win: Window,
     reader: MetricReader,
     ex: Tensor | None = None,
+    src_eng: FastModel | None = None,
 ) -> Tensor:
     """Metric change [V, B] of ``len(cols)`` patched copies of every example, in one pass.
 
     Row 0 of the pass is the base run itself, unpatched: each variant's metric is taken
     relative to it, so a patch that changes nothing gives exactly 0 and the float noise of
-    resuming mid-network cancels.
+    resuming mid-network cancels. ``src_eng``: the model ``src`` was run on, when another one
+    (cross-model patching: its q/k/v are recomputed with its own weights).
     """
     dev = eng.device
     starts, w = win.starts.to(dev), win.w
@@ -247,7 +249,7 @@ def _fast_cells(
         stage = "z"
     elif comp in (Component.Q, Component.K, Component.V):
         i = "qkv".index(comp.value)
-        new = g(src.qkv_raw(eng, layer)[i])[None]
+        new = g(src.qkv_raw(src_eng or eng, layer)[i])[None]
         edits[(layer, comp.value)] = lambda t: torch.where(sel[..., None], new, t)
         stage = "attn"
     else:
