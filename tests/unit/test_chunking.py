@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuit_widgets import tiny_model
-from circuit_widgets.core import activation_patch, cache
+from circuit_widgets.core import activation_patch, cache, path_patch
 from circuit_widgets.core.common import (
     example_chunks,
     memory_budget,
@@ -15,6 +15,7 @@ from circuit_widgets.core.common import (
     trace_bytes_per_token,
 )
 from circuit_widgets.tasks import ioi
+from circuit_widgets.types import Receiver
 
 TINY = 1  # one byte: every chunk holds a single example
 
@@ -131,3 +132,43 @@ def test_chunked_runs_are_not_cached(llama, task):
     )
     activation_patch(llama, task, component="z", positions="END")
     assert {"clean", "corrupt"} <= set(cache._RUNS[llama][task])
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"position": "END"},
+        {"position": "all", "freeze_mlps": True},
+        {"position": "S2", "receivers": [Receiver(1, 2, "v")]},
+    ],
+)
+def test_path_patch_chunked_equals_unchunked(llama, task, hooked, kw):
+    with cache.force_hooked(hooked):
+        whole = path_patch(llama, task, **kw)
+        chunked = path_patch(llama, task, **kw, max_memory=TINY)
+    assert chunked.complete and any("5 chunks" in n for n in chunked.notes)
+    torch.testing.assert_close(
+        chunked.per_example, whole.per_example, atol=1e-5, rtol=1e-5, equal_nan=True
+    )
+    torch.testing.assert_close(chunked.metric_corrupt, whole.metric_corrupt, atol=1e-5, rtol=1e-5)
+    assert torch.equal(chunked.done, whole.done)
+
+
+@pytest.mark.parametrize("hooked", [False, True])
+@pytest.mark.parametrize("fn", ["attribution_patch", "path_attribution"])
+def test_attribution_chunked_equals_unchunked(llama, task, hooked, fn):
+    from circuit_widgets import core
+
+    call = getattr(core, fn)
+    kw = {"direction": "denoise", "positions": "each"} if fn == "attribution_patch" else {}
+    with cache.force_hooked(hooked):
+        cache.clear_cache()
+        whole = call(llama, task, **kw)
+        ticks = []
+        chunked = call(llama, task, **kw, max_memory=TINY, on_progress=lambda d, t: ticks.append(t))
+    assert chunked.complete and ticks == [5] * 5
+    assert any("5 chunks" in n for n in chunked.notes)
+    torch.testing.assert_close(chunked.per_example, whole.per_example, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.metric_clean, whole.metric_clean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(chunked.metric_corrupt, whole.metric_corrupt, atol=1e-5, rtol=1e-5)
