@@ -19,7 +19,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuit_widgets.core import cache
-from circuit_widgets.core.common import Progress, Stop, check_callbacks, check_head
+from circuit_widgets.core.common import (
+    Progress,
+    Stop,
+    check_callbacks,
+    check_head,
+    free_memory,
+    parse_memory,
+)
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.forward import (
     Trace,
@@ -33,7 +40,7 @@ from circuit_widgets.tasks.desiderata import Desideratum
 from circuit_widgets.types import Circuit, Head
 
 DEFAULT_LAMS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-_SWEEP_KWARGS = ("lr", "epochs", "batch_size", "seed", "split", "eval_every")
+_SWEEP_KWARGS = ("lr", "epochs", "batch_size", "seed", "split", "eval_every", "max_memory")
 # Base prompts' cached keys/values (what lets each step recompute only position..END).
 KV_BUDGET_BYTES = 3 * 1024**3
 
@@ -247,6 +254,7 @@ def dcm(
     eval_every: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    max_memory: int | str | None = None,
 ) -> MaskResult:
     """Learn which ``heads`` carry ``desideratum``'s property at ``position``.
 
@@ -258,10 +266,13 @@ def dcm(
     (default: once per epoch) and at the last step, and the best check is kept (ties: lower
     validation loss). The model's weights are never changed. on_progress(done, total) and
     should_stop() are called between batches; a stopped run returns ``complete=False``.
+    max_memory (bytes or '2GB'): what the base prompts' cached keys/values may take; over it,
+    each step runs a full forward instead (same results, no cache). None = 3 GB or half the
+    free memory, whichever is less.
     """
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
-    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size)
+    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
     ticker = _Ticker(
         on_progress,
         should_stop,
@@ -315,6 +326,7 @@ def dcm_sweep(
         "seed": 0,
         "split": (0.6, 0.2, 0.2),
         "eval_every": None,
+        "max_memory": None,
         **dcm_kwargs,
     }
     _check_numbers(
@@ -322,7 +334,14 @@ def dcm_sweep(
     )
     check_callbacks(on_progress, should_stop, kw["batch_size"])
     plan = _Plan.build(
-        model, desideratum, heads, position, kw["split"], kw["seed"], kw["batch_size"]
+        model,
+        desideratum,
+        heads,
+        position,
+        kw["split"],
+        kw["seed"],
+        kw["batch_size"],
+        kw["max_memory"],
     )
     per_run = plan.run_units(kw["epochs"], kw["eval_every"])
     ticker = _Ticker(
@@ -513,6 +532,7 @@ class _Plan:
         position: str,
         batch_size: int,
         shape: ModelShape,
+        max_memory: int | str | None = None,
     ) -> None:
         self.model, self.heads, self.position, self.bs, self.shape = (
             model,
@@ -522,6 +542,10 @@ class _Plan:
             shape,
         )
         self.device = torch.device(getattr(model.cfg, "device", None) or "cpu")
+        given = parse_memory(max_memory)
+        self.kv_budget = (
+            given if given is not None else min(KV_BUDGET_BYTES, free_memory(self.device) // 2)
+        )
         self.parts = [_Part(d.to(self.device)) for d in parts]
         self.name = parts[0].name
         self.eng = self._window_engine()
@@ -546,6 +570,7 @@ class _Plan:
         split: Sequence[float],
         seed: int,
         batch_size: int,
+        max_memory: int | str | None = None,
     ) -> _Plan:
         shape = model_shape(model)
         if not isinstance(position, str):
@@ -553,7 +578,8 @@ class _Plan:
         chosen = _check_heads(heads, shape)
         parts = _check_parts(desideratum, split, seed)
         _check_structure(parts, position, shape)
-        return cls(model, parts, chosen, position, batch_size, shape)
+        parse_memory(max_memory)
+        return cls(model, parts, chosen, position, batch_size, shape, max_memory)
 
     # ---- work units (batches) for progress
 
@@ -619,7 +645,7 @@ class _Plan:
             bool((p.d.base_positions[self.position] > p.d.base_positions["END"]).any())
             for p in self.parts
         )
-        return None if late or need * eng.dtype.itemsize > KV_BUDGET_BYTES else eng
+        return None if late or need * eng.dtype.itemsize > self.kv_budget else eng
 
     def _prepare_windows(self, ticker: _Ticker) -> bool:
         """Cache the base prompts' keys/values for windowed steps. False if stopped."""

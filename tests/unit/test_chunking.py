@@ -3,6 +3,8 @@ one chunk's runs alive, reports progress over all chunks and stops between jobs.
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -172,3 +174,58 @@ def test_attribution_chunked_equals_unchunked(llama, task, hooked, fn):
     torch.testing.assert_close(chunked.per_example, whole.per_example, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked.metric_clean, whole.metric_clean, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(chunked.metric_corrupt, whole.metric_corrupt, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_ablation_and_faithfulness_chunked_equal_unchunked(llama, task):
+    from circuit_widgets import Circuit
+    from circuit_widgets.core.circuits import faithfulness, mean_ablate
+
+    circ = Circuit.from_groups({"a": ["1.0", "1.2"], "b": ["0.1"]}, positions={"b": "S2"})
+    whole = mean_ablate(llama, task, circ)
+    chunked = mean_ablate(llama, task, circ, max_memory=TINY)
+    torch.testing.assert_close(chunked.per_example, whole.per_example, atol=1e-5, rtol=1e-5)
+    assert chunked.accuracy == whole.accuracy
+    f_whole = faithfulness(llama, task, circ, n_random=2)
+    f_chunked = faithfulness(llama, task, circ, n_random=2, max_memory="1")
+    assert f_chunked.ratio == pytest.approx(f_whole.ratio, abs=1e-5)
+    assert f_chunked.random_metric == pytest.approx(f_whole.random_metric, abs=1e-5)
+    with pytest.raises(ValueError, match="max_memory"):
+        mean_ablate(llama, task, circ, max_memory="a lot")
+
+
+def test_ablation_forwards_follow_the_budget(llama, task, monkeypatch):
+    """Each forward holds at most the examples the budget allows."""
+    from circuit_widgets.core import circuits
+
+    sizes = []
+    real = circuits.run_with_edits
+
+    def spy(model, tokens, *args, **kwargs):
+        sizes.append(tokens.shape[0])
+        return real(model, tokens, *args, **kwargs)
+
+    monkeypatch.setattr(circuits, "run_with_edits", spy)
+    circuits.mean_ablate(llama, task, ["1.0"], max_memory=TINY)
+    assert sizes and set(sizes) == {1}
+    sizes.clear()
+    circuits.mean_ablate(llama, task, ["1.0"])
+    assert set(sizes) == {len(task)}
+
+
+def test_dcm_max_memory_decides_the_key_value_cache(llama):
+    from circuit_widgets.tasks import desiderata
+
+    dcm_module = importlib.import_module("circuit_widgets.core.dcm")  # core.dcm is the function
+
+    d = desiderata(llama, n=15, seed=3, n_boxes=3)["object_value"]
+    kw = {"lam": 0.01, "lr": 0.3, "batch_size": 4, "epochs": 1}
+    windowed = dcm_module.dcm(llama, d, **kw)
+    plan = dcm_module._Plan.build(llama, d, None, "END", (0.6, 0.2, 0.2), 0, 4, TINY)
+    assert plan.eng is None  # over budget: full forwards, no cached keys/values
+    full = dcm_module.dcm(llama, d, **kw, max_memory=TINY)
+    torch.testing.assert_close(windowed.curve.loss, full.curve.loss, atol=1e-5, rtol=1e-5)
+    assert windowed.test_accuracy == full.test_accuracy
+    sweep = dcm_module.dcm_sweep(
+        llama, d, lams=[0.01], max_memory=TINY, lr=0.3, batch_size=4, epochs=1
+    )
+    torch.testing.assert_close(sweep.results[0].curve.loss, full.curve.loss, atol=1e-5, rtol=1e-5)
