@@ -37,10 +37,9 @@ def main(argv=None) -> int:
     ap.add_argument("--loop-layers", type=int, default=3)
     ap.add_argument("--model", default="demo")
     ap.add_argument("--finetuned", default="demo-arith")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine)")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
 
     from circuit_widgets import core, load_model, model_shape
     from circuit_widgets.core.cmap import cmap_grid
