@@ -159,23 +159,66 @@ def hooked_runs(model: ModelLike, task: Task) -> tuple[dict, dict, torch.Tensor,
     """(clean cache, corrupt cache, metric clean, metric corrupt) through bridge hooks."""
     entry = _entry(model, task)
     if "hooked" not in entry:
-        keep = (
-            "hook_z",
-            "hook_q",
-            "hook_k",
-            "hook_v",
-            "hook_pattern",
-            "hook_attn_out",
-            "hook_mlp_out",
-            "hook_resid_pre",
-        )
-        caches, metrics = [], []
-        with torch.no_grad():
-            for tokens in (task.clean_tokens, task.corrupt_tokens):
-                logits, cache = model.run_with_cache(
-                    tokens.to(model.cfg.device), names_filter=lambda n: n.endswith(keep)
-                )
-                caches.append({k: v for k, v in cache.items()})
-                metrics.append(task.metric(logits).cpu())
-        entry["hooked"] = (caches[0], caches[1], metrics[0], metrics[1])
+        entry["hooked"] = _hooked_compute(model, task)
     return entry["hooked"]
+
+
+def _hooked_compute(model: Any, task: Any) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+    keep = (
+        "hook_z",
+        "hook_q",
+        "hook_k",
+        "hook_v",
+        "hook_pattern",
+        "hook_attn_out",
+        "hook_mlp_out",
+        "hook_resid_pre",
+    )
+    caches, metrics = [], []
+    with torch.no_grad():
+        for tokens in (task.clean_tokens, task.corrupt_tokens):
+            logits, cache = model.run_with_cache(
+                tokens.to(model.cfg.device), names_filter=lambda n: n.endswith(keep)
+            )
+            caches.append({k: v for k, v in cache.items()})
+            metrics.append(task.metric(logits).cpu())
+    return (caches[0], caches[1], metrics[0], metrics[1])
+
+
+# ---------------------------------------------------------------------- per chunk
+
+
+def chunk_run(model: Any, chunk: Any, eng: FastModel, which: str) -> Trace:
+    """The chunk's 'clean' or 'corrupt' Trace: the cached whole-task run when the chunk is the
+    whole task, else computed for the chunk alone and never cached (it goes with the chunk)."""
+    if chunk.whole:
+        return fast_run(model, chunk.task, eng, which)
+
+    def make() -> Trace:
+        tokens = chunk.task.clean_tokens if which == "clean" else chunk.task.corrupt_tokens
+        with torch.no_grad():
+            return trace_forward(eng, tokens)
+
+    return chunk.get(f"run_{which}_{id(model)}", make)
+
+
+def chunk_metric(model: Any, chunk: Any, eng: FastModel, reader, which: str) -> torch.Tensor:
+    """The task's metric per example of the chunk's 'clean' or 'corrupt' run."""
+    if chunk.whole:
+        return fast_metric(model, chunk.task, eng, reader, which)
+
+    def make() -> torch.Tensor:
+        tr = chunk_run(model, chunk, eng, which)
+        end = chunk.task.positions["END"].to(eng.device)
+        ar = torch.arange(len(chunk.task), device=eng.device)
+        with torch.no_grad():
+            return reader(eng.logits(tr.resid_pre[-1][ar, end], reader.cols)).cpu()
+
+    return chunk.get(f"metric_{which}_{id(model)}", make)
+
+
+def chunk_hooked_runs(model: Any, chunk: Any) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+    """hooked_runs for a chunk: cached for the whole task, else for the chunk alone."""
+    if chunk.whole:
+        return hooked_runs(model, chunk.task)
+    return chunk.get(f"hooked_{id(model)}", lambda: _hooked_compute(model, chunk.task))

@@ -16,7 +16,14 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuit_widgets.core.common import Progress, Stop, build_grid, check_callbacks
+from circuit_widgets.core.common import (
+    Progress,
+    Stop,
+    build_grid,
+    check_callbacks,
+    example_chunks,
+    parse_memory,
+)
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.core.results import HeadGrid
@@ -95,6 +102,7 @@ def mean_ablate(
     batch_size: int | None = None,
     reference: str = "corrupt",
     means: str = "auto",
+    max_memory: int | str | None = None,
 ) -> AblationResult:
     """Score ``task`` with every head outside ``circuit`` replaced by its mean output.
 
@@ -118,8 +126,13 @@ def mean_ablate(
     A circuit group with a position keeps its heads at that named position only (mean
     elsewhere); a group without one keeps them at every position. ``circuit=None`` or an
     empty circuit ablates every head. A plain list of heads keeps them everywhere.
+
+    batch_size: examples per forward; max_memory (bytes or '2GB', None = from free memory)
+    bounds it too, so a long task runs in chunks with the same scores.
     """
-    return _Ablator(model, task, reference_task, reference, batch_size, means).run(circuit)
+    return _Ablator(model, task, reference_task, reference, batch_size, means, max_memory).run(
+        circuit
+    )
 
 
 class _Ablator:
@@ -133,8 +146,11 @@ class _Ablator:
         reference: str,
         batch_size: int | None,
         means: str = "auto",
+        max_memory: int | str | None = None,
     ) -> None:
         check_callbacks(None, None, batch_size)
+        parse_memory(max_memory)
+        self.max_memory = max_memory
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         if means not in MEANS:
@@ -188,9 +204,9 @@ class _Ablator:
                 cls[ar, task.positions[name].cpu()] = i
         return torch.where(task.attention_mask.cpu().bool(), cls, torch.full_like(cls, -1))
 
-    def _chunks(self, n: int) -> list[slice]:
-        size = self.batch_size or n
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    def _chunks(self, task: Any) -> list[slice]:
+        """Examples per forward: batch_size, and what one forward's activations fit the budget."""
+        return example_chunks(self.model, task, self.max_memory, runs=1, batch_size=self.batch_size)
 
     def _means(self, ref: Any, tokens: Tensor) -> list[Tensor]:
         L, H, dh = self.shape.n_layers, self.shape.n_heads, self.shape.d_head
@@ -198,7 +214,7 @@ class _Ablator:
         sums = torch.zeros(L, C, H, dh, dtype=torch.float64)
         counts = torch.zeros(C, dtype=torch.float64)
         cls_all = self._class_map(ref, True)
-        for sl in self._chunks(len(ref)):
+        for sl in self._chunks(ref):
             lengths = ref.attention_mask[sl].sum(-1)
             keep = int(lengths.max())
             toks = tokens[sl, :keep]
@@ -261,7 +277,7 @@ class _Ablator:
         task = self.task
         cls_all = self._class_map(task, False)
         outs: list[list[Tensor]] = [[], [], []]
-        for sl in self._chunks(len(task)):
+        for sl in self._chunks(task):
             sub = task.subset(torch.arange(len(task))[sl])
             s = sub.seq_len
             edits = {}
@@ -456,6 +472,7 @@ def faithfulness(
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
+    max_memory: int | str | None = None,
 ) -> FaithfulnessResult:
     """How much of the full model's performance the circuit alone keeps (Prakash et al.).
 
@@ -468,7 +485,7 @@ def faithfulness(
     """
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     full_m, full_a, _ = abl.scores(None)
     res = abl.run(circ)
@@ -548,6 +565,7 @@ def completeness(
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
+    max_memory: int | str | None = None,
 ) -> CompletenessResult:
     """Wang et al.'s completeness test: a circuit C is complete if, for every subset K of C,
     knocking K out of the circuit hurts as much as knocking it out of the whole model M.
@@ -561,7 +579,7 @@ def completeness(
     head of C in K with probability 1/2 (Wang et al.'s random sampling; seeded); or a list of
     head collections. Wang et al.'s greedy search for the worst K is not done here.
     """
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     ks: list[tuple[str, frozenset[Head]]] = [("empty", frozenset())]
     if isinstance(subsets, str):
@@ -656,6 +674,7 @@ def minimality(
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
+    max_memory: int | str | None = None,
 ) -> MinimalityResult:
     """Wang et al.'s minimality test: every head v of C should matter given some K.
 
@@ -667,7 +686,7 @@ def minimality(
     or a dict {head: [K, ...]} naming the K to try for each head (Wang et al. chose them by
     hand per head class). ``relative`` divides by |F(M)|.
     """
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     if isinstance(k_sets, str) and k_sets not in ("group", "empty"):
         raise ValueError(

@@ -19,7 +19,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuit_widgets.core import cache
-from circuit_widgets.core.common import Progress, Stop, check_callbacks, check_head
+from circuit_widgets.core.common import (
+    Progress,
+    Stop,
+    check_callbacks,
+    check_head,
+    free_memory,
+    parse_memory,
+)
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.forward import (
     Trace,
@@ -246,6 +253,7 @@ def dcm(
     eval_every: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    max_memory: int | str | None = None,
 ) -> MaskResult:
     """Learn which ``heads`` carry ``desideratum``'s property at ``position``.
 
@@ -257,10 +265,13 @@ def dcm(
     (default: once per epoch) and at the last step, and the best check is kept (ties: lower
     validation loss). The model's weights are never changed. on_progress(done, total) and
     should_stop() are called between batches; a stopped run returns ``complete=False``.
+    max_memory (bytes or '2GB'): what the base prompts' cached keys/values may take; over it,
+    each step runs a full forward instead (same results, no cache). None = 3 GB or half the
+    free memory, whichever is less.
     """
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
-    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size)
+    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
     ticker = _Ticker(
         on_progress,
         should_stop,
@@ -294,12 +305,13 @@ def dcm_sweep(
     seed: int = 0,
     split: Sequence[float] = (0.6, 0.2, 0.2),
     eval_every: int | None = None,
+    max_memory: int | str | None = None,
     on_result: Callable[[MaskResult], None] | None = None,
     lam: None = None,
 ) -> SweepResult:
     """``dcm`` once per lambda in ``lams`` on the same split and source activations (computed
     once), for a lambda slider. ``lr``, ``epochs``, ``batch_size``, ``seed``, ``split`` and
-    ``eval_every`` are ``dcm``'s (same defaults). Progress and stopping cover the whole sweep; a stopped sweep keeps the
+    ``eval_every`` and ``max_memory`` are ``dcm``'s (same defaults). Progress and stopping cover the whole sweep; a stopped sweep keeps the
     lambdas it finished (and the one it was in, flagged incomplete). The baseline and
     full-patch test accuracies are measured before training, so ``on_result`` receives each
     lambda's finished result, reference accuracies included, as soon as it is trained."""
@@ -313,7 +325,7 @@ def dcm_sweep(
     lams = [float(_number("lams item", x, low=0.0)) for x in lams]
     _check_numbers(lam=0.0, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
-    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size)
+    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
     per_run = plan.run_units(epochs, eval_every)
     ticker = _Ticker(
         on_progress, should_stop, plan.prep_units() + len(lams) * per_run + plan.reference_units()
@@ -503,6 +515,7 @@ class _Plan:
         position: str,
         batch_size: int,
         shape: ModelShape,
+        max_memory: int | str | None = None,
     ) -> None:
         self.model, self.heads, self.position, self.bs, self.shape = (
             model,
@@ -512,6 +525,10 @@ class _Plan:
             shape,
         )
         self.device = torch.device(getattr(model.cfg, "device", None) or "cpu")
+        given = parse_memory(max_memory)
+        self.kv_budget = (
+            given if given is not None else min(KV_BUDGET_BYTES, free_memory(self.device) // 2)
+        )
         self.parts = [_Part(d.to(self.device)) for d in parts]
         self.name = parts[0].name
         self.eng = self._window_engine()
@@ -536,6 +553,7 @@ class _Plan:
         split: Sequence[float],
         seed: int,
         batch_size: int,
+        max_memory: int | str | None = None,
     ) -> _Plan:
         shape = model_shape(model)
         if not isinstance(position, str):
@@ -543,7 +561,8 @@ class _Plan:
         chosen = _check_heads(heads, shape)
         parts = _check_parts(desideratum, split, seed)
         _check_structure(parts, position, shape)
-        return cls(model, parts, chosen, position, batch_size, shape)
+        parse_memory(max_memory)
+        return cls(model, parts, chosen, position, batch_size, shape, max_memory)
 
     # ---- work units (batches) for progress
 
@@ -610,7 +629,7 @@ class _Plan:
             bool((p.d.base_positions[self.position] > p.d.base_positions["END"]).any())
             for p in self.parts
         )
-        return None if late or need * eng.dtype.itemsize > KV_BUDGET_BYTES else eng
+        return None if late or need * eng.dtype.itemsize > self.kv_budget else eng
 
     def _prepare_windows(self, ticker: _Ticker) -> bool:
         """Cache the base prompts' keys/values for windowed steps. False if stopped."""

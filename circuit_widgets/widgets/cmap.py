@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,6 +22,21 @@ def _check_grid_position(task: Any, position: Any) -> None:
         raise ValueError(
             f"grid_position must be 'all' or one of {sorted(task.positions)}, got {position!r}"
         )
+
+
+def _relabelled(grid: Any, kind: str) -> Any:
+    """A HeadGrid shown with another subtitle (what is running, or that it stopped)."""
+    return SimpleNamespace(
+        values=grid.values,
+        normalized=grid.normalized,
+        layers=grid.layers,
+        heads=grid.heads,
+        kv_groups=grid.kv_groups,
+        kind=kind,
+        component=grid.component,
+        metric_name=grid.metric_name,
+        complete=grid.complete,
+    )
 
 
 class CMAPWidget(BaseWidget):
@@ -176,6 +192,10 @@ class CMAPWidget(BaseWidget):
         from circuit_widgets.core.cmap import cmap, cmap_grid
 
         share = 0.3 if sweep_grid else 1.0
+        groups = ", ".join(g.name for g in circuit.groups)
+        # the subtitle says what runs now; the grid keeps its earlier values until new ones come
+        if sweep_grid:
+            job.report(partial={"grid": self._status_grid(f"running: patching groups {groups}")})
         # job.stopper(hold): between two batches the models go to any widget waiting for them
         with using(self._base, self._finetuned) as hold:
             res = cmap(
@@ -189,10 +209,14 @@ class CMAPWidget(BaseWidget):
             )
         out: dict = {"cmap": res}
         if not res.complete:
+            if sweep_grid:
+                out["grid"] = self._status_grid("stopped before the per-head grid")
             return out  # stopped: shown as the cancelled job's result
         job.report(partial=dict(out))
         if sweep_grid:
             job.check()
+            running = f"running: each head patched alone at {grid_position}"
+            job.report(partial={"cmap": res, "grid": self._status_grid(running)})
             with using(self._base, self._finetuned) as hold:
                 out["grid"] = cmap_grid(
                     self._base,
@@ -204,8 +228,29 @@ class CMAPWidget(BaseWidget):
                         progress=share + (1 - share) * d / max(t, 1)
                     ),
                     should_stop=job.stopper(hold),
+                    # cells appear as each pass finishes (as path patching's layers do)
+                    on_partial=lambda g: job.report(
+                        partial={"cmap": res, "grid": _relabelled(g, running)}
+                    ),
                 )
+            if not out["grid"].complete:
+                out["grid"] = _relabelled(out["grid"], "stopped: each head patched alone")
         return out
+
+    def _status_grid(self, kind: str) -> Any:
+        """The grid as shown now (values kept), with ``kind`` as its subtitle, not complete."""
+        g = self.grid
+        return SimpleNamespace(
+            values=np.array(g.values, np.float32),
+            normalized=None if g.normalized is None else np.array(g.normalized, np.float32),
+            layers=list(g.layer_numbers),
+            heads=list(g.heads),
+            kv_groups=list(g.kv_groups) if g.kv_columns else None,
+            kind=kind,
+            component=self._component,
+            metric_name=g.metric_name,
+            complete=False,
+        )
 
     def _on_partial(self, partial: dict) -> None:
         res = partial.get("cmap")
