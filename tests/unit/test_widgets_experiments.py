@@ -278,6 +278,37 @@ def test_dcm_cancel_keeps_finished_lambdas(planted):
     assert w.status == "cancelled" and w.n_done == 1 and w.summary["lam"] == 0.01
 
 
+def test_dcm_cancel_before_the_first_lambda_leaves_an_empty_result_said_so(planted):
+    d = planted_desideratum(n=24)
+    w = DCMWidget(planted, d, None, "END", lams=[0.01], lr=0.2, batch_size=8)
+    w.train()
+    w.wait(120)
+    assert w.status == "done" and w.n_done == 1 and w.circuit.heads
+    # a second run, cancelled at its first progress report (before any lambda finished)
+    w.observe(lambda c: w.cancel() if w.status == "running" else None, names="progress")
+    w.train()
+    w.wait(120)
+    assert w.status == "cancelled" and w.error == ""
+    assert w.n_done == 0 and w.results == [] and w.result is None and w.lam_index == 0
+    assert np.isnan(w.grid.values).all() and "cancelled before the first λ" in w.grid.kind
+    assert len(w.loss) == 0 and w.summary == {} and w.circuit.heads == frozenset()
+
+
+def test_dcm_cancel_inside_a_lambda_shows_the_finished_ones_only(planted):
+    d = planted_desideratum(n=16)
+    w = DCMWidget(planted, d, None, "END", lams=[0.01, 0.1, 1.0], batch_size=8)
+    # cancel while the second lambda trains (its progress reports come after the first landed)
+    w.observe(lambda c: w.cancel() if w.n_done == 1 else None, names="progress")
+    w.train()
+    w.wait(120)
+    assert w.status == "cancelled" and w.error == ""
+    assert w.n_done == 1 and len(w.results) == 1 and w.results[0].complete
+    assert w.lam_index == 0 and w.summary["lam"] == 0.01 and w.summary["complete"] is True
+    mask = w.results[0].mask.numpy()
+    np.testing.assert_array_equal(w.grid.values, (1 - mask).astype(np.float32))
+    assert len(w.loss) == len(w.results[0].curve.loss) > 0
+
+
 def test_dcm_validation(planted):
     d = planted_desideratum(n=8)
     with pytest.raises(ValueError, match="lams must be a non-empty list"):
