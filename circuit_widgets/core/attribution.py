@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from circuit_widgets.core import cache, hooks
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
@@ -46,6 +47,7 @@ def attribution_patch(
     batch_size here bounds the examples per backward pass. It is an approximation: exact
     for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
+    check_args("attribution_patch", model=model, task=task)
     return _attribute(
         model, task, component, direction, positions, heads, batch_size, on_progress, should_stop
     )
@@ -71,6 +73,7 @@ def path_attribution(
     is where the sender's z is patched, as in path_patch, whose value convention it follows.
     Exact where the metric is linear along those paths; receiver heads are not covered.
     """
+    check_args("path_attribution", model=model, task=task)
     return _attribute(
         model,
         task,

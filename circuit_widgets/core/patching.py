@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from circuit_widgets.core import cache, hooks
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
@@ -66,6 +67,7 @@ def activation_patch(
     on_progress(done, total) and should_stop() are called between passes; once stopped, the
     partial grid comes back with complete=False.
     """
+    check_args("activation_patch", model=model, task=task)
     plan = plan_sweep(
         model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
     )

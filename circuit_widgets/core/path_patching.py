@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from circuit_widgets.core import cache, hooks
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
@@ -64,6 +65,7 @@ def path_patch(
     final norm). Values: mean over examples of (metric patched - metric clean); normalized by
     mean(metric corrupt - metric clean). Non-sender cells are NaN.
     """
+    check_args("path_patch", model=model, task=task)
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     to_logits, recv = _check_receivers(receivers, shape)

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 import traitlets
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head
 from circuit_widgets.widgets._base import BaseWidget, read_bundle, using
 from circuit_widgets.widgets._traits import Float32Array
@@ -151,6 +152,7 @@ class AttentionWidget(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("AttentionWidget", model=model, task=task)
         from circuit_widgets.models import model_shape
 
         shape = model_shape(model)

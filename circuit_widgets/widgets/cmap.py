@@ -8,6 +8,7 @@ import numpy as np
 import traitlets
 from ipywidgets import widget_serialization
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
 from circuit_widgets.widgets._traits import Float32Array
@@ -77,6 +78,7 @@ class CMAPWidget(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("CMAPWidget", base=base, finetuned=finetuned, task=task)
         from circuit_widgets.core.cmap import check_compatible
         from circuit_widgets.models import model_shape
 

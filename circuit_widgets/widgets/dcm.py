@@ -10,6 +10,7 @@ import numpy as np
 import traitlets
 from ipywidgets import widget_serialization
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
 from circuit_widgets.widgets._traits import Float32Array
@@ -110,6 +111,7 @@ class DCMWidget(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("DCMWidget", model=model, desideratum=desideratum)
         from circuit_widgets.core.dcm import DEFAULT_LAMS
         from circuit_widgets.models import model_shape
 

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import traitlets
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, CircuitGroup, Head
 from circuit_widgets.widgets._base import BaseWidget, read_bundle
 from circuit_widgets.widgets._traits import Float32Array, as_float32
@@ -221,6 +222,7 @@ class HeadGridWidget(BaseWidget):
         self, result: Any, *, title: str | None = None, selection: Any = None, **kwargs: Any
     ) -> None:
         self._check_kwargs(kwargs)  # before the (slower) reading of the result
+        check_args("HeadGridWidget", result=result)
         state = _read_result(result)
         kvg = state.pop("kv_groups")
         state["kv_groups"], state["kv_columns"] = (kvg, True) if kvg else ([], False)

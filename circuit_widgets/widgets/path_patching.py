@@ -10,6 +10,7 @@ import numpy as np
 import traitlets
 from ipywidgets import widget_serialization
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head, Receiver
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
 from circuit_widgets.widgets.attention import AttentionWidget
@@ -105,6 +106,7 @@ class PathPatchingWidget(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("PathPatchingWidget", model=model, task=task)
         from circuit_widgets.models import model_shape
 
         shape = model_shape(model)
