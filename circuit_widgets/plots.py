@@ -7,6 +7,7 @@ global pyplot state, and it works under any backend.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -167,8 +168,9 @@ def plot_attention(
     fig = Figure(
         figsize=(max(3.0, side * max(shown, 1)), side + 1.8), dpi=100, layout="constrained"
     )  # room for rotated tokens
-    if title:
-        fig.suptitle(str(title), x=0.01, ha="left", fontsize=11)
+    if title:  # wrapped to the figure's width: one narrow head must not cut its title off
+        width_chars = max(20, int(fig.get_figwidth() * 72 / (11 * 0.6)) - 2)
+        fig.suptitle(textwrap.fill(str(title), width_chars), x=0.01, ha="left", fontsize=11)
     if shown == 0:
         ax = fig.add_subplot()
         ax.axis("off")

@@ -17,6 +17,8 @@ from circuit_widgets.types import Circuit, Head
 from circuit_widgets.widgets._base import BaseWidget, read_bundle, using
 from circuit_widgets.widgets._traits import Float32Array
 
+_IMAGE_WAIT_S = 60.0  # the static image waits this long for the patterns being computed
+
 MAX_HEADS = 32
 """Most heads one view draws (circuitsvis keeps one small heatmap per head)."""
 
@@ -266,7 +268,12 @@ class AttentionWidget(BaseWidget):
         """The patterns as a matplotlib Figure (see circuit_widgets.plots.plot_attention)."""
         from circuit_widgets.plots import plot_attention
 
+        job = self._job
+        if self.heads and self.shown != self.heads and job is not None:
+            job.wait(_IMAGE_WAIT_S)  # displayed before its first patterns landed: draw those
         title = self.title or f"attention, example {self.shown_example} ({self.prompt})"
+        if self.heads and not self.shown:
+            title += " (patterns not computed yet)"
         return plot_attention(self.patterns, self.tokens, self.head_labels, title=title)
 
     def _png_key(self) -> Any:
