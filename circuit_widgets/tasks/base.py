@@ -76,6 +76,7 @@ class Task:
         positions: dict[str, Sequence[int] | Sequence[str]] | None = None,
         metric: str = "logit_diff",
         name: str = "custom",
+        warn_spacing: bool = True,
     ) -> Task:
         """A Task from your own prompt pairs, tokenised as ``model.to_tokens`` would.
 
@@ -86,6 +87,9 @@ class Task:
         the clean prompt; the token holding its last character). END is always the last real
         token. Clean and corrupt prompts of one example must tokenise to the same length
         with the same kind of token at each named position, else a ValueError shows both.
+        A word answer without its leading space after a prompt ending in a word ("... to",
+        "Mary") warns, naming the spaced token the model would predict; ``warn_spacing=False``
+        silences it.
         """
         from circuit_widgets.tasks.pairs import task_from_pairs  # pairs imports this module
 
@@ -98,6 +102,7 @@ class Task:
             positions=positions,
             metric=metric,
             name=name,
+            warn_spacing=warn_spacing,
         )
 
     # ------------------------------------------------------------------ shape facts
