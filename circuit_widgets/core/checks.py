@@ -56,8 +56,13 @@ def check_task(obj: Any, where: str, name: str = "task") -> None:
 
 
 def check_desideratum(obj: Any, where: str, name: str = "desideratum") -> None:
-    """A Desideratum (base and source tokens with targets): one entry of cw.tasks.desiderata."""
+    """A Desideratum (base and source tokens with targets): one entry of cw.tasks.desiderata,
+    or a list of them (trained together)."""
     if all(hasattr(obj, f) for f in _DESIDERATUM_FIELDS):
+        return
+    if isinstance(obj, (list, tuple)) and obj:
+        for i, item in enumerate(obj):
+            check_desideratum(item, where, f"{name}[{i}]")
         return
     hint = 'one entry of cw.tasks.desiderata(model, n=200), e.g. des["object_value"]'
     if isinstance(obj, dict):
