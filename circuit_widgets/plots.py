@@ -47,8 +47,10 @@ def plot_head_grid(
     metric_name: str | None = None,
     selected: Iterable[Any] | None = None,
     ax: Any = None,
+    sequential: bool = False,
 ):
-    """Layer x head heatmap (layers as rows, top to bottom), blue-white-red centred at 0.
+    """Layer x head heatmap (layers as rows, top to bottom), blue-white-red centred at 0
+    (``sequential=True``: white-red from 0, for values that are never negative).
 
     ``values`` is a HeadGrid-like result (its labels and metric name are used unless given),
     a 2-D tensor or an array. NaN cells (not computed) are hatched grey; ``selected`` heads
@@ -91,8 +93,8 @@ def plot_head_grid(
     )
     image = ax.imshow(
         np.ma.masked_invalid(arr),
-        cmap="RdBu_r",
-        vmin=-scale,
+        cmap="Reds" if sequential else "RdBu_r",
+        vmin=0.0 if sequential else -scale,
         vmax=scale,
         aspect="auto",
         interpolation="nearest",

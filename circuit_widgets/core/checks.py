@@ -38,8 +38,8 @@ def check_model(obj: Any, where: str, name: str = "model") -> None:
         or not hasattr(obj, "tokenizer")
     ):
         raise TypeError(
-            f"{where}: {name} must be a loaded model (with .cfg.n_layers, .cfg.n_heads and "
-            f'.tokenizer, e.g. cw.load_model("demo")), got {_got(obj)}'
+            f'{where}: {name} must be a loaded model (a TransformerBridge from cw.load_model("demo"), '
+            f"or any model with .cfg.n_layers, .cfg.n_heads and .tokenizer), got {_got(obj)}"
         )
 
 

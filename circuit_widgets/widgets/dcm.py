@@ -328,6 +328,7 @@ class DCMWidget(BaseWidget):
             selected=[(row[l], h) for l, h in self.grid.selected],
             ax=left,
             title=self.grid.kind or "DCM mask",
+            sequential=True,
         )
         if len(self.loss):
             right.plot(np.arange(len(self.loss)), self.loss, color="#2166ac", linewidth=1.5)

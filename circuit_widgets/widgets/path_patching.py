@@ -31,9 +31,16 @@ class GridState:
     metric_name: str = ""
     complete: bool = False
     notes: list[str] = field(default_factory=list)
+    position: str = ""
+    n_cells: int = 0  # the possible senders (heads before the first receiver); 0 = every head
 
 
 NO_PREVIEW = "no preview for receiver heads: exact values only"
+ZERO_AT_LOGITS = (
+    "senders patched at {position} reach the logits (read at END) only through later heads, "
+    "which path patching to the logits freezes: expect 0 everywhere; choose END or 'all', or "
+    "receiver heads"
+)
 
 
 def _empty_state(n_layers: int, n_heads: int, metric_name: str) -> GridState:
@@ -194,7 +201,9 @@ class PathPatchingWidget(BaseWidget):
         receivers = self._receiver_list()
         args = (receivers, self.position, self.freeze_mlps, self.preview)
         job = self._submit(self._sweep, *args)
-        if self.preview and receivers != "logits":
+        if receivers == "logits" and self.position not in ("END", "all"):
+            self.message = ZERO_AT_LOGITS.format(position=self.position)
+        elif self.preview and receivers != "logits":
             self.message = NO_PREVIEW
         return job
 
@@ -218,6 +227,7 @@ class PathPatchingWidget(BaseWidget):
         total = len(steps) + (1 if preview else 0)
         state = _empty_state(shape.n_layers, shape.n_heads, task.metric_name)
         state.kind, state.complete = f"path patching → {described}", False
+        state.position, state.n_cells = position, sum(map(len, steps)) * shape.n_heads
         state.pending = np.zeros_like(state.values)
         job.set(phase="", run_receivers=described)
         if preview:
@@ -321,4 +331,6 @@ def _copy(state: GridState) -> GridState:
         state.metric_name,
         state.complete,
         list(state.notes),
+        state.position,
+        state.n_cells,
     )

@@ -19,7 +19,7 @@ export function renderCMAP(model: AnyModel, el: HTMLElement): () => void {
   const controls = htmlEl("div", "cw-hg-controls");
   const buttons = runButtons(model);
   controls.append(buttons.run, buttons.cancel);
-  const status = statusLine(model);
+  const status = statusLine(model, true);
   const chartHost = htmlEl("div", "cw-cmap-chart cw-chart");
   const gridHost = htmlEl("div", "cw-cmap-grid");
   root.append(toggles, controls, status.node, chartHost, gridHost);

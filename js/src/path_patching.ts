@@ -22,7 +22,7 @@ export function renderPathPatching(model: AnyModel, el: HTMLElement): () => void
   const buttons = runButtons(model);
   controls.append(recv.node, input.node, pos.node, freeze.node, preview.node, buttons.run, buttons.cancel);
   const note = htmlEl("div", "cw-pp-note");
-  const status = statusLine(model);
+  const status = statusLine(model, true);
   const gridHost = htmlEl("div", "cw-pp-grid");
   const attHost = htmlEl("div", "cw-pp-attention");
   root.append(controls, status.node, note, gridHost, attHost);

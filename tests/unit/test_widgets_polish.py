@@ -1,0 +1,63 @@
+"""Issue 15, item 8 (Python side): what the grids say about themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_dcm import CARRIERS, planted_dcm_model, planted_desideratum
+
+import circuit_widgets as cw
+from circuit_widgets.types import Circuit
+from circuit_widgets.widgets import CircuitExplorer, DCMWidget, HeadGridWidget, PathPatchingWidget
+from circuit_widgets.widgets.path_patching import ZERO_AT_LOGITS
+
+
+@pytest.fixture(scope="module")
+def task(tiny_llama):
+    return cw.tasks.ioi(tiny_llama, n=4, seed=0)
+
+
+def test_activation_grid_has_a_title_and_names_its_position(tiny_llama, task):
+    grid = cw.activation_patch(tiny_llama, task, component="z", positions="END")
+    w = HeadGridWidget(grid)
+    assert w.title == f"Activation patching · {grid.metric_name}"
+    assert w.position == "END" and w.scale == "diverging" and w.n_cells == 0
+    assert HeadGridWidget(grid, title="mine").title == "mine"
+    assert HeadGridWidget(np.zeros((2, 2))).title == ""
+
+
+def test_path_patching_counts_the_possible_senders_and_names_the_position(tiny_llama, task):
+    pp = PathPatchingWidget(tiny_llama, task, position="END")
+    pp.grid.selected = [[1, 2]]
+    pp.receivers = "selected"
+    pp.run()
+    pp.wait(60)
+    assert pp.status == "done"
+    n_heads = tiny_llama.cfg.n_heads
+    assert pp.grid.n_cells == 1 * n_heads  # senders: layer 0 only, not every head
+    assert pp.grid.position == "END"
+
+
+def test_path_patching_to_the_logits_away_from_end_says_why_it_is_zero(tiny_llama, task):
+    pp = PathPatchingWidget(tiny_llama, task, position="S2", preview=False)
+    pp.run()
+    pp.wait(60)
+    assert pp.message == ZERO_AT_LOGITS.format(position="S2")
+    assert np.nanmax(np.abs(pp.grid.values)) < 1e-5  # what the message explains
+    pp.position = "END"
+    pp.run()
+    pp.wait(60)
+    assert pp.message == ""
+
+
+def test_dcm_mask_uses_a_sequential_scale_and_names_its_position():
+    model = planted_dcm_model({(h.layer, h.head): w for h, w in CARRIERS.items()})
+    w = DCMWidget(model, planted_desideratum(n=8), position="END", lams=[0.1])
+    assert w.grid.scale == "sequential" and w.grid.position == "END"
+
+
+def test_an_empty_circuit_prints_one_way(tiny_llama, task):
+    assert str(Circuit()) == str(Circuit.from_heads([])) == "Circuit(empty)"
+    assert str(Circuit.from_heads([], name="mine")) == "Circuit(mine; empty)"
+    assert str(Circuit.from_heads(["1.2"])) == "Circuit(heads@all: 1.2)"
+    assert "circuit Circuit(empty)" in repr(CircuitExplorer(tiny_llama, task))
