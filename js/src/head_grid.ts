@@ -258,7 +258,7 @@ function render({ model, el }: RenderProps): () => void {
     lg.appendChild(svgEl("rect", { x: barX, y: barY, width: 14, height: L.legendBarH, fill: `url(#${gradId})`, stroke: "#999", "stroke-width": 0.5 }));
     ticks.forEach((t, k) => {
       // +scale at the top of the bar, -scale (or 0 if sequential) at the bottom
-      const frac = !(grid.scale > 0) ? 0.5 : sequential ? t / grid.scale : (t + grid.scale) / (2 * grid.scale);
+      const frac = sequential ? (grid.scale > 0 ? t / grid.scale : 0) : grid.scale > 0 ? (t + grid.scale) / (2 * grid.scale) : 0.5;
       const ty = barY + (1 - frac) * L.legendBarH;
       lg.appendChild(svgEl("line", { x1: barX + 14, x2: barX + 18, y1: ty, y2: ty, stroke: "#555" }));
       lg.appendChild(svgEl("text", { x: barX + 21, y: ty, "dominant-baseline": "central", class: "cw-hg-tick" }, tickText[k]));
