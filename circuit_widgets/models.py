@@ -170,11 +170,25 @@ def _refuse_unused(what: str, hint: str, *, device_map=None, n_devices=None, **b
         )
 
 
+def peft_wrap(hf: Any, cfg: Any) -> Any:
+    """``peft.get_peft_model(hf, cfg)``, without the FutureWarning it triggers on every call
+    (peft reads transformers' deprecated ``is_gradient_checkpointing``): nothing for our users
+    to act on."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(hf, cfg)
+
+
 def _lora_demo(adapter: Path):
     """The demo HF model with the adapter live; its weights load from safetensors, never pickle."""
     from peft import (
         LoraConfig,
-        get_peft_model,
         get_peft_model_state_dict,
         set_peft_model_state_dict,
     )
@@ -188,7 +202,7 @@ def _lora_demo(adapter: Path):
     cfg.base_model_name_or_path = (
         hf.name_or_path
     )  # peft warns when it renames the base it was trained on
-    peft_model = get_peft_model(hf, cfg)
+    peft_model = peft_wrap(hf, cfg)
     state = load_file(adapter / "adapter_model.safetensors")
     result = set_peft_model_state_dict(peft_model, state)
     if getattr(result, "unexpected_keys", None):

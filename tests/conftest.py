@@ -44,6 +44,14 @@ def _private_model_cache() -> None:
 _private_model_cache()
 
 
+def pytest_configure(config):
+    # peft reads transformers' deprecated is_gradient_checkpointing in every get_peft_model call
+    # (the package wraps it in models.peft_wrap; some tests call peft directly)
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+    )
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

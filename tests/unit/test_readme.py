@@ -78,3 +78,24 @@ def test_readme_python_block_runs(readme_namespace, line, code, one_thread):
         raise AssertionError(
             f"README block at line {line} fails: {type(exc).__name__}: {exc}"
         ) from exc
+
+
+def test_readme_set_up_answers_a_newcomer():
+    """Issue 15 item 10: what set-up installs and with which rights, the `setup` command, how
+    long the tests take, the model cache's size and removal, which cache clear_cache clears."""
+    import circuit_widgets as cw
+
+    text = " ".join(README.read_text().split())
+    for needed in (
+        "bash scripts/dev setup",
+        "`nodejs` / `npm` (Node.js 18 or later)",
+        "`npm ci`",
+        "The whole suite takes",
+        "the demo about 0.5 GB",
+        "rm -rf ~/.cache/circuit_widgets",
+        "cw.clear_activation_cache()",
+    ):
+        assert needed in text, needed
+    assert cw.clear_cache is cw.clear_activation_cache  # the old name keeps working
+    for name in set(re.findall(r"\bcw\.([a-z_]+)\(", text)):  # every function the README names
+        assert hasattr(cw, name), f"README names cw.{name}, which does not exist"
