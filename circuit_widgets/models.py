@@ -19,9 +19,12 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from circuit_widgets.types import Head
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +286,15 @@ class ModelShape:
 
     def kv_head_of(self, head: int) -> int:
         return head // self.group_size
+
+    def check_head(self, head: Head) -> Head:
+        """``head`` if the model has it, else a ValueError naming the valid ranges."""
+        if not (0 <= head.layer < self.n_layers and 0 <= head.head < self.n_heads):
+            raise ValueError(
+                f"head {head} is outside the model (layers 0-{self.n_layers - 1}, "
+                f"heads 0-{self.n_heads - 1})"
+            )
+        return head
 
     def query_heads_of(self, kv_head: int) -> list[int]:
         g = self.group_size

@@ -52,11 +52,7 @@ class Intervention:
         if not self.heads:
             raise ValueError("intervene needs at least one head")
         for h in self.heads:
-            if h.layer >= self.shape.n_layers or h.head >= self.shape.n_heads:
-                raise ValueError(
-                    f"head {h} is outside the model (layers 0-{self.shape.n_layers - 1}, "
-                    f"heads 0-{self.shape.n_heads - 1})"
-                )
+            self.shape.check_head(h)
         if attend_to is None and scale is None and replace_with is None:
             raise ValueError("intervene needs attend_to, scale or replace_with")
         if at != "all" and at not in task.positions:

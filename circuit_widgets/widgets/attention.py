@@ -45,7 +45,7 @@ def circuitsvis_source() -> tuple[str, bytes]:
     return version, data
 
 
-def _heads_of(heads: Any, n_layers: int, n_heads: int) -> list[list[int]]:
+def _heads_of(heads: Any, shape: Any) -> list[list[int]]:
     """Sorted unique [layer, head] pairs from a Circuit, Heads, "l.h" strings or pairs."""
     if heads is None:
         return []
@@ -56,10 +56,7 @@ def _heads_of(heads: Any, n_layers: int, n_heads: int) -> list[list[int]]:
         items = [items]
     out = sorted({Head.parse(tuple(h) if isinstance(h, list) else h) for h in items})
     for h in out:
-        if h.layer >= n_layers or h.head >= n_heads:
-            raise ValueError(
-                f"head {h} is outside the model (layers 0-{n_layers - 1}, heads 0-{n_heads - 1})"
-            )
+        shape.check_head(h)
     if len(out) > MAX_HEADS:
         raise ValueError(f"{len(out)} heads selected; the attention view shows at most {MAX_HEADS}")
     return [[h.layer, h.head] for h in out]
@@ -164,7 +161,7 @@ class AttentionWidget(BaseWidget):
             raise ValueError(
                 f"example must be an int in 0-{n - 1} (the task has {n} examples), got {example!r}"
             )
-        pairs = _heads_of(heads, shape.n_layers, shape.n_heads)
+        pairs = _heads_of(heads, shape)
         version, _ = circuitsvis_source()
         prompt = kwargs.pop("prompt", "clean")
         if prompt not in ("clean", "corrupt"):
@@ -189,7 +186,6 @@ class AttentionWidget(BaseWidget):
             shown_example=example,
         )
         super().__init__(state, **kwargs)
-        self.on_msg(self._on_front_end_msg)
         self.observe(self._recompute, names=["heads", "example", "prompt"])
         if pairs:
             self._recompute()  # the view says "loading" until the job is done
@@ -198,7 +194,7 @@ class AttentionWidget(BaseWidget):
 
     @traitlets.validate("heads")
     def _valid_heads(self, proposal: dict) -> list[list[int]]:
-        return _heads_of(proposal["value"], self._shape.n_layers, self._shape.n_heads)
+        return _heads_of(proposal["value"], self._shape)
 
     @traitlets.validate("example")
     def _valid_example(self, proposal: dict) -> int:
@@ -216,7 +212,7 @@ class AttentionWidget(BaseWidget):
 
     @circuit.setter
     def circuit(self, circuit: Any) -> None:
-        self.heads = _heads_of(circuit, self._shape.n_layers, self._shape.n_heads)
+        self.heads = _heads_of(circuit, self._shape)
 
     def _label(self, layer: int, head: int) -> str:
         g = self._shape.group_size
@@ -256,8 +252,8 @@ class AttentionWidget(BaseWidget):
             for name, value in result.items():
                 setattr(self, name, value)
 
-    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
-        if isinstance(content, dict) and content.get("type") == "circuitsvis":
+    def _on_custom_msg(self, kind: Any, content: Any, buffers: list) -> None:
+        if kind == "circuitsvis":
             # Asked once per page (the first view to render): the renderer travels as one buffer.
             version, data = circuitsvis_source()
             self.send({"type": "circuitsvis", "version": version}, [data])

@@ -64,6 +64,7 @@ class CMAPWidget(BaseWidget):
     sweep_grid = traitlets.Bool(True).tag(sync=True)
     """Also compute the per-head grid when running."""
 
+    _run_action: ClassVar[str | None] = "run"
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "grid_position", "sweep_grid")
 
     def __init__(
@@ -117,7 +118,6 @@ class CMAPWidget(BaseWidget):
         self.circuit = circuit
         # a refused Run's message goes once the groups it was about change
         self.observe(self._inputs_changed, names=["groups", "enabled", "grid_position"])
-        self.on_msg(self._on_front_end_msg)
 
     # ------------------------------------------------------------------ circuit
 
@@ -237,13 +237,6 @@ class CMAPWidget(BaseWidget):
 
     def _on_result(self, result: dict) -> None:
         self._on_partial(result)
-
-    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
-        kind = content.get("type") if isinstance(content, dict) else None
-        if kind == "run":
-            self._run_from_front_end(self.run)
-        elif kind == "cancel":
-            self.cancel()
 
     # ------------------------------------------------------------------ static image
 

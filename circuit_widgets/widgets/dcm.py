@@ -92,6 +92,7 @@ class DCMWidget(BaseWidget):
     position = traitlets.Unicode("END").tag(sync=True)
     """Position of the head group whose outputs are masked."""
 
+    _run_action: ClassVar[str | None] = "train"
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout",)
 
     def __init__(
@@ -128,11 +129,7 @@ class DCMWidget(BaseWidget):
             ]
         )
         for h in self._heads or []:
-            if h.layer >= shape.n_layers or h.head >= shape.n_heads:
-                raise ValueError(
-                    f"head {h} is outside the model (layers 0-{shape.n_layers - 1}, "
-                    f"heads 0-{shape.n_heads - 1})"
-                )
+            shape.check_head(h)
         self._select_result = bool(select_result)
         self._train_kwargs = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
         self._results: list[Any] = []
@@ -152,7 +149,6 @@ class DCMWidget(BaseWidget):
             },
             **kwargs,
         )
-        self.on_msg(self._on_front_end_msg)
         self.observe(self._show, names="lam_index")
 
     # ------------------------------------------------------------------ results
@@ -301,13 +297,6 @@ class DCMWidget(BaseWidget):
                 key=lambda i: (np.nan_to_num(self._results[i].val_accuracy, nan=-1.0), i),
             )
             self.lam_index = best
-
-    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
-        kind = content.get("type") if isinstance(content, dict) else None
-        if kind == "run":
-            self.train()
-        elif kind == "cancel":
-            self.cancel()
 
     # ------------------------------------------------------------------ static image
 

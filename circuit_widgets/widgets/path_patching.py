@@ -94,6 +94,7 @@ class PathPatchingWidget(BaseWidget):
     phase = traitlets.Unicode("").tag(sync=True)
     """What the grid shows now: '', 'preview', 'exact' (partial while running)."""
 
+    _run_action: ClassVar[str | None] = "run"
     _trait_kwargs: ClassVar[tuple[str, ...]] = (
         "layout",
         "receivers",
@@ -149,7 +150,6 @@ class PathPatchingWidget(BaseWidget):
         self.observe(
             self._inputs_changed, names=["receivers", "receiver_input", "position", "freeze_mlps"]
         )
-        self.on_msg(self._on_front_end_msg)
 
     # ------------------------------------------------------------------ selection
 
@@ -288,13 +288,6 @@ class PathPatchingWidget(BaseWidget):
     def _on_result(self, result: GridState) -> None:
         self._state = result
         self.grid.set_result(result)
-
-    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
-        kind = content.get("type") if isinstance(content, dict) else None
-        if kind == "run":
-            self._run_from_front_end(self.run)
-        elif kind == "cancel":
-            self.cancel()
 
     # ------------------------------------------------------------------ static image
 

@@ -316,7 +316,14 @@ class JobWidget(BaseWidget):
         self.results.append(result)
 
 
-def squares(job, n, delay=0.0, gate: threading.Event | None = None, threads: list | None = None):
+def squares(
+    job,
+    n,
+    delay=0.0,
+    gate: threading.Event | None = None,
+    threads: list | None = None,
+    at_gate: threading.Event | None = None,
+):
     """A long job: one 'batch' per number, checking the cancel flag between batches."""
     if threads is not None:
         threads.append(threading.get_ident())
@@ -324,6 +331,8 @@ def squares(job, n, delay=0.0, gate: threading.Event | None = None, threads: lis
     for i in range(n):
         job.check()
         if gate is not None and i == 3:
+            if at_gate is not None:
+                at_gate.set()  # the batch is running: a Cancel now comes mid-batch
             gate.wait(5)
         out.append(i * i)
         job.report(progress=(i + 1) / n, partial=out)
@@ -440,8 +449,9 @@ def test_a_cancelled_job_shows_the_partial_result_it_returns():
     assert w.partials == [[0], [0, 1]] and w.results == []
     # a partial already on screen is not shown twice
     w2 = JobWidget()
-    w2._submit(squares, 100, gate=(gate := threading.Event()))
-    wait_for(lambda: len(w2.partials) >= 3)
+    at_gate = threading.Event()
+    w2._submit(squares, 100, gate=(gate := threading.Event()), at_gate=at_gate)
+    assert at_gate.wait(5)  # not a count of partials: the 4th batch must have passed its check
     w2.cancel()
     gate.set()
     w2.wait(5)

@@ -61,3 +61,23 @@ def test_an_empty_circuit_prints_one_way(tiny_llama, task):
     assert str(Circuit.from_heads([], name="mine")) == "Circuit(mine; empty)"
     assert str(Circuit.from_heads(["1.2"])) == "Circuit(heads@all: 1.2)"
     assert "circuit Circuit(empty)" in repr(CircuitExplorer(tiny_llama, task))
+
+
+def test_front_end_messages_are_dispatched_once_by_the_base(tiny_llama, task):
+    """Issue 16 §3: one handler per widget; Run calls the widget's own action through
+    _run_from_front_end (a refused Run shows in the widget), Cancel cancels."""
+    model = planted_dcm_model({(h.layer, h.head): w for h, w in CARRIERS.items()})
+    widgets = [
+        PathPatchingWidget(tiny_llama, task),
+        DCMWidget(model, planted_desideratum(n=8), position="END", lams=[0.1]),
+        HeadGridWidget(np.zeros((2, 2))),
+    ]
+    for w in widgets:
+        assert w._msg_callbacks.callbacks == [w._on_front_end_msg]
+    pp, dcm, _ = widgets
+    pp.receivers = "selected"  # nothing selected: refused, shown in the widget
+    pp._on_front_end_msg(pp, {"type": "run"}, [])
+    assert pp.status == "error" and "no heads are selected" in pp.error
+    dcm._on_front_end_msg(dcm, {"type": "run"}, [])
+    dcm.wait(120)
+    assert dcm.status == "done" and dcm.n_done == 1
