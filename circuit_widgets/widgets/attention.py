@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 import traitlets
 
+from circuit_widgets.core.attention import attention_patterns as core_patterns
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head
 from circuit_widgets.widgets._base import BaseWidget, read_bundle, using
@@ -63,43 +64,10 @@ def _heads_of(heads: Any, shape: Any) -> list[list[int]]:
 
 
 def attention_patterns(model: Any, tokens: Any, heads: list[list[int]]) -> np.ndarray:
-    """[n_heads, s, s] attention probabilities of ``heads`` on one prompt ``tokens`` [s].
-
-    One forward; the bridge's per-query-head pattern hooks (on grouped-query models each query
-    head has its own pattern, computed from its shared key/value head).
-    """
-    import torch
-
-    if not heads:
-        n = int(tokens.shape[-1])
-        return np.zeros((0, n, n), np.float32)
-    layers = sorted({layer for layer, _ in heads})
-    try:
-        from circuit_widgets.core.edits import run_with_edits  # the shared engine, when present
-    except ImportError:
-        run_with_edits = None
-    toks = tokens.reshape(1, -1).to(model.cfg.device)
-    if run_with_edits is not None:
-        run = run_with_edits(model, toks, None, capture=[(layer, "pattern") for layer in layers])
-        grabbed = {layer: run.captured[(layer, "pattern")] for layer in layers}
-    else:
-        grabbed = {}
-
-        def grab(act, hook=None, layer=0):
-            grabbed[layer] = act.detach()
-            return act
-
-        hooks = [
-            (
-                f"blocks.{layer}.attn.hook_pattern",
-                lambda a, hook=None, layer=layer: grab(a, hook, layer),
-            )
-            for layer in layers
-        ]
-        with torch.no_grad():
-            model.run_with_hooks(toks, fwd_hooks=hooks)
-    out = torch.stack([grabbed[layer][0, head] for layer, head in heads])
-    return out.float().cpu().numpy()
+    """[n_heads, s, s] attention probabilities of ``heads`` ([layer, head] pairs) on one prompt
+    ``tokens`` [s], as float32 (computed by core.attention)."""
+    result = core_patterns(model, tokens, [Head(layer, head) for layer, head in heads])
+    return result.patterns.numpy().astype(np.float32)
 
 
 class AttentionWidget(BaseWidget):

@@ -81,3 +81,25 @@ def test_front_end_messages_are_dispatched_once_by_the_base(tiny_llama, task):
     dcm._on_front_end_msg(dcm, {"type": "run"}, [])
     dcm.wait(120)
     assert dcm.status == "done" and dcm.n_done == 1
+
+
+def test_core_attention_patterns_match_the_bridge(tiny_llama, task):
+    """Issue 16 §3: the attention view's computation is a core function returning a result."""
+    import torch
+
+    from circuit_widgets.core.attention import PatternResult, attention_patterns
+    from circuit_widgets.types import Head
+
+    toks = task.clean_tokens[1, : int(task.lengths[1])]
+    heads = [Head(0, 1), Head(1, 3)]
+    res = attention_patterns(tiny_llama, toks, heads)
+    assert isinstance(res, PatternResult) and res.heads == heads
+    with torch.no_grad():
+        _, cache = tiny_llama.run_with_cache(
+            toks[None], names_filter=lambda n: n.endswith("hook_pattern")
+        )
+    for i, h in enumerate(heads):
+        torch.testing.assert_close(
+            res.patterns[i], cache[f"blocks.{h.layer}.attn.hook_pattern"][0, h.head]
+        )
+    assert attention_patterns(tiny_llama, toks, []).patterns.shape == (0, len(toks), len(toks))
