@@ -1,7 +1,7 @@
 // DCMWidget's view: Train / Cancel, the lambda slider, the learned mask on a head grid (child
 // view), the loss curve of the lambda shown and its accuracies.
 import { lineChart } from "./chart";
-import { ChildView, renderChild } from "./children";
+import { childViews } from "./children";
 import { runButtons } from "./controls";
 import { decodeFloat32, WireArray } from "./codec";
 import { formatValue } from "./colors";
@@ -66,15 +66,13 @@ export function renderDCM(model: AnyModel, el: HTMLElement): () => void {
     model.save_changes();
   });
   sync();
-  const children: (ChildView | null)[] = [];
-  let alive = true;
-  renderChild(model, "grid", gridHost).then((v) => (alive ? children.push(v) : v?.remove()));
+  const children = childViews(model);
+  children.show("grid", gridHost);
   const offs = [listen(model, ["change:status", "change:n_done", "change:lam_index", "change:summary", "change:loss", "change:lams"], sync)];
   return () => {
-    alive = false;
     offs.forEach((off) => off());
     status.dispose();
-    children.forEach((v) => v?.remove());
+    children.dispose();
   };
 }
 
