@@ -19,9 +19,12 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from circuit_widgets.types import Head
 
 log = logging.getLogger(__name__)
 
@@ -170,11 +173,25 @@ def _refuse_unused(what: str, hint: str, *, device_map=None, n_devices=None, **b
         )
 
 
+def peft_wrap(hf: Any, cfg: Any) -> Any:
+    """``peft.get_peft_model(hf, cfg)``, without the FutureWarning it triggers on every call
+    (peft reads transformers' deprecated ``is_gradient_checkpointing``): nothing for our users
+    to act on."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(hf, cfg)
+
+
 def lora_demo(adapter: Path):
     """The demo HF model with the adapter live; its weights load from safetensors, never pickle."""
     from peft import (
         LoraConfig,
-        get_peft_model,
         get_peft_model_state_dict,
         set_peft_model_state_dict,
     )
@@ -188,7 +205,7 @@ def lora_demo(adapter: Path):
     cfg.base_model_name_or_path = (
         hf.name_or_path
     )  # peft warns when it renames the base it was trained on
-    peft_model = get_peft_model(hf, cfg)
+    peft_model = peft_wrap(hf, cfg)
     state = load_file(adapter / "adapter_model.safetensors")
     result = set_peft_model_state_dict(peft_model, state)
     if getattr(result, "unexpected_keys", None):
@@ -269,6 +286,15 @@ class ModelShape:
 
     def kv_head_of(self, head: int) -> int:
         return head // self.group_size
+
+    def check_head(self, head: Head) -> Head:
+        """``head`` if the model has it, else a ValueError naming the valid ranges."""
+        if not (0 <= head.layer < self.n_layers and 0 <= head.head < self.n_heads):
+            raise ValueError(
+                f"head {head} is outside the model (layers 0-{self.n_layers - 1}, "
+                f"heads 0-{self.n_heads - 1})"
+            )
+        return head
 
     def query_heads_of(self, kv_head: int) -> list[int]:
         g = self.group_size

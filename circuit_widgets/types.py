@@ -440,5 +440,7 @@ class Circuit:
         parts = [
             f"{g.name}@{g.position or 'all'}: {', '.join(str(h) for h in sorted(g.heads))}"
             for g in self.groups
+            if g.heads
         ]
-        return f"Circuit({self.name + '; ' if self.name else ''}{'; '.join(parts)})"
+        body = "; ".join(parts) or "empty"  # one spelling for no heads, whatever the groups
+        return f"Circuit({self.name + '; ' if self.name else ''}{body})"

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from circuit_widgets.core import cache, hooks
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
@@ -52,6 +53,7 @@ def attribution_patch(
     from free memory) too, with runs made per chunk instead of cached when the task's do not
     fit. It is an approximation: exact for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
+    check_args("attribution_patch", model=model, task=task)
     return _attribute(
         model,
         task,
@@ -87,6 +89,7 @@ def path_attribution(
     is where the sender's z is patched, as in path_patch, whose value convention it follows.
     Exact where the metric is linear along those paths; receiver heads are not covered.
     """
+    check_args("path_attribution", model=model, task=task)
     return _attribute(
         model,
         task,

@@ -1,7 +1,7 @@
 """Per-(model, task) activations of the clean and corrupt runs, computed once and reused.
 
 Keys are weak: dropping a model or a task drops its entries. Each task holds at most its two
-full runs (clean and corrupt). ``clear_cache()`` empties everything.
+full runs (clean and corrupt). ``clear_activation_cache()`` empties everything.
 """
 
 from __future__ import annotations
@@ -24,10 +24,14 @@ _RUNS: weakref.WeakKeyDictionary[Any, _PerModel] = weakref.WeakKeyDictionary()
 _FORCE_HOOKED = [False]
 
 
-def clear_cache() -> None:
-    """Forget every cached clean/corrupt run (and every model's fast-path check)."""
+def clear_activation_cache() -> None:
+    """Forget the clean/corrupt runs kept in memory between sweeps (and every model's fast-path
+    check). Model weights on disk are not touched: see the README on the model cache."""
     _ENGINES.clear()
     _RUNS.clear()
+
+
+clear_cache = clear_activation_cache  # the earlier name, kept working
 
 
 @contextlib.contextmanager

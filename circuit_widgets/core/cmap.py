@@ -19,6 +19,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuit_widgets.core import cache, hooks
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     Chunk,
     ChunkWork,
@@ -145,6 +146,7 @@ def check_compatible(base: Any, finetuned: Any) -> None:
     normalizer, pre-tokenizer, post-processor and merges, and ``cfg.default_prepend_bos``.
     Either model's live peft LoRA adapters must be ones the bridge runs (``check_adapters``).
     """
+    check_args("check_compatible", base=base, finetuned=finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     a, b = model_shape(base), model_shape(finetuned)
     diffs = []
@@ -528,6 +530,7 @@ def cmap(
     component: z, q, k, v (per head), attn_out, mlp_out (per layer), or a list of them.
     batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
     """
+    check_args("cmap", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)
@@ -632,6 +635,7 @@ def cmap_grid(
     on_partial(grid) receives the partial grid after each pass of the first chunk and after
     each later chunk (a widget draws it).
     """
+    check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)

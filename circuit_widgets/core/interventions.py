@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuit_widgets.core import hooks as hook_names
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.models import model_shape
 from circuit_widgets.types import Component, Head
@@ -57,11 +58,7 @@ class Intervention:
         if not self.heads:
             raise ValueError("intervene needs at least one head")
         for h in self.heads:
-            if h.layer >= self.shape.n_layers or h.head >= self.shape.n_heads:
-                raise ValueError(
-                    f"head {h} is outside the model (layers 0-{self.shape.n_layers - 1}, "
-                    f"heads 0-{self.shape.n_heads - 1})"
-                )
+            self.shape.check_head(h)
         if attend_to is None and scale is None and replace_with is None:
             raise ValueError("intervene needs attend_to, scale or replace_with")
         if at != "all" and at not in task.positions:
@@ -415,6 +412,7 @@ def intervene(
     subset and trimmed of padding, gets each example's own edit; a forward on any other
     prompts raises ValueError. Heads: one head (Head, "l.h", (l, h)) or a list or tuple of them.
     """
+    check_args("intervene", model=model, task=task)
     return Intervention(
         model, task, heads=heads, attend_to=attend_to, scale=scale, replace_with=replace_with, at=at
     )
@@ -474,6 +472,7 @@ def head_attention(
     name, a position-set name, a list of them, or a LongTensor [batch] / [batch, k]), on the
     task's clean (or ``which="corrupt"``) prompts. Inside ``intervene`` it reads the edited
     patterns (the forward runs through the model's hooks)."""
+    check_args("head_attention", model=model, task=task)
     if which not in ("clean", "corrupt"):
         raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
     if at == "all":

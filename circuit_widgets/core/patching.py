@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from circuit_widgets.core import cache, hooks
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     Chunk,
     ChunkWork,
@@ -78,6 +79,7 @@ def activation_patch(
     that fit (results identical), None = a budget from free memory (``memory_budget``). A stop
     in a later chunk keeps the examples of the chunks that finished.
     """
+    check_args("activation_patch", model=model, task=task)
     plan = plan_sweep(
         model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
     )

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from circuit_widgets.core import cache, hooks
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     Chunk,
     ChunkWork,
@@ -74,6 +75,7 @@ def path_patch(
     mean(metric corrupt - metric clean). Non-sender cells are NaN. max_memory: budget for
     the cached runs; examples are split into chunks that fit (see activation_patch).
     """
+    check_args("path_patch", model=model, task=task)
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     to_logits, recv = _check_receivers(receivers, shape)

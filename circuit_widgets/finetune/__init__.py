@@ -88,7 +88,9 @@ def training_batch(tokenizer, rng: random.Random, recipe: ArithmeticRecipe, bos:
 
 
 def lora_model(hf_model, recipe: ArithmeticRecipe):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from circuit_widgets.models import peft_wrap
 
     if recipe.first_layer >= hf_model.config.num_hidden_layers:
         raise ValueError(
@@ -103,7 +105,7 @@ def lora_model(hf_model, recipe: ArithmeticRecipe):
         task_type="CAUSAL_LM",
         layers_to_transform=list(range(recipe.first_layer, hf_model.config.num_hidden_layers)),
     )
-    return get_peft_model(hf_model, cfg)
+    return peft_wrap(hf_model, cfg)
 
 
 def answer_loss(peft_model, ids, attn, target) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -90,6 +91,7 @@ class Task:
         metric: str = "logit_diff",
         name: str = "custom",
         stages: Sequence[Stage] = (),
+        warn_spacing: bool = True,
     ) -> Task:
         """A Task from your own prompt pairs, tokenised as ``model.to_tokens`` would.
 
@@ -101,6 +103,9 @@ class Task:
         token. Clean and corrupt prompts of one example must tokenise to the same length
         with the same kind of token at each named position, else a ValueError shows both.
         ``stages``: the circuit_pipeline stages for such prompts (IOI's: ``tasks.ioi.STAGES``).
+        A word answer without its leading space after a prompt ending in a word ("... to",
+        "Mary") warns, naming the spaced token the model would predict; ``warn_spacing=False``
+        silences it.
         """
         what = f"Task.from_pairs({name!r})"
         for label, seq in (
@@ -142,6 +147,8 @@ class Task:
                         f"prompt but {b!r} in the corrupt one, so the key positions do not line up.\n"
                         f"  clean:   {vocab.str_tokens(c)}\n  corrupt: {vocab.str_tokens(k)}"
                     )
+        if warn_spacing:
+            _warn_unspaced(vocab, clean, answers, wrong_answers, what)
         return assemble_task(
             name,
             vocab,
@@ -315,3 +322,37 @@ def assemble_task(
         position_sets=sets,
         stages=tuple(stages),
     )
+
+
+def _warn_unspaced(
+    vocab: Vocab,
+    clean: Sequence[str],
+    answers: Sequence[str | Sequence[str]],
+    wrong_answers: Sequence[str | Sequence[str]],
+    what: str,
+) -> None:
+    """Warn about a word answered without its leading space after a prompt that ends in a
+    non-space: the model predicts " Mary" there, and the unspaced "Mary" is another token."""
+    found: dict[str, tuple[int, int]] = {}
+    for prompt, *values in zip(clean, answers, wrong_answers):
+        if not prompt or prompt[-1].isspace():
+            continue  # after a space or newline the unspaced word is the usual continuation
+        for value in values:
+            for text in [value] if isinstance(value, str) else value:
+                if text in found or not isinstance(text, str) or not text[:1].isalpha():
+                    continue
+                spaced, bare = vocab.single_token(" " + text), vocab.single_token(text)
+                if spaced is not None and bare is not None:
+                    found[text] = (bare, spaced)
+    if found:
+        listed = "; ".join(
+            f"{t!r} (id {bare}) is used where the text goes on with {' ' + t!r} (one token, id {spaced})"
+            for t, (bare, spaced) in found.items()
+        )
+        warnings.warn(
+            f"{what}: answers without their leading space after a prompt ending in a word: "
+            f"{listed}. Pass the spaced strings, or warn_spacing=False if the unspaced "
+            "tokens are meant.",
+            UserWarning,
+            stacklevel=3,
+        )

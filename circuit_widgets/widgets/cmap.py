@@ -9,6 +9,7 @@ import numpy as np
 import traitlets
 from ipywidgets import widget_serialization
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
 from circuit_widgets.widgets._traits import Float32Array
@@ -69,6 +70,7 @@ class CMAPWidget(BaseWidget):
     sweep_grid = traitlets.Bool(True).tag(sync=True)
     """Also compute the per-head grid when running."""
 
+    _run_action: ClassVar[str | None] = "run"
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "grid_position", "sweep_grid")
 
     def __init__(
@@ -83,6 +85,7 @@ class CMAPWidget(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("CMAPWidget", base=base, finetuned=finetuned, task=task)
         from circuit_widgets.core.cmap import check_compatible
         from circuit_widgets.models import model_shape
 
@@ -121,7 +124,6 @@ class CMAPWidget(BaseWidget):
         self.circuit = circuit
         # a refused Run's message goes once the groups it was about change
         self.observe(self._inputs_changed, names=["groups", "enabled", "grid_position"])
-        self.on_msg(self._on_front_end_msg)
 
     # ------------------------------------------------------------------ circuit
 
@@ -270,13 +272,6 @@ class CMAPWidget(BaseWidget):
 
     def _on_result(self, result: dict) -> None:
         self._on_partial(result)
-
-    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
-        kind = content.get("type") if isinstance(content, dict) else None
-        if kind == "run":
-            self._run_from_front_end(self.run)
-        elif kind == "cancel":
-            self.cancel()
 
     # ------------------------------------------------------------------ static image
 

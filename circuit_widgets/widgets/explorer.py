@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import traitlets
 from ipywidgets import widget_serialization
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit
 from circuit_widgets.widgets._base import BaseWidget, read_bundle
 from circuit_widgets.widgets.attention import MAX_HEADS, AttentionWidget
@@ -66,6 +67,7 @@ class CircuitExplorer(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("CircuitExplorer", model=model, task=task)
         pp = PathPatchingWidget(model, task, title=title)
         att = AttentionWidget(model, task, [], title="Attention of the circuit's heads")
         names, traits = ["Path patching", "Attention"], ["path_patching", "attention"]

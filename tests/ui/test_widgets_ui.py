@@ -270,7 +270,7 @@ def test_path_patching_runs_selects_and_shows_attention(lab, output_dir):
     expect(grid.locator("rect.cw-preview")).to_have_count(
         0
     )  # every preview replaced by an exact value
-    expect(grid.locator(".cw-hg-subtitle")).to_have_text("path patching → logits · z")
+    expect(grid.locator(".cw-hg-subtitle")).to_have_text("path patching → logits · z @ END")
     builds = int(grid.get_attribute("data-builds")) - builds0
     build_ms = float(grid.get_attribute("data-build-ms"))
     state = kernel_state(page, panel)

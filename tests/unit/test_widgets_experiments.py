@@ -69,6 +69,37 @@ def test_attention_patterns_match_the_bridge_and_label_gqa(tiny_llama, ioi_llama
     assert msg["dtype"] == "float32" and msg["shape"] == [2, n, n]
 
 
+def test_attention_static_image_shows_the_heads_passed_and_its_whole_title(
+    tiny_llama, ioi_llama, monkeypatch
+):
+    """The static image is made when the widget is displayed, before its first patterns landed:
+    it waits for them (not "no heads selected"), and a long title on one narrow head wraps."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    import circuit_widgets.widgets.attention as att_module
+    from circuit_widgets.widgets._base import Job
+
+    go = threading.Event()  # the patterns are computed only once the image asked for them
+    real_patterns, real_wait = att_module.attention_patterns, Job.wait
+    monkeypatch.setattr(
+        att_module, "attention_patterns", lambda *a: (go.wait(10), real_patterns(*a))[1]
+    )
+    monkeypatch.setattr(
+        Job, "wait", lambda self, timeout=None: (go.set(), real_wait(self, timeout))[1]
+    )
+    title = "Attention of the selected heads on the first example of the task (clean prompt)"
+    w = AttentionWidget(tiny_llama, ioi_llama, ["1.2"], title=title)
+    fig = w.figure()
+    go.set()
+    texts = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert "no heads selected" not in texts
+    assert [ax.get_title() for ax in fig.axes] == ["L1H2 (kv 1, shared by q2-3)"]
+    FigureCanvasAgg(fig).draw()
+    box, page = fig._suptitle.get_window_extent(), fig.bbox
+    assert fig._suptitle.get_text().replace("\n", " ") == title
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and box.y1 <= page.y1
+
+
 def test_attention_recomputes_off_the_main_thread(tiny_gpt2, ioi_gpt2):
     w = AttentionWidget(tiny_gpt2, ioi_gpt2, ["1.3"])
     threads: list[int] = []
@@ -276,6 +307,37 @@ def test_dcm_cancel_keeps_finished_lambdas(planted):
     w.train()
     w.wait(120)
     assert w.status == "cancelled" and w.n_done == 1 and w.summary["lam"] == 0.01
+
+
+def test_dcm_cancel_before_the_first_lambda_leaves_an_empty_result_said_so(planted):
+    d = planted_desideratum(n=24)
+    w = DCMWidget(planted, d, None, "END", lams=[0.01], lr=0.2, batch_size=8)
+    w.train()
+    w.wait(120)
+    assert w.status == "done" and w.n_done == 1 and w.circuit.heads
+    # a second run, cancelled at its first progress report (before any lambda finished)
+    w.observe(lambda c: w.cancel() if w.status == "running" else None, names="progress")
+    w.train()
+    w.wait(120)
+    assert w.status == "cancelled" and w.error == ""
+    assert w.n_done == 0 and w.results == [] and w.result is None and w.lam_index == 0
+    assert np.isnan(w.grid.values).all() and "cancelled before the first λ" in w.grid.kind
+    assert len(w.loss) == 0 and w.summary == {} and w.circuit.heads == frozenset()
+
+
+def test_dcm_cancel_inside_a_lambda_shows_the_finished_ones_only(planted):
+    d = planted_desideratum(n=16)
+    w = DCMWidget(planted, d, None, "END", lams=[0.01, 0.1, 1.0], batch_size=8)
+    # cancel while the second lambda trains (its progress reports come after the first landed)
+    w.observe(lambda c: w.cancel() if w.n_done == 1 else None, names="progress")
+    w.train()
+    w.wait(120)
+    assert w.status == "cancelled" and w.error == ""
+    assert w.n_done == 1 and len(w.results) == 1 and w.results[0].complete
+    assert w.lam_index == 0 and w.summary["lam"] == 0.01 and w.summary["complete"] is True
+    mask = w.results[0].mask.numpy()
+    np.testing.assert_array_equal(w.grid.values, (1 - mask).astype(np.float32))
+    assert len(w.loss) == len(w.results[0].curve.loss) > 0
 
 
 def test_dcm_validation(planted):
