@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
@@ -66,6 +66,8 @@ def activation_patch(
     on_progress(done, total) and should_stop() are called between passes; once stopped, the
     partial grid comes back with complete=False.
     """
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "activation_patch")(**locals())
     plan = plan_sweep(
         model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
     )

@@ -1,0 +1,241 @@
+"""Experiments on an nnsight-served model (``load_model(..., backend="nnsight", remote=...)``).
+
+Each request is one nnsight trace; a sweep packs many cells into one trace as extra batch
+rows: the source run (B rows), then one copy of the base run per cell, each with its own
+head slice overwritten by the source run's activation. A full grid of L layers therefore
+costs at most L requests (fewer when several layers' cells fit the row budget), whatever
+the number of heads. Code inside a trace uses only torch and nnsight, so NDIF (and the
+local simulation, which hides this package while it deserialises) never imports us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuit_widgets.core.common import MetricReader, Progress, Stop, build_grid, plan_sweep
+from circuit_widgets.core.results import HeadGrid
+from circuit_widgets.types import Component, Direction, Head
+
+# rows (patched copies x examples) per request when batch_size is None
+DEFAULT_ROWS = 512
+SUPPORTED = ("activation_patch",)
+
+
+def is_nnsight(model: Any) -> bool:
+    return getattr(model, "backend_name", None) == "nnsight"
+
+
+def dispatch(model: Any, experiment: str) -> Callable | None:
+    """This module's version of ``experiment`` for an nnsight model, None for other models;
+    an experiment not written for nnsight raises NotImplementedError naming the backend."""
+    if not is_nnsight(model):
+        return None
+    if experiment not in SUPPORTED:
+        raise NotImplementedError(
+            f"{experiment} is not available on the nnsight backend yet (supported: "
+            f"{', '.join(SUPPORTED)}); load the model with backend='transformer_lens' to run it"
+        )
+    return globals()[experiment]
+
+
+# ---------------------------------------------------------------------- sites
+
+
+def _site(nm: Any, comp: Component, layer: int) -> tuple[Any, bool, int]:
+    """(module envoy, True if the activation is its input, column offset of head 0)."""
+    if comp == Component.Z:
+        return nm.z_site(layer), True, 0
+    a = nm.attn(layer)
+    if nm.family == "gpt2":  # c_attn's output is [q | k | v]
+        d = nm.cfg.n_heads * nm.cfg.d_head
+        return a.c_attn, False, {"q": 0, "k": d, "v": 2 * d}[comp.value]
+    return getattr(a, f"{comp.value}_proj"), False, 0
+
+
+def _check_component(comp: Component) -> None:
+    if comp not in (Component.Z, Component.Q, Component.K, Component.V):
+        raise NotImplementedError(
+            f"component {comp.value!r} is not available on the nnsight backend yet; "
+            "use z, q, k or v"
+        )
+
+
+# ---------------------------------------------------------------------- activation patching
+
+
+def activation_patch(
+    model: Any,
+    task: Any,
+    *,
+    component: Any = "z",
+    positions: Any = "all",
+    direction: Any = "noise",
+    heads: Sequence[Head | str | tuple[int, int]] | None = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+) -> HeadGrid:
+    """``activation_patch`` through nnsight; the same contract as the fast engine's.
+
+    A request runs ``max(positions x columns, rows // examples)`` cells (rows = batch_size,
+    default 512), layer by layer, so a full grid costs at most one request per layer.
+    Progress advances per request; ``should_stop`` is checked between requests. A request
+    that fails raises ``RemoteError`` (one sentence) whose ``partial`` holds the grid so far.
+    """
+    plan = plan_sweep(
+        model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
+    )
+    comp, dirn, shape = plan.comp, plan.dirn, plan.shape
+    _check_component(comp)
+    slots, labels, n_cols = plan.slots, plan.labels, plan.n_cols
+    L, P, B = shape.n_layers, len(slots), len(task)
+    wanted = torch.zeros(L, P, n_cols, dtype=torch.bool)
+    if plan.subset is None:
+        wanted[:] = True
+    else:
+        for h in plan.subset:
+            wanted[h.layer, :, h.head] = True
+    cells = [tuple(c) for c in wanted.nonzero().tolist()]  # layer-major
+    per_request = max(P * n_cols, (batch_size or DEFAULT_ROWS) // max(B, 1), 1)
+    jobs = [cells[i : i + per_request] for i in range(0, len(cells), per_request)] or [[]]
+
+    reader = MetricReader(task, "cpu")
+    base_tokens, src_tokens = (
+        (task.clean_tokens, task.corrupt_tokens)
+        if dirn == Direction.NOISE
+        else (task.corrupt_tokens, task.clean_tokens)
+    )
+    masks = [s.mask for s in slots]
+    end = task.positions["END"].cpu()
+    dh = shape.d_head
+    per_example = torch.full((B, L, P, n_cols), float("nan"))
+    done = torch.zeros(L, P, n_cols, dtype=torch.bool)
+    m_clean = m_corrupt = None
+    complete = True
+    n_req = 0
+
+    def grid(complete: bool, extra: list[str]) -> HeadGrid:
+        pe, dn = per_example, done
+        if labels is None:
+            pe, dn = pe[:, :, 0], dn[:, 0]
+        notes = [
+            f"nnsight ({_where(model)}): {n_req} request(s), up to {per_request} cells each",
+            *extra,
+        ]
+        if dirn == Direction.DENOISE:
+            notes.append(
+                "denoise: corrupt run with clean activations patched in; values are still "
+                "patched - clean, recovered = 1 - normalized"
+            )
+        return build_grid(
+            pe,
+            dn,
+            m_clean,
+            m_corrupt,
+            shape=shape,
+            component=comp,
+            direction=dirn.value,
+            kind="activation",
+            metric_name=task.metric_name,
+            positions=labels,
+            position=plan.single,
+            complete=complete,
+            notes=notes,
+        )
+
+    for i, job in enumerate(jobs):
+        if i > 0 and should_stop is not None and should_stop():
+            complete = False
+            break
+        first = i == 0
+        by_layer: dict[int, list] = {}
+        for k, (layer, p, col) in enumerate(job):
+            by_layer.setdefault(layer, []).append((k, p, col))
+        try:
+            out = _patch_request(
+                model, comp, src_tokens, base_tokens, first, by_layer, masks, end, dh, reader.cols
+            )
+        except Exception as exc:  # noqa: BLE001 - one sentence, the partial grid kept
+            from circuit_widgets.nnsight_model import RemoteError, request_error
+
+            err = exc if isinstance(exc, RemoteError) else request_error(exc)
+            err.partial = grid(False, [str(err)]) if m_clean is not None else None
+            raise err from exc
+        n_req += 1
+        rows = out.float().cpu().view(-1, B, out.shape[-1])
+        metric = reader(rows)  # [n, B]
+        if first:
+            m_src, m_base = metric[0], metric[1]
+            m_clean, m_corrupt = (m_base, m_src) if dirn == Direction.NOISE else (m_src, m_base)
+            metric = metric[2:]
+        else:
+            metric = metric[1:]
+        for k, (layer, p, col) in enumerate(job):
+            per_example[:, layer, p, col] = metric[k] - m_clean
+            done[layer, p, col] = True
+        if on_progress is not None:
+            on_progress(i + 1, len(jobs))
+    return grid(complete, [])
+
+
+def _where(model: Any) -> str:
+    return {False: "in-process", "local": "NDIF local simulation", True: "NDIF"}[model.remote]
+
+
+def _patch_request(
+    nm: Any,
+    comp: Component,
+    src_tokens: Tensor,
+    base_tokens: Tensor,
+    with_base: bool,
+    by_layer: dict[int, list],
+    masks: list[Tensor],
+    end: Tensor,
+    dh: int,
+    cols: Tensor | None,
+) -> Tensor:
+    """One trace: rows [source | base (first request only) | one base copy per cell]; returns
+    the final logits at END of every row (only ``cols`` where the metric reads only those)."""
+    B = src_tokens.shape[0]
+    n_cells = sum(len(v) for v in by_layer.values())
+    lead = 2 if with_base else 1
+    inp = torch.cat([src_tokens, *([base_tokens] * (n_cells + lead - 1))])
+    rows = torch.arange(inp.shape[0])
+    end_rows = end.repeat(n_cells + lead)
+    # plain ints, tensors and envoys only: this block's locals are what travels to the server
+    layers = sorted(by_layer)
+    sites, as_input, plans = [], [], []
+    for layer in layers:
+        env, is_input, off = _site(nm, comp, layer)
+        sites.append(env)
+        as_input.append(is_input)
+        plans.append(
+            [
+                (B * (lead + k), off + col * dh, off + (col + 1) * dh, p)
+                for k, p, col in by_layer[layer]
+            ]
+        )
+    lm = nm.lm
+    with torch.no_grad():
+        with lm.trace(inp, backend=nm.backend()):
+            for i in range(len(sites)):
+                x = sites[i].input if as_input[i] else sites[i].output
+                new = x.clone()
+                for r0, a, b, p in plans[i]:
+                    keep = masks[p][:, :, None]
+                    new[r0 : r0 + B, :, a:b] = torch.where(
+                        keep, x[:B, :, a:b], x[r0 : r0 + B, :, a:b]
+                    )
+                if as_input[i]:
+                    sites[i].input = new
+                else:
+                    sites[i].output = new
+            logits = lm.output.logits[rows, end_rows]
+            if cols is not None:
+                logits = logits[:, cols]
+            saved = logits.save()
+    return saved
