@@ -101,7 +101,10 @@ class NNsightModel:
             return None
         if self.remote is True:
             check_remote_ready()
-        return self.lm._remote_backend(self.remote, True, None, False)
+        try:
+            return self.lm._remote_backend(self.remote, True, None, False)
+        except Exception as exc:
+            raise request_error(exc) from exc
 
 
 def check_remote_ready() -> None:
@@ -142,7 +145,10 @@ def load_nnsight(spec: Any, *, remote: Any = False, **kwargs: Any) -> NNsightMod
                 "remote=False or remote='local' (or a model name NDIF hosts)"
             )
         try:
-            lm = TransformersModel(spec, task="text-generation")  # meta device: no weights
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(spec)
+            lm = TransformersModel(spec, tokenizer=tok, task="text-generation")  # meta: no weights
         except Exception as exc:  # noqa: BLE001 - one sentence below
             raise RemoteError(
                 f"could not read {spec!r}'s config from the Hugging Face hub "

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
@@ -46,6 +46,7 @@ def attribution_patch(
     batch_size here bounds the examples per backward pass. It is an approximation: exact
     for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
+    nnsight_backend.check("attribution_patch", model)
     return _attribute(
         model, task, component, direction, positions, heads, batch_size, on_progress, should_stop
     )
@@ -71,6 +72,7 @@ def path_attribution(
     is where the sender's z is patched, as in path_patch, whose value convention it follows.
     Exact where the metric is linear along those paths; receiver heads are not covered.
     """
+    nnsight_backend.check("path_attribution", model)
     return _attribute(
         model,
         task,

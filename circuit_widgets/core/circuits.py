@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuit_widgets.core import nnsight_backend
 from circuit_widgets.core.common import Progress, Stop, build_grid, check_callbacks
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.path_patching import path_patch
@@ -107,6 +108,7 @@ def mean_ablate(
     elsewhere); a group without one keeps them at every position. ``circuit=None`` or an
     empty circuit ablates every head. A plain list of heads keeps them everywhere.
     """
+    nnsight_backend.check("mean_ablate", model)
     return _Ablator(model, task, reference_task, reference, batch_size, means).run(circuit)
 
 
@@ -453,6 +455,7 @@ def faithfulness(
     (``random_circuit_like``), drawn with seeds ``seed, seed + 1, ...``. A ratio whose full
     score is 0 is NaN.
     """
+    nnsight_backend.check("faithfulness", model)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
     abl = _Ablator(model, task, reference_task, reference, batch_size, means)
@@ -548,6 +551,7 @@ def completeness(
     head of C in K with probability 1/2 (Wang et al.'s random sampling; seeded); or a list of
     head collections. Wang et al.'s greedy search for the worst K is not done here.
     """
+    nnsight_backend.check("completeness", model)
     abl = _Ablator(model, task, reference_task, reference, batch_size, means)
     circ = _as_circuit(circuit, abl.shape, task)
     ks: list[tuple[str, frozenset[Head]]] = [("empty", frozenset())]
@@ -654,6 +658,7 @@ def minimality(
     or a dict {head: [K, ...]} naming the K to try for each head (Wang et al. chose them by
     hand per head class). ``relative`` divides by |F(M)|.
     """
+    nnsight_backend.check("minimality", model)
     abl = _Ablator(model, task, reference_task, reference, batch_size, means)
     circ = _as_circuit(circuit, abl.shape, task)
     if isinstance(k_sets, str) and k_sets not in ("group", "empty"):
@@ -946,6 +951,7 @@ def circuit_pipeline(
     ``default_stages(task)``. Progress counts path-patching passes; once stopped the stages
     done so far come back with complete=False.
     """
+    nnsight_backend.check("circuit_pipeline", model)
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     if sign not in ("abs", "positive", "negative"):

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuit_widgets.core import hooks
+from circuit_widgets.core import hooks, nnsight_backend
 from circuit_widgets.core.common import Progress, Stop, build_grid, check_callbacks, check_heads
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.results import HeadGrid
@@ -469,6 +469,7 @@ def cmap_logits(
     ``patches[(layer, site)]`` is a bool mask [b, s, columns] (columns: heads for z/q, key/value
     heads for k/v, 1 for attn_out/mlp_out) of where the fine-tuned activation replaces the base's.
     """
+    nnsight_backend.check("cmap_logits", base, finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     captured = run_with_edits(finetuned, tokens, capture=list(patches)).captured
@@ -507,6 +508,7 @@ def cmap(
     component: z, q, k, v (per head), attn_out, mlp_out (per layer), or a list of them.
     batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
     """
+    nnsight_backend.check("cmap", base, finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)
@@ -604,6 +606,7 @@ def cmap_grid(
     captured once per batch of examples; each base forward patches several heads, stacked as
     variants along the batch dimension. batch_size = rows (examples x heads) per forward.
     """
+    nnsight_backend.check("cmap_grid", base, finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuit_widgets.core import cache
+from circuit_widgets.core import cache, nnsight_backend
 from circuit_widgets.core.common import Progress, Stop, check_callbacks, check_head
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.forward import (
@@ -259,6 +259,7 @@ def dcm(
     validation loss). The model's weights are never changed. on_progress(done, total) and
     should_stop() are called between batches; a stopped run returns ``complete=False``.
     """
+    nnsight_backend.check("dcm", model)
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
     plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size)
@@ -298,6 +299,7 @@ def dcm_sweep(
     lambdas it finished (and the one it was in, flagged incomplete). The baseline and
     full-patch test accuracies are measured before training, so ``on_result`` receives each
     lambda's finished result, reference accuracies included, as soon as it is trained."""
+    nnsight_backend.check("dcm_sweep", model)
     unknown = sorted(set(dcm_kwargs) - set(_SWEEP_KWARGS))
     if unknown:
         hint = " (the sweep's lambdas go in lams=[...])" if "lam" in unknown else ""

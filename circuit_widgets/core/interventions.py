@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuit_widgets.core import hooks as hook_names
+from circuit_widgets.core import nnsight_backend
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.models import model_shape
 from circuit_widgets.types import Component, Head
@@ -409,6 +410,7 @@ def intervene(
     subset and trimmed of padding, gets each example's own edit; a forward on any other
     prompts raises ValueError. Heads: one head (Head, "l.h", (l, h)) or a list or tuple of them.
     """
+    nnsight_backend.check("intervene", model)
     return Intervention(
         model, task, heads=heads, attend_to=attend_to, scale=scale, replace_with=replace_with, at=at
     )
@@ -468,6 +470,7 @@ def head_attention(
     name, a position-set name, a list of them, or a LongTensor [batch] / [batch, k]), on the
     task's clean (or ``which="corrupt"``) prompts. Inside ``intervene`` it reads the edited
     patterns (the forward runs through the model's hooks)."""
+    nnsight_backend.check("head_attention", model)
     if which not in ("clean", "corrupt"):
         raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
     if at == "all":

@@ -42,6 +42,12 @@ def dispatch(model: Any, experiment: str) -> Callable | None:
     return globals()[experiment]
 
 
+def check(experiment: str, *models: Any) -> None:
+    """Refuse an nnsight model in an experiment not written for nnsight, naming the backend."""
+    if any(is_nnsight(m) for m in models):
+        dispatch(next(m for m in models if is_nnsight(m)), experiment)
+
+
 # ---------------------------------------------------------------------- sites
 
 
@@ -159,7 +165,7 @@ def activation_patch(
             out = _patch_request(
                 model, comp, src_tokens, base_tokens, first, by_layer, masks, end, dh, reader.cols
             )
-        except Exception as exc:  # noqa: BLE001 - one sentence, the partial grid kept
+        except Exception as exc:
             from circuit_widgets.nnsight_model import RemoteError, request_error
 
             err = exc if isinstance(exc, RemoteError) else request_error(exc)
@@ -220,22 +226,19 @@ def _patch_request(
             ]
         )
     lm = nm.lm
-    with torch.no_grad():
-        with lm.trace(inp, backend=nm.backend()):
-            for i in range(len(sites)):
-                x = sites[i].input if as_input[i] else sites[i].output
-                new = x.clone()
-                for r0, a, b, p in plans[i]:
-                    keep = masks[p][:, :, None]
-                    new[r0 : r0 + B, :, a:b] = torch.where(
-                        keep, x[:B, :, a:b], x[r0 : r0 + B, :, a:b]
-                    )
-                if as_input[i]:
-                    sites[i].input = new
-                else:
-                    sites[i].output = new
-            logits = lm.output.logits[rows, end_rows]
-            if cols is not None:
-                logits = logits[:, cols]
-            saved = logits.save()
+    with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
+        for i in range(len(sites)):
+            x = sites[i].input if as_input[i] else sites[i].output
+            new = x.clone()
+            for r0, a, b, p in plans[i]:
+                keep = masks[p][:, :, None]
+                new[r0 : r0 + B, :, a:b] = torch.where(keep, x[:B, :, a:b], x[r0 : r0 + B, :, a:b])
+            if as_input[i]:
+                sites[i].input = new
+            else:
+                sites[i].output = new
+        logits = lm.output.logits[rows, end_rows]
+        if cols is not None:
+            logits = logits[:, cols]
+        saved = logits.save()
     return saved

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
@@ -64,6 +64,7 @@ def path_patch(
     final norm). Values: mean over examples of (metric patched - metric clean); normalized by
     mean(metric corrupt - metric clean). Non-sender cells are NaN.
     """
+    nnsight_backend.check("path_patch", model)
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     to_logits, recv = _check_receivers(receivers, shape)
