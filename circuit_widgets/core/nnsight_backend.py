@@ -22,7 +22,7 @@ from circuit_widgets.types import Component, Direction, Head
 
 # rows (patched copies x examples) per request when batch_size is None
 DEFAULT_ROWS = 512
-SUPPORTED = ("activation_patch",)
+SUPPORTED = ("activation_patch", "path_patch")
 
 
 def is_nnsight(model: Any) -> bool:
@@ -238,6 +238,224 @@ def _patch_request(
             else:
                 sites[i].output = new
         logits = lm.output.logits[rows, end_rows]
+        if cols is not None:
+            logits = logits[:, cols]
+        saved = logits.save()
+    return saved
+
+
+# ---------------------------------------------------------------------- path patching
+
+
+def path_patch(
+    model: Any,
+    task: Any,
+    *,
+    receivers: Any = "logits",
+    senders: Sequence[Head | str | tuple[int, int]] | None = None,
+    position: str = "all",
+    freeze_mlps: bool = False,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+) -> HeadGrid:
+    """``path_patch`` through nnsight; the same contract as the fast engine's.
+
+    One forward per request holds the corrupt and clean runs, and per sender a frozen copy
+    (its z from the corrupt run, every other head's z, and with ``freeze_mlps`` every MLP
+    output, from the clean run); for receiver heads a fresh clean copy per sender takes the
+    receivers' q/k/v from the frozen copy in the same forward. A full grid costs at most one
+    request per layer.
+    """
+    from circuit_widgets.core.common import check_callbacks, check_head, check_position_name
+    from circuit_widgets.core.path_patching import (
+        _check_receivers,
+        _describe,
+        _gqa_notes,
+        _receiver_slots,
+    )
+    from circuit_widgets.models import model_shape
+
+    shape = model_shape(model)
+    check_callbacks(on_progress, should_stop, batch_size)
+    to_logits, recv = _check_receivers(receivers, shape)
+    if not isinstance(position, str):
+        raise ValueError(  # noqa: TRY004 - every input mistake is a ValueError, as in path_patch
+            f"position must be 'all' or a position name, got {position!r}"
+        )
+    if position != "all":
+        check_position_name(task, position)
+    top = shape.n_layers if to_logits else min(r.layer for r in recv)
+    if not to_logits and top == 0:
+        raise ValueError("receivers in layer 0 have no earlier heads to send to them")
+    if senders is None:
+        sender_list = [Head(l, h) for l in range(top) for h in range(shape.n_heads)]
+    else:
+        sender_list = [Head.parse(h) for h in senders]
+        for h in sender_list:
+            check_head(h, shape, "sender")
+        bad = [h for h in sender_list if h.layer >= top]
+        if bad and not to_logits:
+            raise ValueError(
+                f"sender {bad[0]} is at or above receiver layer {top}: a sender can only "
+                f"reach receivers in later layers (senders must be in layers < {top})"
+            )
+    sender_list = sorted(set(sender_list))
+    B, s = task.clean_tokens.shape
+    mask = (
+        torch.ones(B, s, dtype=torch.bool)
+        if position == "all"
+        else torch.arange(s)[None] == task.positions[position].cpu()[:, None]
+    )
+    per_cell = 1 if to_logits else 2  # batch copies per sender
+    per_request = max(shape.n_heads, (batch_size or DEFAULT_ROWS) // max(B * per_cell, 1), 1)
+    jobs = [sender_list[i : i + per_request] for i in range(0, len(sender_list), per_request)]
+    reader = MetricReader(task, "cpu")
+    end = task.positions["END"].cpu()
+    slots = _receiver_slots(recv, shape.group_size)
+    per_example = torch.full((B, shape.n_layers, shape.n_heads), float("nan"))
+    done = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.bool)
+    m_clean = m_corrupt = None
+    n_req, complete = 0, True
+    notes = [
+        (
+            f"senders: z from the corrupt run at position {position!r}; every other head's z "
+            f"frozen to its clean value; MLPs {'frozen to clean' if freeze_mlps else 'recompute'}"
+        ),
+    ]
+    if not to_logits:
+        notes.append(
+            "receivers' q/k/v from that run patched into a fresh clean run where "
+            "everything else recomputes"
+        )
+    notes += _gqa_notes(recv, shape)
+
+    def grid(complete: bool, extra: list[str]) -> HeadGrid:
+        head = f"nnsight ({_where(model)}): {n_req} request(s), up to {per_request} senders each"
+        return build_grid(
+            per_example,
+            done,
+            m_clean,
+            m_corrupt,
+            shape=shape,
+            component=Component.Z,
+            direction="noise",
+            kind="path",
+            metric_name=task.metric_name,
+            positions=None,
+            position=position,
+            complete=complete,
+            receivers=_describe(recv, shape),
+            notes=[head, *notes, *extra],
+        )
+
+    for i, job in enumerate(jobs):
+        if i > 0 and should_stop is not None and should_stop():
+            complete = False
+            break
+        try:
+            out = _path_request(
+                model, task, job, mask, end, slots, to_logits, freeze_mlps, reader.cols
+            )
+        except Exception as exc:
+            from circuit_widgets.nnsight_model import RemoteError, request_error
+
+            err = exc if isinstance(exc, RemoteError) else request_error(exc)
+            err.partial = grid(False, [str(err)]) if m_clean is not None else None
+            raise err from exc
+        n_req += 1
+        metric = reader(out.float().cpu().view(-1, B, out.shape[-1]))
+        m_corrupt, m_clean = metric[0], metric[1]
+        for k, h in enumerate(job):
+            per_example[:, h.layer, h.head] = metric[2 + k] - m_clean
+            done[h.layer, h.head] = True
+        if on_progress is not None:
+            on_progress(i + 1, len(jobs))
+    return grid(complete, [])
+
+
+def _recv_site(nm: Any, layer: int, which: str) -> tuple[Any, int]:
+    """(module envoy whose output holds ``which`` of layer, column offset of head 0)."""
+    a = nm.attn(layer)
+    if nm.family == "gpt2":
+        d = nm.cfg.n_heads * nm.cfg.d_head
+        return a.c_attn, {"q": 0, "k": d, "v": 2 * d}[which]
+    return getattr(a, f"{which}_proj"), 0
+
+
+def _path_request(
+    nm: Any,
+    task: Any,
+    senders: list[Head],
+    mask: Tensor,
+    end: Tensor,
+    slots: dict,
+    to_logits: bool,
+    freeze: bool,
+    cols: Tensor | None,
+) -> Tensor:
+    """One trace: rows [corrupt | clean | frozen copy per sender | fresh copy per sender
+    (receivers only)]; returns END logits of [corrupt, clean, then per sender its result]."""
+    B = task.clean_tokens.shape[0]
+    n = len(senders)
+    fresh = 0 if to_logits else n
+    inp = torch.cat([task.corrupt_tokens, *([task.clean_tokens] * (1 + n + fresh))])
+    F0, R0 = 2 * B, (2 + n) * B  # first frozen row, first fresh row
+    L = nm.cfg.n_layers
+    dh = nm.cfg.d_head
+    lo = min(h.layer for h in senders)
+    stop = L if to_logits else max(layer for layer, _ in slots)
+    # per layer: receiver sites [(envoy, [(a, b)])], z envoy, sender patches, mlp envoy
+    plan = []
+    for layer in range(lo, L if to_logits else stop + 1):
+        recv_sites: dict = {}
+        for (rl, which), heads in sorted(slots.items(), key=lambda kv: "qkv".index(kv[0][1])):
+            if rl == layer:
+                env, off = _recv_site(nm, layer, which)
+                recv_sites.setdefault(id(env), [env, []])[1].extend(
+                    (off + c * dh, off + (c + 1) * dh) for c in heads
+                )
+        patches = [
+            (F0 + k * B, h.head * dh, (h.head + 1) * dh)
+            for k, h in enumerate(senders)
+            if h.layer == layer
+        ]
+        freeze_here = layer < stop
+        plan.append(
+            (
+                list(recv_sites.values()),
+                nm.z_site(layer) if freeze_here else None,
+                patches,
+                nm.layer(layer).mlp if freeze_here and freeze else None,
+            )
+        )
+    keep = mask[:, :, None]
+    reps = n
+    result_rows = torch.arange(F0, R0) if to_logits else torch.arange(R0, R0 + fresh * B)
+    ar = torch.cat([torch.arange(2 * B), result_rows])
+    end_rows = end.repeat(len(ar) // B)
+    lm = nm.lm
+    with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
+        for recv_sites, zsite, patches, mlp in plan:
+            for env, spans in recv_sites:
+                y = env.output
+                new = y.clone()
+                for a, b in spans:
+                    new[R0:, :, a:b] = y[F0:R0, :, a:b]
+                env.output = new
+            if zsite is not None:
+                x = zsite.input
+                new = x.clone()
+                new[F0:R0] = x[B:F0].repeat(reps, 1, 1)
+                for r0, a, b in patches:
+                    new[r0 : r0 + B, :, a:b] = torch.where(keep, x[:B, :, a:b], x[B:F0, :, a:b])
+                zsite.input = new
+            if mlp is not None:
+                m = mlp.output
+                new = m.clone()
+                new[F0:R0] = m[B:F0].repeat(reps, 1, 1)
+                mlp.output = new
+        logits = lm.output.logits[ar, end_rows]
         if cols is not None:
             logits = logits[:, cols]
         saved = logits.save()

@@ -64,7 +64,8 @@ def path_patch(
     final norm). Values: mean over examples of (metric patched - metric clean); normalized by
     mean(metric corrupt - metric clean). Non-sender cells are NaN.
     """
-    nnsight_backend.check("path_patch", model)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "path_patch")(**locals())
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     to_logits, recv = _check_receivers(receivers, shape)

@@ -8,6 +8,7 @@ import torch
 
 import circuit_widgets as cw
 from circuit_widgets.nnsight_model import NNsightModel, RemoteError
+from circuit_widgets.types import Receiver
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -49,6 +50,43 @@ def test_activation_patch_equals_fast_engine(pair, remote, component, positions,
     assert (
         nm.requests == 1 and got.notes[0].startswith("nnsight (") and "1 request(s)" in got.notes[0]
     )
+
+
+PATH_CASES = [
+    ("logits", False, "all", "local"),
+    ("logits", True, "END", False),
+    ([Receiver(1, 1, "q")], False, "END", "local"),
+    ([Receiver(1, 3, "k"), Receiver(1, 0, "v")], True, "all", False),
+]
+
+
+@pytest.mark.parametrize("receivers,freeze,position,remote", PATH_CASES)
+def test_path_patch_equals_fast_engine(pair, receivers, freeze, position, remote):
+    bridge, task = pair
+    kw = {"receivers": receivers, "freeze_mlps": freeze, "position": position}
+    ref = cw.path_patch(bridge, task, **kw)
+    nm = _nn(bridge, remote)
+    got = cw.path_patch(nm, task, **kw)
+    assert got.complete and torch.equal(got.done, ref.done) and got.receivers == ref.receivers
+    torch.testing.assert_close(got.per_example, ref.per_example, atol=1e-4, rtol=0, equal_nan=True)
+    assert nm.requests == 1
+
+
+def test_path_patch_requests_per_layer_and_partial_on_failure(tiny_llama):
+    task = cw.tasks.ioi(tiny_llama, 4)
+    ref = cw.path_patch(tiny_llama, task)
+    nm = _nn(tiny_llama, "local")
+    seen = []
+    got = cw.path_patch(nm, task, batch_size=4, on_progress=lambda d, t: seen.append((d, t)))
+    assert nm.requests == 2 and seen == [(1, 2), (2, 2)]
+    torch.testing.assert_close(got.values, ref.values, atol=1e-4, rtol=0)
+    nm._fail = lambda n: (
+        (_ for _ in ()).throw(TimeoutError("server did not answer")) if n == 4 else None
+    )
+    with pytest.raises(RemoteError, match="TimeoutError: server did not answer") as info:
+        cw.path_patch(nm, task, batch_size=4)
+    torch.testing.assert_close(info.value.partial.values[0], ref.values[0], atol=1e-4, rtol=0)
+    assert not info.value.partial.done[1].any()
 
 
 def test_requests_at_most_one_per_layer_and_progress_per_request(tiny_llama):
@@ -179,7 +217,7 @@ def test_remote_true_offline_hub_is_one_sentence():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda m, t: cw.path_patch(m, t, senders=None),
+        lambda m, t: cw.path_attribution(m, t),
         lambda m, t: cw.attribution_patch(m, t),
         lambda m, t: cw.mean_ablate(m, t, []),
         lambda m, t: cw.head_attention(m, t, [(0, 0)], "S1"),
