@@ -148,7 +148,10 @@ def load_nnsight(spec: Any, *, remote: Any = False, **kwargs: Any) -> NNsightMod
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(spec)
-            lm = TransformersModel(spec, tokenizer=tok, task="text-generation")  # meta: no weights
+            # meta device: no weights; eager attention so attention modules return their patterns
+            lm = TransformersModel(
+                spec, tokenizer=tok, task="text-generation", attn_implementation="eager"
+            )
         except Exception as exc:  # noqa: BLE001 - one sentence below
             raise RemoteError(
                 f"could not read {spec!r}'s config from the Hugging Face hub "

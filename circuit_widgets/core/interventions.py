@@ -470,7 +470,8 @@ def head_attention(
     name, a position-set name, a list of them, or a LongTensor [batch] / [batch, k]), on the
     task's clean (or ``which="corrupt"``) prompts. Inside ``intervene`` it reads the edited
     patterns (the forward runs through the model's hooks)."""
-    nnsight_backend.check("head_attention", model)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "head_attention")(**locals())
     if which not in ("clean", "corrupt"):
         raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
     if at == "all":

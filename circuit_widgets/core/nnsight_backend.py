@@ -22,7 +22,7 @@ from circuit_widgets.types import Component, Direction, Head
 
 # rows (patched copies x examples) per request when batch_size is None
 DEFAULT_ROWS = 512
-SUPPORTED = ("activation_patch", "path_patch")
+SUPPORTED = ("activation_patch", "path_patch", "head_attention", "run_with_edits")
 
 
 def is_nnsight(model: Any) -> bool:
@@ -460,3 +460,164 @@ def _path_request(
             logits = logits[:, cols]
         saved = logits.save()
     return saved
+
+
+# ---------------------------------------------------------------------- attention
+
+
+def head_attention(
+    model: Any,
+    task: Any,
+    heads: Any,
+    to: Any,
+    *,
+    at: str = "END",
+    which: str = "clean",
+) -> Any:
+    """``head_attention`` through nnsight: one request reads the heads' attention rows (the
+    model runs eager attention, so each attention module returns its pattern)."""
+    from circuit_widgets.core.interventions import AttentionResult, Intervention
+
+    if which not in ("clean", "corrupt"):
+        raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
+    if at == "all":
+        raise ValueError(
+            "head_attention reads each head's attention row at one query position "
+            "per example: at must be a position name (at='END', ...), not 'all'"
+        )
+    heads = Head.parse_many(heads)
+    order = list(dict.fromkeys(heads))
+    spec = Intervention(model, task, heads=heads, attend_to=to, scale=1.0, at=at)
+    tokens = task.clean_tokens if which == "clean" else task.corrupt_tokens
+    layers = sorted({h.layer for h in spec.heads})
+    b = len(task)
+    ar = torch.arange(b)
+    query = task.positions[at].cpu()
+    try:
+        rows = _attention_request(model, tokens, layers, query)
+    except Exception as exc:
+        from circuit_widgets.nnsight_model import RemoteError, request_error
+
+        raise (exc if isinstance(exc, RemoteError) else request_error(exc)) from exc
+    by_layer = dict(zip(layers, rows, strict=True))
+    t = spec.targets
+    out = torch.zeros(b, len(order))
+    for i, h in enumerate(order):
+        r = by_layer[h.layer][:, h.head].detach().float().cpu()
+        hit = torch.zeros_like(r, dtype=torch.bool)
+        hit[ar[:, None].expand_as(t), t] = True
+        out[:, i] = (r * hit).sum(1)
+    label = to if isinstance(to, str) else ("tensor" if isinstance(to, Tensor) else "+".join(to))
+    return AttentionResult(per_example=out, heads=order, to=label, at=at, which=which)
+
+
+def _attention_request(nm: Any, tokens: Tensor, layers: list[int], query: Tensor) -> list:
+    """One trace: each layer's attention rows at ``query`` per example, [b, H, s] each."""
+    mods = [nm.attn(layer) for layer in layers]
+    ar = torch.arange(tokens.shape[0])
+    lm = nm.lm
+    rows = []
+    with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        for m in mods:
+            rows.append(m.output[1][ar, :, query].save())
+    return rows
+
+
+# ---------------------------------------------------------------------- captures
+
+
+CAPTURE_SITES = ("resid_pre", "q", "k", "v", "pattern", "z")
+# the attention module's output (pattern) comes after its o_proj (z)
+_ORDER = {site: i for i, site in enumerate(("resid_pre", "q", "k", "v", "z", "pattern"))}
+
+
+def run_with_edits(
+    model: Any,
+    tokens: Tensor,
+    edits: dict | None = None,
+    *,
+    capture: Any = (),
+    at: Tensor | None = None,
+    grad: bool = False,
+) -> Any:
+    """``run_with_edits`` through nnsight, capture only: edits are Python callables, which a
+    request to NDIF cannot carry, so they are refused here (one request per call)."""
+    from circuit_widgets.core.edits import EditedRun, _check_key
+
+    if edits:
+        raise NotImplementedError(
+            "run_with_edits with edits is not available on the nnsight backend (the edits are "
+            "Python callables a request cannot carry); load the model with "
+            "backend='transformer_lens' to run it"
+        )
+    if grad:
+        raise NotImplementedError(
+            "run_with_edits(grad=True) is not available on the nnsight backend"
+        )
+    # in the order the forward reaches them: nnsight reads each activation as it passes
+    keys = sorted({_check_key(model, k) for k in capture}, key=lambda k: (k[0], _ORDER[k[1]]))
+    bad = [k for k in keys if k[1] not in CAPTURE_SITES]
+    if bad:
+        raise NotImplementedError(
+            f"capturing {bad[0][1]!r} is not available on the nnsight backend; "
+            f"capturable sites: {list(CAPTURE_SITES)}"
+        )
+    b, s = tokens.shape
+    try:
+        logits, raw = _capture_request(model, tokens.cpu(), keys, at)
+    except Exception as exc:
+        from circuit_widgets.nnsight_model import RemoteError, request_error
+
+        raise (exc if isinstance(exc, RemoteError) else request_error(exc)) from exc
+    cfg = model.cfg
+    H, K, dh = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+    captured = {}
+    for key, t in zip(keys, raw, strict=True):
+        site = key[1]
+        if site in ("q", "z"):
+            t = t.reshape(b, s, H, dh)
+        elif site in ("k", "v"):
+            t = t.reshape(b, s, K, dh)
+        captured[key] = t
+    return EditedRun(logits, captured)
+
+
+def _capture_request(nm: Any, tokens: Tensor, keys: list, at: Tensor | None) -> tuple:
+    """One trace: the listed activations (raw module inputs/outputs) and the logits."""
+    plan = []  # (envoy, kind, lo, hi): kind 0 input, 1 output, 2 output[1] (pattern), 3 the
+    # previous output again (GPT-2's q, k and v all come from c_attn)
+    width = nm.cfg.n_heads * nm.cfg.d_head
+    kv = nm.cfg.n_key_value_heads * nm.cfg.d_head
+    for layer, site in keys:
+        if site == "resid_pre":
+            plan.append((nm.layer(layer), 0, 0, 0))
+        elif site == "pattern":
+            plan.append((nm.attn(layer), 2, 0, 0))
+        elif site == "z":
+            plan.append((nm.z_site(layer), 0, 0, 0))
+        else:
+            env, off = _recv_site(nm, layer, site)
+            hi = off + (width if site == "q" else kv)
+            again = nm.family == "gpt2" and plan and plan[-1][0] is env
+            plan.append((env, 3 if again else 1, off, hi if nm.family == "gpt2" else 0))
+    ar = torch.arange(tokens.shape[0])
+    pick = at is not None
+    at_rows = at.cpu() if pick else ar
+    lm = nm.lm
+    out = []
+    with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        for env, kind, lo, hi in plan:
+            if kind == 0:
+                t = env.input
+            elif kind == 2:
+                t = env.output[1]
+            else:
+                t = env.output
+                if hi:
+                    t = t[:, :, lo:hi]
+            out.append(t.save())
+        logits = lm.output.logits
+        if pick:
+            logits = logits[ar, at_rows]
+        saved = logits.save()
+    return saved, out

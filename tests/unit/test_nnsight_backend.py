@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import circuit_widgets as cw
+from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.nnsight_model import NNsightModel, RemoteError
 from circuit_widgets.types import Receiver
 
@@ -87,6 +88,51 @@ def test_path_patch_requests_per_layer_and_partial_on_failure(tiny_llama):
         cw.path_patch(nm, task, batch_size=4)
     torch.testing.assert_close(info.value.partial.values[0], ref.values[0], atol=1e-4, rtol=0)
     assert not info.value.partial.done[1].any()
+
+
+@pytest.mark.parametrize("to,which", [("S1", "clean"), (["IO", "S2"], "corrupt")])
+def test_head_attention_equals_fast_engine(pair, to, which):
+    bridge, task = pair
+    heads = [(0, 1), (1, 3), (1, 0)]
+    ref = cw.head_attention(bridge, task, heads, to, which=which)
+    nm = _nn(bridge, "local")
+    got = cw.head_attention(nm, task, heads, to, which=which)
+    assert got.heads == ref.heads and nm.requests == 1
+    torch.testing.assert_close(got.per_example, ref.per_example, atol=1e-4, rtol=0)
+
+
+def test_captures_equal_fast_engine(pair):
+    bridge, task = pair
+    keys = [(layer, s) for layer in range(2) for s in ("resid_pre", "q", "k", "v", "pattern", "z")]
+    end = task.positions["END"]
+    ref = run_with_edits(bridge, task.clean_tokens, capture=keys, at=end)
+    nm = _nn(bridge, "local")
+    got = run_with_edits(nm, task.clean_tokens, capture=keys, at=end)
+    assert nm.requests == 1
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-4, rtol=0)
+    for key in keys:
+        torch.testing.assert_close(got.captured[key], ref.captured[key], atol=1e-4, rtol=0)
+
+
+def test_widgets_run_on_an_nnsight_model(tiny_llama):
+    from circuit_widgets.widgets import AttentionWidget, PathPatchingWidget
+
+    task = cw.tasks.ioi(tiny_llama, 4)
+    nm = _nn(tiny_llama, "local")
+    att = AttentionWidget(nm, task, ["1.2", "0.1"], example=1)
+    att.wait(60)
+    ref = AttentionWidget(tiny_llama, task, ["1.2", "0.1"], example=1)
+    ref.wait(60)
+    assert att.status == "done" and att.head_labels == ref.head_labels
+    torch.testing.assert_close(
+        torch.tensor(att.patterns), torch.tensor(ref.patterns), atol=1e-5, rtol=0
+    )
+    w = PathPatchingWidget(nm, task, preview=False)
+    w.run()
+    w.wait(60)
+    grid = cw.path_patch(tiny_llama, task, position=w.position)
+    assert w.status == "done"
+    torch.testing.assert_close(torch.tensor(w.grid.values), grid.values, atol=1e-4, rtol=0)
 
 
 def test_requests_at_most_one_per_layer_and_progress_per_request(tiny_llama):
@@ -220,7 +266,7 @@ def test_remote_true_offline_hub_is_one_sentence():
         lambda m, t: cw.path_attribution(m, t),
         lambda m, t: cw.attribution_patch(m, t),
         lambda m, t: cw.mean_ablate(m, t, []),
-        lambda m, t: cw.head_attention(m, t, [(0, 0)], "S1"),
+        lambda m, t: run_with_edits(m, t.clean_tokens, {(0, "z"): lambda z: z * 0}),
         lambda m, t: cw.cmap(m, m, t),
     ],
 )
