@@ -20,7 +20,10 @@ LOCAL_SPECS = ("demo", "demo-arith", "gemma-3-270m", "tiny-gpt2", "tiny-llama", 
 
 
 class RemoteError(RuntimeError):
-    """A request to NDIF (or its local simulation) failed; the message is one sentence."""
+    """A request to NDIF (or its local simulation) failed; the message is one sentence.
+    ``partial`` holds the sweep's grid so far, where there is one."""
+
+    partial: Any = None
 
 
 @dataclass(frozen=True)

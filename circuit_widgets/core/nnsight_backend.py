@@ -120,7 +120,8 @@ def activation_patch(
     dh = shape.d_head
     per_example = torch.full((B, L, P, n_cols), float("nan"))
     done = torch.zeros(L, P, n_cols, dtype=torch.bool)
-    m_clean = m_corrupt = None
+    m_clean: Any = None
+    m_corrupt: Any = None
     complete = True
     n_req = 0
 
@@ -315,7 +316,8 @@ def path_patch(
     slots = _receiver_slots(recv, shape.group_size)
     per_example = torch.full((B, shape.n_layers, shape.n_heads), float("nan"))
     done = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.bool)
-    m_clean = m_corrupt = None
+    m_clean: Any = None
+    m_corrupt: Any = None
     n_req, complete = 0, True
     notes = [
         (
@@ -436,8 +438,8 @@ def _path_request(
     end_rows = end.repeat(len(ar) // B)
     lm = nm.lm
     with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
-        for recv_sites, zsite, patches, mlp in plan:
-            for env, spans in recv_sites:
+        for sites_r, zsite, patches, mlp in plan:
+            for env, spans in sites_r:
                 y = env.output
                 new = y.clone()
                 for a, b in spans:
@@ -501,6 +503,7 @@ def head_attention(
         raise (exc if isinstance(exc, RemoteError) else request_error(exc)) from exc
     by_layer = dict(zip(layers, rows, strict=True))
     t = spec.targets
+    assert t is not None  # attend_to was given
     out = torch.zeros(b, len(order))
     for i, h in enumerate(order):
         r = by_layer[h.layer][:, h.head].detach().float().cpu()
@@ -602,7 +605,7 @@ def _capture_request(nm: Any, tokens: Tensor, keys: list, at: Tensor | None) -> 
             plan.append((env, 3 if again else 1, off, hi if nm.family == "gpt2" else 0))
     ar = torch.arange(tokens.shape[0])
     pick = at is not None
-    at_rows = at.cpu() if pick else ar
+    at_rows = at.cpu() if at is not None else ar
     lm = nm.lm
     out = []
     with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
