@@ -82,6 +82,8 @@ def load_model(
     tokenizer: Any = None,
     trust_remote_code: bool = False,
     merge: bool | None = None,
+    backend: str = "transformer_lens",
+    remote: bool | str = False,
     **boot_kwargs: Any,
 ):
     """Load a model as a TransformerLens ``TransformerBridge``, offline where possible.
@@ -92,8 +94,30 @@ def load_model(
     ``PeftModel`` (its base model wrapped with the adapter live; ``merge=True`` merges it first,
     in place, with peft's ``merge_and_unload``). ``merge=`` applies to "demo-arith" and peft
     models only. ``device_map`` / ``n_devices`` spread a large model over several GPUs.
+    ``backend="nnsight"`` returns an nnsight-served model instead (``remote=False`` in-process,
+    ``"local"`` NDIF's local simulation, ``True`` NDIF); see ``circuit_widgets.nnsight_model``.
     """
     from transformer_lens.model_bridge import TransformerBridge
+
+    if backend == "nnsight":
+        from circuit_widgets.nnsight_model import load_nnsight
+
+        return load_nnsight(
+            spec,
+            remote=remote,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            n_devices=n_devices,
+            tokenizer=tokenizer,
+            trust_remote_code=trust_remote_code,
+            **boot_kwargs,
+        )
+    if backend != "transformer_lens" or remote is not False:
+        raise ValueError(
+            f"backend must be 'transformer_lens' or 'nnsight' (remote= needs 'nnsight'), "
+            f"got backend={backend!r}, remote={remote!r}"
+        )
 
     if merge is not None and not isinstance(merge, bool):
         raise TypeError(f"merge must be True or False, got {merge!r}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
@@ -54,6 +54,7 @@ def attribution_patch(
     fit. It is an approximation: exact for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
     check_args("attribution_patch", model=model, task=task)
+    nnsight_backend.check("attribution_patch", model)
     return _attribute(
         model,
         task,
@@ -90,6 +91,7 @@ def path_attribution(
     Exact where the metric is linear along those paths; receiver heads are not covered.
     """
     check_args("path_attribution", model=model, task=task)
+    nnsight_backend.check("path_attribution", model)
     return _attribute(
         model,
         task,

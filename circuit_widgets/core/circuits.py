@@ -16,6 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from circuit_widgets.core import nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     Progress,
@@ -132,6 +133,7 @@ def mean_ablate(
     bounds it too, so a long task runs in chunks with the same scores.
     """
     check_args("mean_ablate", model=model, task=task)
+    nnsight_backend.check("mean_ablate", model)
     return _Ablator(model, task, reference_task, reference, batch_size, means, max_memory).run(
         circuit
     )
@@ -486,6 +488,7 @@ def faithfulness(
     score is 0 is NaN.
     """
     check_args("faithfulness", model=model, task=task)
+    nnsight_backend.check("faithfulness", model)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
     abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
@@ -583,6 +586,7 @@ def completeness(
     head collections. Wang et al.'s greedy search for the worst K is not done here.
     """
     check_args("completeness", model=model, task=task)
+    nnsight_backend.check("completeness", model)
     abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     ks: list[tuple[str, frozenset[Head]]] = [("empty", frozenset())]
@@ -691,6 +695,7 @@ def minimality(
     hand per head class). ``relative`` divides by |F(M)|.
     """
     check_args("minimality", model=model, task=task)
+    nnsight_backend.check("minimality", model)
     abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     if isinstance(k_sets, str) and k_sets not in ("group", "empty"):
@@ -937,6 +942,7 @@ def circuit_pipeline(
     done so far come back with complete=False.
     """
     check_args("circuit_pipeline", model=model, task=task)
+    nnsight_backend.check("circuit_pipeline", model)
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     if sign not in ("abs", "positive", "negative"):

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     Chunk,
@@ -492,6 +492,7 @@ def cmap_logits(
     ``patches[(layer, site)]`` is a bool mask [b, s, columns] (columns: heads for z/q, key/value
     heads for k/v, 1 for attn_out/mlp_out) of where the fine-tuned activation replaces the base's.
     """
+    nnsight_backend.check("cmap_logits", base, finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     captured = run_with_edits(finetuned, tokens, capture=list(patches)).captured
@@ -531,6 +532,7 @@ def cmap(
     batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
     """
     check_args("cmap", base=base, finetuned=finetuned, task=task)
+    nnsight_backend.check("cmap", base, finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)
@@ -636,6 +638,7 @@ def cmap_grid(
     each later chunk (a widget draws it).
     """
     check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
+    nnsight_backend.check("cmap_grid", base, finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)

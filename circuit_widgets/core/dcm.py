@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuit_widgets.core import cache
+from circuit_widgets.core import cache, nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     Progress,
@@ -271,6 +271,7 @@ def dcm(
     free memory, whichever is less.
     """
     check_args("dcm", model=model, desideratum=desideratum)
+    nnsight_backend.check("dcm", model)
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
     plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
@@ -318,6 +319,7 @@ def dcm_sweep(
     full-patch test accuracies are measured before training, so ``on_result`` receives each
     lambda's finished result, reference accuracies included, as soon as it is trained."""
     check_args("dcm_sweep", model=model, desideratum=desideratum)
+    nnsight_backend.check("dcm_sweep", model)
     if lam is not None:  # dcm's own argument, the likeliest slip here
         raise TypeError(
             "dcm_sweep got unexpected keyword argument(s) ['lam'] (the sweep's lambdas go in "

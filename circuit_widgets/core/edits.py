@@ -15,7 +15,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import attend, causal_masks
 from circuit_widgets.types import Component, ModelLike
@@ -49,6 +49,8 @@ def run_with_edits(
     at: per-example positions; logits come back only there ([b, vocab]), which saves the
     unembedding of every other position. grad=False runs under ``torch.no_grad()``.
     """
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "run_with_edits")(**locals())
     edits = dict(edits or {})
     capture = {_check_key(model, k) for k in capture}
     for key, fn in edits.items():

@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from circuit_widgets.core import hooks as hook_names
+from circuit_widgets.core import nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.models import model_shape
@@ -413,6 +414,7 @@ def intervene(
     prompts raises ValueError. Heads: one head (Head, "l.h", (l, h)) or a list or tuple of them.
     """
     check_args("intervene", model=model, task=task)
+    nnsight_backend.check("intervene", model)
     return Intervention(
         model, task, heads=heads, attend_to=attend_to, scale=scale, replace_with=replace_with, at=at
     )
@@ -473,6 +475,8 @@ def head_attention(
     task's clean (or ``which="corrupt"``) prompts. Inside ``intervene`` it reads the edited
     patterns (the forward runs through the model's hooks)."""
     check_args("head_attention", model=model, task=task)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "head_attention")(**locals())
     if which not in ("clean", "corrupt"):
         raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
     if at == "all":

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     Chunk,
@@ -80,6 +80,8 @@ def activation_patch(
     in a later chunk keeps the examples of the chunks that finished.
     """
     check_args("activation_patch", model=model, task=task)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "activation_patch")(**locals())
     plan = plan_sweep(
         model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
     )

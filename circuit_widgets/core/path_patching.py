@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     Chunk,
@@ -76,6 +76,8 @@ def path_patch(
     the cached runs; examples are split into chunks that fit (see activation_patch).
     """
     check_args("path_patch", model=model, task=task)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "path_patch")(**locals())
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     to_logits, recv = _check_receivers(receivers, shape)
