@@ -53,8 +53,8 @@ def attribution_patch(
     from free memory) too, with runs made per chunk instead of cached when the task's do not
     fit. It is an approximation: exact for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
-    check_args("attribution_patch", model=model, task=task)
     nnsight_backend.check("attribution_patch", model)
+    check_args("attribution_patch", model=model, task=task)
     return _attribute(
         model,
         task,
@@ -90,8 +90,8 @@ def path_attribution(
     is where the sender's z is patched, as in path_patch, whose value convention it follows.
     Exact where the metric is linear along those paths; receiver heads are not covered.
     """
-    check_args("path_attribution", model=model, task=task)
     nnsight_backend.check("path_attribution", model)
+    check_args("path_attribution", model=model, task=task)
     return _attribute(
         model,
         task,

@@ -132,8 +132,8 @@ def mean_ablate(
     batch_size: examples per forward; max_memory (bytes or '2GB', None = from free memory)
     bounds it too, so a long task runs in chunks with the same scores.
     """
-    check_args("mean_ablate", model=model, task=task)
     nnsight_backend.check("mean_ablate", model)
+    check_args("mean_ablate", model=model, task=task)
     return _Ablator(model, task, reference_task, reference, batch_size, means, max_memory).run(
         circuit
     )
@@ -487,8 +487,8 @@ def faithfulness(
     (``random_circuit_like``), drawn with seeds ``seed, seed + 1, ...``. A ratio whose full
     score is 0 is NaN.
     """
-    check_args("faithfulness", model=model, task=task)
     nnsight_backend.check("faithfulness", model)
+    check_args("faithfulness", model=model, task=task)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
     abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
@@ -585,8 +585,8 @@ def completeness(
     head of C in K with probability 1/2 (Wang et al.'s random sampling; seeded); or a list of
     head collections. Wang et al.'s greedy search for the worst K is not done here.
     """
-    check_args("completeness", model=model, task=task)
     nnsight_backend.check("completeness", model)
+    check_args("completeness", model=model, task=task)
     abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     ks: list[tuple[str, frozenset[Head]]] = [("empty", frozenset())]
@@ -694,8 +694,8 @@ def minimality(
     or a dict {head: [K, ...]} naming the K to try for each head (Wang et al. chose them by
     hand per head class). ``relative`` divides by |F(M)|.
     """
-    check_args("minimality", model=model, task=task)
     nnsight_backend.check("minimality", model)
+    check_args("minimality", model=model, task=task)
     abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     if isinstance(k_sets, str) and k_sets not in ("group", "empty"):
@@ -941,8 +941,8 @@ def circuit_pipeline(
     ``default_stages(task)``. Progress counts path-patching passes; once stopped the stages
     done so far come back with complete=False.
     """
-    check_args("circuit_pipeline", model=model, task=task)
     nnsight_backend.check("circuit_pipeline", model)
+    check_args("circuit_pipeline", model=model, task=task)
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     if sign not in ("abs", "positive", "negative"):

@@ -531,8 +531,8 @@ def cmap(
     component: z, q, k, v (per head), attn_out, mlp_out (per layer), or a list of them.
     batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
     """
-    check_args("cmap", base=base, finetuned=finetuned, task=task)
     nnsight_backend.check("cmap", base, finetuned)
+    check_args("cmap", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)
@@ -637,8 +637,8 @@ def cmap_grid(
     on_partial(grid) receives the partial grid after each pass of the first chunk and after
     each later chunk (a widget draws it).
     """
-    check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
     nnsight_backend.check("cmap_grid", base, finetuned)
+    check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)

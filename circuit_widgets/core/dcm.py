@@ -270,8 +270,8 @@ def dcm(
     each step runs a full forward instead (same results, no cache). None = 3 GB or half the
     free memory, whichever is less.
     """
-    check_args("dcm", model=model, desideratum=desideratum)
     nnsight_backend.check("dcm", model)
+    check_args("dcm", model=model, desideratum=desideratum)
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
     plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
@@ -318,8 +318,8 @@ def dcm_sweep(
     lambdas it finished (and the one it was in, flagged incomplete). The baseline and
     full-patch test accuracies are measured before training, so ``on_result`` receives each
     lambda's finished result, reference accuracies included, as soon as it is trained."""
-    check_args("dcm_sweep", model=model, desideratum=desideratum)
     nnsight_backend.check("dcm_sweep", model)
+    check_args("dcm_sweep", model=model, desideratum=desideratum)
     if lam is not None:  # dcm's own argument, the likeliest slip here
         raise TypeError(
             "dcm_sweep got unexpected keyword argument(s) ['lam'] (the sweep's lambdas go in "

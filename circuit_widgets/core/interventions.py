@@ -413,8 +413,8 @@ def intervene(
     subset and trimmed of padding, gets each example's own edit; a forward on any other
     prompts raises ValueError. Heads: one head (Head, "l.h", (l, h)) or a list or tuple of them.
     """
-    check_args("intervene", model=model, task=task)
     nnsight_backend.check("intervene", model)
+    check_args("intervene", model=model, task=task)
     return Intervention(
         model, task, heads=heads, attend_to=attend_to, scale=scale, replace_with=replace_with, at=at
     )
