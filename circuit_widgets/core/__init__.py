@@ -23,7 +23,9 @@ from circuit_widgets.core.dcm import MaskResult, SweepResult, TrainingCurve, dcm
 from circuit_widgets.core.edits import EditedRun, run_with_edits
 from circuit_widgets.core.interventions import (
     AttentionResult,
+    CopyScores,
     Intervention,
+    copy_scores,
     head_attention,
     intervene,
 )
@@ -61,6 +63,8 @@ __all__ = [
     "default_stages",
     "faithfulness",
     "head_attention",
+    "copy_scores",
+    "CopyScores",
     "head_overlap",
     "intervene",
     "mean_ablate",
