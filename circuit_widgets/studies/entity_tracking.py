@@ -11,14 +11,10 @@ from typing import Any
 
 import torch
 
-from circuit_widgets.core.circuits import (
-    FaithfulnessResult,
-    PipelineResult,
-    circuit_pipeline,
-    faithfulness,
-)
 from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.discovery import PipelineResult, circuit_pipeline
 from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.evaluation import FaithfulnessResult, faithfulness
 from circuit_widgets.core.masking import MaskResult, dcm
 from circuit_widgets.tasks.desiderata import KINDS
 from circuit_widgets.types import Circuit

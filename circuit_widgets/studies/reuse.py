@@ -9,16 +9,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from circuit_widgets.core.circuits import (
+from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.discovery import PipelineResult, circuit_pipeline
+from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.evaluation import (
     FaithfulnessResult,
     OverlapResult,
-    PipelineResult,
-    circuit_pipeline,
     faithfulness,
     head_overlap,
 )
-from circuit_widgets.core.common import Progress, Stop, check_callbacks
-from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.interventions import head_attention, intervene
 from circuit_widgets.types import Head
 

@@ -193,7 +193,7 @@ def test_mean_ablation_and_faithfulness_chunked_equal_unchunked(llama, task):
 
 def test_ablation_forwards_follow_the_budget(llama, task, monkeypatch):
     """Each forward holds at most the examples the budget allows."""
-    from circuit_widgets.core import circuits
+    from circuit_widgets.core import evaluation as circuits
 
     sizes = []
     real = circuits.run_with_edits
