@@ -10,39 +10,18 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuit_widgets.core import nnsight_backend
-from circuit_widgets.core.checks import check_args
-from circuit_widgets.core.common import (
-    Progress,
-    Stop,
-    build_grid,
-    check_callbacks,
-    example_chunks,
-    parse_memory,
-)
+from circuit_widgets.core.common import Progress, Stop, build_grid, check_callbacks
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import (
-    Circuit,
-    CircuitGroup,
-    Component,
-    Head,
-    ModelLike,
-    Receiver,
-    ReceiverInput,
-    Stage,
-)
-
-if TYPE_CHECKING:
-    from circuit_widgets.tasks.base import Task
+from circuit_widgets.types import Circuit, CircuitGroup, Component, Head, Receiver
 
 REFERENCES = ("corrupt", "clean")
 MEANS = ("auto", "position", "class")
@@ -96,15 +75,14 @@ class AblationResult:
 
 
 def mean_ablate(
-    model: ModelLike,
-    task: Task,
+    model: Any,
+    task: Any,
     circuit: Circuit | Iterable[Any] | None = None,
     *,
     reference_task: Any = None,
     batch_size: int | None = None,
     reference: str = "corrupt",
     means: str = "auto",
-    max_memory: int | str | None = None,
 ) -> AblationResult:
     """Score ``task`` with every head outside ``circuit`` replaced by its mean output.
 
@@ -128,15 +106,8 @@ def mean_ablate(
     A circuit group with a position keeps its heads at that named position only (mean
     elsewhere); a group without one keeps them at every position. ``circuit=None`` or an
     empty circuit ablates every head. A plain list of heads keeps them everywhere.
-
-    batch_size: examples per forward; max_memory (bytes or '2GB', None = from free memory)
-    bounds it too, so a long task runs in chunks with the same scores.
     """
-    nnsight_backend.check("mean_ablate", model)
-    check_args("mean_ablate", model=model, task=task)
-    return _Ablator(model, task, reference_task, reference, batch_size, means, max_memory).run(
-        circuit
-    )
+    return _Ablator(model, task, reference_task, reference, batch_size, means).run(circuit)
 
 
 class _Ablator:
@@ -144,17 +115,14 @@ class _Ablator:
 
     def __init__(
         self,
-        model: ModelLike,
-        task: Task,
+        model: Any,
+        task: Any,
         reference_task: Any,
         reference: str,
         batch_size: int | None,
         means: str = "auto",
-        max_memory: int | str | None = None,
     ) -> None:
         check_callbacks(None, None, batch_size)
-        parse_memory(max_memory)
-        self.max_memory = max_memory
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         if means not in MEANS:
@@ -194,7 +162,7 @@ class _Ablator:
         self.means = self._means(ref, tokens)
         self._full: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _class_map(self, task: Task, for_reference: bool) -> Tensor:
+    def _class_map(self, task: Any, for_reference: bool) -> Tensor:
         """[b, s] class index of each token; -1 on padding."""
         b, s = task.clean_tokens.shape
         if self.mode == "position":
@@ -208,9 +176,9 @@ class _Ablator:
                 cls[ar, task.positions[name].cpu()] = i
         return torch.where(task.attention_mask.cpu().bool(), cls, torch.full_like(cls, -1))
 
-    def _chunks(self, task: Any) -> list[slice]:
-        """Examples per forward: batch_size, and what one forward's activations fit the budget."""
-        return example_chunks(self.model, task, self.max_memory, runs=1, batch_size=self.batch_size)
+    def _chunks(self, n: int) -> list[slice]:
+        size = self.batch_size or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     def _means(self, ref: Any, tokens: Tensor) -> list[Tensor]:
         L, H, dh = self.shape.n_layers, self.shape.n_heads, self.shape.d_head
@@ -218,7 +186,7 @@ class _Ablator:
         sums = torch.zeros(L, C, H, dh, dtype=torch.float64)
         counts = torch.zeros(C, dtype=torch.float64)
         cls_all = self._class_map(ref, True)
-        for sl in self._chunks(ref):
+        for sl in self._chunks(len(ref)):
             lengths = ref.attention_mask[sl].sum(-1)
             keep = int(lengths.max())
             toks = tokens[sl, :keep]
@@ -247,7 +215,7 @@ class _Ablator:
             )
         return [m.float() for m in means]
 
-    def _keep(self, circuit: Circuit, task: Task, sl: slice, s: int) -> dict[int, Tensor]:
+    def _keep(self, circuit: Circuit, task: Any, sl: slice, s: int) -> dict[int, Tensor]:
         """layer -> [b, s, H] bool: where a head keeps its own output; layers all kept are left out."""
         b = len(range(*sl.indices(len(task))))
         H = self.shape.n_heads
@@ -262,16 +230,15 @@ class _Ablator:
                 if h in everywhere:
                     k[:, :, h.head] = True
                 else:
-                    assert g.position is not None  # position-less groups' heads are everywhere
                     pos = task.positions[g.position][sl].cpu()
                     k[torch.arange(b), pos, h.head] = True
         out = {}
         for l in range(self.shape.n_layers):
-            layer_keep = keep.get(l)
-            if layer_keep is None:
+            k = keep.get(l)
+            if k is None:
                 out[l] = torch.zeros(b, s, H, dtype=torch.bool)
-            elif not bool(layer_keep.all()):
-                out[l] = layer_keep
+            elif not bool(k.all()):
+                out[l] = k
         return out
 
     def scores(self, circuit: Circuit | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -281,7 +248,7 @@ class _Ablator:
         task = self.task
         cls_all = self._class_map(task, False)
         outs: list[list[Tensor]] = [[], [], []]
-        for sl in self._chunks(task):
+        for sl in self._chunks(len(task)):
             sub = task.subset(torch.arange(len(task))[sl])
             s = sub.seq_len
             edits = {}
@@ -297,7 +264,7 @@ class _Ablator:
             outs[0].append(sub.metric(logits).float().cpu())
             outs[1].append(sub.accuracy(logits).float().cpu())
             outs[2].append(sub.candidate_accuracy(logits).float().cpu())
-        result = (torch.cat(outs[0]), torch.cat(outs[1]), torch.cat(outs[2]))
+        result = tuple(torch.cat(o) for o in outs)
         if circuit is None:
             self._full = result
         return result
@@ -337,7 +304,7 @@ def _ablate_fn(keep: Tensor, means: Tensor, cls: Tensor):
     return fn
 
 
-def _as_circuit(circuit: Any, shape: ModelShape, task: Task) -> Circuit:
+def _as_circuit(circuit: Any, shape: ModelShape, task: Any) -> Circuit:
     """A Circuit checked against the model and the task (a plain head list keeps heads everywhere)."""
     if circuit is None:
         circ = Circuit()
@@ -466,8 +433,8 @@ def random_circuit_like(circuit: Circuit, shape: ModelShape, seed: int) -> Circu
 
 
 def faithfulness(
-    model: ModelLike,
-    task: Task,
+    model: Any,
+    task: Any,
     circuit: Circuit | Iterable[Any],
     *,
     n_random: int = 5,
@@ -476,7 +443,6 @@ def faithfulness(
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
-    max_memory: int | str | None = None,
 ) -> FaithfulnessResult:
     """How much of the full model's performance the circuit alone keeps (Prakash et al.).
 
@@ -487,11 +453,9 @@ def faithfulness(
     (``random_circuit_like``), drawn with seeds ``seed, seed + 1, ...``. A ratio whose full
     score is 0 is NaN.
     """
-    nnsight_backend.check("faithfulness", model)
-    check_args("faithfulness", model=model, task=task)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
     circ = _as_circuit(circuit, abl.shape, task)
     full_m, full_a, _ = abl.scores(None)
     res = abl.run(circ)
@@ -560,8 +524,8 @@ class CompletenessResult:
 
 
 def completeness(
-    model: ModelLike,
-    task: Task,
+    model: Any,
+    task: Any,
     circuit: Circuit | Iterable[Any],
     *,
     subsets: str | Sequence[Iterable[Any]] = "groups+random",
@@ -571,7 +535,6 @@ def completeness(
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
-    max_memory: int | str | None = None,
 ) -> CompletenessResult:
     """Wang et al.'s completeness test: a circuit C is complete if, for every subset K of C,
     knocking K out of the circuit hurts as much as knocking it out of the whole model M.
@@ -585,9 +548,7 @@ def completeness(
     head of C in K with probability 1/2 (Wang et al.'s random sampling; seeded); or a list of
     head collections. Wang et al.'s greedy search for the worst K is not done here.
     """
-    nnsight_backend.check("completeness", model)
-    check_args("completeness", model=model, task=task)
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
     circ = _as_circuit(circuit, abl.shape, task)
     ks: list[tuple[str, frozenset[Head]]] = [("empty", frozenset())]
     if isinstance(subsets, str):
@@ -608,14 +569,14 @@ def completeness(
                 ks.append((f"random {i}", frozenset(h for h in heads if rng.random() < 0.5)))
     else:
         for i, k in enumerate(subsets):
-            members = frozenset(Head.parse(h) for h in k)
-            outside = sorted(members - circ.heads)
+            heads = frozenset(Head.parse(h) for h in k)
+            outside = sorted(heads - circ.heads)
             if outside:
                 raise ValueError(
                     f"subset {i} holds heads {[str(h) for h in outside]} that are not "
                     f"in the circuit; K must be a subset of the circuit"
                 )
-            ks.append((f"subset {i}", members))
+            ks.append((f"subset {i}", heads))
     everything = Circuit.from_heads(_all_heads(abl.shape), group="model")
     full = abl.run(everything).metric
     f_c, f_m = [], []
@@ -673,8 +634,8 @@ class MinimalityResult:
 
 
 def minimality(
-    model: ModelLike,
-    task: Task,
+    model: Any,
+    task: Any,
     circuit: Circuit | Iterable[Any],
     *,
     k_sets: str | dict = "group",
@@ -682,7 +643,6 @@ def minimality(
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
-    max_memory: int | str | None = None,
 ) -> MinimalityResult:
     """Wang et al.'s minimality test: every head v of C should matter given some K.
 
@@ -694,9 +654,7 @@ def minimality(
     or a dict {head: [K, ...]} naming the K to try for each head (Wang et al. chose them by
     hand per head class). ``relative`` divides by |F(M)|.
     """
-    nnsight_backend.check("minimality", model)
-    check_args("minimality", model=model, task=task)
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
     circ = _as_circuit(circuit, abl.shape, task)
     if isinstance(k_sets, str) and k_sets not in ("group", "empty"):
         raise ValueError(
@@ -841,13 +799,60 @@ def head_overlap(a: Any, b: Any) -> OverlapResult:
 # ====================================================================== pipeline
 
 
-def default_stages(task: Task) -> list[Stage]:
-    """The stages a task carries (``task.stages``, set by its generator: see ``tasks.ioi``,
-    ``tasks.colored_objects``, ``tasks.entity_tracking``); for a task without its own, movers
-    -> logits at END and inhibition -> movers' queries at END."""
-    own = tuple(getattr(task, "stages", ()) or ())
-    if own:
-        return list(own)
+@dataclass(frozen=True)
+class Stage:
+    """One path-patching stage: senders' z from the corrupt run at ``position`` and their
+    effect on ``receivers`` ('logits', or the name of an earlier stage whose heads' ``inputs``
+    — any of 'q', 'k', 'v', e.g. 'kv' — receive). The stage's heads act at ``position``."""
+
+    name: str
+    position: str = "END"
+    receivers: str = "logits"
+    inputs: str = "q"
+    top_k: int | None = None
+    top_frac: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.inputs or set(self.inputs) - set("qkv"):
+            raise ValueError(
+                f"stage {self.name!r}: inputs must be letters of 'qkv', got {self.inputs!r}"
+            )
+
+
+def default_stages(task: Any) -> list[Stage]:
+    """The stages the studies use, by task name.
+
+    IOI (Wang et al., as Merullo et al. run it): movers -> logits at END; inhibition -> movers'
+    queries at END; induction/duplicate -> inhibition heads' keys and values at S2;
+    previous-token -> induction heads' keys at S1+1. Colored Objects, the same shape:
+    movers, inhibition, then heads at the queried object into inhibition heads' keys/values, then
+    heads at the queried object into those heads' queries (clean and corrupt prompts first
+    differ at the queried object, so earlier positions carry no signal to patch). Entity
+    tracking (Prakash et al.): A -> logits at END; B -> A's queries at END; C -> B's values at
+    query_label; D -> C's values at query_label_ctx. Any other task: movers and inhibition.
+    """
+    name = str(getattr(task, "name", ""))
+    if name.startswith("ioi"):
+        return [
+            Stage("movers", "END"),
+            Stage("inhibition", "END", "movers", "q"),
+            Stage("induction", "S2", "inhibition", "kv"),
+            Stage("previous_token", "S1+1", "induction", "k"),
+        ]
+    if name.startswith("colored_objects"):
+        return [
+            Stage("movers", "END"),
+            Stage("inhibition", "END", "movers", "q"),
+            Stage("object_readers", "query_object", "inhibition", "kv"),
+            Stage("object_detectors", "query_object", "object_readers", "q"),
+        ]
+    if name.startswith("entity_tracking"):
+        return [
+            Stage("A", "END"),
+            Stage("B", "END", "A", "q"),
+            Stage("C", "query_label", "B", "v"),
+            Stage("D", "query_label_ctx", "C", "v"),
+        ]
     return [Stage("movers", "END"), Stage("inhibition", "END", "movers", "q")]
 
 
@@ -910,8 +915,8 @@ class PipelineResult:
 
 
 def circuit_pipeline(
-    model: ModelLike,
-    task: Task,
+    model: Any,
+    task: Any,
     *,
     stages: Sequence[Stage] | None = None,
     top_frac: float = 0.02,
@@ -941,8 +946,6 @@ def circuit_pipeline(
     ``default_stages(task)``. Progress counts path-patching passes; once stopped the stages
     done so far come back with complete=False.
     """
-    nnsight_backend.check("circuit_pipeline", model)
-    check_args("circuit_pipeline", model=model, task=task)
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     if sign not in ("abs", "positive", "negative"):
@@ -971,7 +974,6 @@ def circuit_pipeline(
             if on_progress is not None:
                 on_progress(i * 1000 + (1000 * done) // max(total, 1), n_stages * 1000)
 
-        grid: HeadGrid | None
         if st.receivers == "logits":
             grid = path_patch(
                 model,
@@ -985,7 +987,7 @@ def circuit_pipeline(
             )
         else:
             recv = [
-                Receiver(h.layer, h.head, ReceiverInput.coerce(inp))
+                Receiver(h.layer, h.head, inp)
                 for h in sorted(found[st.receivers])
                 for inp in dict.fromkeys(st.inputs)
             ]
@@ -1048,7 +1050,7 @@ def _ranking(grid: HeadGrid, rank_by: str) -> tuple[Tensor, str | None]:
     return (-raw if gap < 0 else raw), None
 
 
-def _check_stages(stages: list[Stage], task: Task) -> None:
+def _check_stages(stages: list[Stage], task: Any) -> None:
     if not stages:
         raise ValueError("stages must hold at least one Stage")
     seen: list[str] = []
@@ -1123,7 +1125,6 @@ def _banded_path_patch(
         if not grid.complete:
             complete = False
             break
-    assert grid is not None and per_example is not None  # bands is not empty
     desc = ", ".join(str(r) for r in recv)
     return build_grid(
         per_example,

@@ -1,7 +1,6 @@
 """Browser tests: an isolated JupyterLab server and headless Chromium (Debian's, offline).
 
-Follows the recipe in ../shared/recipes/jupyterlab-browser-test (relative to the project root):
-nothing is written to ~, the server
+Follows /work/shared/recipes/jupyterlab-browser-test: nothing is written to ~, the server
 and its kernels are stopped by PID, and Playwright drives /usr/bin/chromium (never
 `playwright install`).
 """
