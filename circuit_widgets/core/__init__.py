@@ -1,7 +1,7 @@
 """The patching engine: plain torch functions returning result dataclasses. No UI imports."""
 
 from circuit_widgets.core.attribution import attribution_patch, path_attribution
-from circuit_widgets.core.cache import clear_cache
+from circuit_widgets.core.cache import clear_activation_cache, clear_cache
 from circuit_widgets.core.circuits import (
     AblationResult,
     CompletenessResult,
@@ -51,6 +51,7 @@ __all__ = [
     "attribution_patch",
     "check_compatible",
     "circuit_pipeline",
+    "clear_activation_cache",
     "clear_cache",
     "cmap",
     "cmap_grid",

@@ -7,28 +7,33 @@ base run, from one forward and one backward. Same value convention as ``activati
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
     Stop,
     build_grid,
+    example_chunks,
     plan_sweep,
 )
 from circuit_widgets.core.fast_model import FastModel
-from circuit_widgets.core.forward import Trace, attend, causal_masks
+from circuit_widgets.core.forward import Trace, attend, causal_masks, trace_forward
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.types import Component, Direction, Head
+from circuit_widgets.types import Component, Direction, Head, ModelLike
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 
 def attribution_patch(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     component: str | Component = "z",
     direction: str | Direction = "noise",
     *,
@@ -37,23 +42,36 @@ def attribution_patch(
     batch_size: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    max_memory: int | str | None = None,
 ) -> HeadGrid:
     """First-order estimate of ``activation_patch`` for every cell, in one forward+backward.
 
     For 'noise': (corrupt act - clean act) . grad of the metric at the clean run; for
     'denoise': (clean - corrupt) . grad at the corrupt run, plus (corrupt - clean) so that
     values still read mean(metric patched - metric clean). Arguments as in activation_patch;
-    batch_size here bounds the examples per backward pass. It is an approximation: exact
-    for a metric linear in the activation, off where the patch moves softmaxes or norms far.
+    batch_size here bounds the examples per backward pass; max_memory (bytes or '2GB', None =
+    from free memory) too, with runs made per chunk instead of cached when the task's do not
+    fit. It is an approximation: exact for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
+    nnsight_backend.check("attribution_patch", model)
+    check_args("attribution_patch", model=model, task=task)
     return _attribute(
-        model, task, component, direction, positions, heads, batch_size, on_progress, should_stop
+        model,
+        task,
+        component,
+        direction,
+        positions,
+        heads,
+        batch_size,
+        on_progress,
+        should_stop,
+        max_memory=max_memory,
     )
 
 
 def path_attribution(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     position: str = "all",
     freeze_mlps: bool = False,
@@ -61,6 +79,7 @@ def path_attribution(
     batch_size: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    max_memory: int | str | None = None,
 ) -> HeadGrid:
     """First-order estimate of ``path_patch(receivers="logits")`` for every sender head at once.
 
@@ -71,6 +90,8 @@ def path_attribution(
     is where the sender's z is patched, as in path_patch, whose value convention it follows.
     Exact where the metric is linear along those paths; receiver heads are not covered.
     """
+    nnsight_backend.check("path_attribution", model)
+    check_args("path_attribution", model=model, task=task)
     return _attribute(
         model,
         task,
@@ -83,12 +104,13 @@ def path_attribution(
         should_stop,
         frozen=True,
         freeze_mlps=freeze_mlps,
+        max_memory=max_memory,
     )
 
 
 def _attribute(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     component: Any,
     direction: Any,
     positions: Any,
@@ -99,6 +121,7 @@ def _attribute(
     *,
     frozen: bool = False,
     freeze_mlps: bool = False,
+    max_memory: int | str | None = None,
 ) -> HeadGrid:
     """attribution_patch, or with ``frozen`` the paths of path patching to the logits only."""
     plan = plan_sweep(
@@ -116,23 +139,43 @@ def _attribute(
             "paths of path patching to the logits: no head reads the sender's change; "
             f"MLPs {'frozen' if freeze_mlps else 'pass it on'}"
         )
+    # whole: the task's runs fit the budget and are cached; else each step makes its own
+    whole = len(example_chunks(model, task, max_memory, runs=3, hooked=eng is None)) == 1
+    size = batch_size or B
+    if whole:
+        steps = [slice(i, min(i + size, B)) for i in range(0, B, size)]
+    else:
+        steps = example_chunks(
+            model, task, max_memory, runs=3, hooked=eng is None, batch_size=batch_size
+        )
+        notes.append(f"ran in {len(steps)} chunks of at most {steps[0].stop} examples (max_memory)")
+    noise = dirn == Direction.NOISE
+    src_name, base_name = ("corrupt", "clean") if noise else ("clean", "corrupt")
+    m_src, m_base = torch.full((B,), float("nan")), torch.full((B,), float("nan"))
     if eng is not None:
         reader = MetricReader(task, eng.device)
         # only the source run is cached; the base run is the forward we differentiate
-        src_name, base_name = (
-            ("corrupt", "clean") if dirn == Direction.NOISE else ("clean", "corrupt")
-        )
-        src = cache.fast_run(model, task, eng, src_name)
-        m_src = cache.fast_metric(model, task, eng, reader, src_name)
-        base_tokens = task.clean_tokens if dirn == Direction.NOISE else task.corrupt_tokens
-        m_base = torch.full((B,), float("nan"))
+        src_tokens = task.clean_tokens if not noise else task.corrupt_tokens
+        if whole:
+            src = cache.fast_run(model, task, eng, src_name)
+            m_src = cache.fast_metric(model, task, eng, reader, src_name).float()
+        base_tokens = task.clean_tokens if noise else task.corrupt_tokens
 
         def step(sl: slice) -> Tensor:
+            if whole:
+                src_sl = src.subset(sl)
+            else:  # this chunk's source run only, full width like the base tokens
+                with torch.no_grad():
+                    src_sl = trace_forward(eng, src_tokens[sl])
+                    end = task.positions["END"][sl].to(eng.device)
+                    ar = torch.arange(len(end), device=eng.device)
+                    final = src_sl.resid_pre[-1][ar, end]
+                    m_src[sl] = reader(eng.logits(final, reader.cols), sl).float().cpu()
             contrib, metric = _fast_contrib(
                 eng,
                 comp,
                 base_tokens[sl],
-                src.subset(sl),
+                src_sl,
                 task.positions["END"][sl],
                 reader,
                 sl,
@@ -143,15 +186,32 @@ def _attribute(
             return contrib
     else:
         notes.append(f"generic path, gradients through bridge hooks: {cache.generic_reason(model)}")
-        c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
-        src_cache = x_cache if dirn == Direction.NOISE else c_cache
-        base_tokens = task.clean_tokens if dirn == Direction.NOISE else task.corrupt_tokens
-        step = lambda sl: _hooked_contrib(
-            model, task, comp, base_tokens, src_cache, sl, L, frozen, freeze_mlps
-        )
+        if whole:
+            c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
+            m_base, m_src = (m_clean, m_corrupt) if noise else (m_corrupt, m_clean)
 
-    size = batch_size or B
-    steps = [slice(i, min(i + size, B)) for i in range(0, B, size)]
+        def step(sl: slice) -> Tensor:
+            if whole:
+                src_cache = x_cache if noise else c_cache
+                base_tokens = task.clean_tokens if noise else task.corrupt_tokens
+                return _hooked_contrib(
+                    model, task, comp, base_tokens, src_cache, sl, L, frozen, freeze_mlps
+                )
+            sub = task.subset(torch.arange(B)[sl])
+            c_sub, x_sub, mc, mx = cache._hooked_compute(model, sub)
+            m_base[sl], m_src[sl] = (mc, mx) if noise else (mx, mc)
+            return _hooked_contrib(
+                model,
+                sub,
+                comp,
+                sub.clean_tokens if noise else sub.corrupt_tokens,
+                x_sub if noise else c_sub,
+                slice(None),
+                L,
+                frozen,
+                freeze_mlps,
+            )
+
     per_example = torch.full((B, L, P, n_cols), float("nan"))
     complete = True
     for i, sl in enumerate(steps):
@@ -159,13 +219,13 @@ def _attribute(
             complete = False
             break
         contrib = step(sl).float().cpu()  # [b, L, s, cols]: per-position first-order effects
-        per_example[sl] = torch.einsum("bps,blsc->blpc", masks[sl], contrib)
+        m = masks[sl][:, :, : contrib.shape[2]]  # a chunk's own runs may be trimmed of padding
+        per_example[sl] = torch.einsum("bps,blsc->blpc", m, contrib)
         if on_progress is not None:
             on_progress(i + 1, len(steps))
-    if eng is not None:
-        if complete:
-            cache.set_metric(model, task, base_name, m_base)
-        m_clean, m_corrupt = (m_base, m_src) if dirn == Direction.NOISE else (m_src, m_base)
+    if eng is not None and complete and whole:
+        cache.set_metric(model, task, base_name, m_base)
+    m_clean, m_corrupt = (m_base, m_src) if noise else (m_src, m_base)
     if dirn == Direction.DENOISE:
         per_example = per_example + (m_corrupt - m_clean).float()[:, None, None, None]
     done = ~per_example.isnan().any(0)  # a cell is done once every example's batch is
@@ -216,7 +276,7 @@ def _fast_contrib(
     sl: slice,
     frozen: bool = False,
     freeze_mlps: bool = False,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """Forward with grad on the base tokens, keeping ``comp`` at every layer, then one backward."""
     with torch.enable_grad():
         acts, final = _grad_forward(eng, comp, tokens.to(eng.device), frozen, freeze_mlps)
@@ -293,8 +353,8 @@ def _grad_forward(
 
 
 def _hooked_contrib(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     comp: Component,
     tokens: Tensor,
     src_cache: dict,

@@ -10,18 +10,39 @@ import math
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from circuit_widgets.core.common import Progress, Stop, build_grid, check_callbacks
+from circuit_widgets.core import nnsight_backend
+from circuit_widgets.core.checks import check_args
+from circuit_widgets.core.common import (
+    Progress,
+    Stop,
+    build_grid,
+    check_callbacks,
+    example_chunks,
+    parse_memory,
+)
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Circuit, CircuitGroup, Component, Head, Receiver
+from circuit_widgets.types import (
+    Circuit,
+    CircuitGroup,
+    Component,
+    Head,
+    ModelLike,
+    Receiver,
+    ReceiverInput,
+    Stage,
+)
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 REFERENCES = ("corrupt", "clean")
 MEANS = ("auto", "position", "class")
@@ -75,14 +96,15 @@ class AblationResult:
 
 
 def mean_ablate(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     circuit: Circuit | Iterable[Any] | None = None,
     *,
     reference_task: Any = None,
     batch_size: int | None = None,
     reference: str = "corrupt",
     means: str = "auto",
+    max_memory: int | str | None = None,
 ) -> AblationResult:
     """Score ``task`` with every head outside ``circuit`` replaced by its mean output.
 
@@ -106,8 +128,15 @@ def mean_ablate(
     A circuit group with a position keeps its heads at that named position only (mean
     elsewhere); a group without one keeps them at every position. ``circuit=None`` or an
     empty circuit ablates every head. A plain list of heads keeps them everywhere.
+
+    batch_size: examples per forward; max_memory (bytes or '2GB', None = from free memory)
+    bounds it too, so a long task runs in chunks with the same scores.
     """
-    return _Ablator(model, task, reference_task, reference, batch_size, means).run(circuit)
+    nnsight_backend.check("mean_ablate", model)
+    check_args("mean_ablate", model=model, task=task)
+    return _Ablator(model, task, reference_task, reference, batch_size, means, max_memory).run(
+        circuit
+    )
 
 
 class _Ablator:
@@ -115,14 +144,17 @@ class _Ablator:
 
     def __init__(
         self,
-        model: Any,
-        task: Any,
+        model: ModelLike,
+        task: Task,
         reference_task: Any,
         reference: str,
         batch_size: int | None,
         means: str = "auto",
+        max_memory: int | str | None = None,
     ) -> None:
         check_callbacks(None, None, batch_size)
+        parse_memory(max_memory)
+        self.max_memory = max_memory
         if reference not in REFERENCES:
             raise ValueError(f"reference must be one of {REFERENCES}, got {reference!r}")
         if means not in MEANS:
@@ -162,7 +194,7 @@ class _Ablator:
         self.means = self._means(ref, tokens)
         self._full: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _class_map(self, task: Any, for_reference: bool) -> Tensor:
+    def _class_map(self, task: Task, for_reference: bool) -> Tensor:
         """[b, s] class index of each token; -1 on padding."""
         b, s = task.clean_tokens.shape
         if self.mode == "position":
@@ -176,9 +208,9 @@ class _Ablator:
                 cls[ar, task.positions[name].cpu()] = i
         return torch.where(task.attention_mask.cpu().bool(), cls, torch.full_like(cls, -1))
 
-    def _chunks(self, n: int) -> list[slice]:
-        size = self.batch_size or n
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    def _chunks(self, task: Any) -> list[slice]:
+        """Examples per forward: batch_size, and what one forward's activations fit the budget."""
+        return example_chunks(self.model, task, self.max_memory, runs=1, batch_size=self.batch_size)
 
     def _means(self, ref: Any, tokens: Tensor) -> list[Tensor]:
         L, H, dh = self.shape.n_layers, self.shape.n_heads, self.shape.d_head
@@ -186,7 +218,7 @@ class _Ablator:
         sums = torch.zeros(L, C, H, dh, dtype=torch.float64)
         counts = torch.zeros(C, dtype=torch.float64)
         cls_all = self._class_map(ref, True)
-        for sl in self._chunks(len(ref)):
+        for sl in self._chunks(ref):
             lengths = ref.attention_mask[sl].sum(-1)
             keep = int(lengths.max())
             toks = tokens[sl, :keep]
@@ -215,7 +247,7 @@ class _Ablator:
             )
         return [m.float() for m in means]
 
-    def _keep(self, circuit: Circuit, task: Any, sl: slice, s: int) -> dict[int, Tensor]:
+    def _keep(self, circuit: Circuit, task: Task, sl: slice, s: int) -> dict[int, Tensor]:
         """layer -> [b, s, H] bool: where a head keeps its own output; layers all kept are left out."""
         b = len(range(*sl.indices(len(task))))
         H = self.shape.n_heads
@@ -230,15 +262,16 @@ class _Ablator:
                 if h in everywhere:
                     k[:, :, h.head] = True
                 else:
+                    assert g.position is not None  # position-less groups' heads are everywhere
                     pos = task.positions[g.position][sl].cpu()
                     k[torch.arange(b), pos, h.head] = True
         out = {}
         for l in range(self.shape.n_layers):
-            k = keep.get(l)
-            if k is None:
+            layer_keep = keep.get(l)
+            if layer_keep is None:
                 out[l] = torch.zeros(b, s, H, dtype=torch.bool)
-            elif not bool(k.all()):
-                out[l] = k
+            elif not bool(layer_keep.all()):
+                out[l] = layer_keep
         return out
 
     def scores(self, circuit: Circuit | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,7 +281,7 @@ class _Ablator:
         task = self.task
         cls_all = self._class_map(task, False)
         outs: list[list[Tensor]] = [[], [], []]
-        for sl in self._chunks(len(task)):
+        for sl in self._chunks(task):
             sub = task.subset(torch.arange(len(task))[sl])
             s = sub.seq_len
             edits = {}
@@ -264,7 +297,7 @@ class _Ablator:
             outs[0].append(sub.metric(logits).float().cpu())
             outs[1].append(sub.accuracy(logits).float().cpu())
             outs[2].append(sub.candidate_accuracy(logits).float().cpu())
-        result = tuple(torch.cat(o) for o in outs)
+        result = (torch.cat(outs[0]), torch.cat(outs[1]), torch.cat(outs[2]))
         if circuit is None:
             self._full = result
         return result
@@ -304,7 +337,7 @@ def _ablate_fn(keep: Tensor, means: Tensor, cls: Tensor):
     return fn
 
 
-def _as_circuit(circuit: Any, shape: ModelShape, task: Any) -> Circuit:
+def _as_circuit(circuit: Any, shape: ModelShape, task: Task) -> Circuit:
     """A Circuit checked against the model and the task (a plain head list keeps heads everywhere)."""
     if circuit is None:
         circ = Circuit()
@@ -433,8 +466,8 @@ def random_circuit_like(circuit: Circuit, shape: ModelShape, seed: int) -> Circu
 
 
 def faithfulness(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     circuit: Circuit | Iterable[Any],
     *,
     n_random: int = 5,
@@ -443,6 +476,7 @@ def faithfulness(
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
+    max_memory: int | str | None = None,
 ) -> FaithfulnessResult:
     """How much of the full model's performance the circuit alone keeps (Prakash et al.).
 
@@ -453,9 +487,11 @@ def faithfulness(
     (``random_circuit_like``), drawn with seeds ``seed, seed + 1, ...``. A ratio whose full
     score is 0 is NaN.
     """
+    nnsight_backend.check("faithfulness", model)
+    check_args("faithfulness", model=model, task=task)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     full_m, full_a, _ = abl.scores(None)
     res = abl.run(circ)
@@ -524,8 +560,8 @@ class CompletenessResult:
 
 
 def completeness(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     circuit: Circuit | Iterable[Any],
     *,
     subsets: str | Sequence[Iterable[Any]] = "groups+random",
@@ -535,6 +571,7 @@ def completeness(
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
+    max_memory: int | str | None = None,
 ) -> CompletenessResult:
     """Wang et al.'s completeness test: a circuit C is complete if, for every subset K of C,
     knocking K out of the circuit hurts as much as knocking it out of the whole model M.
@@ -548,7 +585,9 @@ def completeness(
     head of C in K with probability 1/2 (Wang et al.'s random sampling; seeded); or a list of
     head collections. Wang et al.'s greedy search for the worst K is not done here.
     """
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
+    nnsight_backend.check("completeness", model)
+    check_args("completeness", model=model, task=task)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     ks: list[tuple[str, frozenset[Head]]] = [("empty", frozenset())]
     if isinstance(subsets, str):
@@ -569,14 +608,14 @@ def completeness(
                 ks.append((f"random {i}", frozenset(h for h in heads if rng.random() < 0.5)))
     else:
         for i, k in enumerate(subsets):
-            heads = frozenset(Head.parse(h) for h in k)
-            outside = sorted(heads - circ.heads)
+            members = frozenset(Head.parse(h) for h in k)
+            outside = sorted(members - circ.heads)
             if outside:
                 raise ValueError(
                     f"subset {i} holds heads {[str(h) for h in outside]} that are not "
                     f"in the circuit; K must be a subset of the circuit"
                 )
-            ks.append((f"subset {i}", heads))
+            ks.append((f"subset {i}", members))
     everything = Circuit.from_heads(_all_heads(abl.shape), group="model")
     full = abl.run(everything).metric
     f_c, f_m = [], []
@@ -634,8 +673,8 @@ class MinimalityResult:
 
 
 def minimality(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     circuit: Circuit | Iterable[Any],
     *,
     k_sets: str | dict = "group",
@@ -643,6 +682,7 @@ def minimality(
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
+    max_memory: int | str | None = None,
 ) -> MinimalityResult:
     """Wang et al.'s minimality test: every head v of C should matter given some K.
 
@@ -654,7 +694,9 @@ def minimality(
     or a dict {head: [K, ...]} naming the K to try for each head (Wang et al. chose them by
     hand per head class). ``relative`` divides by |F(M)|.
     """
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means)
+    nnsight_backend.check("minimality", model)
+    check_args("minimality", model=model, task=task)
+    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     if isinstance(k_sets, str) and k_sets not in ("group", "empty"):
         raise ValueError(
@@ -799,60 +841,13 @@ def head_overlap(a: Any, b: Any) -> OverlapResult:
 # ====================================================================== pipeline
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One path-patching stage: senders' z from the corrupt run at ``position`` and their
-    effect on ``receivers`` ('logits', or the name of an earlier stage whose heads' ``inputs``
-    — any of 'q', 'k', 'v', e.g. 'kv' — receive). The stage's heads act at ``position``."""
-
-    name: str
-    position: str = "END"
-    receivers: str = "logits"
-    inputs: str = "q"
-    top_k: int | None = None
-    top_frac: float | None = None
-
-    def __post_init__(self) -> None:
-        if not self.inputs or set(self.inputs) - set("qkv"):
-            raise ValueError(
-                f"stage {self.name!r}: inputs must be letters of 'qkv', got {self.inputs!r}"
-            )
-
-
-def default_stages(task: Any) -> list[Stage]:
-    """The stages the studies use, by task name.
-
-    IOI (Wang et al., as Merullo et al. run it): movers -> logits at END; inhibition -> movers'
-    queries at END; induction/duplicate -> inhibition heads' keys and values at S2;
-    previous-token -> induction heads' keys at S1+1. Colored Objects, the same shape:
-    movers, inhibition, then heads at the queried object into inhibition heads' keys/values, then
-    heads at the queried object into those heads' queries (clean and corrupt prompts first
-    differ at the queried object, so earlier positions carry no signal to patch). Entity
-    tracking (Prakash et al.): A -> logits at END; B -> A's queries at END; C -> B's values at
-    query_label; D -> C's values at query_label_ctx. Any other task: movers and inhibition.
-    """
-    name = str(getattr(task, "name", ""))
-    if name.startswith("ioi"):
-        return [
-            Stage("movers", "END"),
-            Stage("inhibition", "END", "movers", "q"),
-            Stage("induction", "S2", "inhibition", "kv"),
-            Stage("previous_token", "S1+1", "induction", "k"),
-        ]
-    if name.startswith("colored_objects"):
-        return [
-            Stage("movers", "END"),
-            Stage("inhibition", "END", "movers", "q"),
-            Stage("object_readers", "query_object", "inhibition", "kv"),
-            Stage("object_detectors", "query_object", "object_readers", "q"),
-        ]
-    if name.startswith("entity_tracking"):
-        return [
-            Stage("A", "END"),
-            Stage("B", "END", "A", "q"),
-            Stage("C", "query_label", "B", "v"),
-            Stage("D", "query_label_ctx", "C", "v"),
-        ]
+def default_stages(task: Task) -> list[Stage]:
+    """The stages a task carries (``task.stages``, set by its generator: see ``tasks.ioi``,
+    ``tasks.colored_objects``, ``tasks.entity_tracking``); for a task without its own, movers
+    -> logits at END and inhibition -> movers' queries at END."""
+    own = tuple(getattr(task, "stages", ()) or ())
+    if own:
+        return list(own)
     return [Stage("movers", "END"), Stage("inhibition", "END", "movers", "q")]
 
 
@@ -915,8 +910,8 @@ class PipelineResult:
 
 
 def circuit_pipeline(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     stages: Sequence[Stage] | None = None,
     top_frac: float = 0.02,
@@ -946,6 +941,8 @@ def circuit_pipeline(
     ``default_stages(task)``. Progress counts path-patching passes; once stopped the stages
     done so far come back with complete=False.
     """
+    nnsight_backend.check("circuit_pipeline", model)
+    check_args("circuit_pipeline", model=model, task=task)
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     if sign not in ("abs", "positive", "negative"):
@@ -974,6 +971,7 @@ def circuit_pipeline(
             if on_progress is not None:
                 on_progress(i * 1000 + (1000 * done) // max(total, 1), n_stages * 1000)
 
+        grid: HeadGrid | None
         if st.receivers == "logits":
             grid = path_patch(
                 model,
@@ -987,7 +985,7 @@ def circuit_pipeline(
             )
         else:
             recv = [
-                Receiver(h.layer, h.head, inp)
+                Receiver(h.layer, h.head, ReceiverInput.coerce(inp))
                 for h in sorted(found[st.receivers])
                 for inp in dict.fromkeys(st.inputs)
             ]
@@ -1050,7 +1048,7 @@ def _ranking(grid: HeadGrid, rank_by: str) -> tuple[Tensor, str | None]:
     return (-raw if gap < 0 else raw), None
 
 
-def _check_stages(stages: list[Stage], task: Any) -> None:
+def _check_stages(stages: list[Stage], task: Task) -> None:
     if not stages:
         raise ValueError("stages must hold at least one Stage")
     seen: list[str] = []
@@ -1125,6 +1123,7 @@ def _banded_path_patch(
         if not grid.complete:
             complete = False
             break
+    assert grid is not None and per_example is not None  # bands is not empty
     desc = ", ".join(str(r) for r in recv)
     return build_grid(
         per_example,

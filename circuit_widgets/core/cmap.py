@@ -10,20 +10,42 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuit_widgets.core import hooks
-from circuit_widgets.core.common import Progress, Stop, build_grid, check_callbacks, check_heads
+from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core.checks import check_args
+from circuit_widgets.core.common import (
+    Chunk,
+    ChunkWork,
+    MetricReader,
+    Progress,
+    Stop,
+    build_grid,
+    check_callbacks,
+    check_heads,
+    chunk_notes,
+    chunks,
+    example_chunks,
+    parse_memory,
+    run_sweep,
+    split_window,
+    variants_per_pass,
+    window_for,
+)
 from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.patching import _fast_cells, _grouped
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, check_adapters, model_shape
-from circuit_widgets.types import Circuit, Component, Head
+from circuit_widgets.types import Circuit, Component, Head, ModelLike
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 COMPONENTS = (
     Component.Z,
@@ -52,7 +74,7 @@ def _bridge(model: Any, label: str) -> Any:
     return inner
 
 
-def _architecture(model: Any) -> str:
+def _architecture(model: ModelLike) -> str:
     hf = getattr(model, "original_model", None)
     names = getattr(getattr(hf, "config", None), "architectures", None)
     return (names or [type(hf).__name__])[0] if hf is not None else type(model).__name__
@@ -124,6 +146,7 @@ def check_compatible(base: Any, finetuned: Any) -> None:
     normalizer, pre-tokenizer, post-processor and merges, and ``cfg.default_prepend_bos``.
     Either model's live peft LoRA adapters must be ones the bridge runs (``check_adapters``).
     """
+    check_args("check_compatible", base=base, finetuned=finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     a, b = model_shape(base), model_shape(finetuned)
     diffs = []
@@ -277,7 +300,7 @@ def _column_kind(comp: Component) -> str:
     return "key/value heads (k/v)" if comp.per_kv_head else "query heads (z/q)"
 
 
-def _check_position(task: Any, position: Any) -> str | None:
+def _check_position(task: Task, position: Any) -> str | None:
     if position is None or position == "all":
         return None
     if not isinstance(position, str) or position not in task.positions:
@@ -312,7 +335,7 @@ def _group_patch(
 
 def _plan(
     base: Any,
-    task: Any,
+    task: Task,
     circuit: Any,
     heads: Any,
     comps: list[Component],
@@ -411,7 +434,7 @@ def _site_needs(patches: Sequence[_Patch]) -> list[tuple[int, str]]:
     return sorted({k for p in patches for k in p.columns})
 
 
-def _position_mask(task: Any, position: str | None, rows: slice) -> Tensor:
+def _position_mask(task: Task, position: str | None, rows: slice) -> Tensor:
     b = task.clean_tokens[rows].shape[0]
     s = task.clean_tokens.shape[1]
     if position is None:
@@ -420,7 +443,7 @@ def _position_mask(task: Any, position: str | None, rows: slice) -> Tensor:
 
 
 def _cell_masks(
-    patch_list: Sequence[_Patch], task: Any, rows: slice, shape: ModelShape
+    patch_list: Sequence[_Patch], task: Task, rows: slice, shape: ModelShape
 ) -> dict[tuple[int, str], Tensor]:
     """(layer, site) -> bool mask [V*b, s, columns or 1] over all variants (patches) stacked."""
     b = task.clean_tokens[rows].shape[0]
@@ -469,6 +492,7 @@ def cmap_logits(
     ``patches[(layer, site)]`` is a bool mask [b, s, columns] (columns: heads for z/q, key/value
     heads for k/v, 1 for attn_out/mlp_out) of where the fine-tuned activation replaces the base's.
     """
+    nnsight_backend.check("cmap_logits", base, finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     captured = run_with_edits(finetuned, tokens, capture=list(patches)).captured
@@ -485,7 +509,7 @@ def _batches(n: int, rows_per_variant: int) -> list[slice]:
 def cmap(
     base: Any,
     finetuned: Any,
-    task: Any,
+    task: Task,
     *,
     circuit: Circuit | None = None,
     heads: Sequence[Any] | str | None = None,
@@ -507,6 +531,8 @@ def cmap(
     component: z, q, k, v (per head), attn_out, mlp_out (per layer), or a list of them.
     batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
     """
+    nnsight_backend.check("cmap", base, finetuned)
+    check_args("cmap", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)
@@ -589,24 +615,34 @@ def cmap(
 def cmap_grid(
     base: Any,
     finetuned: Any,
-    task: Any,
+    task: Task,
     *,
     component: str | Component = "z",
     position: str = "END",
     batch_size: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    max_memory: int | str | None = None,
+    on_partial: Callable[[HeadGrid], None] | None = None,
 ) -> HeadGrid:
     """Every head (or layer, for attn_out/mlp_out) patched alone from the fine-tuned model.
 
     values = mean(patched - base metric); normalized = values / mean(finetuned - base), so 1
-    means "this head alone carries the fine-tuned model's whole gain". The fine-tuned run is
-    captured once per batch of examples; each base forward patches several heads, stacked as
-    variants along the batch dimension. batch_size = rows (examples x heads) per forward.
+    means "this head alone carries the fine-tuned model's whole gain". Where both models run on
+    the fast engine, each model's run is captured once (per chunk of examples) and each patched
+    run resumes at the patched layer and position, several heads per pass: activation
+    patching's engine with the source taken from the other model. Elsewhere, bridge forwards
+    with every head of a chunk stacked as variants. batch_size = rows (heads x examples) per
+    pass. max_memory: budget for the cached runs (chunks of examples; see activation_patch).
+    on_partial(grid) receives the partial grid after each pass of the first chunk and after
+    each later chunk (a widget draws it).
     """
+    nnsight_backend.check("cmap_grid", base, finetuned)
+    check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)
+    parse_memory(max_memory)
     comps = _components(component)
     if len(comps) != 1:
         raise ValueError("cmap_grid takes one component; use cmap for several at once")
@@ -615,6 +651,115 @@ def cmap_grid(
         raise TypeError(f"position must be a task position name or 'all', got {position!r}")
     pos = _check_position(task, position)
     shape = model_shape(base)
+    eng_b, eng_f = cache.engine_for(base), cache.engine_for(finetuned)
+    if eng_b is None or eng_f is None:
+        return _grid_hooked(
+            base, finetuned, task, comp, position, pos, shape, batch_size, on_progress, should_stop
+        )
+    n_cols = hooks.n_columns(comp, shape)
+    L = shape.n_layers
+    posmask = _position_mask(task, pos, slice(None))  # [n, s]
+
+    def prepare(chunk: Chunk) -> ChunkWork:
+        sub, B = chunk.task, len(chunk.task)
+        reader = MetricReader(sub, eng_b.device)
+        s = sub.clean_tokens.shape[1]
+        # the models differ from the first token on: a patch at p changes positions p.. END
+        win = window_for(
+            posmask[chunk.rows, :s], torch.zeros(B, dtype=torch.long), sub.positions["END"].cpu()
+        )
+        per_pass = variants_per_pass(batch_size, B, win.w)
+        jobs = [((l,), c) for l in range(L) for c in chunks(list(range(n_cols)), per_pass)]
+        groups = split_window(win)
+        metrics = lambda: (
+            cache.chunk_metric(base, chunk, eng_b, reader, "clean"),
+            cache.chunk_metric(finetuned, chunk, eng_f, reader, "clean"),
+        )
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            (layer,) = key
+            b_run = cache.chunk_run(base, chunk, eng_b, "clean")
+            f_run = cache.chunk_run(finetuned, chunk, eng_f, "clean")
+            return _grouped(
+                groups,
+                len(cols),
+                B,
+                lambda ex, w: _fast_cells(
+                    eng_b, comp, b_run, f_run, layer, cols, w, reader, ex, src_eng=eng_f
+                ),
+            ).float()
+
+        return ChunkWork(jobs, run, metrics)
+
+    rows = example_chunks(base, task, max_memory)
+    grid = lambda out: _cmap_headgrid(
+        out.per_example,
+        out.done,
+        out.metric_a,
+        out.metric_b,
+        task,
+        comp,
+        position,
+        shape,
+        out.complete,
+        chunk_notes(out, rows),
+    )
+    partial = None if on_partial is None else (lambda out: on_partial(grid(out)))
+    out = run_sweep(task, rows, prepare, (L, n_cols), on_progress, should_stop, partial)
+    return grid(out)
+
+
+def _cmap_headgrid(
+    per_example: Tensor,
+    done: Tensor,
+    base_m: Tensor,
+    ft_m: Tensor,
+    task: Any,
+    comp: Component,
+    position: str,
+    shape: ModelShape,
+    complete: bool,
+    extra: list[str] | None = None,
+) -> HeadGrid:
+    notes = [
+        f"cross-model patching: the fine-tuned model's {comp.value} at {position} written into the "
+        "base model, one "
+        + ("head" if comp.per_head else "layer")
+        + " at a time; values = patched - base "
+        "metric, normalized by (fine-tuned - base)",
+        f"base {task.metric_name} {float(base_m.nanmean()):.4g}, fine-tuned {float(ft_m.nanmean()):.4g}",
+        *(extra or []),
+    ]
+    return build_grid(
+        per_example,
+        done,
+        base_m,
+        ft_m,
+        shape=shape,
+        component=comp,
+        direction="denoise",
+        kind="cmap",
+        metric_name=task.metric_name,
+        positions=None,
+        position=position,
+        complete=complete,
+        notes=notes,
+    )
+
+
+def _grid_hooked(
+    base: Any,
+    finetuned: Any,
+    task: Any,
+    comp: Component,
+    position: str,
+    pos: str | None,
+    shape: ModelShape,
+    batch_size: int | None,
+    on_progress: Progress,
+    should_stop: Stop,
+) -> HeadGrid:
+    """cmap_grid through full forwards (bridge hooks where the fast engine does not run)."""
     n_cols = hooks.n_columns(comp, shape)
     cells = [(l, c) for l in range(shape.n_layers) for c in range(n_cols)]
     n, s = len(task), task.seq_len
@@ -675,26 +820,26 @@ def cmap_grid(
             keep = torch.zeros(n, dtype=torch.bool)
             keep[batches[0]] = True
         per_example, base_m, ft_m = per_example[keep], base_m[keep], ft_m[keep]
-    notes = [
-        f"cross-model patching: the fine-tuned model's {site} at {position} written into the base "
-        "model, one "
-        + ("head" if comp.per_head else "layer")
-        + " at a time; values = patched - base "
-        "metric, normalized by (fine-tuned - base)",
-        f"base {task.metric_name} {float(base_m.nanmean()):.4g}, fine-tuned {float(ft_m.nanmean()):.4g}",
-    ]
-    return build_grid(
+    return _cmap_headgrid(
         per_example,
         done,
         base_m,
         ft_m,
-        shape=shape,
-        component=comp,
-        direction="denoise",
-        kind="cmap",
-        metric_name=task.metric_name,
-        positions=None,
-        position=position,
-        complete=complete,
-        notes=notes,
+        task,
+        comp,
+        position,
+        shape,
+        complete,
+        [
+            "generic path: full forwards per batch of heads ("
+            + _generic_reason(base, finetuned)
+            + ")"
+        ],
     )
+
+
+def _generic_reason(base: Any, finetuned: Any) -> str:
+    for label, m in (("base", base), ("fine-tuned", finetuned)):
+        if cache.engine_for(m) is None:
+            return f"{label} model: {cache.generic_reason(m)}"
+    return ""

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Bool, Int
@@ -14,7 +15,10 @@ from torch import Tensor
 from circuit_widgets.core import hooks
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Component, Direction, Head
+from circuit_widgets.types import Component, Direction, DirectionName, GridKind, Head, ModelLike
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 Progress = Callable[[int, int], None] | None
 Stop = Callable[[], bool] | None
@@ -79,7 +83,7 @@ def check_callbacks(on_progress: Progress, should_stop: Stop, batch_size: int | 
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
 
 
-def check_position_name(task: Any, name: str) -> None:
+def check_position_name(task: Task, name: str) -> None:
     if name not in task.positions:
         raise ValueError(
             f"task {task.name!r} has no position {name!r}; valid positions are "
@@ -102,8 +106,8 @@ class SweepPlan:
 
 
 def plan_sweep(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     component: Any,
     direction: Any,
     heads: Any,
@@ -134,7 +138,7 @@ class Slot:
 
 
 def position_slots(
-    task: Any, positions: Any, allow_each: bool = True
+    task: Task, positions: Any, allow_each: bool = True
 ) -> tuple[list[Slot], list[str] | None, str | None]:
     """(slots, position labels or None for 2-D grids, single-position description)."""
     b, s = task.clean_tokens.shape
@@ -169,7 +173,7 @@ def position_slots(
     )
 
 
-def first_diff(task: Any) -> Int[Tensor, " b"]:
+def first_diff(task: Task) -> Int[Tensor, " b"]:
     """Per example, the first position where clean and corrupt tokens differ (its length if
     none): every activation before it is identical in both runs, so patching there is a no-op."""
     differ = ((task.clean_tokens != task.corrupt_tokens) & task.attention_mask.bool()).cpu()
@@ -215,7 +219,7 @@ def split_window(win: Window, max_groups: int = 3) -> list[tuple[Tensor | None, 
     order = torch.argsort(need, descending=True, stable=True)
     lens = need[order].tolist()
     # best cut of the sorted lengths into <= max_groups runs: minimise sum(size x longest)
-    best = {(0, 0): (0, [])}
+    best: dict[tuple[int, int], tuple[int, list[int]]] = {(0, 0): (0, [])}
     for k in range(1, max_groups + 1):
         for j in range(1, n + 1):
             options = [
@@ -228,7 +232,7 @@ def split_window(win: Window, max_groups: int = 3) -> list[tuple[Tensor | None, 
     cost, cuts = min(best[(n, k)] for k in range(1, max_groups + 1) if (n, k) in best)
     if len(cuts) == 1 or cost > 0.9 * n * lens[0]:  # under 10% saved: one pass is cheaper
         return [(None, win)]
-    out = []
+    out: list[tuple[Tensor | None, Window]] = []
     for a, b in zip(cuts, [*cuts[1:], n]):
         idx = order[a:b].sort().values
         w = lens[a]
@@ -243,7 +247,7 @@ class MetricReader:
     """task.metric on [batch, vocab] logits; for metrics that read only the answer columns
     (logit_diff, candidate_accuracy) the unembedding is computed on those columns alone."""
 
-    def __init__(self, task: Any, device: torch.device | str) -> None:
+    def __init__(self, task: Task, device: torch.device | str) -> None:
         self.task = task
         self.cols = None
         if task.metric_name in ("logit_diff", "candidate_accuracy"):
@@ -294,8 +298,8 @@ def build_grid(
     *,
     shape: ModelShape,
     component: Component,
-    direction: str,
-    kind: str,
+    direction: DirectionName,
+    kind: GridKind,
     metric_name: str,
     positions: list[str] | None,
     position: str | None,
@@ -340,3 +344,211 @@ def build_grid(
         position=position,
         notes=notes,
     )
+
+
+# ---------------------------------------------------------------------- memory budget
+
+
+DEFAULT_CPU_CAP = 1 << 30  # past ~1 GB of cached runs a larger chunk buys no speed on CPU
+_UNITS = {"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+_BINARY = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_memory(max_memory: Any) -> int | None:
+    """Bytes from an int/float or a size string ('2GB', '512 MiB', '1.5g'); None stays None."""
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, (int, float)) and not isinstance(max_memory, bool):
+        if max_memory > 0 and math.isfinite(max_memory):
+            return int(max_memory)
+    elif isinstance(max_memory, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)(b?)\s*", max_memory.lower())
+        if m and float(m.group(1)) > 0 and not (m.group(3) and not m.group(2)):
+            unit = m.group(2).upper()
+            scale = _BINARY[unit] if m.group(3) else _UNITS[unit]
+            return int(float(m.group(1)) * scale)
+    raise ValueError(
+        f"max_memory must be a positive number of bytes or a size such as '2GB' or '512MiB' "
+        f"(or None for a budget from free memory), got {max_memory!r}"
+    )
+
+
+def free_memory(device: Any = "cpu") -> int:
+    """Bytes free on ``device``: torch.cuda.mem_get_info on a GPU, MemAvailable on Linux."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # no /proc/meminfo (macOS, Windows): assume a laptop's share
+
+
+def memory_budget(max_memory: Any, device: Any = "cpu") -> int:
+    """The sweep's budget in bytes: ``max_memory``, else half the free GPU memory, or a quarter
+    of the free RAM capped at 1 GB on CPU."""
+    given = parse_memory(max_memory)
+    if given is not None:
+        return given
+    free = free_memory(device)
+    if torch.device(device).type == "cuda":
+        return free // 2
+    return int(min(free // 4, DEFAULT_CPU_CAP))
+
+
+def trace_bytes_per_token(model: Any, hooked: bool = False) -> int:
+    """Bytes one cached run keeps per token: the fast engine's Trace, or the bridge caches the
+    generic path keeps (q and the attention pattern on top; the pattern is per key)."""
+    cfg = model.cfg
+    L, d, H = int(cfg.n_layers), int(cfg.d_model), int(cfg.n_heads)
+    dh = int(cfg.d_head)
+    K = int(getattr(cfg, "n_key_value_heads", None) or H)
+    per_layer = 4 * d + H * dh + 2 * K * dh
+    if hooked:
+        per_layer += H * dh
+    item = torch.tensor([], dtype=getattr(cfg, "dtype", torch.float32)).element_size()
+    return (L * per_layer + d) * item
+
+
+def example_chunks(
+    model: Any,
+    task: Any,
+    max_memory: Any,
+    *,
+    runs: int = 2,
+    hooked: bool = False,
+    batch_size: int | None = None,
+) -> list[slice]:
+    """Contiguous example ranges whose ``runs`` cached runs fit the memory budget."""
+    n, s = len(task), int(task.clean_tokens.shape[1])
+    device = getattr(model.cfg, "device", None) or "cpu"
+    per_token = trace_bytes_per_token(model, hooked)
+    per_example = runs * s * per_token
+    if hooked:
+        per_example += runs * int(model.cfg.n_layers) * int(model.cfg.n_heads) * s * s * 4
+    size = max(1, memory_budget(max_memory, device) // max(per_example, 1))
+    if batch_size is not None:
+        size = min(size, batch_size)
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
+
+
+# ---------------------------------------------------------------------- the job loop
+
+
+@dataclass
+class Chunk:
+    """One range of examples; ``whole``: the only chunk, so cached whole-task runs serve it."""
+
+    rows: slice
+    task: Any
+    whole: bool
+    memo: dict = field(default_factory=dict)
+
+    def get(self, key: str, fn: Callable[[], Any]) -> Any:
+        """``fn()`` computed once per chunk (its runs), dropped with the chunk."""
+        if key not in self.memo:
+            self.memo[key] = fn()
+        return self.memo[key]
+
+
+@dataclass
+class ChunkWork:
+    """A chunk's jobs: (grid index before the columns, columns); run(key, cols) -> [V, b]
+    values per column and example; metrics() -> the chunk's two reference metrics [b]."""
+
+    jobs: list[tuple[tuple, list[int]]]
+    run: Callable[[tuple, list[int]], Tensor]
+    metrics: Callable[[], tuple[Tensor, Tensor]]
+
+
+@dataclass
+class SweepOut:
+    per_example: Tensor
+    done: Tensor
+    metric_a: Tensor
+    metric_b: Tensor
+    complete: bool
+    n_chunks: int
+
+
+def run_sweep(
+    task: Any,
+    chunk_rows: list[slice],
+    prepare: Callable[[Chunk], ChunkWork],
+    grid_shape: tuple[int, ...],
+    on_progress: Progress,
+    should_stop: Stop,
+    on_partial: Callable[[SweepOut], None] | None = None,
+) -> SweepOut:
+    """The skeleton every per-cell sweep shares: plan each chunk's jobs, run them chunk by
+    chunk (only one chunk's runs alive at a time), fill the per-example grid, report progress,
+    stop between jobs. A cell is done once chunk 0 has it (every chunk runs every cell). On a
+    stop the finished chunks' examples are kept (chunk 0's if none finished)."""
+    n = len(task)
+    whole = len(chunk_rows) == 1
+    chunks_ = [
+        Chunk(sl, task if whole else task.subset(torch.arange(n)[sl]), whole) for sl in chunk_rows
+    ]
+    works: list[ChunkWork | None] = [prepare(c) for c in chunks_]
+    total = sum(len(w.jobs) for w in works if w is not None)
+    per_example = torch.full((n, *grid_shape), math.nan)
+    done = torch.zeros(grid_shape, dtype=torch.bool)
+    m_a, m_b = torch.full((n,), math.nan), torch.full((n,), math.nan)
+    step, finished, complete = 0, 0, True
+    for ci, sl in enumerate(chunk_rows):
+        work = works[ci]
+        works[ci] = None
+        assert work is not None
+        with torch.no_grad():
+            a, b = work.metrics()
+        m_a[sl], m_b[sl] = a.float().cpu(), b.float().cpu()
+        for key, cols in work.jobs:
+            if should_stop is not None and should_stop():
+                complete = False
+                break
+            with torch.no_grad():
+                vals = work.run(key, cols)  # [V, b]
+            per_example[(sl, *key, cols)] = vals.T.float().cpu()
+            if ci == 0:
+                done[(*key, cols)] = True
+            step += 1
+            if on_progress is not None:
+                on_progress(step, total)
+            if on_partial is not None and ci == 0:
+                on_partial(_kept(per_example, done, m_a, m_b, chunk_rows, 0, False))
+        chunks_[ci].memo.clear()  # this chunk's runs go before the next chunk's are made
+        del work
+        if not complete:
+            break
+        finished += 1
+        if on_partial is not None and finished < len(chunk_rows):
+            on_partial(_kept(per_example, done, m_a, m_b, chunk_rows, finished, False))
+    return _kept(per_example, done, m_a, m_b, chunk_rows, finished, complete)
+
+
+def _kept(per_example, done, m_a, m_b, chunk_rows, finished: int, complete: bool) -> SweepOut:
+    if complete:
+        rows = slice(0, len(m_a))
+    else:
+        rows = slice(0, chunk_rows[max(finished, 1) - 1].stop)
+    if not complete:  # a partial result outlives the loop that keeps filling these tensors
+        per_example, done, m_a, m_b = (t.clone() for t in (per_example, done, m_a, m_b))
+    return SweepOut(per_example[rows], done, m_a[rows], m_b[rows], complete, len(chunk_rows))
+
+
+def chunk_notes(out: SweepOut, rows: list[slice]) -> list[str]:
+    """What a result should say about the chunks it ran in."""
+    if out.n_chunks == 1:
+        return []
+    size = rows[0].stop - rows[0].start
+    notes = [
+        f"ran in {out.n_chunks} chunks of at most {size} examples (max_memory); "
+        + "values are the same as in one pass"
+    ]
+    if not out.complete:
+        notes.append(f"stopped: {len(out.metric_a)} of {rows[-1].stop} examples kept")
+    return notes

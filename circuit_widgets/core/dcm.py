@@ -18,8 +18,16 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from circuit_widgets.core import cache
-from circuit_widgets.core.common import Progress, Stop, check_callbacks, check_head
+from circuit_widgets.core import cache, nnsight_backend
+from circuit_widgets.core.checks import check_args
+from circuit_widgets.core.common import (
+    Progress,
+    Stop,
+    check_callbacks,
+    check_head,
+    free_memory,
+    parse_memory,
+)
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.forward import (
     Trace,
@@ -30,10 +38,9 @@ from circuit_widgets.core.forward import (
 )
 from circuit_widgets.models import ModelShape, model_shape
 from circuit_widgets.tasks.desiderata import Desideratum
-from circuit_widgets.types import Circuit, Head
+from circuit_widgets.types import Circuit, Head, ModelLike
 
 DEFAULT_LAMS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
-_SWEEP_KWARGS = ("lr", "epochs", "batch_size", "seed", "split", "eval_every")
 # Base prompts' cached keys/values (what lets each step recompute only position..END).
 KV_BUDGET_BYTES = 3 * 1024**3
 
@@ -118,7 +125,7 @@ class MaskResult:
     full_patch_accuracy: float
     curve: TrainingCurve
     best_step: int
-    n_examples: tuple[int, int, int]
+    n_examples: tuple[int, ...]  # train, val, test
     complete: bool
     settings: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -233,7 +240,7 @@ class SweepResult:
 
 
 def dcm(
-    model: Any,
+    model: ModelLike,
     desideratum: Desideratum | Sequence[Desideratum],
     *,
     heads: Sequence[Head | str | tuple[int, int]] | None = None,
@@ -247,6 +254,7 @@ def dcm(
     eval_every: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    max_memory: int | str | None = None,
 ) -> MaskResult:
     """Learn which ``heads`` carry ``desideratum``'s property at ``position``.
 
@@ -258,10 +266,15 @@ def dcm(
     (default: once per epoch) and at the last step, and the best check is kept (ties: lower
     validation loss). The model's weights are never changed. on_progress(done, total) and
     should_stop() are called between batches; a stopped run returns ``complete=False``.
+    max_memory (bytes or '2GB'): what the base prompts' cached keys/values may take; over it,
+    each step runs a full forward instead (same results, no cache). None = 3 GB or half the
+    free memory, whichever is less.
     """
+    nnsight_backend.check("dcm", model)
+    check_args("dcm", model=model, desideratum=desideratum)
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
-    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size)
+    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
     ticker = _Ticker(
         on_progress,
         should_stop,
@@ -281,7 +294,7 @@ def dcm(
 
 
 def dcm_sweep(
-    model: Any,
+    model: ModelLike,
     desideratum: Desideratum | Sequence[Desideratum],
     *,
     heads: Sequence[Head | str | tuple[int, int]] | None = None,
@@ -289,42 +302,36 @@ def dcm_sweep(
     lams: Sequence[float] = DEFAULT_LAMS,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    lr: float = 0.1,
+    epochs: int = 2,
+    batch_size: int = 32,
+    seed: int = 0,
+    split: Sequence[float] = (0.6, 0.2, 0.2),
+    eval_every: int | None = None,
+    max_memory: int | str | None = None,
     on_result: Callable[[MaskResult], None] | None = None,
-    **dcm_kwargs: Any,
+    lam: None = None,
 ) -> SweepResult:
     """``dcm`` once per lambda in ``lams`` on the same split and source activations (computed
-    once), for a lambda slider. ``dcm_kwargs``: lr, epochs, batch_size, seed, split,
-    eval_every. Progress and stopping cover the whole sweep; a stopped sweep keeps the
+    once), for a lambda slider. ``lr``, ``epochs``, ``batch_size``, ``seed``, ``split`` and
+    ``eval_every`` and ``max_memory`` are ``dcm``'s (same defaults). Progress and stopping cover the whole sweep; a stopped sweep keeps the
     lambdas it finished (and the one it was in, flagged incomplete). The baseline and
     full-patch test accuracies are measured before training, so ``on_result`` receives each
     lambda's finished result, reference accuracies included, as soon as it is trained."""
-    unknown = sorted(set(dcm_kwargs) - set(_SWEEP_KWARGS))
-    if unknown:
-        hint = " (the sweep's lambdas go in lams=[...])" if "lam" in unknown else ""
+    nnsight_backend.check("dcm_sweep", model)
+    check_args("dcm_sweep", model=model, desideratum=desideratum)
+    if lam is not None:  # dcm's own argument, the likeliest slip here
         raise TypeError(
-            f"dcm_sweep got unexpected keyword argument(s) {unknown}{hint}; "
-            f"valid ones are {list(_SWEEP_KWARGS)}"
+            "dcm_sweep got unexpected keyword argument(s) ['lam'] (the sweep's lambdas go in "
+            "lams=[...])"
         )
     if isinstance(lams, (str, bytes)) or not isinstance(lams, Sequence) or len(lams) == 0:
         raise ValueError(f"lams must be a non-empty list of numbers >= 0, got {lams!r}")
     lams = [float(_number("lams item", x, low=0.0)) for x in lams]
-    kw = {
-        "lr": 0.1,
-        "epochs": 2,
-        "batch_size": 32,
-        "seed": 0,
-        "split": (0.6, 0.2, 0.2),
-        "eval_every": None,
-        **dcm_kwargs,
-    }
-    _check_numbers(
-        lam=0.0, lr=kw["lr"], epochs=kw["epochs"], seed=kw["seed"], eval_every=kw["eval_every"]
-    )
-    check_callbacks(on_progress, should_stop, kw["batch_size"])
-    plan = _Plan.build(
-        model, desideratum, heads, position, kw["split"], kw["seed"], kw["batch_size"]
-    )
-    per_run = plan.run_units(kw["epochs"], kw["eval_every"])
+    _check_numbers(lam=0.0, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
+    check_callbacks(on_progress, should_stop, batch_size)
+    plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
+    per_run = plan.run_units(epochs, eval_every)
     ticker = _Ticker(
         on_progress, should_stop, plan.prep_units() + len(lams) * per_run + plan.reference_units()
     )
@@ -335,10 +342,10 @@ def dcm_sweep(
     with _frozen(model):
         if plan.prepare(ticker):
             base, full = plan.reference_accuracies(ticker)
-            for lam in lams:
+            for each in lams:
                 if ticker.stopped or ticker.stop_requested():
                     break
-                r = plan.train(lam, kw["lr"], kw["epochs"], kw["seed"], kw["eval_every"], ticker)
+                r = plan.train(each, lr, epochs, seed, eval_every, ticker)
                 results.append(replace(r, baseline_accuracy=base, full_patch_accuracy=full))
                 if on_result is not None:
                     on_result(results[-1])
@@ -372,7 +379,7 @@ class _frozen:
     """Model weights need no gradient while the mask trains; restored afterwards. Every
     in-place write to a parameter bumps its ``_version``, so exiting checks none was written."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: ModelLike) -> None:
         self.named = list(model.named_parameters())
 
     def __enter__(self) -> None:
@@ -507,12 +514,13 @@ class _Plan:
 
     def __init__(
         self,
-        model: Any,
+        model: ModelLike,
         parts: tuple[Desideratum, ...],
         heads: list[Head],
         position: str,
         batch_size: int,
         shape: ModelShape,
+        max_memory: int | str | None = None,
     ) -> None:
         self.model, self.heads, self.position, self.bs, self.shape = (
             model,
@@ -522,6 +530,10 @@ class _Plan:
             shape,
         )
         self.device = torch.device(getattr(model.cfg, "device", None) or "cpu")
+        given = parse_memory(max_memory)
+        self.kv_budget = (
+            given if given is not None else min(KV_BUDGET_BYTES, free_memory(self.device) // 2)
+        )
         self.parts = [_Part(d.to(self.device)) for d in parts]
         self.name = parts[0].name
         self.eng = self._window_engine()
@@ -539,13 +551,14 @@ class _Plan:
     @classmethod
     def build(
         cls,
-        model: Any,
+        model: ModelLike,
         desideratum: Any,
         heads: Any,
         position: Any,
         split: Sequence[float],
         seed: int,
         batch_size: int,
+        max_memory: int | str | None = None,
     ) -> _Plan:
         shape = model_shape(model)
         if not isinstance(position, str):
@@ -553,7 +566,8 @@ class _Plan:
         chosen = _check_heads(heads, shape)
         parts = _check_parts(desideratum, split, seed)
         _check_structure(parts, position, shape)
-        return cls(model, parts, chosen, position, batch_size, shape)
+        parse_memory(max_memory)
+        return cls(model, parts, chosen, position, batch_size, shape, max_memory)
 
     # ---- work units (batches) for progress
 
@@ -584,7 +598,8 @@ class _Plan:
         """Source z at the position, per trained head: one no-grad run per batch. False if stopped."""
         capture = [(l, "z") for l in self.layers]
         for part in self.parts:
-            d, chunks = part.d, {l: [] for l in self.layers}
+            d = part.d
+            chunks: dict[int, list[Tensor]] = {l: [] for l in self.layers}
             for rows in self._ranges(len(d)):
                 if ticker.stop_requested():
                     return False
@@ -619,7 +634,7 @@ class _Plan:
             bool((p.d.base_positions[self.position] > p.d.base_positions["END"]).any())
             for p in self.parts
         )
-        return None if late or need * eng.dtype.itemsize > KV_BUDGET_BYTES else eng
+        return None if late or need * eng.dtype.itemsize > self.kv_budget else eng
 
     def _prepare_windows(self, ticker: _Ticker) -> bool:
         """Cache the base prompts' keys/values for windowed steps. False if stopped."""
@@ -747,10 +762,10 @@ class _Plan:
         mask = torch.ones(len(self.heads), device=self.device, requires_grad=True)
         opt = torch.optim.Adam([mask], lr=lr)
         checks = set(self.eval_steps(epochs, eval_every))
-        curve = {
+        curve: dict[str, list[float]] = {
             k: [] for k in ("step", "epoch", "loss", "target_logit", "mask_size", "n_selected")
         }
-        vals = {k: [] for k in ("val_step", "val_accuracy", "val_loss")}
+        vals: dict[str, list[float]] = {k: [] for k in ("val_step", "val_accuracy", "val_loss")}
         best: tuple | None = None  # (accuracy, -loss, step, mask)
         step, complete = 0, True
         for epoch in range(epochs):

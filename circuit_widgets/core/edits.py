@@ -15,10 +15,10 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import attend, causal_masks
-from circuit_widgets.types import Component
+from circuit_widgets.types import Component, ModelLike
 
 # Shapes, batch first as the bridge's hooks give them: q [b,s,H,dh]; k, v [b,s,K,dh] (raw, before
 # RoPE, and on Gemma 3 before the per-head q/k norm, which undoes any rescaling); pattern
@@ -36,7 +36,7 @@ class EditedRun:
 
 
 def run_with_edits(
-    model: Any,
+    model: ModelLike,
     tokens: Int[Tensor, "b s"],
     edits: dict[tuple[int, str], Edit] | None = None,
     *,
@@ -49,6 +49,8 @@ def run_with_edits(
     at: per-example positions; logits come back only there ([b, vocab]), which saves the
     unembedding of every other position. grad=False runs under ``torch.no_grad()``.
     """
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "run_with_edits")(**locals())
     edits = dict(edits or {})
     capture = {_check_key(model, k) for k in capture}
     for key, fn in edits.items():
@@ -69,7 +71,7 @@ def run_with_edits(
         return _hooked(model, tokens, edits, capture, at)
 
 
-def _check_key(model: Any, key: Any) -> tuple[int, str]:
+def _check_key(model: ModelLike, key: Any) -> tuple[int, str]:
     n_layers = int(model.cfg.n_layers)
     if not (isinstance(key, tuple) and len(key) == 2):
         raise ValueError(f"edit/capture keys are (layer, site) tuples, got {key!r}")
@@ -131,7 +133,9 @@ _SITE_COMPONENT = {
 }
 
 
-def _hooked(model: Any, tokens: Tensor, edits: dict, capture: set, at: Tensor | None) -> EditedRun:
+def _hooked(
+    model: ModelLike, tokens: Tensor, edits: dict, capture: set, at: Tensor | None
+) -> EditedRun:
     captured: dict[tuple[int, str], Tensor] = {}
     fwd = []
     for key in sorted(set(edits) | capture):

@@ -16,6 +16,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from circuit_widgets.types import ModelLike
+
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "Gemma3ForCausalLM")
 
 
@@ -116,7 +118,7 @@ class FastModel:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def from_bridge(cls, model: Any) -> FastModel | None:
+    def from_bridge(cls, model: ModelLike) -> FastModel | None:
         """A FastModel for a supported architecture, else None (callers then use hooks)."""
         hf = getattr(model, "original_model", None)
         name = type(hf).__name__

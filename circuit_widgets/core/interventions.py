@@ -13,16 +13,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from circuit_widgets.core import hooks as hook_names
+from circuit_widgets.core import nnsight_backend
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.models import model_shape
 from circuit_widgets.types import Component, Head
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self is 3.11+
+
+    from circuit_widgets.tasks.base import Task
+from circuit_widgets.types import ModelLike
 
 _TOKEN_HOOK = "embed.hook_in"
 
@@ -36,8 +44,8 @@ class Intervention:
 
     def __init__(
         self,
-        model: Any,
-        task: Any,
+        model: ModelLike,
+        task: Task,
         *,
         heads: Iterable[Any],
         attend_to: str | Sequence[str] | Tensor | None = None,
@@ -51,11 +59,7 @@ class Intervention:
         if not self.heads:
             raise ValueError("intervene needs at least one head")
         for h in self.heads:
-            if h.layer >= self.shape.n_layers or h.head >= self.shape.n_heads:
-                raise ValueError(
-                    f"head {h} is outside the model (layers 0-{self.shape.n_layers - 1}, "
-                    f"heads 0-{self.shape.n_heads - 1})"
-                )
+            self.shape.check_head(h)
         if attend_to is None and scale is None and replace_with is None:
             raise ValueError("intervene needs attend_to, scale or replace_with")
         if at != "all" and at not in task.positions:
@@ -384,8 +388,8 @@ def _as_hook(fn):
 
 
 def intervene(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     heads: Iterable[Any],
     attend_to: str | Sequence[str] | Tensor | None = None,
@@ -409,6 +413,8 @@ def intervene(
     subset and trimmed of padding, gets each example's own edit; a forward on any other
     prompts raises ValueError. Heads: one head (Head, "l.h", (l, h)) or a list or tuple of them.
     """
+    nnsight_backend.check("intervene", model)
+    check_args("intervene", model=model, task=task)
     return Intervention(
         model, task, heads=heads, attend_to=attend_to, scale=scale, replace_with=replace_with, at=at
     )
@@ -456,8 +462,8 @@ class AttentionResult:
 
 
 def head_attention(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     heads: Iterable[Any],
     to: str | Sequence[str] | Tensor,
     *,
@@ -468,6 +474,9 @@ def head_attention(
     name, a position-set name, a list of them, or a LongTensor [batch] / [batch, k]), on the
     task's clean (or ``which="corrupt"``) prompts. Inside ``intervene`` it reads the edited
     patterns (the forward runs through the model's hooks)."""
+    check_args("head_attention", model=model, task=task)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "head_attention")(**locals())
     if which not in ("clean", "corrupt"):
         raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
     if at == "all":

@@ -9,21 +9,27 @@ many patched copies per pass. Other architectures run one bridge forward per cel
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
+    Chunk,
+    ChunkWork,
     MetricReader,
     Progress,
     Stop,
     Window,
     build_grid,
+    chunk_notes,
     chunks,
+    example_chunks,
     first_diff,
     plan_sweep,
+    run_sweep,
     split_window,
     variants_per_pass,
     window_for,
@@ -31,12 +37,15 @@ from circuit_widgets.core.common import (
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.types import Component, Direction, Head
+from circuit_widgets.types import Component, Direction, Head, ModelLike
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 
 def activation_patch(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     component: str | Component = "z",
     positions: str | Sequence[str] = "all",
@@ -45,6 +54,7 @@ def activation_patch(
     batch_size: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    max_memory: int | str | None = None,
 ) -> HeadGrid:
     """Patch each head (or kv head, or layer) of ``component`` and measure the task's metric.
 
@@ -65,76 +75,97 @@ def activation_patch(
     batch_size: rows (patched copies x examples) per pass; None picks a memory budget.
     on_progress(done, total) and should_stop() are called between passes; once stopped, the
     partial grid comes back with complete=False.
+    max_memory: bytes (or '2GB') the cached runs may take; the examples are split into chunks
+    that fit (results identical), None = a budget from free memory (``memory_budget``). A stop
+    in a later chunk keeps the examples of the chunks that finished.
     """
+    check_args("activation_patch", model=model, task=task)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "activation_patch")(**locals())
     plan = plan_sweep(
         model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
     )
     comp, dirn, shape, subset = plan.comp, plan.dirn, plan.shape, plan.subset
     slots, labels, single, n_cols = plan.slots, plan.labels, plan.single, plan.n_cols
-    L, P, B = shape.n_layers, len(slots), len(task)
+    L, P = shape.n_layers, len(slots)
     wanted = torch.zeros(L, P, n_cols, dtype=torch.bool)
     if subset is None:
         wanted[:] = True
     else:
         for h in subset:
             wanted[h.layer, :, h.head] = True
-    per_example = torch.full((B, L, P, n_cols), float("nan"))
-    done = torch.zeros(L, P, n_cols, dtype=torch.bool)
+    noise = dirn == Direction.NOISE
 
     eng = cache.engine_for(model)
     notes = []
+    rows = example_chunks(model, task, max_memory, hooked=eng is None)
     if eng is not None:
-        reader = MetricReader(task, eng.device)
-        m_clean, m_corrupt = cache.fast_metrics(model, task, eng, reader)
-        clean, corrupt = cache.fast_runs(model, task, eng)
-        base, src = (clean, corrupt) if dirn == Direction.NOISE else (corrupt, clean)
-        fd = first_diff(task)
-        end = task.positions["END"].cpu()
-        windows = [window_for(slot.mask, fd, end) for slot in slots]
-        jobs = []
-        for layer in range(L):
-            for p in range(P):
-                cols = wanted[layer, p].nonzero().flatten().tolist()
-                per_pass = variants_per_pass(batch_size, B, windows[p].w)
-                jobs += [(layer, p, c) for c in chunks(cols, per_pass) if c]
-        groups = [split_window(win) for win in windows]
-        run = lambda layer, p, cols: _grouped(
-            groups[p],
-            len(cols),
-            B,
-            lambda ex, win: _fast_cells(eng, comp, base, src, layer, cols, win, reader, ex),
-        )
+
+        def prepare(chunk: Chunk) -> ChunkWork:
+            sub, B = chunk.task, len(chunk.task)
+            reader = MetricReader(sub, eng.device)
+            fd, end = first_diff(sub), sub.positions["END"].cpu()
+            s = sub.clean_tokens.shape[1]
+            windows = [window_for(slot.mask[chunk.rows, :s], fd, end) for slot in slots]
+            jobs = []
+            for layer in range(L):
+                for p in range(P):
+                    cols = wanted[layer, p].nonzero().flatten().tolist()
+                    per_pass = variants_per_pass(batch_size, B, windows[p].w)
+                    jobs += [((layer, p), c) for c in chunks(cols, per_pass) if c]
+            groups = [split_window(win) for win in windows]
+            metrics = lambda: (
+                cache.chunk_metric(model, chunk, eng, reader, "clean"),
+                cache.chunk_metric(model, chunk, eng, reader, "corrupt"),
+            )
+
+            def run(key: tuple, cols: list[int]) -> Tensor:
+                layer, p = key
+                clean = cache.chunk_run(model, chunk, eng, "clean")
+                corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
+                base, src = (clean, corrupt) if noise else (corrupt, clean)
+                metric = _grouped(
+                    groups[p],
+                    len(cols),
+                    B,
+                    lambda ex, win: _fast_cells(eng, comp, base, src, layer, cols, win, reader, ex),
+                )  # [V, B]: patched - unpatched base
+                return metric.float().cpu() + _base_gap(metrics(), noise)[None]
+
+            return ChunkWork(jobs, run, metrics)
     else:
         notes.append(f"generic path, one bridge forward per cell: {cache.generic_reason(model)}")
-        c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
-        base_tokens = task.clean_tokens if dirn == Direction.NOISE else task.corrupt_tokens
-        src_cache = x_cache if dirn == Direction.NOISE else c_cache
-        jobs = [
-            (layer, p, [c])
-            for layer in range(L)
-            for p in range(P)
-            for c in wanted[layer, p].nonzero().flatten().tolist()
-        ]
-        m_base = (m_clean if dirn == Direction.NOISE else m_corrupt).to(model.cfg.device)
-        run = lambda layer, p, cols: (
-            _hooked_cell(model, task, comp, base_tokens, src_cache, layer, cols[0], slots[p].mask)
-            - m_base
-        )[None]
 
-    base_gap = (m_clean if dirn == Direction.NOISE else m_corrupt).float() - m_clean.float()
-    total = len(jobs)
-    complete = True
-    for i, (layer, p, cols) in enumerate(jobs):
-        if should_stop is not None and should_stop():
-            complete = False
-            break
-        with torch.no_grad():
-            metric = run(layer, p, cols)  # [V, B]
-        # run() gives patched - unpatched base; add (base - clean) so values read patched - clean
-        per_example[:, layer, p, cols] = metric.T.float().cpu() + base_gap[:, None]
-        done[layer, p, cols] = True
-        if on_progress is not None:
-            on_progress(i + 1, total)
+        def prepare(chunk: Chunk) -> ChunkWork:
+            sub = chunk.task
+            s = sub.clean_tokens.shape[1]
+            masks = [slot.mask[chunk.rows, :s] for slot in slots]
+            jobs = [
+                ((layer, p), [c])
+                for layer in range(L)
+                for p in range(P)
+                for c in wanted[layer, p].nonzero().flatten().tolist()
+            ]
+            metrics = lambda: cache.chunk_hooked_runs(model, chunk)[2:]
+
+            def run(key: tuple, cols: list[int]) -> Tensor:
+                layer, p = key
+                c_cache, x_cache, m_clean, m_corrupt = cache.chunk_hooked_runs(model, chunk)
+                base_tokens = sub.clean_tokens if noise else sub.corrupt_tokens
+                src_cache = x_cache if noise else c_cache
+                m_base = (m_clean if noise else m_corrupt).to(model.cfg.device)
+                cell = _hooked_cell(
+                    model, sub, comp, base_tokens, src_cache, layer, cols[0], masks[p]
+                )
+                metric = (cell - m_base)[None]
+                return metric.float().cpu() + _base_gap((m_clean, m_corrupt), noise)[None]
+
+            return ChunkWork(jobs, run, metrics)
+
+    out = run_sweep(task, rows, prepare, (L, P, n_cols), on_progress, should_stop)
+    per_example, done, complete = out.per_example, out.done, out.complete
+    m_clean, m_corrupt = out.metric_a, out.metric_b
+    notes += chunk_notes(out, rows)
     if labels is None:
         per_example, done = per_example[:, :, 0], done[:, 0]
     if dirn == Direction.DENOISE:
@@ -157,6 +188,13 @@ def activation_patch(
         complete=complete,
         notes=notes,
     )
+
+
+def _base_gap(metrics: tuple[Tensor, Tensor], noise: bool) -> Tensor:
+    """Per example, (unpatched base - clean): run() gives patched - base; adding this makes
+    values read patched - clean."""
+    m_clean, m_corrupt = metrics
+    return (m_clean if noise else m_corrupt).float().cpu() - m_clean.float().cpu()
 
 
 # ---------------------------------------------------------------------- fast path
@@ -185,12 +223,14 @@ def _fast_cells(
     win: Window,
     reader: MetricReader,
     ex: Tensor | None = None,
+    src_eng: FastModel | None = None,
 ) -> Tensor:
     """Metric change [V, B] of ``len(cols)`` patched copies of every example, in one pass.
 
     Row 0 of the pass is the base run itself, unpatched: each variant's metric is taken
     relative to it, so a patch that changes nothing gives exactly 0 and the float noise of
-    resuming mid-network cancels.
+    resuming mid-network cancels. ``src_eng``: the model ``src`` was run on, when another one
+    (cross-model patching: its q/k/v are recomputed with its own weights).
     """
     dev = eng.device
     starts, w = win.starts.to(dev), win.w
@@ -216,7 +256,7 @@ def _fast_cells(
         stage = "z"
     elif comp in (Component.Q, Component.K, Component.V):
         i = "qkv".index(comp.value)
-        new = g(src.qkv_raw(eng, layer)[i])[None]
+        new = g(src.qkv_raw(src_eng or eng, layer)[i])[None]
         edits[(layer, comp.value)] = lambda t: torch.where(sel[..., None], new, t)
         stage = "attn"
     else:
@@ -260,8 +300,8 @@ def _pattern_z(eng: FastModel, base_v: Tensor, src_pattern: Tensor, pos: Tensor)
 
 
 def _hooked_cell(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     comp: Component,
     base_tokens: Tensor,
     src_cache: dict,

@@ -11,13 +11,16 @@ recomputes everything from the lowest receiver layer, at positions from the send
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks
+from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
+    Chunk,
+    ChunkWork,
     MetricReader,
     Progress,
     Stop,
@@ -26,8 +29,11 @@ from circuit_widgets.core.common import (
     check_callbacks,
     check_head,
     check_position_name,
+    chunk_notes,
     chunks,
+    example_chunks,
     first_diff,
+    run_sweep,
     variants_per_pass,
     window_for,
 )
@@ -35,12 +41,15 @@ from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Component, Head, Receiver, ReceiverInput
+from circuit_widgets.types import Component, Head, ModelLike, Receiver, ReceiverInput
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 
 def path_patch(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     *,
     receivers: str | Sequence[Receiver] = "logits",
     senders: Sequence[Head | str | tuple[int, int]] | None = None,
@@ -49,6 +58,7 @@ def path_patch(
     batch_size: int | None = None,
     on_progress: Progress = None,
     should_stop: Stop = None,
+    max_memory: int | str | None = None,
 ) -> HeadGrid:
     """Effect of each sender head's corrupt output reaching ``receivers`` (Wang et al.).
 
@@ -62,8 +72,12 @@ def path_patch(
     index): where the sender's z is taken from the corrupt run. freeze_mlps: freeze MLP outputs
     to clean too (then the effect at the logits is the direct effect through W_O and the
     final norm). Values: mean over examples of (metric patched - metric clean); normalized by
-    mean(metric corrupt - metric clean). Non-sender cells are NaN.
+    mean(metric corrupt - metric clean). Non-sender cells are NaN. max_memory: budget for
+    the cached runs; examples are split into chunks that fit (see activation_patch).
     """
+    check_args("path_patch", model=model, task=task)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "path_patch")(**locals())
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     to_logits, recv = _check_receivers(receivers, shape)
@@ -101,8 +115,6 @@ def path_patch(
         if position == "all"
         else torch.arange(s)[None] == task.positions[position].cpu()[:, None]
     )
-    per_example = torch.full((b_, shape.n_layers, shape.n_heads), float("nan"))
-    done = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.bool)
     by_layer: dict[int, list[int]] = {}
     for h in sender_list:
         by_layer.setdefault(h.layer, []).append(h.head)
@@ -120,41 +132,70 @@ def path_patch(
             "everything else recomputes"
         )
     notes += _gqa_notes(recv, shape)
+    rows = example_chunks(model, task, max_memory, hooked=eng is None)
+    L, H = shape.n_layers, shape.n_heads
     if eng is not None:
-        reader = MetricReader(task, eng.device)
-        m_clean, m_corrupt = cache.fast_metrics(model, task, eng, reader)
-        clean, corrupt = cache.fast_runs(model, task, eng)
-        win = window_for(mask, first_diff(task), task.positions["END"].cpu(), only_end=to_logits)
-        per_pass = variants_per_pass(batch_size, b_, win.w)
-        jobs = [
-            (layer, c) for layer, cols in sorted(by_layer.items()) for c in chunks(cols, per_pass)
-        ]
-        run = lambda layer, cols: _fast_senders(
-            eng, clean, corrupt, layer, cols, win, recv, freeze_mlps, reader
-        )
+
+        def prepare(chunk: Chunk) -> ChunkWork:
+            sub, B = chunk.task, len(chunk.task)
+            reader = MetricReader(sub, eng.device)
+            s = sub.clean_tokens.shape[1]
+            win = window_for(
+                mask[chunk.rows, :s],
+                first_diff(sub),
+                sub.positions["END"].cpu(),
+                only_end=to_logits,
+            )
+            per_pass = variants_per_pass(batch_size, B, win.w)
+            jobs = [
+                ((layer,), c)
+                for layer, cols in sorted(by_layer.items())
+                for c in chunks(cols, per_pass)
+            ]
+            metrics = lambda: (
+                cache.chunk_metric(model, chunk, eng, reader, "clean"),
+                cache.chunk_metric(model, chunk, eng, reader, "corrupt"),
+            )
+
+            def run(key: tuple, cols: list[int]) -> Tensor:
+                clean = cache.chunk_run(model, chunk, eng, "clean")
+                corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
+                return _fast_senders(
+                    eng, clean, corrupt, key[0], cols, win, recv, freeze_mlps, reader
+                ).float()  # already patched - clean
+
+            return ChunkWork(jobs, run, metrics)
     else:
         notes.append(f"generic path, two bridge forwards per sender: {cache.generic_reason(model)}")
-        c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
-        jobs = [(layer, [c]) for layer, cols in sorted(by_layer.items()) for c in cols]
-        m_base = m_clean.to(model.cfg.device)
-        run = lambda layer, cols: (
-            _hooked_sender(
-                model, task, shape, c_cache, x_cache, layer, cols[0], mask, recv, freeze_mlps
-            )
-            - m_base
-        )[None]
 
-    complete = True
-    for i, (layer, cols) in enumerate(jobs):
-        if should_stop is not None and should_stop():
-            complete = False
-            break
-        with torch.no_grad():
-            metric = run(layer, cols)
-        per_example[:, layer, cols] = metric.T.float().cpu()  # already patched - clean
-        done[layer, cols] = True
-        if on_progress is not None:
-            on_progress(i + 1, len(jobs))
+        def prepare(chunk: Chunk) -> ChunkWork:
+            sub = chunk.task
+            sub_mask = mask[chunk.rows, : sub.clean_tokens.shape[1]]
+            jobs = [((layer,), [c]) for layer, cols in sorted(by_layer.items()) for c in cols]
+            metrics = lambda: cache.chunk_hooked_runs(model, chunk)[2:]
+
+            def run(key: tuple, cols: list[int]) -> Tensor:
+                c_cache, x_cache, m_clean, _ = cache.chunk_hooked_runs(model, chunk)
+                metric = _hooked_sender(
+                    model,
+                    sub,
+                    shape,
+                    c_cache,
+                    x_cache,
+                    key[0],
+                    cols[0],
+                    sub_mask,
+                    recv,
+                    freeze_mlps,
+                )
+                return (metric - m_clean.to(metric.device))[None].float()
+
+            return ChunkWork(jobs, run, metrics)
+
+    out = run_sweep(task, rows, prepare, (L, H), on_progress, should_stop)
+    per_example, done, complete = out.per_example, out.done, out.complete
+    m_clean, m_corrupt = out.metric_a, out.metric_b
+    notes += chunk_notes(out, rows)
     return build_grid(
         per_example,
         done,
@@ -324,8 +365,8 @@ def _replace_heads(heads: list[int], new: Tensor, pm: Tensor):
 
 
 def _hooked_sender(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     shape: ModelShape,
     c_cache: dict,
     x_cache: dict,

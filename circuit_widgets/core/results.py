@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuit_widgets.types import Head
+from circuit_widgets.types import Component, ComponentName, DirectionName, GridKind, Head
 
 
 @dataclass(frozen=True, eq=False)
@@ -34,9 +35,9 @@ class HeadGrid:
     layers: list[int]
     heads: list[str]
     positions: list[str] | None
-    component: str
-    direction: str
-    kind: str
+    component: ComponentName | Component
+    direction: DirectionName
+    kind: GridKind
     metric_name: str
     receivers: str | None = None
     kv_groups: list[list[int]] | None = None
@@ -83,7 +84,7 @@ class HeadGrid:
         flat = vals.flatten()
         order = torch.argsort(flat.abs().nan_to_num(nan=-1.0), descending=True, stable=True)
         n_cols = vals.shape[-1]
-        out = []
+        out: list[tuple[Head, float]] = []
         for i in order.tolist():
             v = float(flat[i])
             if math.isnan(v) or len(out) >= k:
@@ -117,3 +118,51 @@ class HeadGrid:
             f"HeadGrid({self.kind} patching of {self.component}, {self.direction}, "
             f"shape={self.shape}, metric={self.metric_name}, {state})"
         )
+
+
+def rank_heads(
+    grid: Any,
+    *,
+    top_k: int | None = None,
+    top_frac: float | None = None,
+    threshold: float | None = None,
+    sign: str = "abs",
+) -> list[Head]:
+    """The heads of a [n_layers, n_heads] grid in ``Circuit.from_grid``'s ranking (see there).
+
+    ``grid`` is a HeadGrid (or any result with ``values`` and ``normalized``) or a tensor.
+    """
+    if sum(x is not None for x in (top_k, top_frac, threshold)) != 1:
+        raise ValueError("give exactly one of top_k, top_frac or threshold")
+    if isinstance(grid, torch.Tensor):
+        values = grid
+    else:
+        values = getattr(grid, "values", grid)
+        normalized = getattr(grid, "normalized", None)
+        if normalized is not None and not bool(torch.isnan(torch.as_tensor(normalized)).all()):
+            values = normalized
+    values = torch.as_tensor(values, dtype=torch.float32)
+    if values.dim() != 2:
+        raise ValueError(
+            f"from_grid needs a [n_layers, n_heads] grid, got shape {tuple(values.shape)}"
+        )
+    score = {"abs": values.abs(), "positive": values, "negative": -values}.get(sign)
+    if score is None:
+        raise ValueError(f"sign must be 'abs', 'positive' or 'negative', got {sign!r}")
+    score = torch.nan_to_num(score, nan=float("-inf"))
+    flat = score.flatten()
+    finite = int(torch.isfinite(flat).sum())
+    if threshold is not None:
+        keep = (flat >= threshold).nonzero().flatten().tolist()
+    else:
+        if top_frac is not None:
+            if not 0 < top_frac <= 1:
+                raise ValueError(f"top_frac must be in (0, 1], got {top_frac}")
+            # Fraction of all heads, as Merullo et al. take the top 2% per stage.
+            top_k = max(1, round(top_frac * flat.numel()))
+        assert top_k is not None  # exactly one of the three was given
+        if top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {top_k}")
+        keep = flat.argsort(descending=True, stable=True)[: min(top_k, finite)].tolist()
+    n_heads = values.shape[1]
+    return [Head(i // n_heads, i % n_heads) for i in keep]

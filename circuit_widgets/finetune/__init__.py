@@ -88,7 +88,9 @@ def training_batch(tokenizer, rng: random.Random, recipe: ArithmeticRecipe, bos:
 
 
 def lora_model(hf_model, recipe: ArithmeticRecipe):
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from circuit_widgets.models import peft_wrap
 
     if recipe.first_layer >= hf_model.config.num_hidden_layers:
         raise ValueError(
@@ -103,7 +105,7 @@ def lora_model(hf_model, recipe: ArithmeticRecipe):
         task_type="CAUSAL_LM",
         layers_to_transform=list(range(recipe.first_layer, hf_model.config.num_hidden_layers)),
     )
-    return get_peft_model(hf_model, cfg)
+    return peft_wrap(hf_model, cfg)
 
 
 def answer_loss(peft_model, ids, attn, target) -> torch.Tensor:
@@ -190,9 +192,9 @@ def _train(out, recipe: ArithmeticRecipe, base_folder, progress: bool, command: 
 
 def demo_folder() -> Path:
     """The demo model's cached safetensors checkpoint (built from the GGUF once)."""
-    from circuit_widgets.models import _cached_gguf_checkpoint, _demo_gguf_path
+    from circuit_widgets.models import cached_gguf_checkpoint, demo_gguf_path
 
-    return _cached_gguf_checkpoint("smollm2-135m-instruct", _demo_gguf_path)
+    return cached_gguf_checkpoint("smollm2-135m-instruct", demo_gguf_path)
 
 
 def save_adapter(

@@ -13,9 +13,9 @@ def load_with_adapter(adapter: str | Path, *, merge: bool = True):
     """The demo model with the LoRA adapter in ``adapter`` (safetensors), as a bridge."""
     from transformers import AutoTokenizer
 
-    from circuit_widgets.models import _lora_demo, load_model
+    from circuit_widgets.models import load_model, lora_demo
 
-    folder, peft_model = _lora_demo(Path(adapter))
+    folder, peft_model = lora_demo(Path(adapter))
     hf = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
     return load_model(hf, tokenizer=AutoTokenizer.from_pretrained(folder))
 

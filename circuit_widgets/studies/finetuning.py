@@ -228,7 +228,7 @@ def finetuning_study(
     """
     from circuit_widgets import tasks
     from circuit_widgets.tasks._tokenize import Vocab
-    from circuit_widgets.tasks.arithmetic import _check_args as check_arithmetic_args
+    from circuit_widgets.tasks.arithmetic import check_args as check_arithmetic_args
     from circuit_widgets.tasks.arithmetic import digit_ids
 
     check_callbacks(on_progress, should_stop, None)

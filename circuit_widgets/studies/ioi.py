@@ -18,6 +18,7 @@ from circuit_widgets.core.interventions import head_attention
 from circuit_widgets.core.patching import activation_patch
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import model_shape
+from circuit_widgets.tasks.ioi import STAGES as IOI_STAGES
 from circuit_widgets.types import Head
 
 POSITIONS = ("IO", "S1", "S1+1", "S2", "END")
@@ -481,8 +482,10 @@ def ioi_study(
     else:
         _check_task(task)
         n = len(task)
+    # A task of IOI's shape built by hand (Task.from_pairs) may carry no stages: use IOI's.
+    stages = default_stages(task) if getattr(task, "stages", ()) else list(IOI_STAGES)
     if pipeline is not None:
-        want, got = [s.name for s in default_stages(task)], [s.name for s in pipeline.stages]
+        want, got = [s.name for s in stages], [s.name for s in pipeline.stages]
         sizes = {len(g.metric_clean) for g in pipeline.grids.values()}
         if got != want or sizes - {len(task)}:
             raise ValueError(
@@ -527,7 +530,12 @@ def ioi_study(
         )
     else:
         pipe = circuit_pipeline(
-            model, task, top_frac=top_frac, on_progress=part(1000, 4000), should_stop=should_stop
+            model,
+            task,
+            stages=stages,
+            top_frac=top_frac,
+            on_progress=part(1000, 4000),
+            should_stop=should_stop,
         )
         complete = pipe.complete
         notes += [f"pipeline: {x}" for x in pipe.notes]

@@ -15,7 +15,7 @@ import torch
 
 from circuit_widgets.tasks._tokenize import Prompt, Vocab, check_n
 from circuit_widgets.tasks.base import Task
-from circuit_widgets.tasks.pairs import assemble_task
+from circuit_widgets.tasks.pairs import PairRows
 
 OPERATIONS = ("+", "-")
 DIGITS = "0123456789"
@@ -46,7 +46,8 @@ def sample_problem(
             return a, op, b
 
 
-def _check_args(digits: int, ops, split: str, what: str) -> tuple[str, ...]:
+def check_args(digits: int, ops: tuple[str, ...] | str, split: str, what: str) -> tuple[str, ...]:
+    """The checked operations of an arithmetic task's arguments (ValueError naming ``what``)."""
     if isinstance(digits, bool) or not isinstance(digits, int):
         raise TypeError(f"{what}: digits must be an int, got {digits!r}")
     if not 1 <= digits <= 6:
@@ -68,7 +69,7 @@ def digit_ids(vocab: Vocab, what: str) -> list[int]:
             f"{what} needs a tokenizer that writes each digit as its own token (like SmolLM2's); "
             f"{vocab.name!r} tokenises '37+48=' as {vocab.str_tokens(merged)}"
         )
-    return [int(i) for i in ids]
+    return [int(i) for i in ids if i is not None]
 
 
 def arithmetic(
@@ -89,13 +90,11 @@ def arithmetic(
     """
     what = "arithmetic"
     check_n(n, what)
-    ops = _check_args(digits, ops, split, what)
+    ops = check_args(digits, ops, split, what)
     vocab = Vocab.of(model)
     dig = digit_ids(vocab, what)
     rng = random.Random(seed)
-    out: dict[str, list] = {
-        k: [] for k in ("clean", "corrupt", "pos", "cp", "kp", "meta", "ans", "wrong")
-    }
+    out = PairRows()
     for _ in range(n):
         a, op, b = sample_problem(rng, digits, ops, split)
         first = str(solve(a, op, b))[0]
@@ -121,36 +120,24 @@ def arithmetic(
             "b_last": pos["b"] + digits - 1,
             "END": pos["END"],
         }
-        out["clean"].append(ids)
-        out["corrupt"].append(cids)
-        out["pos"].append(named)
-        out["ans"].append(dig[int(first)])
-        out["wrong"].append([dig[d] for d in range(10) if d != int(first)])
-        out["cp"].append(text)
-        out["kp"].append(ctext)
-        out["meta"].append(
-            {
+        out.add(
+            ids,
+            cids,
+            named,
+            text,
+            ctext,
+            answer=dig[int(first)],
+            wrong_answer=[dig[d] for d in range(10) if d != int(first)],
+            meta={
                 "a": a,
                 "op": op,
                 "b": b,
                 "answer": solve(a, op, b),
                 "corrupt": f"{ca}{cop}{cb}",
                 "corrupt_answer": solve(ca, cop, cb),
-            }
+            },
         )
-    return assemble_task(
-        "arithmetic",
-        vocab,
-        out["clean"],
-        out["corrupt"],
-        out["pos"],
-        torch.tensor(out["ans"], dtype=torch.long),
-        torch.tensor(out["wrong"], dtype=torch.long),
-        metric="accuracy",
-        clean_prompts=out["cp"],
-        corrupt_prompts=out["kp"],
-        meta=out["meta"],
-    )
+    return out.task("arithmetic", vocab, metric="accuracy")
 
 
 @torch.no_grad()

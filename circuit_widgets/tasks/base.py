@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from jaxtyping import Float, Int
+
+from circuit_widgets.tasks._tokenize import (
+    PositionSpec,
+    Vocab,
+    pad_rows,
+    resolve_positions,
+    single_token_ids,
+    stack_positions,
+    token_kind,
+)
+from circuit_widgets.types import Stage
 
 METRICS = ("logit_diff", "accuracy", "candidate_accuracy", "prob")
 
@@ -36,6 +48,8 @@ class Task:
     meta: list[dict[str, Any]] = field(default_factory=list)
     # Extra per-example position sets, e.g. the incorrect colour tokens: name -> [batch, k].
     position_sets: dict[str, Int[torch.Tensor, "batch k"]] = field(default_factory=dict)
+    # The circuit_pipeline stages this kind of prompt is known to need (empty = the default).
+    stages: tuple[Stage, ...] = ()
 
     def __post_init__(self) -> None:
         b, p = self.clean_tokens.shape
@@ -73,9 +87,11 @@ class Task:
         answers: Sequence[str | Sequence[str]],
         wrong_answers: Sequence[str | Sequence[str]],
         *,
-        positions: dict[str, Sequence[int] | Sequence[str]] | None = None,
+        positions: PositionSpec | None = None,
         metric: str = "logit_diff",
         name: str = "custom",
+        stages: Sequence[Stage] = (),
+        warn_spacing: bool = True,
     ) -> Task:
         """A Task from your own prompt pairs, tokenised as ``model.to_tokens`` would.
 
@@ -86,18 +102,66 @@ class Task:
         the clean prompt; the token holding its last character). END is always the last real
         token. Clean and corrupt prompts of one example must tokenise to the same length
         with the same kind of token at each named position, else a ValueError shows both.
+        ``stages``: the circuit_pipeline stages for such prompts (IOI's: ``tasks.ioi.STAGES``).
+        A word answer without its leading space after a prompt ending in a word ("... to",
+        "Mary") warns, naming the spaced token the model would predict; ``warn_spacing=False``
+        silences it.
         """
-        from circuit_widgets.tasks.pairs import task_from_pairs  # pairs imports this module
-
-        return task_from_pairs(
-            model,
-            clean,
-            corrupt,
-            answers,
-            wrong_answers,
-            positions=positions,
+        what = f"Task.from_pairs({name!r})"
+        for label, seq in (
+            ("clean", clean),
+            ("corrupt", corrupt),
+            ("answers", answers),
+            ("wrong_answers", wrong_answers),
+        ):
+            if isinstance(seq, str) or not isinstance(seq, Sequence):
+                raise TypeError(
+                    f"{what}: {label} must be a list with one entry per example, got {seq!r}"
+                )
+        n = len(clean)
+        if n == 0:
+            raise ValueError(f"{what}: no examples given")
+        lengths = {
+            "corrupt": len(corrupt),
+            "answers": len(answers),
+            "wrong_answers": len(wrong_answers),
+        }
+        if any(v != n for v in lengths.values()):
+            raise ValueError(
+                f"{what}: {n} clean prompts but {lengths}; give one of each per example"
+            )
+        vocab = Vocab.of(model)
+        enc_clean = [vocab.encode(p) for p in clean]
+        enc_corrupt = [vocab.encode(p) for p in corrupt]
+        rows_clean = [ids for ids, _ in enc_clean]
+        rows_corrupt = [ids for ids, _ in enc_corrupt]
+        pos = resolve_positions(vocab, clean, enc_clean, positions, what)
+        for i, (c, k) in enumerate(zip(rows_clean, rows_corrupt)):
+            if len(c) != len(k):
+                break  # assemble_task reports it with both token lists
+            for pname, p in pos[i].items():
+                a, b = vocab.str_tokens([c[p], k[p]])
+                if token_kind(a) != token_kind(b):
+                    raise ValueError(
+                        f"{what}: example {i}: position {pname!r} ({p}) holds {a!r} in the clean "
+                        f"prompt but {b!r} in the corrupt one, so the key positions do not line up.\n"
+                        f"  clean:   {vocab.str_tokens(c)}\n  corrupt: {vocab.str_tokens(k)}"
+                    )
+        if warn_spacing:
+            _warn_unspaced(vocab, clean, answers, wrong_answers, what)
+        return assemble_task(
+            name,
+            vocab,
+            rows_clean,
+            rows_corrupt,
+            pos,
+            single_token_ids(vocab, answers, "answer", what),
+            single_token_ids(vocab, wrong_answers, "wrong answer", what),
             metric=metric,
-            name=name,
+            clean_prompts=clean,
+            corrupt_prompts=corrupt,
+            meta=[{"answer": a, "wrong_answer": w} for a, w in zip(answers, wrong_answers)],
+            stages=stages,
         )
 
     # ------------------------------------------------------------------ shape facts
@@ -210,4 +274,85 @@ class Task:
             clean_prompts=pick(self.clean_prompts),
             corrupt_prompts=pick(self.corrupt_prompts),
             meta=pick(self.meta),
+        )
+
+
+def assemble_task(
+    name: str,
+    vocab: Vocab,
+    clean_rows: Sequence[list[int]],
+    corrupt_rows: Sequence[list[int]],
+    positions: Sequence[Mapping[str, int]],
+    answers: Int[torch.Tensor, " batch *k"],
+    wrong_answers: Int[torch.Tensor, " batch *k"],
+    *,
+    metric: str,
+    clean_prompts: Sequence[str],
+    corrupt_prompts: Sequence[str],
+    meta: Sequence[dict[str, Any]] | None = None,
+    position_sets: Mapping[str, Sequence[Sequence[int]]] | None = None,
+    stages: Sequence[Stage] = (),
+) -> Task:
+    """Right-pad the rows and build the Task; clean and corrupt rows must pair up in length."""
+    for i, (c, k) in enumerate(zip(clean_rows, corrupt_rows, strict=True)):
+        if len(c) != len(k):
+            raise ValueError(
+                f"{name}: example {i}: clean and corrupt prompts tokenise to different lengths "
+                f"({len(c)} vs {len(k)}), so their key positions do not line up.\n"
+                f"  clean:   {vocab.str_tokens(c)}\n  corrupt: {vocab.str_tokens(k)}"
+            )
+    clean, mask = pad_rows(clean_rows, vocab.pad_id)
+    corrupt, _ = pad_rows(corrupt_rows, vocab.pad_id)
+    sets = {
+        k: torch.tensor([list(r) for r in v], dtype=torch.long)
+        for k, v in (position_sets or {}).items()
+    }
+    return Task(
+        name=name,
+        clean_tokens=clean,
+        corrupt_tokens=corrupt,
+        attention_mask=mask,
+        answers=answers,
+        wrong_answers=wrong_answers,
+        positions=stack_positions(positions),
+        metric_name=metric,
+        clean_prompts=list(clean_prompts),
+        corrupt_prompts=list(corrupt_prompts),
+        meta=list(meta) if meta is not None else [{} for _ in clean_rows],
+        position_sets=sets,
+        stages=tuple(stages),
+    )
+
+
+def _warn_unspaced(
+    vocab: Vocab,
+    clean: Sequence[str],
+    answers: Sequence[str | Sequence[str]],
+    wrong_answers: Sequence[str | Sequence[str]],
+    what: str,
+) -> None:
+    """Warn about a word answered without its leading space after a prompt that ends in a
+    non-space: the model predicts " Mary" there, and the unspaced "Mary" is another token."""
+    found: dict[str, tuple[int, int]] = {}
+    for prompt, *values in zip(clean, answers, wrong_answers):
+        if not prompt or prompt[-1].isspace():
+            continue  # after a space or newline the unspaced word is the usual continuation
+        for value in values:
+            for text in [value] if isinstance(value, str) else value:
+                if text in found or not isinstance(text, str) or not text[:1].isalpha():
+                    continue
+                spaced, bare = vocab.single_token(" " + text), vocab.single_token(text)
+                if spaced is not None and bare is not None:
+                    found[text] = (bare, spaced)
+    if found:
+        listed = "; ".join(
+            f"{t!r} (id {bare}) is used where the text goes on with {' ' + t!r} (one token, id {spaced})"
+            for t, (bare, spaced) in found.items()
+        )
+        warnings.warn(
+            f"{what}: answers without their leading space after a prompt ending in a word: "
+            f"{listed}. Pass the spaced strings, or warn_spacing=False if the unspaced "
+            "tokens are meant.",
+            UserWarning,
+            stacklevel=3,
         )

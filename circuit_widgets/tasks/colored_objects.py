@@ -5,14 +5,23 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import torch
-
 from circuit_widgets.tasks import words
 from circuit_widgets.tasks._tokenize import Prompt, Vocab, check_n
 from circuit_widgets.tasks.base import Task
-from circuit_widgets.tasks.pairs import assemble_task
+from circuit_widgets.tasks.pairs import PairRows
+from circuit_widgets.types import Stage
 
 EXAMPLE_SEPARATOR = "\n\n"
+
+# The IOI shape (Merullo et al.): movers, inhibition, then heads at the queried object into the
+# inhibition heads' keys/values, then heads there into those heads' queries (clean and corrupt
+# prompts first differ at the queried object, so earlier positions carry no signal to patch).
+STAGES = (
+    Stage("movers", "END"),
+    Stage("inhibition", "END", "movers", "q"),
+    Stage("object_readers", "query_object", "inhibition", "kv"),
+    Stage("object_detectors", "query_object", "object_readers", "q"),
+)
 
 
 def colored_objects(model: Any, n: int, seed: int = 0) -> Task:
@@ -22,7 +31,7 @@ def colored_objects(model: Any, n: int, seed: int = 0) -> Task:
     title-cased colour (" Blue"); wrong answers [batch, 2]: the other two context colours.
     Positions: query_object, correct_color, correct_object, END; position_sets:
     wrong_colors [batch, 2] (same order as wrong_answers) and objects [batch, 3].
-    ``model`` is a TransformerBridge or a bare tokenizer.
+    Stages: ``STAGES``. ``model`` is a TransformerBridge or a bare tokenizer.
     """
     check_n(n, "colored_objects")
     vocab = Vocab.of(model)
@@ -42,21 +51,9 @@ def colored_objects(model: Any, n: int, seed: int = 0) -> Task:
     pool_c, pool_o = sorted(colors), sorted(objects)
     rng = random.Random(seed)
 
-    out: dict[str, list] = {
-        k: []
-        for k in (
-            "clean",
-            "corrupt",
-            "pos",
-            "cp",
-            "kp",
-            "meta",
-            "ans",
-            "wrong",
-            "wrong_pos",
-            "obj_pos",
-        )
-    }
+    rows = PairRows()
+    wrong_pos: list[list[int]] = []
+    obj_pos: list[list[int]] = []
     for _ in range(n):
         ex_objs, ex_cols, ex_q = rng.sample(pool_o, 3), rng.sample(pool_c, 3), rng.randrange(3)
         objs, cols = rng.sample(pool_o, 3), rng.sample(pool_c, 3)
@@ -75,24 +72,22 @@ def colored_objects(model: Any, n: int, seed: int = 0) -> Task:
                 f"colored_objects: positions differ for {clean.text!r} / {corrupt.text!r}"
             )
         others = [j for j in range(3) if j != q]
-        out["clean"].append(ids)
-        out["corrupt"].append(cids)
-        out["pos"].append(
+        wrong_pos.append([pos[f"color{j}"] for j in others])
+        obj_pos.append([pos[f"object{j}"] for j in range(3)])
+        rows.add(
+            ids,
+            cids,
             {
                 "query_object": pos["query"],
                 "correct_color": pos[f"color{q}"],
                 "correct_object": pos[f"object{q}"],
                 "END": pos["END"],
-            }
-        )
-        out["wrong_pos"].append([pos[f"color{j}"] for j in others])
-        out["obj_pos"].append([pos[f"object{j}"] for j in range(3)])
-        out["ans"].append(colors[cols[q]][1])
-        out["wrong"].append([colors[cols[j]][1] for j in others])
-        out["cp"].append(clean.text)
-        out["kp"].append(corrupt.text)
-        out["meta"].append(
-            {
+            },
+            clean.text,
+            corrupt.text,
+            answer=colors[cols[q]][1],
+            wrong_answer=[colors[cols[j]][1] for j in others],
+            meta={
                 "objects": objs,
                 "colors": cols,
                 "query": objs[q],
@@ -100,21 +95,14 @@ def colored_objects(model: Any, n: int, seed: int = 0) -> Task:
                 "corrupt_query": objs[q_corrupt],
                 "corrupt_answer": cols[q_corrupt],
                 "example": example,
-            }
+            },
         )
-    return assemble_task(
+    return rows.task(
         "colored_objects",
         vocab,
-        out["clean"],
-        out["corrupt"],
-        out["pos"],
-        torch.tensor(out["ans"], dtype=torch.long),
-        torch.tensor(out["wrong"], dtype=torch.long),
         metric="logit_diff",
-        clean_prompts=out["cp"],
-        corrupt_prompts=out["kp"],
-        meta=out["meta"],
-        position_sets={"wrong_colors": out["wrong_pos"], "objects": out["obj_pos"]},
+        position_sets={"wrong_colors": wrong_pos, "objects": obj_pos},
+        stages=STAGES,
     )
 
 

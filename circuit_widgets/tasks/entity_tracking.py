@@ -12,8 +12,17 @@ from circuit_widgets.tasks import words
 from circuit_widgets.tasks._tokenize import Prompt, Vocab, check_n
 from circuit_widgets.tasks.base import Task
 from circuit_widgets.tasks.pairs import assemble_task
+from circuit_widgets.types import Stage
 
 MIN_BOXES = 2
+# Prakash et al.: A -> logits at END; B -> A's queries at END; C -> B's values at query_label;
+# D -> C's values at query_label_ctx.
+STAGES = (
+    Stage("A", "END"),
+    Stage("B", "END", "A", "q"),
+    Stage("C", "query_label", "B", "v"),
+    Stage("D", "query_label_ctx", "C", "v"),
+)
 
 
 @dataclass(frozen=True)
@@ -137,4 +146,5 @@ def entity_tracking(model: Any, n: int, seed: int = 0, n_boxes: int = 7) -> Task
         clean_prompts=out["cp"],
         corrupt_prompts=out["kp"],
         meta=out["meta"],
+        stages=STAGES,
     )

@@ -5,14 +5,23 @@ from __future__ import annotations
 import random
 from typing import Any
 
-import torch
-
 from circuit_widgets.tasks import words
 from circuit_widgets.tasks._tokenize import Prompt, Vocab, check_n
 from circuit_widgets.tasks.base import Task
-from circuit_widgets.tasks.pairs import assemble_task
+from circuit_widgets.tasks.pairs import PairRows
+from circuit_widgets.types import Stage
 
 CORRUPTIONS = ("ABC", "S2_IO")
+
+# Wang et al.'s circuit as Merullo et al. run it: movers -> logits at END; inhibition -> movers'
+# queries at END; induction/duplicate -> inhibition heads' keys and values at S2;
+# previous-token -> induction heads' keys at S1+1.
+STAGES = (
+    Stage("movers", "END"),
+    Stage("inhibition", "END", "movers", "q"),
+    Stage("induction", "S2", "inhibition", "kv"),
+    Stage("previous_token", "S1+1", "induction", "k"),
+)
 
 
 def ioi(model: Any, n: int, seed: int = 0, corruption: str = "ABC") -> Task:
@@ -20,7 +29,7 @@ def ioi(model: Any, n: int, seed: int = 0, corruption: str = "ABC") -> Task:
 
     ``corruption="ABC"`` replaces IO, S1 and S2 by three fresh distinct names;
     ``"S2_IO"`` replaces S2 by the IO name. Answer: the IO token; wrong answer: the S token.
-    Positions: IO, S1, S1+1, S2, and (between the first two names), END.
+    Positions: IO, S1, S1+1, S2, and (between the first two names), END. Stages: ``STAGES``.
     ``model`` is a TransformerBridge or a bare tokenizer.
     """
     check_n(n, "ioi")
@@ -34,7 +43,7 @@ def ioi(model: Any, n: int, seed: int = 0, corruption: str = "ABC") -> Task:
     pool = sorted(names)
     rng = random.Random(seed)
 
-    rows: dict[str, list] = {k: [] for k in ("clean", "corrupt", "pos", "cp", "kp", "meta")}
+    rows = PairRows()
     for i in range(n):
         order = "ABBA" if i % 2 == 0 else "BABA"
         templates = words.ABBA_TEMPLATES if order == "ABBA" else words.BABA_TEMPLATES
@@ -64,13 +73,15 @@ def ioi(model: Any, n: int, seed: int = 0, corruption: str = "ABC") -> Task:
             "and": min(pos["IO"], pos["S1"]) + 1,
             "END": pos["END"],
         }
-        rows["clean"].append(ids)
-        rows["corrupt"].append(cids)
-        rows["pos"].append(pos)
-        rows["cp"].append(clean.text)
-        rows["kp"].append(corrupt.text)
-        rows["meta"].append(
-            {
+        rows.add(
+            ids,
+            cids,
+            pos,
+            clean.text,
+            corrupt.text,
+            answer=names[io],
+            wrong_answer=names[s],
+            meta={
                 "IO": io,
                 "S": s,
                 "order": order,
@@ -79,23 +90,9 @@ def ioi(model: Any, n: int, seed: int = 0, corruption: str = "ABC") -> Task:
                 "object": obj,
                 "corrupt_names": swap,
                 "corruption": key,
-            }
+            },
         )
-    answers = torch.tensor([names[m["IO"]] for m in rows["meta"]], dtype=torch.long)
-    wrong = torch.tensor([names[m["S"]] for m in rows["meta"]], dtype=torch.long)
-    return assemble_task(
-        f"ioi-{key}",
-        vocab,
-        rows["clean"],
-        rows["corrupt"],
-        rows["pos"],
-        answers,
-        wrong,
-        metric="logit_diff",
-        clean_prompts=rows["cp"],
-        corrupt_prompts=rows["kp"],
-        meta=rows["meta"],
-    )
+    return rows.task(f"ioi-{key}", vocab, metric="logit_diff", stages=STAGES)
 
 
 def _fill(template: str, names: dict[str, str], place: str, obj: str) -> Prompt:

@@ -230,6 +230,8 @@ class BaseWidget(anywidget.AnyWidget):
 
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout",)
     """Traits a user may set through the constructor, besides its named parameters."""
+    _run_action: ClassVar[str | None] = None
+    """The method a front-end Run click calls (e.g. "run", "train"); None: no Run button."""
     # Class-level defaults so close() (also called from __del__) works on a half-built widget.
     _job: Job | None = None
     _executor: ThreadPoolExecutor | None = None
@@ -243,6 +245,23 @@ class BaseWidget(anywidget.AnyWidget):
         self._executor_lock = threading.Lock()
         self._job_lock = threading.RLock()
         super().__init__(**(_state or {}), **kwargs)
+        self.on_msg(self._on_front_end_msg)
+
+    # ------------------------------------------------------------------ front-end messages
+
+    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
+        """The view's messages: Run (settings that cannot run are shown in the widget), Cancel,
+        and anything else for the subclass (``_on_custom_msg``)."""
+        kind = content.get("type") if isinstance(content, dict) else None
+        if kind == "run" and self._run_action is not None:
+            self._run_from_front_end(getattr(self, self._run_action))
+        elif kind == "cancel":
+            self.cancel()
+        else:
+            self._on_custom_msg(kind, content, buffers)
+
+    def _on_custom_msg(self, kind: Any, content: Any, buffers: list) -> None:
+        """A message of the subclass's own view (a hook; unknown messages are ignored)."""
 
     # ------------------------------------------------------------------ static image
 

@@ -12,9 +12,13 @@ from typing import Any, ClassVar
 import numpy as np
 import traitlets
 
+from circuit_widgets.core.attention import attention_patterns as core_patterns
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head
 from circuit_widgets.widgets._base import BaseWidget, read_bundle, using
 from circuit_widgets.widgets._traits import Float32Array
+
+_IMAGE_WAIT_S = 60.0  # the static image waits this long for the patterns being computed
 
 MAX_HEADS = 32
 """Most heads one view draws (circuitsvis keeps one small heatmap per head)."""
@@ -42,7 +46,7 @@ def circuitsvis_source() -> tuple[str, bytes]:
     return version, data
 
 
-def _heads_of(heads: Any, n_layers: int, n_heads: int) -> list[list[int]]:
+def _heads_of(heads: Any, shape: Any) -> list[list[int]]:
     """Sorted unique [layer, head] pairs from a Circuit, Heads, "l.h" strings or pairs."""
     if heads is None:
         return []
@@ -53,53 +57,17 @@ def _heads_of(heads: Any, n_layers: int, n_heads: int) -> list[list[int]]:
         items = [items]
     out = sorted({Head.parse(tuple(h) if isinstance(h, list) else h) for h in items})
     for h in out:
-        if h.layer >= n_layers or h.head >= n_heads:
-            raise ValueError(
-                f"head {h} is outside the model (layers 0-{n_layers - 1}, heads 0-{n_heads - 1})"
-            )
+        shape.check_head(h)
     if len(out) > MAX_HEADS:
         raise ValueError(f"{len(out)} heads selected; the attention view shows at most {MAX_HEADS}")
     return [[h.layer, h.head] for h in out]
 
 
 def attention_patterns(model: Any, tokens: Any, heads: list[list[int]]) -> np.ndarray:
-    """[n_heads, s, s] attention probabilities of ``heads`` on one prompt ``tokens`` [s].
-
-    One forward; the bridge's per-query-head pattern hooks (on grouped-query models each query
-    head has its own pattern, computed from its shared key/value head).
-    """
-    import torch
-
-    if not heads:
-        n = int(tokens.shape[-1])
-        return np.zeros((0, n, n), np.float32)
-    layers = sorted({layer for layer, _ in heads})
-    try:
-        from circuit_widgets.core.edits import run_with_edits  # the shared engine, when present
-    except ImportError:
-        run_with_edits = None
-    toks = tokens.reshape(1, -1).to(model.cfg.device)
-    if run_with_edits is not None:
-        run = run_with_edits(model, toks, None, capture=[(layer, "pattern") for layer in layers])
-        grabbed = {layer: run.captured[(layer, "pattern")] for layer in layers}
-    else:
-        grabbed = {}
-
-        def grab(act, hook=None, layer=0):
-            grabbed[layer] = act.detach()
-            return act
-
-        hooks = [
-            (
-                f"blocks.{layer}.attn.hook_pattern",
-                lambda a, hook=None, layer=layer: grab(a, hook, layer),
-            )
-            for layer in layers
-        ]
-        with torch.no_grad():
-            model.run_with_hooks(toks, fwd_hooks=hooks)
-    out = torch.stack([grabbed[layer][0, head] for layer, head in heads])
-    return out.float().cpu().numpy()
+    """[n_heads, s, s] attention probabilities of ``heads`` ([layer, head] pairs) on one prompt
+    ``tokens`` [s], as float32 (computed by core.attention)."""
+    result = core_patterns(model, tokens, [Head(layer, head) for layer, head in heads])
+    return result.patterns.numpy().astype(np.float32)
 
 
 class AttentionWidget(BaseWidget):
@@ -151,6 +119,7 @@ class AttentionWidget(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("AttentionWidget", model=model, task=task)
         from circuit_widgets.models import model_shape
 
         shape = model_shape(model)
@@ -160,7 +129,7 @@ class AttentionWidget(BaseWidget):
             raise ValueError(
                 f"example must be an int in 0-{n - 1} (the task has {n} examples), got {example!r}"
             )
-        pairs = _heads_of(heads, shape.n_layers, shape.n_heads)
+        pairs = _heads_of(heads, shape)
         version, _ = circuitsvis_source()
         prompt = kwargs.pop("prompt", "clean")
         if prompt not in ("clean", "corrupt"):
@@ -185,7 +154,6 @@ class AttentionWidget(BaseWidget):
             shown_example=example,
         )
         super().__init__(state, **kwargs)
-        self.on_msg(self._on_front_end_msg)
         self.observe(self._recompute, names=["heads", "example", "prompt"])
         if pairs:
             self._recompute()  # the view says "loading" until the job is done
@@ -194,7 +162,7 @@ class AttentionWidget(BaseWidget):
 
     @traitlets.validate("heads")
     def _valid_heads(self, proposal: dict) -> list[list[int]]:
-        return _heads_of(proposal["value"], self._shape.n_layers, self._shape.n_heads)
+        return _heads_of(proposal["value"], self._shape)
 
     @traitlets.validate("example")
     def _valid_example(self, proposal: dict) -> int:
@@ -212,7 +180,7 @@ class AttentionWidget(BaseWidget):
 
     @circuit.setter
     def circuit(self, circuit: Any) -> None:
-        self.heads = _heads_of(circuit, self._shape.n_layers, self._shape.n_heads)
+        self.heads = _heads_of(circuit, self._shape)
 
     def _label(self, layer: int, head: int) -> str:
         g = self._shape.group_size
@@ -252,8 +220,8 @@ class AttentionWidget(BaseWidget):
             for name, value in result.items():
                 setattr(self, name, value)
 
-    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
-        if isinstance(content, dict) and content.get("type") == "circuitsvis":
+    def _on_custom_msg(self, kind: Any, content: Any, buffers: list) -> None:
+        if kind == "circuitsvis":
             # Asked once per page (the first view to render): the renderer travels as one buffer.
             version, data = circuitsvis_source()
             self.send({"type": "circuitsvis", "version": version}, [data])
@@ -264,7 +232,12 @@ class AttentionWidget(BaseWidget):
         """The patterns as a matplotlib Figure (see circuit_widgets.plots.plot_attention)."""
         from circuit_widgets.plots import plot_attention
 
+        job = self._job
+        if self.heads and self.shown != self.heads and job is not None:
+            job.wait(_IMAGE_WAIT_S)  # displayed before its first patterns landed: draw those
         title = self.title or f"attention, example {self.shown_example} ({self.prompt})"
+        if self.heads and not self.shown:
+            title += " (patterns not computed yet)"
         return plot_attention(self.patterns, self.tokens, self.head_labels, title=title)
 
     def _png_key(self) -> Any:

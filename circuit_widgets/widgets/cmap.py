@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
 import traitlets
 from ipywidgets import widget_serialization
 
-from circuit_widgets.types import Circuit, Head
+from circuit_widgets.core.checks import check_args
+from circuit_widgets.types import Circuit
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
 from circuit_widgets.widgets._traits import Float32Array
 from circuit_widgets.widgets.head_grid import HeadGridWidget
@@ -23,14 +25,19 @@ def _check_grid_position(task: Any, position: Any) -> None:
         )
 
 
-def _as_circuit(circuit: Any) -> Circuit:
-    if circuit is None:
-        return Circuit()
-    if isinstance(circuit, Circuit):
-        return circuit
-    if isinstance(circuit, dict):
-        return Circuit.from_groups(circuit)
-    return Circuit.from_heads([Head.parse(tuple(h) if isinstance(h, list) else h) for h in circuit])
+def _relabelled(grid: Any, kind: str) -> Any:
+    """A HeadGrid shown with another subtitle (what is running, or that it stopped)."""
+    return SimpleNamespace(
+        values=grid.values,
+        normalized=grid.normalized,
+        layers=grid.layers,
+        heads=grid.heads,
+        kv_groups=grid.kv_groups,
+        kind=kind,
+        component=grid.component,
+        metric_name=grid.metric_name,
+        complete=grid.complete,
+    )
 
 
 class CMAPWidget(BaseWidget):
@@ -63,6 +70,7 @@ class CMAPWidget(BaseWidget):
     sweep_grid = traitlets.Bool(True).tag(sync=True)
     """Also compute the per-head grid when running."""
 
+    _run_action: ClassVar[str | None] = "run"
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout", "grid_position", "sweep_grid")
 
     def __init__(
@@ -77,6 +85,7 @@ class CMAPWidget(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("CMAPWidget", base=base, finetuned=finetuned, task=task)
         from circuit_widgets.core.cmap import check_compatible
         from circuit_widgets.models import model_shape
 
@@ -115,7 +124,6 @@ class CMAPWidget(BaseWidget):
         self.circuit = circuit
         # a refused Run's message goes once the groups it was about change
         self.observe(self._inputs_changed, names=["groups", "enabled", "grid_position"])
-        self.on_msg(self._on_front_end_msg)
 
     # ------------------------------------------------------------------ circuit
 
@@ -131,7 +139,7 @@ class CMAPWidget(BaseWidget):
 
     def _set_circuit(self, circuit: Any, keep_toggles: bool) -> None:
         """Show a circuit; ``keep_toggles``: groups it had before keep their on/off state (new ones are on)."""
-        c = _as_circuit(circuit)
+        c = Circuit.parse(circuit)
         c.validate(self._shape.n_layers, self._shape.n_heads, self._task.position_names)
         before = {g["name"] for g in self.groups}
         was_on = set(self.enabled)
@@ -186,6 +194,10 @@ class CMAPWidget(BaseWidget):
         from circuit_widgets.core.cmap import cmap, cmap_grid
 
         share = 0.3 if sweep_grid else 1.0
+        groups = ", ".join(g.name for g in circuit.groups)
+        # the subtitle says what runs now; the grid keeps its earlier values until new ones come
+        if sweep_grid:
+            job.report(partial={"grid": self._status_grid(f"running: patching groups {groups}")})
         # job.stopper(hold): between two batches the models go to any widget waiting for them
         with using(self._base, self._finetuned) as hold:
             res = cmap(
@@ -199,10 +211,14 @@ class CMAPWidget(BaseWidget):
             )
         out: dict = {"cmap": res}
         if not res.complete:
+            if sweep_grid:
+                out["grid"] = self._status_grid("stopped before the per-head grid")
             return out  # stopped: shown as the cancelled job's result
         job.report(partial=dict(out))
         if sweep_grid:
             job.check()
+            running = f"running: each head patched alone at {grid_position}"
+            job.report(partial={"cmap": res, "grid": self._status_grid(running)})
             with using(self._base, self._finetuned) as hold:
                 out["grid"] = cmap_grid(
                     self._base,
@@ -214,8 +230,29 @@ class CMAPWidget(BaseWidget):
                         progress=share + (1 - share) * d / max(t, 1)
                     ),
                     should_stop=job.stopper(hold),
+                    # cells appear as each pass finishes (as path patching's layers do)
+                    on_partial=lambda g: job.report(
+                        partial={"cmap": res, "grid": _relabelled(g, running)}
+                    ),
                 )
+            if not out["grid"].complete:
+                out["grid"] = _relabelled(out["grid"], "stopped: each head patched alone")
         return out
+
+    def _status_grid(self, kind: str) -> Any:
+        """The grid as shown now (values kept), with ``kind`` as its subtitle, not complete."""
+        g = self.grid
+        return SimpleNamespace(
+            values=np.array(g.values, np.float32),
+            normalized=None if g.normalized is None else np.array(g.normalized, np.float32),
+            layers=list(g.layer_numbers),
+            heads=list(g.heads),
+            kv_groups=list(g.kv_groups) if g.kv_columns else None,
+            kind=kind,
+            component=self._component,
+            metric_name=g.metric_name,
+            complete=False,
+        )
 
     def _on_partial(self, partial: dict) -> None:
         res = partial.get("cmap")
@@ -235,13 +272,6 @@ class CMAPWidget(BaseWidget):
 
     def _on_result(self, result: dict) -> None:
         self._on_partial(result)
-
-    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
-        kind = content.get("type") if isinstance(content, dict) else None
-        if kind == "run":
-            self._run_from_front_end(self.run)
-        elif kind == "cancel":
-            self.cancel()
 
     # ------------------------------------------------------------------ static image
 

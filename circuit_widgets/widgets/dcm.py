@@ -10,6 +10,7 @@ import numpy as np
 import traitlets
 from ipywidgets import widget_serialization
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
 from circuit_widgets.widgets._traits import Float32Array
@@ -36,11 +37,20 @@ def _check_position(desideratum: Any, position: Any) -> None:
         )
 
 
+_NOT_TRAINED = "not trained yet: press Train"
+_NO_RESULT = "no result: cancelled before the first λ finished"
+
+
 class _MaskGrid:
     """The head grid's view of one MaskResult: 1 - mask (1 = the head takes the source output)."""
 
-    def __init__(self, values: np.ndarray, metric_name: str, complete: bool, kind: str) -> None:
+    scale = "sequential"  # 1 - mask lies in [0, 1]: a diverging scale would waste its blue half
+
+    def __init__(
+        self, values: np.ndarray, metric_name: str, complete: bool, kind: str, position: str
+    ) -> None:
         self.values = values
+        self.position = position
         self.layers = list(range(values.shape[0]))
         self.heads = [str(h) for h in range(values.shape[1])]
         self.metric_name = metric_name
@@ -82,6 +92,7 @@ class DCMWidget(BaseWidget):
     position = traitlets.Unicode("END").tag(sync=True)
     """Position of the head group whose outputs are masked."""
 
+    _run_action: ClassVar[str | None] = "train"
     _trait_kwargs: ClassVar[tuple[str, ...]] = ("layout",)
 
     def __init__(
@@ -101,6 +112,7 @@ class DCMWidget(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("DCMWidget", model=model, desideratum=desideratum)
         from circuit_widgets.core.dcm import DEFAULT_LAMS
         from circuit_widgets.models import model_shape
 
@@ -117,17 +129,18 @@ class DCMWidget(BaseWidget):
             ]
         )
         for h in self._heads or []:
-            if h.layer >= shape.n_layers or h.head >= shape.n_heads:
-                raise ValueError(
-                    f"head {h} is outside the model (layers 0-{shape.n_layers - 1}, "
-                    f"heads 0-{shape.n_heads - 1})"
-                )
+            shape.check_head(h)
         self._select_result = bool(select_result)
-        self._train_kwargs = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "seed": seed}
+        self._train_kwargs: dict[str, Any] = {
+            "epochs": epochs,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+        }
         self._results: list[Any] = []
         nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
         grid = HeadGridWidget(
-            _MaskGrid(nan, "1 - mask", True, "not trained yet: press Train"),
+            _MaskGrid(nan, "1 - mask", True, _NOT_TRAINED, position),
             title=title or f"DCM · {getattr(desideratum, 'name', 'desideratum')} @ {position}",
         )
         grid._use_model_groups(shape.n_heads, shape.n_kv_heads)
@@ -141,7 +154,6 @@ class DCMWidget(BaseWidget):
             },
             **kwargs,
         )
-        self.on_msg(self._on_front_end_msg)
         self.observe(self._show, names="lam_index")
 
     # ------------------------------------------------------------------ results
@@ -191,7 +203,9 @@ class DCMWidget(BaseWidget):
             return
         mask = r.mask.float().cpu().numpy()
         kind = f"DCM mask, λ = {r.lam:g}: {r.n_selected} of {len(r.heads)} heads selected"
-        grid = _MaskGrid((1.0 - mask).astype(np.float32), "1 - mask", bool(r.complete), kind)
+        grid = _MaskGrid(
+            (1.0 - mask).astype(np.float32), "1 - mask", bool(r.complete), kind, self.position
+        )
         curve = r.curve
         checks = (
             np.stack(
@@ -254,13 +268,30 @@ class DCMWidget(BaseWidget):
         return list(sweep.results)
 
     def _on_partial(self, partial: list[Any]) -> None:
-        self._results = list(partial)
+        # A lambda stopped mid-training is no result to choose: only finished lambdas are shown.
+        self._results = [r for r in partial if r.complete]
         with self.hold_sync():
             self.n_done = len(self._results)
-            if self.lam_index != len(self._results) - 1:
+            if not self._results:
+                self._show_empty()
+            elif self.lam_index != len(self._results) - 1:
                 self.lam_index = len(self._results) - 1  # follow the newest lambda
             else:
                 self._show()
+
+    def _show_empty(self) -> None:
+        """No finished lambda (a run cancelled before its first one ended): an empty grid, said so."""
+        shape = self._shape
+        nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
+        with self.hold_sync():
+            self.grid.set_result(_MaskGrid(nan, "1 - mask", True, _NO_RESULT, self.position))
+            if self._select_result:
+                self.grid.selected = []
+            self.loss = np.zeros(0, np.float32)
+            self.val_accuracy = np.zeros((0, 2), np.float32)
+            self.summary = {}
+            if self.lam_index != 0:
+                self.lam_index = 0
 
     def _on_result(self, result: list[Any]) -> None:
         self._on_partial(result)
@@ -271,13 +302,6 @@ class DCMWidget(BaseWidget):
                 key=lambda i: (np.nan_to_num(self._results[i].val_accuracy, nan=-1.0), i),
             )
             self.lam_index = best
-
-    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
-        kind = content.get("type") if isinstance(content, dict) else None
-        if kind == "run":
-            self.train()
-        elif kind == "cancel":
-            self.cancel()
 
     # ------------------------------------------------------------------ static image
 
@@ -298,6 +322,7 @@ class DCMWidget(BaseWidget):
             selected=[(row[l], h) for l, h in self.grid.selected],
             ax=left,
             title=self.grid.kind or "DCM mask",
+            sequential=True,
         )
         if len(self.loss):
             right.plot(np.arange(len(self.loss)), self.loss, color="#2166ac", linewidth=1.5)

@@ -8,10 +8,11 @@ from typing import Any, ClassVar
 import traitlets
 from ipywidgets import widget_serialization
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit
 from circuit_widgets.widgets._base import BaseWidget, read_bundle
 from circuit_widgets.widgets.attention import MAX_HEADS, AttentionWidget
-from circuit_widgets.widgets.head_grid import _named_groups, _with_heads
+from circuit_widgets.widgets.head_grid import named_groups, with_heads
 from circuit_widgets.widgets.path_patching import PathPatchingWidget
 
 
@@ -66,6 +67,7 @@ class CircuitExplorer(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("CircuitExplorer", model=model, task=task)
         pp = PathPatchingWidget(model, task, title=title)
         att = AttentionWidget(model, task, [], title="Attention of the circuit's heads")
         names, traits = ["Path patching", "Attention"], ["path_patching", "attention"]
@@ -115,9 +117,7 @@ class CircuitExplorer(BaseWidget):
 
     @circuit.setter
     def circuit(self, circuit: Any) -> None:
-        from circuit_widgets.widgets.cmap import _as_circuit
-
-        c = _as_circuit(circuit)
+        c = Circuit.parse(circuit)
         c.validate(self._n_layers, self._n_heads, self._positions)
         self._sync(c)
 
@@ -128,11 +128,11 @@ class CircuitExplorer(BaseWidget):
 
     def _from_grid(self, change: dict) -> None:
         if not self._syncing:
-            self._sync(_with_heads(self._circuit, change["new"]))
+            self._sync(with_heads(self._circuit, change["new"]))
 
     def _from_trait(self, change: dict) -> None:
         if not self._syncing:  # `explorer.selected = [...]` set from Python
-            self._sync(_with_heads(self._circuit, change["new"]))
+            self._sync(with_heads(self._circuit, change["new"]))
 
     def _from_cmap(self, change: dict) -> None:
         if not self._syncing:  # a grouped circuit set on the CMAP tab becomes the shared one
@@ -150,7 +150,7 @@ class CircuitExplorer(BaseWidget):
 
         pairs = [[h.layer, h.head] for h in sorted(c.heads)]
         self._circuit = c
-        groups = _named_groups(c, pairs)
+        groups = named_groups(c, pairs)
         with self.hold_sync():
             if self.groups != groups:
                 self.groups = groups

@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 import traitlets
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, CircuitGroup, Head
 from circuit_widgets.widgets._base import BaseWidget, read_bundle
 from circuit_widgets.widgets._traits import Float32Array, as_float32
@@ -71,6 +72,8 @@ def _read_result(result: Any) -> dict[str, Any]:
         return "" if value is None else str(getattr(value, "value", value))  # enums -> their value
 
     complete = getattr(result, "complete", None)
+    n_cells = getattr(result, "n_cells", None)
+    scale = getattr(result, "scale", None)
     return {
         "values": arr,
         "normalized": normalized,
@@ -82,8 +85,31 @@ def _read_result(result: Any) -> dict[str, Any]:
         "kind": text("kind"),
         "component": text("component"),
         "metric_name": text("metric_name"),
+        "position": text("position"),
+        "n_cells": int(n_cells) if n_cells else 0,
+        "scale": scale if scale in ("diverging", "sequential") else "diverging",
         "complete": bool(np.isfinite(arr).all()) if complete is None else bool(complete),
     }
+
+
+_KIND_TITLES = {
+    "activation": "Activation patching",
+    "path": "Path patching",
+    "attribution": "Attribution patching (estimate)",
+    "cmap": "CMAP",
+}
+
+
+def _default_title(result: Any) -> str:
+    """A result's own name for the title, e.g. "Activation patching · logit_diff" ("" if none)."""
+    kind, metric = getattr(result, "kind", None), getattr(result, "metric_name", None)
+    if not isinstance(kind, str) or not kind:
+        return ""
+    title = _KIND_TITLES.get(kind, kind[:1].upper() + kind[1:])
+    receivers = getattr(result, "receivers", None)
+    if kind == "path" and isinstance(receivers, str) and receivers:
+        title += f" → {receivers}"
+    return f"{title} · {metric}" if isinstance(metric, str) and metric else title
 
 
 def _selection_pairs(selection: Any, layer_numbers: list[int], n_heads: int) -> list[list[int]]:
@@ -100,7 +126,7 @@ def _selection_pairs(selection: Any, layer_numbers: list[int], n_heads: int) -> 
     return [[h.layer, h.head] for h in heads]
 
 
-def _named_groups(circuit: Any, pairs: list[list[int]]) -> list[dict]:
+def named_groups(circuit: Any, pairs: list[list[int]]) -> list[dict]:
     """A grouped Circuit's groups as trait values; [] for plain heads (one unnamed "heads" group)."""
     if not isinstance(circuit, Circuit):
         return []
@@ -141,10 +167,10 @@ def _grouped_circuit(selected: list[list[int]], groups: list[dict]) -> Circuit:
             for g in groups
         )
     )
-    return _with_heads(named, selected)
+    return with_heads(named, selected)
 
 
-def _with_heads(circuit: Circuit, pairs: list[list[int]]) -> Circuit:
+def with_heads(circuit: Circuit, pairs: list[list[int]]) -> Circuit:
     """``circuit`` with exactly these heads: removed heads leave their groups (emptied groups go),
     new heads join the group "heads" (created at all positions if the circuit has none)."""
     want = {Head(int(layer), int(head)) for layer, head in pairs}
@@ -200,6 +226,12 @@ class HeadGridWidget(BaseWidget):
     """Which component was measured (e.g. "z"), shown under the title."""
     metric_name = traitlets.Unicode("").tag(sync=True)
     """Name of the metric, used as the legend's title."""
+    position = traitlets.Unicode("").tag(sync=True)
+    """Position the values were measured at (e.g. "END"; "all"), shown under the title ("" = unknown)."""
+    n_cells = traitlets.Int(0, min=0).tag(sync=True)
+    """How many cells can hold a value (e.g. only the senders before the receivers); 0 = all."""
+    scale = traitlets.Enum(("diverging", "sequential"), default_value="diverging").tag(sync=True)
+    """Colour scale: blue-white-red around 0, or white-red from 0 for values that are never negative."""
     complete = traitlets.Bool(True).tag(sync=True)
     """False while some cells are still to be computed."""
     selected = traitlets.List(traitlets.List(traitlets.Int(), minlen=2, maxlen=2)).tag(sync=True)
@@ -221,14 +253,15 @@ class HeadGridWidget(BaseWidget):
         self, result: Any, *, title: str | None = None, selection: Any = None, **kwargs: Any
     ) -> None:
         self._check_kwargs(kwargs)  # before the (slower) reading of the result
+        check_args("HeadGridWidget", result=result)
         state = _read_result(result)
         kvg = state.pop("kv_groups")
         state["kv_groups"], state["kv_columns"] = (kvg, True) if kvg else ([], False)
         state["selected"] = _selection_pairs(
             selection, state["layer_numbers"], state["values"].shape[1]
         )
-        state["groups"] = _named_groups(selection, state["selected"])
-        state["title"] = "" if title is None else str(title)
+        state["groups"] = named_groups(selection, state["selected"])
+        state["title"] = _default_title(result) if title is None else str(title)
         state["_esm"] = read_bundle("head_grid")
         super().__init__(state, **kwargs)
         self.observe(self._prune_groups, names="selected")
@@ -320,7 +353,7 @@ class HeadGridWidget(BaseWidget):
     def circuit(self, circuit: Circuit | Iterable[Any]) -> None:
         pairs = _selection_pairs(circuit, self.layer_numbers, self.values.shape[1])
         with self.hold_sync():
-            self.groups = _named_groups(circuit, pairs)
+            self.groups = named_groups(circuit, pairs)
             self.selected = pairs
 
     def on_select(self, callback: Callable[[Circuit], Any]) -> Callable[[dict], None]:
@@ -346,6 +379,7 @@ class HeadGridWidget(BaseWidget):
             title=self.title or None,
             metric_name=self.metric_name or None,
             selected=[(row[layer], head) for layer, head in self.selected],
+            sequential=self.scale == "sequential",
         )
 
     def _png_key(self) -> Any:
@@ -355,6 +389,7 @@ class HeadGridWidget(BaseWidget):
             tuple(self.layers),
             self.title,
             self.metric_name,
+            self.scale,
             tuple(map(tuple, self.selected)),
         )
 

@@ -10,6 +10,7 @@ import numpy as np
 import traitlets
 from ipywidgets import widget_serialization
 
+from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head, Receiver
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
 from circuit_widgets.widgets.attention import AttentionWidget
@@ -30,9 +31,16 @@ class GridState:
     metric_name: str = ""
     complete: bool = False
     notes: list[str] = field(default_factory=list)
+    position: str = ""
+    n_cells: int = 0  # the possible senders (heads before the first receiver); 0 = every head
 
 
 NO_PREVIEW = "no preview for receiver heads: exact values only"
+ZERO_AT_LOGITS = (
+    "senders patched at {position} reach the logits (read at END) only through later heads, "
+    "which path patching to the logits freezes: expect 0 everywhere; choose END or 'all', or "
+    "receiver heads"
+)
 
 
 def _empty_state(n_layers: int, n_heads: int, metric_name: str) -> GridState:
@@ -86,6 +94,7 @@ class PathPatchingWidget(BaseWidget):
     phase = traitlets.Unicode("").tag(sync=True)
     """What the grid shows now: '', 'preview', 'exact' (partial while running)."""
 
+    _run_action: ClassVar[str | None] = "run"
     _trait_kwargs: ClassVar[tuple[str, ...]] = (
         "layout",
         "receivers",
@@ -105,6 +114,7 @@ class PathPatchingWidget(BaseWidget):
         **kwargs: Any,
     ) -> None:
         self._check_kwargs(kwargs)
+        check_args("PathPatchingWidget", model=model, task=task)
         from circuit_widgets.models import model_shape
 
         shape = model_shape(model)
@@ -140,7 +150,6 @@ class PathPatchingWidget(BaseWidget):
         self.observe(
             self._inputs_changed, names=["receivers", "receiver_input", "position", "freeze_mlps"]
         )
-        self.on_msg(self._on_front_end_msg)
 
     # ------------------------------------------------------------------ selection
 
@@ -192,7 +201,9 @@ class PathPatchingWidget(BaseWidget):
         receivers = self._receiver_list()
         args = (receivers, self.position, self.freeze_mlps, self.preview)
         job = self._submit(self._sweep, *args)
-        if self.preview and receivers != "logits":
+        if receivers == "logits" and self.position not in ("END", "all"):
+            self.message = ZERO_AT_LOGITS.format(position=self.position)
+        elif self.preview and receivers != "logits":
             self.message = NO_PREVIEW
         return job
 
@@ -216,6 +227,7 @@ class PathPatchingWidget(BaseWidget):
         total = len(steps) + (1 if preview else 0)
         state = _empty_state(shape.n_layers, shape.n_heads, task.metric_name)
         state.kind, state.complete = f"path patching → {described}", False
+        state.position, state.n_cells = position, sum(map(len, steps)) * shape.n_heads
         state.pending = np.zeros_like(state.values)
         job.set(phase="", run_receivers=described)
         if preview:
@@ -277,13 +289,6 @@ class PathPatchingWidget(BaseWidget):
         self._state = result
         self.grid.set_result(result)
 
-    def _on_front_end_msg(self, widget: Any, content: Any, buffers: list) -> None:
-        kind = content.get("type") if isinstance(content, dict) else None
-        if kind == "run":
-            self._run_from_front_end(self.run)
-        elif kind == "cancel":
-            self.cancel()
-
     # ------------------------------------------------------------------ static image
 
     def figure(self):
@@ -319,4 +324,6 @@ def _copy(state: GridState) -> GridState:
         state.metric_name,
         state.complete,
         list(state.notes),
+        state.position,
+        state.n_cells,
     )

@@ -1,7 +1,7 @@
 // CMAPWidget's view: one toggle per circuit group, Run / Cancel, a bar chart of base / patched
 // / fine-tuned accuracy per group, and the per-head CMAP grid (child view).
 import { barChart } from "./chart";
-import { ChildView, renderChild } from "./children";
+import { childViews } from "./children";
 import { runButtons } from "./controls";
 import { decodeFloat32, WireArray } from "./codec";
 import { htmlEl } from "./dom";
@@ -19,7 +19,7 @@ export function renderCMAP(model: AnyModel, el: HTMLElement): () => void {
   const controls = htmlEl("div", "cw-hg-controls");
   const buttons = runButtons(model);
   controls.append(buttons.run, buttons.cancel);
-  const status = statusLine(model);
+  const status = statusLine(model, true);
   const chartHost = htmlEl("div", "cw-cmap-chart cw-chart");
   const gridHost = htmlEl("div", "cw-cmap-grid");
   root.append(toggles, controls, status.node, chartHost, gridHost);
@@ -60,18 +60,16 @@ export function renderCMAP(model: AnyModel, el: HTMLElement): () => void {
   };
   drawToggles();
   drawChart();
-  const children: (ChildView | null)[] = [];
-  let alive = true;
-  renderChild(model, "grid", gridHost).then((v) => (alive ? children.push(v) : v?.remove()));
+  const children = childViews(model);
+  children.show("grid", gridHost);
   const offs = [
     listen(model, ["change:groups", "change:enabled"], drawToggles),
     listen(model, ["change:bars", "change:bar_labels", "change:status"], drawChart),
   ];
   return () => {
-    alive = false;
     offs.forEach((off) => off());
     status.dispose();
-    children.forEach((v) => v?.remove());
+    children.dispose();
   };
 }
 

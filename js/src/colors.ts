@@ -41,6 +41,19 @@ export function divergingColor(v: number, scale: number): string {
   return hex(a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f, a[2] + (b[2] - a[2]) * f);
 }
 
+/** Colour of `v` on a sequential scale from 0 (white) to `scale` (red), for values that are
+ * never negative (e.g. a DCM mask's 1 - m in [0, 1]); negatives clamp to white. */
+export function sequentialColor(v: number, scale: number): string {
+  if (Number.isNaN(v)) return NAN_COLOR;
+  if (!(scale > 0)) return WHITE;
+  return divergingColor(Math.max(0, v), scale);
+}
+
+/** Legend ticks of a sequential scale, ascending: 0, round numbers, the top end. */
+export function sequentialTicks(scale: number): number[] {
+  return legendTicks(scale).filter((t) => t >= 0);
+}
+
 /** Smallest 1, 2 or 5 x 10^n that is >= x. */
 export function niceCeil(x: number): number {
   const base = Math.pow(10, Math.floor(Math.log10(x)));

@@ -1,7 +1,7 @@
 // DCMWidget's view: Train / Cancel, the lambda slider, the learned mask on a head grid (child
 // view), the loss curve of the lambda shown and its accuracies.
 import { lineChart } from "./chart";
-import { ChildView, renderChild } from "./children";
+import { childViews } from "./children";
 import { runButtons } from "./controls";
 import { decodeFloat32, WireArray } from "./codec";
 import { formatValue } from "./colors";
@@ -28,7 +28,7 @@ export function renderDCM(model: AnyModel, el: HTMLElement): () => void {
   const lamOut = htmlEl("output", "cw-dcm-lambda-out");
   lamLabel.append(slider, lamOut);
   controls.append(buttons.run, buttons.cancel, lamLabel);
-  const status = statusLine(model);
+  const status = statusLine(model, true);
   const summary = htmlEl("div", "cw-pp-note cw-dcm-summary");
   const panes = htmlEl("div", "cw-hg-controls");
   panes.style.alignItems = "flex-start";
@@ -53,7 +53,9 @@ export function renderDCM(model: AnyModel, el: HTMLElement): () => void {
       ? `${model.get("desideratum")} @ ${model.get("position")}: ${s.n_selected} of ${s.n_heads} heads selected · accuracy ` +
         `train ${pct(s.train_accuracy)}, val ${pct(s.val_accuracy)}, test ${pct(s.test_accuracy)} ` +
         `(no patch ${pct(s.baseline_accuracy)}, every head patched ${pct(s.full_patch_accuracy)})`
-      : `${model.get("desideratum")} @ ${model.get("position")}: not trained yet`;
+      : model.get("status") === "cancelled"
+        ? `${model.get("desideratum")} @ ${model.get("position")}: no result (cancelled before the first λ finished)`
+        : `${model.get("desideratum")} @ ${model.get("position")}: not trained yet`;
     const loss = decodeFloat32(model.get("loss") as WireArray | null);
     curveHost.replaceChildren(lineChart(loss ? (loss.data as Float32Array) : new Float32Array(0), {
       title: nDone ? `training loss, λ = ${formatValue(shownLam)}` : "training loss", xLabel: "step", yLabel: "loss",
@@ -64,15 +66,13 @@ export function renderDCM(model: AnyModel, el: HTMLElement): () => void {
     model.save_changes();
   });
   sync();
-  const children: (ChildView | null)[] = [];
-  let alive = true;
-  renderChild(model, "grid", gridHost).then((v) => (alive ? children.push(v) : v?.remove()));
+  const children = childViews(model);
+  children.show("grid", gridHost);
   const offs = [listen(model, ["change:status", "change:n_done", "change:lam_index", "change:summary", "change:loss", "change:lams"], sync)];
   return () => {
-    alive = false;
     offs.forEach((off) => off());
     status.dispose();
-    children.forEach((v) => v?.remove());
+    children.dispose();
   };
 }
 

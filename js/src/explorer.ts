@@ -1,5 +1,5 @@
 // CircuitExplorer's view: tabs around one shared circuit; each tab is a child widget's view.
-import { ChildView, renderChild } from "./children";
+import { childViews } from "./children";
 import { htmlEl } from "./dom";
 import { AnyModel, listen, RenderProps } from "./model";
 import { describeCircuit, HeadGroup } from "./labels";
@@ -49,16 +49,14 @@ export function renderExplorer(model: AnyModel, el: HTMLElement): () => void {
   };
   show();
   syncCircuit();
-  const children: (ChildView | null)[] = [];
-  let alive = true;
+  const children = childViews(model);
   traits.forEach((trait, i) => {
-    renderChild(model, trait, hosts[i]).then((v) => (alive ? children.push(v) : v?.remove()));
+    children.show(trait, hosts[i]);
   });
   const offs = [listen(model, ["change:tab"], show), listen(model, ["change:selected", "change:groups"], syncCircuit)];
   return () => {
-    alive = false;
     offs.forEach((off) => off());
-    children.forEach((v) => v?.remove());
+    children.dispose();
   };
 }
 

@@ -2,13 +2,15 @@
 // columns), a diverging legend, hover details, click / shift-click selection, display-only
 // threshold and top-k filters, and SVG / PNG export.
 import { decodeFloat32, NdArray, WireArray } from "./codec";
-import { divergingColor, formatValue, legendTicks, maxAbs, NAN_COLOR } from "./colors";
+import {
+  divergingColor, formatValue, legendTicks, maxAbs, NAN_COLOR, sequentialColor, sequentialTicks,
+} from "./colors";
 import {
   downloadBlob, FONT_FAMILY, htmlEl, safeFilename, svgEl, svgMarkup, svgToPng, textWidth, truncate,
 } from "./dom";
 import { filterMask, rankByAbs, sliderStates, SliderState } from "./filter";
-import { groupLines, HeadGroup, kvLine } from "./labels";
-import { AXIS_FONT, computeLayout, Layout, PAD, TICK_FONT, TITLE_FONT } from "./layout";
+import { gridSubtitle, groupLines, HeadGroup, kvLine } from "./labels";
+import { AXIS_FONT, computeLayout, Layout, PAD, placeTooltip, TICK_FONT, TITLE_FONT } from "./layout";
 import { AnyModel, listen, RenderProps } from "./model";
 import { clickSelection, describe, normalize, Pair, sameSelection } from "./selection";
 import { statusLine } from "./status";
@@ -65,14 +67,13 @@ function readGrid(model: AnyModel): Grid {
 }
 
 function subtitleOf(model: AnyModel, grid: Grid): string {
-  const parts = [model.get("kind"), model.get("component")].filter((s) => typeof s === "string" && s);
-  if (!model.get("complete")) {
-    const total = grid.nLayers * grid.nHeads;
-    parts.push(grid.nPending
-      ? `exact: ${grid.nFinite - grid.nPending} of ${total} heads, the rest a preview`
-      : `partial: ${grid.nFinite} of ${total} heads computed`);
-  }
-  return parts.join(" · ");
+  const text = (name: string) => String(model.get(name) ?? "");
+  const nCells = Number(model.get("n_cells") ?? 0);
+  return gridSubtitle({
+    kind: text("kind"), component: text("component"), position: text("position"),
+    complete: Boolean(model.get("complete")), nFinite: grid.nFinite, nPending: grid.nPending,
+    total: nCells > 0 ? nCells : grid.nLayers * grid.nHeads,
+  });
 }
 
 function render({ model, el }: RenderProps): () => void {
@@ -136,7 +137,9 @@ function render({ model, el }: RenderProps): () => void {
     const metric = truncate(metricFull, 24);
     const rowLabels = grid.layerLabels.map((s) => truncate(s, MAX_LABEL_CHARS));
     const colLabels = grid.headLabels.map((s) => truncate(s, MAX_LABEL_CHARS));
-    const ticks = legendTicks(grid.scale);
+    const sequential = model.get("scale") === "sequential";
+    const color = sequential ? sequentialColor : divergingColor;
+    const ticks = sequential ? sequentialTicks(grid.scale) : legendTicks(grid.scale);
     const tickText = ticks.map((t) => formatValue(t));
     const legendWidth = Math.max(
       14 + 10 + Math.max(0, ...tickText.map((t) => textWidth(t, TICK_FONT))),
@@ -173,8 +176,9 @@ function render({ model, el }: RenderProps): () => void {
     const gradId = `${uid}-scale`;
     const grad = svgEl("linearGradient", { id: gradId, x1: 0, y1: 0, x2: 0, y2: 1 });
     for (let i = 0; i <= 8; i++) {
-      // the top of the bar is +scale (red), the bottom -scale (blue)
-      grad.appendChild(svgEl("stop", { offset: `${(i / 8) * 100}%`, "stop-color": divergingColor(1 - (2 * i) / 8, 1) }));
+      // the top of the bar is +scale (red), the bottom -scale (blue), or 0 (white) if sequential
+      const v = sequential ? 1 - i / 8 : 1 - (2 * i) / 8;
+      grad.appendChild(svgEl("stop", { offset: `${(i / 8) * 100}%`, "stop-color": color(v, 1) }));
     }
     defs.append(pattern, grad);
     svg.appendChild(defs);
@@ -223,7 +227,7 @@ function render({ model, el }: RenderProps): () => void {
         const r = svgEl("rect", {
           x: L.gridLeft + h * L.cellW + 0.5, y: L.gridTop + l * L.cellH + 0.5,
           width: L.cellW - 1, height: L.cellH - 1,
-          fill: Number.isNaN(v) ? `url(#${nanId})` : divergingColor(v, grid.scale),
+          fill: Number.isNaN(v) ? `url(#${nanId})` : color(v, grid.scale),
           "data-layer": grid.layerNumbers[l], "data-row": l, "data-head": h, "data-i": i, class: Number.isNaN(v) ? "cw-cell cw-nan" : "cw-cell",
         });
         if (grid.pending && grid.pending[i] > 0 && !Number.isNaN(v)) {
@@ -253,8 +257,8 @@ function render({ model, el }: RenderProps): () => void {
     lg.appendChild(legendTitle);
     lg.appendChild(svgEl("rect", { x: barX, y: barY, width: 14, height: L.legendBarH, fill: `url(#${gradId})`, stroke: "#999", "stroke-width": 0.5 }));
     ticks.forEach((t, k) => {
-      // +scale at the top of the bar, -scale at the bottom
-      const frac = grid.scale > 0 ? (t + grid.scale) / (2 * grid.scale) : 0.5;
+      // +scale at the top of the bar, -scale (or 0 if sequential) at the bottom
+      const frac = sequential ? (grid.scale > 0 ? t / grid.scale : 0) : grid.scale > 0 ? (t + grid.scale) / (2 * grid.scale) : 0.5;
       const ty = barY + (1 - frac) * L.legendBarH;
       lg.appendChild(svgEl("line", { x1: barX + 14, x2: barX + 18, y1: ty, y2: ty, stroke: "#555" }));
       lg.appendChild(svgEl("text", { x: barX + 21, y: ty, "dominant-baseline": "central", class: "cw-hg-tick" }, tickText[k]));
@@ -363,6 +367,7 @@ function render({ model, el }: RenderProps): () => void {
     cells.forEach((c) => c.removeAttribute("aria-selected"));
     for (const [l, h] of rows) cells[l * grid.nHeads + h]?.setAttribute("aria-selected", "true");
     selText.textContent = `selected: ${describe(sel)}`;
+    selText.title = selText.textContent; // the whole list, when the line is cut short
     clearBtn.disabled = sel.length === 0;
   }
 
@@ -410,13 +415,13 @@ function render({ model, el }: RenderProps): () => void {
     if (!mask[c.i]) lines.push(["cw-tt-dim", "(filtered out)"]);
     tooltip.replaceChildren(...lines.map(([cls, text]) => htmlEl("div", cls, text)));
     tooltip.hidden = false;
+    // Inside the figure's visible box: it clips what sticks out (e.g. below the bottom rows).
     const box = figure.getBoundingClientRect();
-    let x = ev.clientX - box.left + figure.scrollLeft + 14;
-    const y = ev.clientY - box.top + 14;
-    const w = tooltip.offsetWidth;
-    if (x + w > figure.scrollLeft + box.width) x = ev.clientX - box.left + figure.scrollLeft - w - 10;
-    tooltip.style.left = `${Math.max(0, x)}px`;
-    tooltip.style.top = `${y}px`;
+    const at = placeTooltip(ev.clientX - box.left + figure.scrollLeft, ev.clientY - box.top,
+      tooltip.offsetWidth, tooltip.offsetHeight,
+      { left: figure.scrollLeft, width: figure.clientWidth, height: figure.clientHeight });
+    tooltip.style.left = `${at.left}px`;
+    tooltip.style.top = `${at.top}px`;
     hover.setAttribute("x", String(layout.gridLeft + c.h * layout.cellW));
     hover.setAttribute("y", String(layout.gridTop + c.l * layout.cellH));
     hover.setAttribute("visibility", "visible");
@@ -461,7 +466,8 @@ function render({ model, el }: RenderProps): () => void {
   };
   const offs = [
     listen(model, ["change:values", "change:normalized", "change:pending", "change:heads", "change:layers", "change:layer_numbers",
-      "change:title", "change:metric_name", "change:kind", "change:component", "change:complete"], scheduleBuild),
+      "change:title", "change:metric_name", "change:kind", "change:component", "change:complete", "change:position",
+      "change:n_cells", "change:scale"], scheduleBuild),
     listen(model, ["change:selected"], paintSelection),
     listen(model, ["change:threshold", "change:top_k"], () => {
       syncSliders();

@@ -35,6 +35,28 @@ export function describeCircuit(groups: readonly HeadGroup[] | null | undefined,
   return groups.map((g) => `${g.name}@${g.position || "all"}: ${g.heads.map((p) => `${p[0]}.${p[1]}`).join(", ")}`).join(" · ");
 }
 
+export interface SubtitleInput {
+  kind: string;
+  component: string;
+  position: string;
+  complete: boolean;
+  nFinite: number;
+  nPending: number;
+  total: number; // cells that can hold a value (e.g. only the possible senders of path patching)
+}
+
+/** The grid's subtitle: what was measured, where, and how much of it is computed. */
+export function gridSubtitle(s: SubtitleInput): string {
+  const where = s.component && s.position ? `${s.component} @ ${s.position}` : s.component || (s.position ? `@ ${s.position}` : "");
+  const parts = [s.kind, where].filter(Boolean);
+  if (!s.complete) {
+    parts.push(s.nPending
+      ? `exact: ${s.nFinite - s.nPending} of ${s.total} heads, the rest a preview`
+      : `partial: ${s.nFinite} of ${s.total} heads computed`);
+  }
+  return parts.join(" · ");
+}
+
 /** The DCM lambda slider's label: which lambda is shown and how much of the sweep is trained. */
 export function lambdaLabel(lams: readonly number[], nDone: number, shownLam: number | undefined,
   status: string, shownComplete = true): string {

@@ -39,6 +39,23 @@ export interface Layout {
 
 const clamp = (x: number, lo: number, hi: number) => Math.max(lo, Math.min(hi, x));
 
+/**
+ * Where a tooltip of size `w` x `h` goes near the pointer (x, y), all in the coordinates of
+ * the visible area [left, left + width] x [0, height] that clips it: below right of the
+ * pointer, flipped to the left / above where it would run out (the grid's bottom rows).
+ */
+export function placeTooltip(x: number, y: number, w: number, h: number,
+  area: { left: number; width: number; height: number }): { left: number; top: number } {
+  let left = x + 14;
+  if (left + w > area.left + area.width) left = x - w - 10;
+  let top = y + 14;
+  if (top + h > area.height) top = y - h - 10;
+  return {
+    left: clamp(left, area.left, Math.max(area.left, area.left + area.width - w)),
+    top: clamp(top, 0, Math.max(0, area.height - h)),
+  };
+}
+
 export function computeLayout(inp: LayoutInput): Layout {
   // Cells shrink with the grid but never below what keeps 11px labels legible.
   const cellW = Math.round(clamp(560 / Math.max(1, inp.nHeads), 24, 46));

@@ -1,6 +1,6 @@
 // PathPatchingWidget's view: receivers, position, freeze-MLPs, Run / Cancel and progress above
 // the result grid (a HeadGridWidget child view) and the attention of the selected heads.
-import { ChildView, renderChild } from "./children";
+import { childViews } from "./children";
 import { boundCheckbox, boundSelect, runButtons } from "./controls";
 import { htmlEl } from "./dom";
 import { AnyModel, listen, RenderProps } from "./model";
@@ -22,7 +22,7 @@ export function renderPathPatching(model: AnyModel, el: HTMLElement): () => void
   const buttons = runButtons(model);
   controls.append(recv.node, input.node, pos.node, freeze.node, preview.node, buttons.run, buttons.cancel);
   const note = htmlEl("div", "cw-pp-note");
-  const status = statusLine(model);
+  const status = statusLine(model, true);
   const gridHost = htmlEl("div", "cw-pp-grid");
   const attHost = htmlEl("div", "cw-pp-attention");
   root.append(controls, status.node, note, gridHost, attHost);
@@ -42,13 +42,8 @@ export function renderPathPatching(model: AnyModel, el: HTMLElement): () => void
       : "Choose receivers (click heads on the grid, then 'selected heads'), then Run.";
   };
   sync();
-  const children: (ChildView | null)[] = [];
-  let alive = true;
-  Promise.all([renderChild(model, "grid", gridHost), renderChild(model, "attention", attHost)])
-    .then((views) => {
-      if (!alive) views.forEach((v) => v?.remove());
-      else children.push(...views);
-    })
+  const children = childViews(model);
+  Promise.all([children.show("grid", gridHost), children.show("attention", attHost)])
     .catch((err) => {
       gridHost.textContent = `could not show the grid: ${err?.message ?? err}`;
     });
@@ -59,10 +54,9 @@ export function renderPathPatching(model: AnyModel, el: HTMLElement): () => void
     listen(model, ["change:position"], () => pos.sync()),
   ];
   return () => {
-    alive = false;
     offs.forEach((off) => off());
     status.dispose();
-    children.forEach((v) => v?.remove());
+    children.dispose();
   };
 }
 

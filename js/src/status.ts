@@ -2,7 +2,9 @@
 import { htmlEl } from "./dom";
 import { AnyModel, listen } from "./model";
 
-export function statusLine(model: AnyModel): { node: HTMLElement; dispose: () => void } {
+/** `reserve`: keep the line's height while it has nothing to say, so that the widget below it
+ * does not jump when a run starts (for widgets with a Run button). */
+export function statusLine(model: AnyModel, reserve = false): { node: HTMLElement; dispose: () => void } {
   const node = htmlEl("div", "cw-status");
   const bar = htmlEl("progress", "cw-status-progress");
   bar.max = 1;
@@ -21,7 +23,9 @@ export function statusLine(model: AnyModel): { node: HTMLElement; dispose: () =>
     else if (status === "error") line = `error: ${error}`;
     else if (status === "cancelled") line = "cancelled (partial result shown)";
     text.textContent = [line, message].filter(Boolean).join(" · ");
-    node.hidden = (status === "idle" || status === "done") && !message;
+    const quiet = (status === "idle" || status === "done") && !message;
+    if (reserve) node.style.visibility = quiet ? "hidden" : "";
+    else node.hidden = quiet;
   };
   update();
   return { node, dispose: listen(model, ["change:status", "change:progress", "change:error", "change:message"], update) };

@@ -9,7 +9,7 @@ import torch
 
 from circuit_widgets import Circuit, load_model
 from circuit_widgets.core.cmap import check_compatible, cmap, cmap_grid
-from circuit_widgets.models import DEMO_ARITH_ADAPTER, ModelLoadError, _lora_demo
+from circuit_widgets.models import DEMO_ARITH_ADAPTER, ModelLoadError, lora_demo
 from circuit_widgets.tasks.arithmetic import arithmetic
 
 pytestmark = pytest.mark.integration
@@ -49,8 +49,8 @@ def test_an_adapter_file_with_missing_weights_is_refused(tmp_path):
     save_file(kept, str(tmp_path / "adapter_model.safetensors"))
     # Loaded, the o_proj adapters would keep lora_B = 0: the study's dropped o_proj adapter again.
     with pytest.raises(ModelLoadError, match=rf"lacks {len(weights) - len(kept)} .*o_proj\.lora_"):
-        _lora_demo(tmp_path)
-    _lora_demo(DEMO_ARITH_ADAPTER)  # the shipped file is complete
+        lora_demo(tmp_path)
+    lora_demo(DEMO_ARITH_ADAPTER)  # the shipped file is complete
 
 
 def test_demo_arith_differs_from_demo_and_is_compatible(demo_model, arith):

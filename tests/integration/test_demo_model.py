@@ -28,7 +28,7 @@ def test_cached_weights_equal_a_fresh_gguf_dequantisation(demo_model):
     """The safetensors cache must give the same model as transformers' GGUF loader."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path, _ = models._demo_gguf_path()
+    path, _ = models.demo_gguf_path()
     fresh = AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     ).eval()

@@ -35,8 +35,6 @@ PROMPTS = [
 def core():
     from circuit_widgets import core
 
-    if not hasattr(core, "activation_patch"):
-        pytest.skip("circuit_widgets.core.activation_patch does not exist yet")
     return core
 
 

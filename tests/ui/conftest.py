@@ -1,6 +1,7 @@
 """Browser tests: an isolated JupyterLab server and headless Chromium (Debian's, offline).
 
-Follows /work/shared/recipes/jupyterlab-browser-test: nothing is written to ~, the server
+Follows the recipe in ../shared/recipes/jupyterlab-browser-test (relative to the project root):
+nothing is written to ~, the server
 and its kernels are stopped by PID, and Playwright drives /usr/bin/chromium (never
 `playwright install`).
 """

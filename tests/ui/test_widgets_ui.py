@@ -85,8 +85,32 @@ STEP = globals().get("STEP", -1) + 1
 if STEP:
     ex.circuit = Circuit.from_groups({"movers": ["1.3"], "inhibit": ["3.0", "2.4"]}, positions={"movers": "END"})
 print("GROUPED", STEP, ex.circuit)""",
+    # 10: a CMAP widget whose per-head grid pauses after 12 heads (one head per pass) until the
+    # test releases it: the browser sees the grid half filled, deterministically
+    """\
+import importlib, threading
+cmap_module = importlib.import_module("circuit_widgets.core.cmap")  # core.cmap is the function
+from circuit_widgets.widgets import CMAPWidget
+cm_gate, cm_shown, cm_real = threading.Event(), [], cmap_module.cmap_grid
+def cm_paused_grid(*args, on_partial=None, **kwargs):
+    def show(grid):
+        on_partial(grid)
+        cm_shown.append(int(grid.done.sum()))
+        if len(cm_shown) == 12:
+            cm_gate.wait(300)
+    return cm_real(*args, on_partial=show, **{**kwargs, "batch_size": 1})
+cmap_module.cmap_grid = cm_paused_grid
+cm = CMAPWidget(model, finetuned, task, ["1.3", "3.0"], title="CMAP: each head patched alone")
+cm""",
+    # 11: release the paused CMAP grid (Run All, before any run, leaves the gate shut)
+    """\
+if cm_shown:
+    cm_gate.set()
+print("RELEASED" if cm_gate.is_set() else "GATE SHUT", cm_shown)""",
 ]
 STATE_CELL = 7
+GROUPED_CELL = 9
+CMAP_CELL = 10
 
 
 def run_cell(page, panel, index: int) -> None:
@@ -135,7 +159,9 @@ def lab(jupyter_lab, browser, output_dir, open_notebook):
             "KERNEL_STATE=", timeout=60_000
         )
         expect(
-            panel.locator(".jp-Notebook .jp-Cell").last.locator(".jp-OutputArea-output")
+            panel.locator(".jp-Notebook .jp-Cell")
+            .nth(GROUPED_CELL)
+            .locator(".jp-OutputArea-output")
         ).to_contain_text("GROUPED 0")
         print(f"\n[ui] notebook open + Run All + widgets rendered: {time.monotonic() - t0:.1f} s")
         yield page, panel, console, dialogs, requests
@@ -244,7 +270,7 @@ def test_path_patching_runs_selects_and_shows_attention(lab, output_dir):
     expect(grid.locator("rect.cw-preview")).to_have_count(
         0
     )  # every preview replaced by an exact value
-    expect(grid.locator(".cw-hg-subtitle")).to_have_text("path patching → logits · z")
+    expect(grid.locator(".cw-hg-subtitle")).to_have_text("path patching → logits · z @ END")
     builds = int(grid.get_attribute("data-builds")) - builds0
     build_ms = float(grid.get_attribute("data-build-ms"))
     state = kernel_state(page, panel)
@@ -501,3 +527,35 @@ def test_slider_knobs_agree_with_their_labels(lab, output_dir):
     )  # the one value is below the threshold
     few.scroll_into_view_if_needed()
     few.screenshot(path=str(output_dir / "head_grid_sliders_few.png"))
+
+
+def test_cmap_grid_fills_progressively(lab, output_dir):
+    """The CMAP grid shows heads as they finish, its subtitle says what runs; the kernel holds
+    the run after 12 of 32 heads until the test lets it go on."""
+    from playwright.sync_api import expect
+
+    page, panel, console, _, _ = lab
+    cell = panel.locator(".jp-Cell").nth(CMAP_CELL)
+    cell.scroll_into_view_if_needed()
+    cm = cell.locator(".cw-cmap")
+    grid = cm.locator(".cw-hg")
+    try:
+        expect(grid.locator("rect.cw-cell")).to_have_count(32)
+    except AssertionError:
+        page.screenshot(path=str(output_dir / "cmap_failure.png"), full_page=True)
+        print("CELL OUTPUT:", cell.inner_text()[-3000:])
+        raise
+    expect(grid.locator(".cw-hg-subtitle")).to_contain_text("not run yet")
+    cm.locator(".cw-run").click()
+    # paused mid-run: 12 heads computed, 20 still empty, and the subtitle says what is running
+    expect(grid.locator("rect.cw-nan")).to_have_count(20, timeout=120_000)
+    expect(grid.locator(".cw-hg-subtitle")).to_contain_text("running: each head patched alone")
+    expect(grid.locator(".cw-hg-subtitle")).to_contain_text("partial: 12 of 32 heads computed")
+    expect(cm.locator("rect.cw-bar")).to_have_count(3)  # the group's bars came first
+    cm.scroll_into_view_if_needed()
+    cm.screenshot(path=str(output_dir / "cmap_mid_run.png"))
+    run_cell(page, panel, CMAP_CELL + 1)
+    expect(grid.locator("rect.cw-nan")).to_have_count(0, timeout=120_000)
+    expect(grid.locator(".cw-hg-subtitle")).to_have_text("cmap · z")
+    cm.screenshot(path=str(output_dir / "cmap_done.png"))
+    assert not [c for c in console if c.startswith("pageerror")]

@@ -21,6 +21,8 @@ from micro_models import (
     sharp_tiny_model,
 )
 
+from circuit_widgets.core.cache import force_hooked
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 ATOL = 1e-4
@@ -96,11 +98,8 @@ def test_matches_autograd_reference(core, sharp, arch, component):
 
 @pytest.mark.parametrize("component", ("z", "k", "pattern", "mlp_out"))
 def test_generic_path_matches_autograd_reference(core, sharp, component):
-    force = getattr(getattr(core, "cache", None), "force_hooked", None)
-    if force is None:
-        pytest.skip("the engine has no switch to its generic path")
     model, task = sharp["llama"]
-    with force():
+    with force_hooked():
         grid = core.attribution_patch(model, task, component=component)
     ref = ref_attribution(model, task, component, "noise")
     torch.testing.assert_close(grid.values.detach().cpu().float(), ref.mean(0), atol=ATOL, rtol=0)

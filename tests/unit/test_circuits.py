@@ -541,16 +541,27 @@ def test_pipeline_stop_returns_partial(planted):
 
 
 def test_default_stages_per_task():
-    from types import SimpleNamespace
+    """Each generator's task carries its own stages; a task without any gets the default."""
+    from circuit_widgets import tasks
+    from circuit_widgets.models import tiny_tokenizer
 
-    ioi = default_stages(SimpleNamespace(name="ioi-ABC"))
+    tok = tiny_tokenizer()
+    ioi = default_stages(tasks.ioi(tok, 2))
     assert [(s.name, s.position, s.receivers, s.inputs) for s in ioi] == [
         ("movers", "END", "logits", "q"),
         ("inhibition", "END", "movers", "q"),
         ("induction", "S2", "inhibition", "kv"),
         ("previous_token", "S1+1", "induction", "k"),
     ]
-    et = default_stages(SimpleNamespace(name="entity_tracking"))
+    assert default_stages(tasks.ioi(tok, 2, corruption="S2_IO")) == ioi
+    co = default_stages(tasks.colored_objects(tok, 2))
+    assert [(s.name, s.position, s.inputs) for s in co] == [
+        ("movers", "END", "q"),
+        ("inhibition", "END", "q"),
+        ("object_readers", "query_object", "kv"),
+        ("object_detectors", "query_object", "q"),
+    ]
+    et = default_stages(tasks.entity_tracking(tok, 2, n_boxes=3))
     assert [(s.name, s.position) for s in et] == [
         ("A", "END"),
         ("B", "END"),
@@ -558,6 +569,12 @@ def test_default_stages_per_task():
         ("D", "query_label_ctx"),
     ]
     assert [s.inputs for s in et] == ["q", "q", "v", "v"]
+    # The task's name plays no part: a hand-made IOI-named task without stages gets the default.
+    bare = dataclasses.replace(tasks.ioi(tok, 2), name="ioi-mine", stages=())
+    assert [s.name for s in default_stages(bare)] == ["movers", "inhibition"]
+    # Stages survive the derived tasks the library makes.
+    task = tasks.ioi(tok, 4)
+    assert default_stages(task.subset([0, 1])) == default_stages(task.with_metric("prob")) == ioi
 
 
 # --------------------------------------------------------------------------- bad input

@@ -24,6 +24,7 @@ from micro_models import (
     sharp_tiny_model,
 )
 
+from circuit_widgets.core.cache import force_hooked
 from circuit_widgets.models import tiny_model
 from circuit_widgets.tasks.base import Task
 from circuit_widgets.types import Head
@@ -341,12 +342,9 @@ def test_engine_agrees_with_transformer_lens(core, sharp, tasks, arch, case):
 
 
 @pytest.fixture
-def generic_path(core):
+def generic_path():
     """The engine's generic path (bridge hooks only) instead of its fast re-implementation."""
-    force = getattr(getattr(core, "cache", None), "force_hooked", None)
-    if force is None:
-        pytest.skip("the engine has no switch to its generic path")
-    with force():
+    with force_hooked():
         yield
 
 

@@ -13,7 +13,7 @@ import torch
 
 import circuit_widgets as cw
 from circuit_widgets.report import QUICK_SIZES, STUDIES, build_report, main
-from circuit_widgets.studies.ioi import CLASSES, SCORES, IOIResult, ioi_study
+from circuit_widgets.studies.ioi import CLASSES, SCORES, IOIResult, _classify, ioi_study
 from circuit_widgets.tasks import Task
 
 PRE = "<script>alert('x')</script> "
@@ -119,30 +119,52 @@ def test_ioi_head_classes_follow_their_rules(study):
         )
         a = {k: float(v[c.head.layer, c.head.head]) for k, v in res.attention.items()}
         assert c.attention == pytest.approx(a)
-        io_over_s = a["END->IO"] > a["END->S"]
-        expected = {
-            "movers": ("name_mover" if c.effect > 0 else "negative_mover")
-            if io_over_s
-            else "unclassified",
-            "inhibition": "s_inhibition" if a["END->S2"] > a["END->IO"] else "unclassified",
-            "induction": (
-                "unclassified"
-                if max(a["S2->S1+1"], a["S2->S1"]) < res.min_attention
-                else "induction"
-                if a["S2->S1+1"] >= a["S2->S1"]
-                else "duplicate_token"
-            ),
-            "previous_token": "previous_token"
-            if a["S1+1->S1"] >= res.min_attention
-            else "unclassified",
-        }[c.stage]
-        assert c.label == expected
+        assert c.label == _classify(c.stage, c.effect, a, res.min_attention)
     d = res.to_dict()
     json.dumps(d, allow_nan=False)
     assert sum(len(v) for v in d["head_classes"].values()) == len(res.head_classes)
     assert set(d["head_classes"]) == set(CLASSES)
     figs = res.figures()
     assert {"ioi_activation_patching", "ioi_path_patching", "ioi_attention_scores"} <= set(figs)
+
+
+def att(io=0.0, s=0.0, s2=0.0, ind=0.0, dup=0.0, prev=0.0) -> dict[str, float]:
+    return {
+        "END->IO": io,
+        "END->S": s,
+        "END->S2": s2,
+        "S2->S1+1": ind,
+        "S2->S1": dup,
+        "S1+1->S1": prev,
+    }
+
+
+@pytest.mark.parametrize(
+    "stage,effect,attention,label",
+    [
+        # Name movers attend from END to IO more than to S; the sign of the effect splits them.
+        ("movers", 0.4, att(io=0.6, s=0.2), "name_mover"),
+        ("movers", -0.3, att(io=0.6, s=0.2), "negative_mover"),
+        ("movers", 0.0, att(io=0.6, s=0.2), "unclassified"),
+        ("movers", 0.4, att(io=0.2, s=0.6), "unclassified"),
+        ("movers", 0.4, att(io=0.3, s=0.3), "unclassified"),
+        # S-inhibition heads attend from END to S2 more than to IO.
+        ("inhibition", 0.2, att(io=0.1, s2=0.5), "s_inhibition"),
+        ("inhibition", 0.2, att(io=0.5, s2=0.1), "unclassified"),
+        ("inhibition", 0.2, att(io=0.3, s2=0.3), "unclassified"),
+        # Induction (S2 -> S1+1) vs duplicate-token (S2 -> S1), above the attention floor 0.1.
+        ("induction", 0.2, att(ind=0.4, dup=0.2), "induction"),
+        ("induction", 0.2, att(ind=0.2, dup=0.4), "duplicate_token"),
+        ("induction", 0.2, att(ind=0.3, dup=0.3), "induction"),
+        ("induction", 0.2, att(ind=0.05, dup=0.09), "unclassified"),
+        # Previous-token heads attend from S1+1 to S1 at least the floor.
+        ("previous_token", 0.2, att(prev=0.1), "previous_token"),
+        ("previous_token", 0.2, att(prev=0.05), "unclassified"),
+        ("other", 0.9, att(io=1.0, s2=1.0, ind=1.0, prev=1.0), "unclassified"),
+    ],
+)
+def test_ioi_head_classifier_by_hand(stage, effect, attention, label):
+    assert _classify(stage, effect, attention, 0.1) == label
 
 
 def test_ioi_study_reuses_a_pipeline_and_stops(tiny_gpt2):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -138,3 +140,37 @@ def test_bad_example_counts():
         Task.from_pairs(tok, CLEAN[0], CORRUPT[0], " Mary", " John")
     with pytest.raises(ValueError, match="example 1 has 1 strings but example 0 has 2"):
         Task.from_pairs(tok, CLEAN, CORRUPT, [[" Mary", " John"], [" Alice"]], [" John", " David"])
+
+
+def test_from_pairs_carries_the_stages_it_is_given(tiny_gpt2):
+    from circuit_widgets import Stage, default_stages
+
+    stages = [Stage("movers", "END"), Stage("inhibition", "END", "movers", "q")]
+    mine = [Stage("readers", "END"), Stage("writers", "S2", "readers", "kv")]
+    args = (tiny_gpt2, CLEAN, CORRUPT, [" Mary", " Alice"], [" John", " David"])
+    plain = Task.from_pairs(*args, positions={"S2": [10, -3]})
+    assert plain.stages == () and default_stages(plain) == stages
+    given = Task.from_pairs(*args, positions={"S2": [10, -3]}, stages=mine)
+    assert given.stages == tuple(mine) and default_stages(given) == mine
+
+
+def test_unspaced_word_answers_warn_naming_the_spaced_token(demo_tokenizer):
+    """Issue 15 item 7: "Mary" after "... gave a drink to" is not what the model continues with."""
+    spaced = demo_tokenizer.encode(" Mary", add_special_tokens=False)
+    bare = demo_tokenizer.encode("Mary", add_special_tokens=False)
+    assert len(spaced) == len(bare) == 1 and spaced != bare
+    with pytest.warns(
+        UserWarning, match=rf"'Mary' \(id {bare[0]}\) .*' Mary' \(one token, id {spaced[0]}\)"
+    ) as rec:
+        task = Task.from_pairs(demo_tokenizer, CLEAN[:1], CORRUPT[:1], ["Mary"], [" John"])
+    assert "warn_spacing=False" in str(rec[0].message) and rec[0].filename == __file__
+    assert task.answers.tolist() == bare  # still what was asked for
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Task.from_pairs(
+            demo_tokenizer, CLEAN[:1], CORRUPT[:1], ["Mary"], [" John"], warn_spacing=False
+        )
+        Task.from_pairs(demo_tokenizer, CLEAN[:1], CORRUPT[:1], [" Mary"], [" John"])
+        # after a space (or for digits) the unspaced token is the usual continuation
+        Task.from_pairs(demo_tokenizer, ["12+30= "], ["12+31= "], ["4"], ["5"])
+        Task.from_pairs(demo_tokenizer, ["The answer is "], ["The reply is "], ["Mary"], ["John"])

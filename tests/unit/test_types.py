@@ -168,3 +168,15 @@ def test_union_refuses_a_group_at_two_positions():
     assert (a - b).group("A").position == "END" and (a & b).heads == frozenset()
     same = Circuit.from_groups({"A": ["2.0"]}, positions={"A": "END"})
     assert (a | same).group("A").heads == {Head(1, 0), Head(2, 0)}
+
+
+def test_circuit_parse_reads_what_a_widget_is_given():
+    grouped = Circuit.from_groups({"A": [(1, 0)]}, positions={"A": "END"})
+    assert Circuit.parse(None) == Circuit()
+    assert Circuit.parse(grouped) is grouped
+    assert Circuit.parse({"A": [(1, 0)], "B": ["0.1"]}) == Circuit.from_groups(
+        {"A": [Head(1, 0)], "B": [Head(0, 1)]}
+    )
+    assert Circuit.parse([[1, 2], "0.1", (3, 0)]).heads == {Head(1, 2), Head(0, 1), Head(3, 0)}
+    with pytest.raises(ValueError, match="cannot read a head"):
+        Circuit.parse(["x"])

@@ -90,10 +90,9 @@ def test_accepts_headgrid_like_tensor_and_array():
     assert HeadGridWidget(with_nan).complete is False
 
 
-def test_engine_headgrid_if_present():
-    results = pytest.importorskip("circuit_widgets.core.results")
-    if not hasattr(results, "HeadGrid"):
-        pytest.skip("circuit_widgets.core.results has no HeadGrid yet")
+def test_engine_headgrid():
+    from circuit_widgets.core import results
+
     values = grid(3, 2)
     values[2, 1] = float("nan")
     fields = {
@@ -112,11 +111,6 @@ def test_engine_headgrid_if_present():
         "kind": "activation",
         "metric_name": "logit_diff",
     }
-    import dataclasses
-
-    names = {f.name for f in dataclasses.fields(results.HeadGrid)}
-    if not set(fields) <= names:
-        pytest.skip(f"HeadGrid's fields changed: {sorted(names)}")
     w = HeadGridWidget(results.HeadGrid(**fields), selection=["2.0"])
     assert w.values.shape == (3, 2) and not w.complete
     assert (w.kind, w.component, w.metric_name) == ("activation", "z", "logit_diff")
@@ -316,14 +310,24 @@ class JobWidget(BaseWidget):
         self.results.append(result)
 
 
-def squares(job, n, delay=0.0, gate: threading.Event | None = None, threads: list | None = None):
-    """A long job: one 'batch' per number, checking the cancel flag between batches."""
+def squares(
+    job,
+    n,
+    delay=0.0,
+    gate: threading.Event | None = None,
+    threads: list | None = None,
+    at_gate: threading.Event | None = None,
+):
+    """A long job: one 'batch' per number, checking the cancel flag between batches; with a
+    ``gate`` it waits before its fourth batch (past the cancel check), setting ``at_gate``."""
     if threads is not None:
         threads.append(threading.get_ident())
     out = []
     for i in range(n):
         job.check()
         if gate is not None and i == 3:
+            if at_gate is not None:
+                at_gate.set()
             gate.wait(5)
         out.append(i * i)
         job.report(progress=(i + 1) / n, partial=out)
@@ -355,9 +359,9 @@ def test_job_runs_off_the_main_thread_and_reports_progress():
 
 def test_cancel_stops_the_job_and_keeps_partial_results():
     w = JobWidget()
-    gate = threading.Event()
-    job = w._submit(squares, 100, gate=gate)
-    wait_for(lambda: len(w.partials) >= 3)  # 3 batches done, now blocked on the gate
+    gate, at_gate = threading.Event(), threading.Event()
+    job = w._submit(squares, 100, gate=gate, at_gate=at_gate)
+    assert at_gate.wait(5)  # 3 batches done, the 4th past its cancel check, blocked on the gate
     assert w.status == "running"
     assert w.cancel() is True
     gate.set()
@@ -440,8 +444,9 @@ def test_a_cancelled_job_shows_the_partial_result_it_returns():
     assert w.partials == [[0], [0, 1]] and w.results == []
     # a partial already on screen is not shown twice
     w2 = JobWidget()
-    w2._submit(squares, 100, gate=(gate := threading.Event()))
-    wait_for(lambda: len(w2.partials) >= 3)
+    gate, at_gate = threading.Event(), threading.Event()
+    w2._submit(squares, 100, gate=gate, at_gate=at_gate)
+    assert at_gate.wait(5)
     w2.cancel()
     gate.set()
     w2.wait(5)

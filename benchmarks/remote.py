@@ -1,0 +1,118 @@
+"""The demo's IOI END grid through nnsight (in-process and NDIF's local simulation) against the
+fast engine and TransformerLens hooks, in one process, as multiples of F (one plain forward of
+the clean batch), with each run's request count and its largest difference from the fast engine.
+Usage:
+
+    python benchmarks/remote.py [--n-prompts 12] [--model demo] [--component z] [--quick]
+
+--quick runs the TransformerLens-hooks baseline (one bridge forward per cell) on 3 layers only
+and extrapolates it to the whole grid (labelled "extrapolated"); --layers K does the same for
+the nnsight runs too (on a busy machine), and prints the request count of the whole grid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n-prompts", type=int, default=12)
+    ap.add_argument("--model", default="demo")
+    ap.add_argument("--component", default="z")
+    ap.add_argument("--quick", action="store_true", help="TL baseline on 3 layers, extrapolated")
+    ap.add_argument("--layers", type=int, default=None, help="nnsight on K layers, extrapolated")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    import circuit_widgets as cw
+    from circuit_widgets.core import cache
+
+    model = cw.load_model(args.model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    task = cw.tasks.ioi(model, args.n_prompts, seed=0)
+    shape = cw.models.model_shape(model)
+    L, H = shape.n_layers, shape.n_heads
+    clean = task.clean_tokens.to(model.cfg.device)
+    print(
+        f"model {args.model}: {L} layers x {H} heads ({shape.n_kv_heads} kv); IOI END grid of "
+        f"{args.component}, {len(task)} prompts x {task.seq_len} tokens; torch threads "
+        f"{torch.get_num_threads()}"
+    )
+
+    def forward():
+        with torch.no_grad():
+            model(clean)
+
+    forward()
+    fs = []
+    for _ in range(5):
+        t = time.perf_counter()
+        forward()
+        fs.append(time.perf_counter() - t)
+    F = statistics.median(fs)
+    print(f"F = {F:.3f} s (median of 5 plain bridge forwards)")
+    print(f"  {'engine':<40} {'time':>8} {'requests':>9} {'max |diff| vs fast':>19}")
+
+    def timed(fn):
+        t = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - t
+
+    def row(label, seconds, requests, diff):
+        print(f"  {label:<40} {seconds / F:7.1f}F {requests:>9} {diff:>19}")
+
+    run = lambda m, **kw: cw.activation_patch(
+        m, task, component=args.component, positions="END", **kw
+    )
+    cache.clear_cache()
+    fast, t_fast = timed(lambda: run(model))
+    row("fast engine (clean/corrupt runs included)", t_fast, "-", "0")
+
+    layers = list(range(3)) if args.quick else list(range(L))
+    n_cols = fast.values.shape[-1]
+    subset = [(layer, h) for layer in layers for h in range(n_cols)]
+    with cache.force_hooked():
+        cache.clear_cache()
+        hooked, t_hooked = timed(lambda: run(model, heads=subset))
+    scale = L / len(layers)
+    d = float((hooked.values[layers] - fast.values[layers]).abs().nan_to_num(0).max())
+    tag = f" (extrapolated from {len(layers)} layers)" if args.quick else ""
+    row(
+        f"TransformerLens hooks{tag}",
+        t_hooked * scale,
+        f"{int(len(subset) * scale)} fwd",
+        f"{d:.1e}",
+    )
+
+    nn_layers = list(range(args.layers)) if args.layers else list(range(L))
+    nn_subset = [(layer, h) for layer in nn_layers for h in range(n_cols)]
+    nn_scale = L / len(nn_layers)
+    tag = f" (extrapolated from {len(nn_layers)} layers)" if args.layers else ""
+    for remote in (False, "local"):
+        nm = cw.load_model(model, backend="nnsight", remote=remote)
+        grid, t_nn = timed(lambda nm=nm: run(nm, heads=nn_subset))
+        d = float((grid.values - fast.values)[nn_layers].abs().max())
+        row(f"nnsight remote={remote!r}{tag}", t_nn * nn_scale, nm.requests, f"{d:.1e}")
+    per_request = max(n_cols, 512 // len(task))
+    whole = -(-L * n_cols // per_request)
+    print(f"  whole grid through nnsight: {whole} request(s) of up to {per_request} cells (<= {L})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

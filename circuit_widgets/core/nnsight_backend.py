@@ -1,0 +1,628 @@
+"""Experiments on an nnsight-served model (``load_model(..., backend="nnsight", remote=...)``).
+
+Each request is one nnsight trace; a sweep packs many cells into one trace as extra batch
+rows: the source run (B rows), then one copy of the base run per cell, each with its own
+head slice overwritten by the source run's activation. A full grid of L layers therefore
+costs at most L requests (fewer when several layers' cells fit the row budget), whatever
+the number of heads. Code inside a trace uses only torch and nnsight, so NDIF (and the
+local simulation, which hides this package while it deserialises) never imports us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuit_widgets.core.common import MetricReader, Progress, Stop, build_grid, plan_sweep
+from circuit_widgets.core.results import HeadGrid
+from circuit_widgets.types import Component, Direction, Head
+
+# rows (patched copies x examples) per request when batch_size is None
+DEFAULT_ROWS = 512
+SUPPORTED = ("activation_patch", "path_patch", "head_attention", "run_with_edits")
+
+
+def is_nnsight(model: Any) -> bool:
+    return getattr(model, "backend_name", None) == "nnsight"
+
+
+def dispatch(model: Any, experiment: str) -> Callable | None:
+    """This module's version of ``experiment`` for an nnsight model, None for other models;
+    an experiment not written for nnsight raises NotImplementedError naming the backend."""
+    if not is_nnsight(model):
+        return None
+    if experiment not in SUPPORTED:
+        raise NotImplementedError(
+            f"{experiment} is not available on the nnsight backend yet (supported: "
+            f"{', '.join(SUPPORTED)}); load the model with backend='transformer_lens' to run it"
+        )
+    return globals()[experiment]
+
+
+def check(experiment: str, *models: Any) -> None:
+    """Refuse an nnsight model in an experiment not written for nnsight, naming the backend."""
+    if any(is_nnsight(m) for m in models):
+        dispatch(next(m for m in models if is_nnsight(m)), experiment)
+
+
+# ---------------------------------------------------------------------- sites
+
+
+def _site(nm: Any, comp: Component, layer: int) -> tuple[Any, bool, int]:
+    """(module envoy, True if the activation is its input, column offset of head 0)."""
+    if comp == Component.Z:
+        return nm.z_site(layer), True, 0
+    a = nm.attn(layer)
+    if nm.family == "gpt2":  # c_attn's output is [q | k | v]
+        d = nm.cfg.n_heads * nm.cfg.d_head
+        return a.c_attn, False, {"q": 0, "k": d, "v": 2 * d}[comp.value]
+    return getattr(a, f"{comp.value}_proj"), False, 0
+
+
+def _check_component(comp: Component) -> None:
+    if comp not in (Component.Z, Component.Q, Component.K, Component.V):
+        raise NotImplementedError(
+            f"component {comp.value!r} is not available on the nnsight backend yet; "
+            "use z, q, k or v"
+        )
+
+
+# ---------------------------------------------------------------------- activation patching
+
+
+def activation_patch(
+    model: Any,
+    task: Any,
+    *,
+    component: Any = "z",
+    positions: Any = "all",
+    direction: Any = "noise",
+    heads: Sequence[Head | str | tuple[int, int]] | None = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+    max_memory: int | str | None = None,  # requests are sized by batch_size (rows) instead
+) -> HeadGrid:
+    """``activation_patch`` through nnsight; the same contract as the fast engine's.
+
+    A request runs ``max(positions x columns, rows // examples)`` cells (rows = batch_size,
+    default 512), layer by layer, so a full grid costs at most one request per layer.
+    Progress advances per request; ``should_stop`` is checked between requests. A request
+    that fails raises ``RemoteError`` (one sentence) whose ``partial`` holds the grid so far.
+    """
+    plan = plan_sweep(
+        model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
+    )
+    comp, dirn, shape = plan.comp, plan.dirn, plan.shape
+    _check_component(comp)
+    slots, labels, n_cols = plan.slots, plan.labels, plan.n_cols
+    L, P, B = shape.n_layers, len(slots), len(task)
+    wanted = torch.zeros(L, P, n_cols, dtype=torch.bool)
+    if plan.subset is None:
+        wanted[:] = True
+    else:
+        for h in plan.subset:
+            wanted[h.layer, :, h.head] = True
+    cells = [tuple(c) for c in wanted.nonzero().tolist()]  # layer-major
+    per_request = max(P * n_cols, (batch_size or DEFAULT_ROWS) // max(B, 1), 1)
+    jobs = [cells[i : i + per_request] for i in range(0, len(cells), per_request)] or [[]]
+
+    reader = MetricReader(task, "cpu")
+    base_tokens, src_tokens = (
+        (task.clean_tokens, task.corrupt_tokens)
+        if dirn == Direction.NOISE
+        else (task.corrupt_tokens, task.clean_tokens)
+    )
+    masks = [s.mask for s in slots]
+    end = task.positions["END"].cpu()
+    dh = shape.d_head
+    per_example = torch.full((B, L, P, n_cols), float("nan"))
+    done = torch.zeros(L, P, n_cols, dtype=torch.bool)
+    m_clean: Any = None
+    m_corrupt: Any = None
+    complete = True
+    n_req = 0
+
+    def grid(complete: bool, extra: list[str]) -> HeadGrid:
+        pe, dn = per_example, done
+        if labels is None:
+            pe, dn = pe[:, :, 0], dn[:, 0]
+        notes = [
+            f"nnsight ({_where(model)}): {n_req} request(s), up to {per_request} cells each",
+            *extra,
+        ]
+        if dirn == Direction.DENOISE:
+            notes.append(
+                "denoise: corrupt run with clean activations patched in; values are still "
+                "patched - clean, recovered = 1 - normalized"
+            )
+        return build_grid(
+            pe,
+            dn,
+            m_clean,
+            m_corrupt,
+            shape=shape,
+            component=comp,
+            direction=dirn.value,
+            kind="activation",
+            metric_name=task.metric_name,
+            positions=labels,
+            position=plan.single,
+            complete=complete,
+            notes=notes,
+        )
+
+    for i, job in enumerate(jobs):
+        if i > 0 and should_stop is not None and should_stop():
+            complete = False
+            break
+        first = i == 0
+        by_layer: dict[int, list] = {}
+        for k, (layer, p, col) in enumerate(job):
+            by_layer.setdefault(layer, []).append((k, p, col))
+        try:
+            out = _patch_request(
+                model, comp, src_tokens, base_tokens, first, by_layer, masks, end, dh, reader.cols
+            )
+        except Exception as exc:
+            from circuit_widgets.nnsight_model import RemoteError, request_error
+
+            err = exc if isinstance(exc, RemoteError) else request_error(exc)
+            err.partial = grid(False, [str(err)]) if m_clean is not None else None
+            raise err from exc
+        n_req += 1
+        rows = out.float().cpu().view(-1, B, out.shape[-1])
+        metric = reader(rows)  # [n, B]
+        if first:
+            m_src, m_base = metric[0], metric[1]
+            m_clean, m_corrupt = (m_base, m_src) if dirn == Direction.NOISE else (m_src, m_base)
+            metric = metric[2:]
+        else:
+            metric = metric[1:]
+        for k, (layer, p, col) in enumerate(job):
+            per_example[:, layer, p, col] = metric[k] - m_clean
+            done[layer, p, col] = True
+        if on_progress is not None:
+            on_progress(i + 1, len(jobs))
+    return grid(complete, [])
+
+
+def _where(model: Any) -> str:
+    return {False: "in-process", "local": "NDIF local simulation", True: "NDIF"}[model.remote]
+
+
+def _patch_request(
+    nm: Any,
+    comp: Component,
+    src_tokens: Tensor,
+    base_tokens: Tensor,
+    with_base: bool,
+    by_layer: dict[int, list],
+    masks: list[Tensor],
+    end: Tensor,
+    dh: int,
+    cols: Tensor | None,
+) -> Tensor:
+    """One trace: rows [source | base (first request only) | one base copy per cell]; returns
+    the final logits at END of every row (only ``cols`` where the metric reads only those)."""
+    B = src_tokens.shape[0]
+    n_cells = sum(len(v) for v in by_layer.values())
+    lead = 2 if with_base else 1
+    inp = torch.cat([src_tokens, *([base_tokens] * (n_cells + lead - 1))])
+    rows = torch.arange(inp.shape[0])
+    end_rows = end.repeat(n_cells + lead)
+    # plain ints, tensors and envoys only: this block's locals are what travels to the server
+    layers = sorted(by_layer)
+    sites, as_input, plans = [], [], []
+    for layer in layers:
+        env, is_input, off = _site(nm, comp, layer)
+        sites.append(env)
+        as_input.append(is_input)
+        plans.append(
+            [
+                (B * (lead + k), off + col * dh, off + (col + 1) * dh, p)
+                for k, p, col in by_layer[layer]
+            ]
+        )
+    lm = nm.lm
+    with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
+        for i in range(len(sites)):
+            x = sites[i].input if as_input[i] else sites[i].output
+            new = x.clone()
+            for r0, a, b, p in plans[i]:
+                keep = masks[p][:, :, None]
+                new[r0 : r0 + B, :, a:b] = torch.where(keep, x[:B, :, a:b], x[r0 : r0 + B, :, a:b])
+            if as_input[i]:
+                sites[i].input = new
+            else:
+                sites[i].output = new
+        logits = lm.output.logits[rows, end_rows]
+        if cols is not None:
+            logits = logits[:, cols]
+        saved = logits.save()
+    return saved
+
+
+# ---------------------------------------------------------------------- path patching
+
+
+def path_patch(
+    model: Any,
+    task: Any,
+    *,
+    receivers: Any = "logits",
+    senders: Sequence[Head | str | tuple[int, int]] | None = None,
+    position: str = "all",
+    freeze_mlps: bool = False,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+    max_memory: int | str | None = None,  # requests are sized by batch_size (rows) instead
+) -> HeadGrid:
+    """``path_patch`` through nnsight; the same contract as the fast engine's.
+
+    One forward per request holds the corrupt and clean runs, and per sender a frozen copy
+    (its z from the corrupt run, every other head's z, and with ``freeze_mlps`` every MLP
+    output, from the clean run); for receiver heads a fresh clean copy per sender takes the
+    receivers' q/k/v from the frozen copy in the same forward. A full grid costs at most one
+    request per layer.
+    """
+    from circuit_widgets.core.common import check_callbacks, check_head, check_position_name
+    from circuit_widgets.core.path_patching import (
+        _check_receivers,
+        _describe,
+        _gqa_notes,
+        _receiver_slots,
+    )
+    from circuit_widgets.models import model_shape
+
+    shape = model_shape(model)
+    check_callbacks(on_progress, should_stop, batch_size)
+    to_logits, recv = _check_receivers(receivers, shape)
+    if not isinstance(position, str):
+        raise ValueError(  # noqa: TRY004 - every input mistake is a ValueError, as in path_patch
+            f"position must be 'all' or a position name, got {position!r}"
+        )
+    if position != "all":
+        check_position_name(task, position)
+    top = shape.n_layers if to_logits else min(r.layer for r in recv)
+    if not to_logits and top == 0:
+        raise ValueError("receivers in layer 0 have no earlier heads to send to them")
+    if senders is None:
+        sender_list = [Head(l, h) for l in range(top) for h in range(shape.n_heads)]
+    else:
+        sender_list = [Head.parse(h) for h in senders]
+        for h in sender_list:
+            check_head(h, shape, "sender")
+        bad = [h for h in sender_list if h.layer >= top]
+        if bad and not to_logits:
+            raise ValueError(
+                f"sender {bad[0]} is at or above receiver layer {top}: a sender can only "
+                f"reach receivers in later layers (senders must be in layers < {top})"
+            )
+    sender_list = sorted(set(sender_list))
+    B, s = task.clean_tokens.shape
+    mask = (
+        torch.ones(B, s, dtype=torch.bool)
+        if position == "all"
+        else torch.arange(s)[None] == task.positions[position].cpu()[:, None]
+    )
+    per_cell = 1 if to_logits else 2  # batch copies per sender
+    per_request = max(shape.n_heads, (batch_size or DEFAULT_ROWS) // max(B * per_cell, 1), 1)
+    jobs = [sender_list[i : i + per_request] for i in range(0, len(sender_list), per_request)]
+    reader = MetricReader(task, "cpu")
+    end = task.positions["END"].cpu()
+    slots = _receiver_slots(recv, shape.group_size)
+    per_example = torch.full((B, shape.n_layers, shape.n_heads), float("nan"))
+    done = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.bool)
+    m_clean: Any = None
+    m_corrupt: Any = None
+    n_req, complete = 0, True
+    notes = [
+        (
+            f"senders: z from the corrupt run at position {position!r}; every other head's z "
+            f"frozen to its clean value; MLPs {'frozen to clean' if freeze_mlps else 'recompute'}"
+        ),
+    ]
+    if not to_logits:
+        notes.append(
+            "receivers' q/k/v from that run patched into a fresh clean run where "
+            "everything else recomputes"
+        )
+    notes += _gqa_notes(recv, shape)
+
+    def grid(complete: bool, extra: list[str]) -> HeadGrid:
+        head = f"nnsight ({_where(model)}): {n_req} request(s), up to {per_request} senders each"
+        return build_grid(
+            per_example,
+            done,
+            m_clean,
+            m_corrupt,
+            shape=shape,
+            component=Component.Z,
+            direction="noise",
+            kind="path",
+            metric_name=task.metric_name,
+            positions=None,
+            position=position,
+            complete=complete,
+            receivers=_describe(recv, shape),
+            notes=[head, *notes, *extra],
+        )
+
+    for i, job in enumerate(jobs):
+        if i > 0 and should_stop is not None and should_stop():
+            complete = False
+            break
+        try:
+            out = _path_request(
+                model, task, job, mask, end, slots, to_logits, freeze_mlps, reader.cols
+            )
+        except Exception as exc:
+            from circuit_widgets.nnsight_model import RemoteError, request_error
+
+            err = exc if isinstance(exc, RemoteError) else request_error(exc)
+            err.partial = grid(False, [str(err)]) if m_clean is not None else None
+            raise err from exc
+        n_req += 1
+        metric = reader(out.float().cpu().view(-1, B, out.shape[-1]))
+        m_corrupt, m_clean = metric[0], metric[1]
+        for k, h in enumerate(job):
+            per_example[:, h.layer, h.head] = metric[2 + k] - m_clean
+            done[h.layer, h.head] = True
+        if on_progress is not None:
+            on_progress(i + 1, len(jobs))
+    return grid(complete, [])
+
+
+def _recv_site(nm: Any, layer: int, which: str) -> tuple[Any, int]:
+    """(module envoy whose output holds ``which`` of layer, column offset of head 0)."""
+    a = nm.attn(layer)
+    if nm.family == "gpt2":
+        d = nm.cfg.n_heads * nm.cfg.d_head
+        return a.c_attn, {"q": 0, "k": d, "v": 2 * d}[which]
+    return getattr(a, f"{which}_proj"), 0
+
+
+def _path_request(
+    nm: Any,
+    task: Any,
+    senders: list[Head],
+    mask: Tensor,
+    end: Tensor,
+    slots: dict,
+    to_logits: bool,
+    freeze: bool,
+    cols: Tensor | None,
+) -> Tensor:
+    """One trace: rows [corrupt | clean | frozen copy per sender | fresh copy per sender
+    (receivers only)]; returns END logits of [corrupt, clean, then per sender its result]."""
+    B = task.clean_tokens.shape[0]
+    n = len(senders)
+    fresh = 0 if to_logits else n
+    inp = torch.cat([task.corrupt_tokens, *([task.clean_tokens] * (1 + n + fresh))])
+    F0, R0 = 2 * B, (2 + n) * B  # first frozen row, first fresh row
+    L = nm.cfg.n_layers
+    dh = nm.cfg.d_head
+    lo = min(h.layer for h in senders)
+    stop = L if to_logits else max(layer for layer, _ in slots)
+    # per layer: receiver sites [(envoy, [(a, b)])], z envoy, sender patches, mlp envoy
+    plan = []
+    for layer in range(lo, L if to_logits else stop + 1):
+        recv_sites: dict = {}
+        for (rl, which), heads in sorted(slots.items(), key=lambda kv: "qkv".index(kv[0][1])):
+            if rl == layer:
+                env, off = _recv_site(nm, layer, which)
+                recv_sites.setdefault(id(env), [env, []])[1].extend(
+                    (off + c * dh, off + (c + 1) * dh) for c in heads
+                )
+        patches = [
+            (F0 + k * B, h.head * dh, (h.head + 1) * dh)
+            for k, h in enumerate(senders)
+            if h.layer == layer
+        ]
+        freeze_here = layer < stop
+        plan.append(
+            (
+                list(recv_sites.values()),
+                nm.z_site(layer) if freeze_here else None,
+                patches,
+                nm.layer(layer).mlp if freeze_here and freeze else None,
+            )
+        )
+    keep = mask[:, :, None]
+    reps = n
+    result_rows = torch.arange(F0, R0) if to_logits else torch.arange(R0, R0 + fresh * B)
+    ar = torch.cat([torch.arange(2 * B), result_rows])
+    end_rows = end.repeat(len(ar) // B)
+    lm = nm.lm
+    with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
+        for sites_r, zsite, patches, mlp in plan:
+            for env, spans in sites_r:
+                y = env.output
+                new = y.clone()
+                for a, b in spans:
+                    new[R0:, :, a:b] = y[F0:R0, :, a:b]
+                env.output = new
+            if zsite is not None:
+                x = zsite.input
+                new = x.clone()
+                new[F0:R0] = x[B:F0].repeat(reps, 1, 1)
+                for r0, a, b in patches:
+                    new[r0 : r0 + B, :, a:b] = torch.where(keep, x[:B, :, a:b], x[B:F0, :, a:b])
+                zsite.input = new
+            if mlp is not None:
+                m = mlp.output
+                new = m.clone()
+                new[F0:R0] = m[B:F0].repeat(reps, 1, 1)
+                mlp.output = new
+        logits = lm.output.logits[ar, end_rows]
+        if cols is not None:
+            logits = logits[:, cols]
+        saved = logits.save()
+    return saved
+
+
+# ---------------------------------------------------------------------- attention
+
+
+def head_attention(
+    model: Any,
+    task: Any,
+    heads: Any,
+    to: Any,
+    *,
+    at: str = "END",
+    which: str = "clean",
+) -> Any:
+    """``head_attention`` through nnsight: one request reads the heads' attention rows (the
+    model runs eager attention, so each attention module returns its pattern)."""
+    from circuit_widgets.core.interventions import AttentionResult, Intervention
+
+    if which not in ("clean", "corrupt"):
+        raise ValueError(f"which must be 'clean' or 'corrupt', got {which!r}")
+    if at == "all":
+        raise ValueError(
+            "head_attention reads each head's attention row at one query position "
+            "per example: at must be a position name (at='END', ...), not 'all'"
+        )
+    heads = Head.parse_many(heads)
+    order = list(dict.fromkeys(heads))
+    spec = Intervention(model, task, heads=heads, attend_to=to, scale=1.0, at=at)
+    tokens = task.clean_tokens if which == "clean" else task.corrupt_tokens
+    layers = sorted({h.layer for h in spec.heads})
+    b = len(task)
+    ar = torch.arange(b)
+    query = task.positions[at].cpu()
+    try:
+        rows = _attention_request(model, tokens, layers, query)
+    except Exception as exc:
+        from circuit_widgets.nnsight_model import RemoteError, request_error
+
+        raise (exc if isinstance(exc, RemoteError) else request_error(exc)) from exc
+    by_layer = dict(zip(layers, rows, strict=True))
+    t = spec.targets
+    assert t is not None  # attend_to was given
+    out = torch.zeros(b, len(order))
+    for i, h in enumerate(order):
+        r = by_layer[h.layer][:, h.head].detach().float().cpu()
+        hit = torch.zeros_like(r, dtype=torch.bool)
+        hit[ar[:, None].expand_as(t), t] = True
+        out[:, i] = (r * hit).sum(1)
+    label = to if isinstance(to, str) else ("tensor" if isinstance(to, Tensor) else "+".join(to))
+    return AttentionResult(per_example=out, heads=order, to=label, at=at, which=which)
+
+
+def _attention_request(nm: Any, tokens: Tensor, layers: list[int], query: Tensor) -> list:
+    """One trace: each layer's attention rows at ``query`` per example, [b, H, s] each."""
+    mods = [nm.attn(layer) for layer in layers]
+    ar = torch.arange(tokens.shape[0])
+    lm = nm.lm
+    rows = []
+    with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        for m in mods:
+            rows.append(m.output[1][ar, :, query].save())
+    return rows
+
+
+# ---------------------------------------------------------------------- captures
+
+
+CAPTURE_SITES = ("resid_pre", "q", "k", "v", "pattern", "z")
+# the attention module's output (pattern) comes after its o_proj (z)
+_ORDER = {site: i for i, site in enumerate(("resid_pre", "q", "k", "v", "z", "pattern"))}
+
+
+def run_with_edits(
+    model: Any,
+    tokens: Tensor,
+    edits: dict | None = None,
+    *,
+    capture: Any = (),
+    at: Tensor | None = None,
+    grad: bool = False,
+) -> Any:
+    """``run_with_edits`` through nnsight, capture only: edits are Python callables, which a
+    request to NDIF cannot carry, so they are refused here (one request per call)."""
+    from circuit_widgets.core.edits import EditedRun, _check_key
+
+    if edits:
+        raise NotImplementedError(
+            "run_with_edits with edits is not available on the nnsight backend (the edits are "
+            "Python callables a request cannot carry); load the model with "
+            "backend='transformer_lens' to run it"
+        )
+    if grad:
+        raise NotImplementedError(
+            "run_with_edits(grad=True) is not available on the nnsight backend"
+        )
+    # in the order the forward reaches them: nnsight reads each activation as it passes
+    keys = sorted({_check_key(model, k) for k in capture}, key=lambda k: (k[0], _ORDER[k[1]]))
+    bad = [k for k in keys if k[1] not in CAPTURE_SITES]
+    if bad:
+        raise NotImplementedError(
+            f"capturing {bad[0][1]!r} is not available on the nnsight backend; "
+            f"capturable sites: {list(CAPTURE_SITES)}"
+        )
+    b, s = tokens.shape
+    try:
+        logits, raw = _capture_request(model, tokens.cpu(), keys, at)
+    except Exception as exc:
+        from circuit_widgets.nnsight_model import RemoteError, request_error
+
+        raise (exc if isinstance(exc, RemoteError) else request_error(exc)) from exc
+    cfg = model.cfg
+    H, K, dh = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+    captured = {}
+    for key, t in zip(keys, raw, strict=True):
+        site = key[1]
+        if site in ("q", "z"):
+            t = t.reshape(b, s, H, dh)
+        elif site in ("k", "v"):
+            t = t.reshape(b, s, K, dh)
+        captured[key] = t
+    return EditedRun(logits, captured)
+
+
+def _capture_request(nm: Any, tokens: Tensor, keys: list, at: Tensor | None) -> tuple:
+    """One trace: the listed activations (raw module inputs/outputs) and the logits."""
+    plan = []  # (envoy, kind, lo, hi): kind 0 input, 1 output, 2 output[1] (pattern), 3 the
+    # previous output again (GPT-2's q, k and v all come from c_attn)
+    width = nm.cfg.n_heads * nm.cfg.d_head
+    kv = nm.cfg.n_key_value_heads * nm.cfg.d_head
+    for layer, site in keys:
+        if site == "resid_pre":
+            plan.append((nm.layer(layer), 0, 0, 0))
+        elif site == "pattern":
+            plan.append((nm.attn(layer), 2, 0, 0))
+        elif site == "z":
+            plan.append((nm.z_site(layer), 0, 0, 0))
+        else:
+            env, off = _recv_site(nm, layer, site)
+            hi = off + (width if site == "q" else kv)
+            again = nm.family == "gpt2" and plan and plan[-1][0] is env
+            plan.append((env, 3 if again else 1, off, hi if nm.family == "gpt2" else 0))
+    ar = torch.arange(tokens.shape[0])
+    pick = at is not None
+    at_rows = at.cpu() if at is not None else ar
+    lm = nm.lm
+    out = []
+    with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        for env, kind, lo, hi in plan:
+            if kind == 0:
+                t = env.input
+            elif kind == 2:
+                t = env.output[1]
+            else:
+                t = env.output
+                if hi:
+                    t = t[:, :, lo:hi]
+            out.append(t.save())
+        logits = lm.output.logits
+        if pick:
+            logits = logits[ar, at_rows]
+        saved = logits.save()
+    return saved, out
