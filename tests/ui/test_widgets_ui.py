@@ -99,8 +99,14 @@ def cm_paused_grid(*args, on_partial=None, **kwargs):
         if len(cm_shown) == 12:
             cm_gate.wait(300)
     return cm_real(*args, on_partial=show, **{**kwargs, "batch_size": 1})
-cmap_module.cmap_grid = cm_paused_grid
-cm = CMAPWidget(model, finetuned, task, ["1.3", "3.0"], title="CMAP: each head patched alone")
+class GatedCMAP(CMAPWidget):  # only this widget's runs pause: the explorer's CMAP must not
+    def _work(self, *args, **kwargs):
+        cmap_module.cmap_grid = cm_paused_grid
+        try:
+            return super()._work(*args, **kwargs)
+        finally:
+            cmap_module.cmap_grid = cm_real
+cm = GatedCMAP(model, finetuned, task, ["1.3", "3.0"], title="CMAP: each head patched alone")
 cm""",
     # 11: release the paused CMAP grid (Run All, before any run, leaves the gate shut)
     """\
@@ -202,7 +208,9 @@ def test_attention_draws_offline_once_per_page_and_tokens_are_text(lab, output_d
     )
     expect(att.locator(".cw-att-title")).to_have_text("Attention " + EVIL)
     # the prompt's markup is text: the tiny tokenizer turns it into '<unk>', '<', '>' pieces
-    tokens = att.locator(".cw-att-token").all_inner_texts()
+    # textContent: innerText is empty for cells JupyterLab skips drawing (content-visibility)
+    att.scroll_into_view_if_needed()
+    tokens = att.locator(".cw-att-token").all_text_contents()
     assert "<unk>" in tokens and ">" in tokens, tokens
     assert att.locator("script, unk, img").count() == 0
     # the renderer was fetched from the kernel and evaluated exactly once for all views
@@ -470,9 +478,9 @@ def test_explorer_tabs_share_the_circuit_and_run_dcm_and_cmap(lab, output_dir):
     assert state["ex_circuit"] == "Circuit(heads@all: 1.3, 3.0)"
 
     # a grouped circuit: its groups reach every tab, survive clicks, and name themselves on hover
-    run_cell(page, panel, len(CELLS) - 1)
+    run_cell(page, panel, GROUPED_CELL)
     expect(
-        panel.locator(".jp-Notebook .jp-Cell").last.locator(".jp-OutputArea-output")
+        panel.locator(".jp-Notebook .jp-Cell").nth(GROUPED_CELL).locator(".jp-OutputArea-output")
     ).to_contain_text("GROUPED 1")
     expect(ex.locator(".cw-ex-circuit")).to_have_text(
         "circuit (shared by every tab): movers@END: 1.3 · inhibit@all: 2.4, 3.0"
@@ -556,6 +564,6 @@ def test_cmap_grid_fills_progressively(lab, output_dir):
     cm.screenshot(path=str(output_dir / "cmap_mid_run.png"))
     run_cell(page, panel, CMAP_CELL + 1)
     expect(grid.locator("rect.cw-nan")).to_have_count(0, timeout=120_000)
-    expect(grid.locator(".cw-hg-subtitle")).to_have_text("cmap · z")
+    expect(grid.locator(".cw-hg-subtitle")).to_have_text("cmap · z @ END")
     cm.screenshot(path=str(output_dir / "cmap_done.png"))
     assert not [c for c in console if c.startswith("pageerror")]
