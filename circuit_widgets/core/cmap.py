@@ -654,7 +654,17 @@ def cmap_grid(
     eng_b, eng_f = cache.engine_for(base), cache.engine_for(finetuned)
     if eng_b is None or eng_f is None:
         return _grid_hooked(
-            base, finetuned, task, comp, position, pos, shape, batch_size, on_progress, should_stop
+            base,
+            finetuned,
+            task,
+            comp,
+            position,
+            pos,
+            shape,
+            batch_size,
+            on_progress,
+            should_stop,
+            on_partial,
         )
     n_cols = hooks.n_columns(comp, shape)
     L = shape.n_layers
@@ -758,6 +768,7 @@ def _grid_hooked(
     batch_size: int | None,
     on_progress: Progress,
     should_stop: Stop,
+    on_partial: Callable[[HeadGrid], None] | None = None,
 ) -> HeadGrid:
     """cmap_grid through full forwards (bridge hooks where the fast engine does not run)."""
     n_cols = hooks.n_columns(comp, shape)
@@ -810,6 +821,23 @@ def _grid_hooked(
             step += 1
             if on_progress is not None:
                 on_progress(step, total)
+            if on_partial is not None:  # finished batches' examples, or this first one's
+                keep = ex_done.clone() if bool(ex_done.any()) else torch.zeros(n, dtype=torch.bool)
+                if not keep.any():
+                    keep[sl] = True
+                on_partial(
+                    _cmap_headgrid(
+                        per_example[keep].clone(),
+                        done.clone(),
+                        base_m[keep].clone(),
+                        ft_m[keep].clone(),
+                        task,
+                        comp,
+                        position,
+                        shape,
+                        False,
+                    )
+                )
         if not complete:
             break
         ex_done[sl] = True

@@ -134,3 +134,15 @@ def test_chunks_stream_and_stop(setup):
     assert not part.complete and part.per_example.shape[0] == 2
     k = 2
     torch.testing.assert_close(part.values, whole.per_example[:k].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_the_generic_path_streams_partial_grids_too(setup):
+    _, base, ft, task = setup
+    seen = []
+    with cache.force_hooked():
+        grid = cmap_grid(
+            base, ft, task, component="z", batch_size=len(task) * 2, on_partial=seen.append
+        )
+    filled = [int(g.done.sum()) for g in seen]
+    assert filled[0] < filled[-1] == grid.values.numel() and filled == sorted(filled)
+    torch.testing.assert_close(seen[-1].values, grid.values, atol=1e-6, rtol=1e-6)
