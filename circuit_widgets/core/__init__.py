@@ -23,7 +23,9 @@ from circuit_widgets.core.dcm import MaskResult, SweepResult, TrainingCurve, dcm
 from circuit_widgets.core.edits import EditedRun, run_with_edits
 from circuit_widgets.core.interventions import (
     AttentionResult,
+    CopyScores,
     Intervention,
+    copy_scores,
     head_attention,
     intervene,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "AttentionResult",
     "CMAPResult",
     "CompletenessResult",
+    "CopyScores",
     "EditedRun",
     "FaithfulnessResult",
     "HeadGrid",
@@ -57,6 +60,7 @@ __all__ = [
     "cmap_grid",
     "cmap_logits",
     "completeness",
+    "copy_scores",
     "dcm",
     "dcm_sweep",
     "default_stages",

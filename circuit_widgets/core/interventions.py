@@ -22,6 +22,7 @@ from torch import Tensor
 from circuit_widgets.core import hooks as hook_names
 from circuit_widgets.core import nnsight_backend
 from circuit_widgets.core.checks import check_args
+from circuit_widgets.core.common import Progress, Stop, check_callbacks
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.models import model_shape
 from circuit_widgets.types import Component, Head
@@ -508,3 +509,87 @@ def head_attention(
         out[:, i] = (rows * hit).sum(1)
     label = to if isinstance(to, str) else ("tensor" if isinstance(to, Tensor) else "+".join(to))
     return AttentionResult(per_example=out, heads=order, to=label, at=at, which=which)
+
+
+# ====================================================================== copy / suppress
+
+
+@dataclass(frozen=True, eq=False)
+class CopyScores:
+    """What each head does to the tokens it attends to, when forced onto them on its own.
+
+    ``per_example`` [batch, n_heads]: the change in the attended tokens' logits at END (their
+    mean) minus the change in the mean logit over the vocabulary, so a shift of every logit
+    counts as nothing. > 0: the head copies what it attends to (promotes it); < 0: it
+    suppresses it. ``candidate_accuracy`` [n_heads]: the task's accuracy among its candidates
+    with that head forced (``candidate_accuracy_before`` without)."""
+
+    per_example: Float[Tensor, "batch head"]
+    heads: list[Head]
+    candidate_accuracy: Float[Tensor, " head"]
+    candidate_accuracy_before: float
+    to: str
+    at: str
+
+    @property
+    def score(self) -> Float[Tensor, " head"]:
+        return self.per_example.mean(0)
+
+    def as_dict(self) -> dict[str, float]:
+        """{'layer.head': mean copy score}."""
+        return {str(h): float(v) for h, v in zip(self.heads, self.score)}
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{k}: {v:+.3f}" for k, v in self.as_dict().items())
+        return f"CopyScores({self.at} -> {self.to}; {body})"
+
+
+def copy_scores(
+    model: Any,
+    task: Any,
+    heads: Iterable[Any],
+    to: str | Sequence[str] | Tensor,
+    *,
+    at: str = "END",
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+) -> CopyScores:
+    """For each head alone: force its attention at ``at`` (default END) uniformly onto the keys
+    ``to`` (as ``intervene``'s ``attend_to``) on the task's clean prompts, and measure the change
+    in the logits, at END, of the tokens at those keys relative to the whole vocabulary's (see
+    ``CopyScores``). One forward per head plus one without edits. A copying head (a name mover)
+    scores > 0; a suppressing one (a negative mover; an S-inhibition head on GPT-2, through the
+    movers) < 0. Stopped early (``should_stop``), the heads not measured are NaN."""
+    check_callbacks(on_progress, should_stop, None)
+    order = list(dict.fromkeys(Head.parse_many(heads)))
+    if not order:
+        raise ValueError("copy_scores needs at least one head")
+    probe = Intervention(model, task, heads=order, attend_to=to, at=at)  # checks heads and keys
+    tokens = task.clean_tokens
+    end = task.positions["END"]
+    b = len(task)
+    ar = torch.arange(b)
+    ids = tokens.cpu()[ar[:, None], probe.targets]  # [b, k] the attended tokens
+    before = run_with_edits(model, tokens, at=end).logits.float().cpu()
+    cand_before = float(task.candidate_accuracy(before).mean())
+    per = torch.full((b, len(order)), float("nan"))
+    cand = torch.full((len(order),), float("nan"))
+    for i, h in enumerate(order):
+        if should_stop is not None and should_stop():
+            break
+        iv = Intervention(model, task, heads=[h], attend_to=probe.targets, at=at)
+        after = run_with_edits(model, tokens, iv.edits(), at=end).logits.float().cpu()
+        delta = after - before
+        per[:, i] = delta.gather(1, ids).mean(1) - delta.mean(1)
+        cand[i] = float(task.candidate_accuracy(after).mean())
+        if on_progress is not None:
+            on_progress(i + 1, len(order))
+    label = to if isinstance(to, str) else ("tensor" if isinstance(to, Tensor) else "+".join(to))
+    return CopyScores(
+        per_example=per,
+        heads=order,
+        candidate_accuracy=cand,
+        candidate_accuracy_before=cand_before,
+        to=label,
+        at=at,
+    )

@@ -5,10 +5,26 @@ from circuit_widgets.report.build import (
     DEFAULT_SIZES,
     QUICK_SIZES,
     STUDIES,
+    EntitySizes,
+    FinetuneSizes,
+    IOISizes,
     Report,
+    ReuseSizes,
     StudyRun,
     build_report,
 )
 from circuit_widgets.report.cli import main
 
-__all__ = ["DEFAULT_SIZES", "QUICK_SIZES", "STUDIES", "Report", "StudyRun", "build_report", "main"]
+__all__ = [
+    "DEFAULT_SIZES",
+    "QUICK_SIZES",
+    "STUDIES",
+    "EntitySizes",
+    "FinetuneSizes",
+    "IOISizes",
+    "Report",
+    "ReuseSizes",
+    "StudyRun",
+    "build_report",
+    "main",
+]

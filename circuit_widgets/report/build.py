@@ -4,7 +4,6 @@ index.html, results.json and the figures as PNGs."""
 from __future__ import annotations
 
 import datetime
-import inspect
 import json
 import math
 import platform
@@ -12,7 +11,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,98 @@ from circuit_widgets.types import Head
 
 STUDIES = ("ioi", "reuse", "entity", "finetune")
 
-# Prompts per study. QUICK: the smallest sizes that still run every step (CI). IOI and reuse
-# share n, so the IOI study takes the reuse study's IOI pipeline instead of running it again.
-DEFAULT_SIZES: dict[str, dict[str, Any]] = {
-    "ioi": {"n": 32},
-    "reuse": {"n": 32, "n_random": 3},
-    "entity": {"n": 16},
-    "finetune": {"n": 16},
+
+@dataclass(frozen=True)
+class _Sizes:
+    """A study's keyword arguments that the report sets; None leaves the study's own default."""
+
+    def given(self) -> dict[str, Any]:
+        """The fields that are set, by name (each one a keyword of the study function)."""
+        return {
+            f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        }
+
+
+@dataclass(frozen=True)
+class IOISizes(_Sizes):
+    """Keywords of ``ioi_study``."""
+
+    n: int | None = None
+    top_frac: float | None = None
+    task: Any = None
+
+
+@dataclass(frozen=True)
+class ReuseSizes(_Sizes):
+    """Keywords of ``circuit_reuse``."""
+
+    n: int | None = None
+    top_frac: float | None = None
+    n_eval: int | None = None
+    n_controls: int | None = None
+    n_random: int | None = None
+    intervention_heads: Any = None
+
+
+@dataclass(frozen=True)
+class EntitySizes(_Sizes):
+    """Keywords of ``entity_tracking_study``."""
+
+    n: int | None = None
+    n_boxes: int | None = None
+    top_k: int | None = None
+    n_random: int | None = None
+    dcm_examples: int | None = None
+    dcm_epochs: int | None = None
+
+
+@dataclass(frozen=True)
+class FinetuneSizes(_Sizes):
+    """Keywords of ``finetuning_study``."""
+
+    n: int | None = None
+    n_boxes: int | None = None
+    top_k: int | None = None
+    arithmetic_n: int | None = None
+    grid_n: int | None = None
+
+
+SIZE_TYPES: dict[str, type[_Sizes]] = {
+    "ioi": IOISizes,
+    "reuse": ReuseSizes,
+    "entity": EntitySizes,
+    "finetune": FinetuneSizes,
 }
-QUICK_SIZES: dict[str, dict[str, Any]] = {
-    "ioi": {"n": 8},
-    "reuse": {"n": 8, "n_random": 1},
-    "entity": {"n": 8, "n_random": 1, "dcm_examples": 6},
-    "finetune": {"n": 8},
+
+# Full runs use each study's own defaults (the same as a notebook's full mode). QUICK: the
+# smallest sizes that still run every step (CI).
+DEFAULT_SIZES: dict[str, _Sizes] = {k: t() for k, t in SIZE_TYPES.items()}
+QUICK_SIZES: dict[str, _Sizes] = {
+    "ioi": IOISizes(n=8),
+    "reuse": ReuseSizes(n=8, n_eval=24, n_controls=10, n_random=1),
+    "entity": EntitySizes(n=8, n_random=1, dcm_examples=6),
+    "finetune": FinetuneSizes(n=8),
 }
+
+
+def _sizes(key: str, base: _Sizes, override: dict[str, Any] | _Sizes | None) -> _Sizes:
+    """``base`` with the fields of ``override`` (a dict or the study's sizes dataclass) set."""
+    if override is None:
+        return base
+    if isinstance(override, _Sizes):
+        override = override.given()
+    if not isinstance(override, dict):
+        raise ValueError(  # noqa: TRY004 - every input mistake is a ValueError
+            f"sizes[{key!r}] must be a dict or {SIZE_TYPES[key].__name__}, got {override!r}"
+        )
+    known = [f.name for f in fields(SIZE_TYPES[key])]
+    bad = sorted(set(override) - set(known))
+    if bad:
+        raise ValueError(
+            f"sizes[{key!r}] names {bad}, which the report does not set; it sets {known}"
+        )
+    return replace(base, **override)
+
 
 PACKAGES = (
     "circuit-widgets",
@@ -153,14 +230,6 @@ def _shape(model: Any) -> dict[str, Any]:
     }
 
 
-def _accepted(fn: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The kwargs ``fn`` takes (studies written by others may not take seed or callbacks)."""
-    params = inspect.signature(fn).parameters
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return kwargs
-    return {k: v for k, v in kwargs.items() if k in params}
-
-
 class _Bar:
     """A tqdm bar fed by on_progress(done, total); a no-op when progress is off."""
 
@@ -185,66 +254,79 @@ class _Bar:
 # ---------------------------------------------------------------- the studies
 
 
-def _run_ioi(ctx: dict, params: dict, on_progress, should_stop) -> Any:
-    from circuit_widgets.studies.ioi import ioi_study
+def _run_ioi(ctx: dict, p: IOISizes, seed: int, on_progress, should_stop) -> Any:
+    from circuit_widgets.studies import ioi as study
 
-    kw = dict(params)
-    reuse = ctx.get("results", {}).get("reuse")
+    reuse = ctx["results"].get("reuse")
+    n = study.DEFAULT_N if p.n is None else p.n
+    top_frac = study.DEFAULT_TOP_FRAC if p.top_frac is None else p.top_frac
     # The reuse study ran the same pipeline on the same IOI prompts: use it rather than rerun it.
-    if (
+    same = (
         reuse is not None
-        and getattr(reuse, "complete", False)
-        and "task" not in kw
-        and reuse.n == kw.get("n", 24)
-        and reuse.seed == kw.get("seed", 0)
-        and reuse.top_frac == kw.get("top_frac", 0.02)
-    ):
-        kw["pipeline"] = reuse.ioi
-    return ioi_study(ctx["model"], **kw, on_progress=on_progress, should_stop=should_stop)
+        and reuse.complete
+        and p.task is None
+        and (reuse.n, reuse.seed, reuse.top_frac) == (n, seed, top_frac)
+    )
+    return study.ioi_study(
+        ctx["model"],
+        n=n,
+        seed=seed,
+        top_frac=top_frac,
+        task=p.task,
+        pipeline=reuse.ioi if same else None,
+        on_progress=on_progress,
+        should_stop=should_stop,
+    )
 
 
-def _run_reuse(ctx: dict, params: dict, on_progress, should_stop) -> Any:
+def _run_reuse(ctx: dict, p: ReuseSizes, seed: int, on_progress, should_stop) -> Any:
     from circuit_widgets.studies.reuse import circuit_reuse
 
-    return circuit_reuse(ctx["model"], **params, on_progress=on_progress, should_stop=should_stop)
+    return circuit_reuse(
+        ctx["model"], seed=seed, **p.given(), on_progress=on_progress, should_stop=should_stop
+    )
 
 
-def _run_entity(ctx: dict, params: dict, on_progress, should_stop) -> Any:
+def _run_entity(ctx: dict, p: EntitySizes, seed: int, on_progress, should_stop) -> Any:
     from circuit_widgets.studies.entity_tracking import entity_tracking_study
 
-    kw = _accepted(
-        entity_tracking_study, {**params, "on_progress": on_progress, "should_stop": should_stop}
+    return entity_tracking_study(
+        ctx["model"], seed=seed, **p.given(), on_progress=on_progress, should_stop=should_stop
     )
-    _record(params, kw)
-    return entity_tracking_study(ctx["model"], **kw)
 
 
-def _run_finetune(ctx: dict, params: dict, on_progress, should_stop) -> Any:
+def _run_finetune(ctx: dict, p: FinetuneSizes, seed: int, on_progress, should_stop) -> Any:
     finetuned = ctx["load_finetuned"]()
     from circuit_widgets.studies.finetuning import finetuning_study
 
-    kw = _accepted(
-        finetuning_study, {**params, "on_progress": on_progress, "should_stop": should_stop}
-    )
-    _record(params, kw)
-    et = ctx.get("results", {}).get("entity")
-    same = ("n", 16), ("seed", 0), ("n_boxes", 7), ("top_k", 4)
-    # The entity study found the base model's circuit on these very prompts: CMAP it, don't refind it.
+    kw = p.given()
+    et = ctx["results"].get("entity")
+    # The entity study found the base model's circuit: CMAP it on its very prompts, don't refind it.
+    shared = {k: getattr(et, k, None) for k in ("n", "n_boxes", "top_k")} if et is not None else {}
     if (
         et is not None
-        and getattr(et, "complete", False)
-        and "circuit" not in kw
-        and all(getattr(et, k, None) == kw.get(k, d) for k, d in same)
+        and et.complete
+        and None not in shared.values()
+        and all(kw.get(k, v) == v for k, v in shared.items())
     ):
-        kw["circuit"] = et.circuit
-    return finetuning_study(ctx["model"], finetuned, **kw)
+        kw = {**kw, **shared, "circuit": et.circuit}
+    return finetuning_study(
+        ctx["model"], finetuned, seed=seed, **kw, on_progress=on_progress, should_stop=should_stop
+    )
 
 
-def _record(params: dict, kw: dict) -> None:
-    """Keep in the run's parameters only what the study function really took."""
-    for k in list(params):
-        if k not in kw:
-            del params[k]
+def _ran(params: dict[str, Any], result: Any) -> dict[str, Any]:
+    """The parameters a study ran with: those given, with what its result records (n of a
+    given task, n_eval after dropping repeats, ...) in place of the request."""
+    out = dict(params)
+    for k in ("n", "seed", "top_frac", "n_eval", "n_boxes", "top_k"):
+        v = getattr(result, k, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = v
+    task = params.get("task")
+    if task is not None:
+        out["task"] = f"{getattr(task, 'name', type(task).__name__)} ({len(task)} prompts)"
+    return out
 
 
 RUNNERS: dict[str, Callable] = {
@@ -308,7 +390,7 @@ def build_report(
     quick: bool = False,
     only: str | Iterable[str] | None = None,
     seed: int = 0,
-    sizes: dict[str, dict[str, Any]] | None = None,
+    sizes: dict[str, dict[str, Any] | _Sizes] | None = None,
     progress: bool = False,
     figures: bool = True,
     dpi: int = 90,
@@ -320,8 +402,9 @@ def build_report(
     model: a name for ``load_model`` ("demo", a local folder, a hub name) or a loaded model;
     finetuned: the fine-tuned model for the "finetune" study (a name, a model, or None: that
     study is then skipped). quick: the smallest sizes (QUICK_SIZES), else DEFAULT_SIZES;
-    ``sizes`` overrides per study ({"ioi": {"n": 4}}; any keyword the study function takes,
-    e.g. {"ioi": {"task": my_task}}). only: "ioi,reuse" or a list, from STUDIES. progress:
+    ``sizes`` overrides per study ({"ioi": {"n": 4}} or {"ioi": IOISizes(n=4)}; the fields of
+    IOISizes, ReuseSizes, EntitySizes, FinetuneSizes, e.g. {"ioi": {"task": my_task}}). The
+    metadata records what each study ran with (e.g. n of a given task), from its result. only: "ioi,reuse" or a list, from STUDIES. progress:
     a tqdm bar per study. figures: render each study's ``figures()`` (PNG files, embedded in
     the page at ``dpi``); False leaves them out. A study that raises is recorded with its error and traceback and
     the others still run; ``should_stop()`` stops the running study (kept, marked incomplete)
@@ -339,6 +422,7 @@ def build_report(
     t0 = time.perf_counter()
     started = datetime.datetime.now(datetime.timezone.utc)
     base = QUICK_SIZES if quick else DEFAULT_SIZES
+    study_sizes = {k: _sizes(k, base[k], sizes.get(k)) for k in STUDIES}
 
     runs: dict[str, StudyRun] = {}
     load_error: str | None = None
@@ -374,7 +458,7 @@ def build_report(
     for key in RUN_ORDER:
         if key not in chosen:
             continue
-        params = {**base.get(key, {}), "seed": seed, **sizes.get(key, {})}
+        params = {"seed": seed, **study_sizes[key].given()}
         run = StudyRun(key, TITLES[key], "skipped", params=params)
         runs[key] = run
         if loaded is None:
@@ -393,7 +477,7 @@ def build_report(
         bar = _Bar(key, progress)
         t = time.perf_counter()
         try:
-            res = RUNNERS[key](ctx, params, bar, should_stop)
+            res = RUNNERS[key](ctx, study_sizes[key], seed, bar, should_stop)
         except Exception as e:  # noqa: BLE001 - a failing study is reported, the others run
             run.status, run.error, run.traceback = (
                 "failed",
@@ -406,6 +490,7 @@ def build_report(
         bar.close()
         run.seconds = time.perf_counter() - t
         run.result = res
+        run.params = _ran(params, res)
         ctx["results"][key] = res
         run.status = "ok" if getattr(res, "complete", True) else "incomplete"
         try:
@@ -429,7 +514,12 @@ def build_report(
         "model_shape": _shape(loaded) if loaded is not None else {},
         "model_load_seconds": load_seconds,
         "model_error": load_error,
-        "finetuned": None if finetuned is None else _model_label(finetuned, finetuned),
+        # Only a study that used the fine-tuned model names it.
+        "finetuned": (
+            None
+            if finetuned is None or "finetune" not in chosen
+            else _model_label(finetuned, finetuned)
+        ),
         "finetuned_load_seconds": ft_cache.get("seconds"),
         "quick": bool(quick),
         "seed": seed,

@@ -117,6 +117,7 @@ def ioi_rows(d: dict) -> list[Row]:
 
 def reuse_rows(d: dict) -> list[Row]:
     o = d.get("overlap") or {}
+    iv = d.get("intervention") or {}
     rows: list[Row] = [
         ("IOI circuit heads", fmt(o.get("n_a"), "int"), "32", "GPT-2 medium"),
         ("Colored Objects circuit heads", fmt(o.get("n_b"), "int"), "—", ""),
@@ -127,33 +128,51 @@ def reuse_rows(d: dict) -> list[Row]:
             "GPT-2 medium",
         ),
         ("share of the IOI circuit reused", fmt(o.get("frac_a"), "pct"), "78%", "GPT-2 medium"),
-        ("Colored Objects accuracy", fmt(d.get("accuracy_before"), "pct"), "49.6%", "GPT-2 medium"),
         (
-            "... with the attention intervention",
-            fmt(d.get("accuracy_after"), "pct"),
-            "93.7%",
-            "GPT-2 medium (S-inhibition heads + 19.1)",
+            "Colored Objects accuracy (argmax over the vocabulary), circuit prompts",
+            fmt(d.get("colored_accuracy"), "pct"),
+            "49.6%",
+            "GPT-2 medium",
         ),
         (
-            "Colored Objects accuracy among the 3 colours (before -> after)",
-            (
-                f"{fmt(d.get('candidate_accuracy_before'), 'pct')} -> "
-                f"{fmt(d.get('candidate_accuracy_after'), 'pct')}"
-            ),
-            "—",
-            "",
-        ),
-        (
-            "heads intervened on",
-            fmt(d.get("intervention_heads")),
+            "heads intervened on (roles from what they do)",
+            ", ".join(
+                f"{h} {get(iv, 'roles', h, 'role', default='')}".strip()
+                for h in iv.get("heads") or []
+            )
+            or "none",
             "3 S-inhibition + 19.1",
             "GPT-2 medium",
         ),
         (
+            f"held-out accuracy among the 3 colours, before -> after ({fmt(iv.get('n_eval'), 'int')} prompts)",
+            f"{fmt(iv.get('accuracy_before'), 'pct')} -> {fmt(iv.get('accuracy_after'), 'pct')}",
+            "—",
+            "the paper's 49.6% -> 93.7%: next row",
+        ),
+        (
+            "held-out accuracy over the vocabulary, before -> after",
+            f"{fmt(iv.get('vocab_accuracy_before'), 'pct')} -> {fmt(iv.get('vocab_accuracy_after'), 'pct')}",
+            "49.6% -> 93.7%",
+            "GPT-2 medium",
+        ),
+        (
+            f"control: {len(iv.get('random_after') or [])} random head sets, same layers (mean ± sd)",
+            f"{fmt(iv.get('random_mean'), 'pct')} ± {fmt(iv.get('random_std'), 'pct')}",
+            "—",
+            "not reported",
+        ),
+        (
+            "control: the same heads forced onto all three colours",
+            fmt(iv.get("all_colors_after"), "pct"),
+            "—",
+            "not reported",
+        ),
+        (
             "movers' attention to the wrong colours (before -> after)",
             (
-                f"{fmt(d.get('mover_attention_to_wrong_before_mean'))} -> "
-                f"{fmt(d.get('mover_attention_to_wrong_after_mean'))}"
+                f"{fmt(iv.get('mover_attention_to_wrong_before_mean'))} -> "
+                f"{fmt(iv.get('mover_attention_to_wrong_after_mean'))}"
             ),
             "decreases",
             "GPT-2 medium",

@@ -23,6 +23,10 @@ from circuit_widgets.types import Head
 
 POSITIONS = ("IO", "S1", "S1+1", "S2", "END")
 
+# Defaults, shared with the reuse study so that the report can hand IOI the reuse study's pipeline.
+DEFAULT_N = 32
+DEFAULT_TOP_FRAC = 0.02
+
 # Attention scores over every head: name -> (query position, key positions).
 SCORES: dict[str, tuple[str, tuple[str, ...]]] = {
     "END->IO": ("END", ("IO",)),
@@ -425,9 +429,9 @@ def _decode(model: Any, ids: list[int]) -> list[str]:
 def ioi_study(
     model: Any,
     *,
-    n: int = 24,
+    n: int = DEFAULT_N,
     seed: int = 0,
-    top_frac: float = 0.02,
+    top_frac: float = DEFAULT_TOP_FRAC,
     task: Any = None,
     pipeline: PipelineResult | None = None,
     min_attention: float = 0.3,

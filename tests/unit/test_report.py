@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import circuit_widgets as cw
-from circuit_widgets.report import QUICK_SIZES, STUDIES, build_report, main
+from circuit_widgets.report import DEFAULT_SIZES, QUICK_SIZES, STUDIES, build_report, main
 from circuit_widgets.studies.ioi import CLASSES, SCORES, IOIResult, _classify, ioi_study
 from circuit_widgets.tasks import Task
 
 PRE = "<script>alert('x')</script> "
-SIZES = {"ioi": {"n": 4}, "reuse": {"n": 4, "n_random": 1}}
+SIZES = {"ioi": {"n": 4}, "reuse": {"n": 4, "n_random": 1, "intervention_heads": ["1.0"]}}
 
 
 def script_task(model) -> Task:
@@ -234,12 +234,16 @@ def test_report_files(report):
     assert meta["versions"]["torch"] == torch.__version__
     for key in ("date", "total_seconds", "platform"):
         assert meta[key]
-    assert data["studies"]["reuse"]["params"] == {
-        **QUICK_SIZES["reuse"],
+    reuse = data["studies"]["reuse"]
+    assert reuse["params"] == {
+        **QUICK_SIZES["reuse"].given(),
         **SIZES["reuse"],
         "seed": 0,
+        "top_frac": 0.02,  # the study's default, recorded from its result
+        "n_eval": reuse["result"]["intervention"]["n_eval"],
     }
-    assert data["studies"]["ioi"]["params"]["task"] == "Task ioi-script"
+    assert data["studies"]["ioi"]["params"]["task"] == "ioi-script (3 prompts)"
+    assert data["studies"]["ioi"]["params"]["n"] == 3  # what ran, not QUICK_SIZES' n
 
 
 def test_report_escapes_prompts(report):
@@ -266,7 +270,9 @@ def test_report_shows_measured_and_paper_numbers(report, tiny_gpt2):
     # The comparison row: the measured logit diff beside Wang et al.'s.
     assert f"<td class=num>{ld:.3f}</td><td class=num>3.56</td>" in page
     reuse = json.loads(rep.results_json.read_text())["studies"]["reuse"]["result"]
-    assert f"<td class=num>{reuse['accuracy_before']:.1%}</td><td class=num>49.6%</td>" in page
+    assert f"<td class=num>{reuse['colored_accuracy']:.1%}</td><td class=num>49.6%</td>" in page
+    iv = reuse["intervention"]
+    assert f"{iv['accuracy_before']:.1%} -&gt; {iv['accuracy_after']:.1%}" in page
 
 
 def test_a_failing_study_is_reported_and_the_others_run(report):
@@ -294,6 +300,47 @@ def test_bad_study_arguments_fail_that_study_only(tiny_gpt2, tmp_path):
     data = json.loads((tmp_path / "results.json").read_text())
     assert data["studies"]["reuse"]["traceback"] and data["studies"]["ioi"]["result"]["n"] == 4
     assert data["studies"]["ioi"]["figures"] == {} and "data:image" not in rep.index.read_text()
+
+
+def test_metadata_comes_from_what_ran(tiny_gpt2, tmp_path):
+    """Issue 15 item 9: a given task's size, not the default n; no fine-tuned model unless the
+    fine-tuning study ran."""
+    task = script_task(tiny_gpt2)
+    rep = build_report(
+        tmp_path, model=tiny_gpt2, only="ioi", figures=False, sizes={"ioi": {"task": task}}
+    )
+    data = json.loads(rep.results_json.read_text())
+    meta = data["meta"]
+    assert meta["sizes"]["ioi"]["n"] == len(task) == data["studies"]["ioi"]["result"]["n"]
+    assert meta["sizes"]["ioi"]["task"] == f"ioi-script ({len(task)} prompts)"
+    assert meta["finetuned"] is None  # demo-arith is the default, but nothing used it
+    assert f"n={len(task)} prompts" in rep.runs["ioi"].summary
+    assert "n=32" not in rep.index.read_text()
+
+
+def test_full_sizes_are_the_studies_own_defaults():
+    import inspect
+
+    from circuit_widgets.report.build import SIZE_TYPES
+    from circuit_widgets.studies.entity_tracking import entity_tracking_study
+    from circuit_widgets.studies.finetuning import finetuning_study
+    from circuit_widgets.studies.reuse import circuit_reuse
+
+    assert all(not s.given() for s in DEFAULT_SIZES.values())
+    fns = {
+        "ioi": ioi_study,
+        "reuse": circuit_reuse,
+        "entity": entity_tracking_study,
+        "finetune": finetuning_study,
+    }
+    for key, cls in SIZE_TYPES.items():  # every field the report sets is a keyword of the study
+        params = inspect.signature(fns[key]).parameters
+        assert {f for f in cls.__dataclass_fields__} <= set(params), key
+
+
+def test_unknown_size_names_are_refused(tiny_gpt2, tmp_path):
+    with pytest.raises(ValueError, match=r"sizes\['ioi'\] names \['bogus'\]"):
+        build_report(tmp_path, model=tiny_gpt2, only="ioi", sizes={"ioi": {"bogus": 1}})
 
 
 def test_a_model_that_does_not_load_is_reported(tmp_path):
