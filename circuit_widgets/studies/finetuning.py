@@ -53,6 +53,7 @@ class FinetuningResult:
     seconds: float
     complete: bool
     notes: list[str] = field(default_factory=list)
+    split: str = "all"
 
     def cmap_table(self):
         """One row per group (and "circuit"): heads, position, base / fine-tuned / patched."""
@@ -77,6 +78,7 @@ class FinetuningResult:
             "n": self.n,
             "arithmetic_n": self.arithmetic_n,
             "n_boxes": self.n_boxes,
+            "split": self.split,
             "seed": self.seed,
             "top_k": self.top_k,
             "grid_position": self.grid_position,
@@ -203,6 +205,7 @@ def finetuning_study(
     n: int = 16,
     n_boxes: int = 7,
     seed: int = 0,
+    split: str = "all",
     top_k: int = 4,
     arithmetic_digits: int = 2,
     arithmetic_n: int | None = None,
@@ -224,6 +227,8 @@ def finetuning_study(
        and position, each group alone and the whole circuit at once.
     4. CMAP per head: every head alone at ``grid_position``, on the first ``grid_n`` (default
        all ``n``) prompts: one base forward per head, so this is the slow step.
+    ``split`` picks the entity-tracking prompts' objects and labels (``tasks.entity_tracking``):
+    "test" for a fine-tune trained on the "train" split (demo-boxes).
     Progress covers all steps; once stopped the result keeps what was done (complete=False).
     """
     from circuit_widgets import tasks
@@ -263,7 +268,7 @@ def finetuning_study(
         notes.append(f"arithmetic skipped: {exc}")
     else:
         arith = tasks.arithmetic(base, n=arithmetic_n or n, seed=seed, digits=arithmetic_digits)
-    et = tasks.entity_tracking(base, n=n, seed=seed, n_boxes=n_boxes)
+    et = tasks.entity_tracking(base, n=n, seed=seed, n_boxes=n_boxes, split=split)
     if grid_position != "all" and grid_position not in et.positions:
         raise ValueError(
             f"grid_position must be 'all' or one of {sorted(et.positions)}, got {grid_position!r}"
@@ -350,6 +355,7 @@ def finetuning_study(
         seconds=time.perf_counter() - t0,
         complete=complete,
         notes=notes,
+        split=split,
     )
 
 

@@ -236,15 +236,19 @@ def _assemble(
     )
 
 
-def desiderata(model: Any, n: int, seed: int = 0, n_boxes: int = 7) -> dict[str, Desideratum]:
+def desiderata(
+    model: Any, n: int, seed: int = 0, n_boxes: int = 7, split: str = "all"
+) -> dict[str, Desideratum]:
     """The three boxes-task desiderata, ``n`` examples each: positional, object_value, label_value.
+
+    ``split`` ("all", "train", "test") picks objects and labels as ``entity_tracking`` does.
 
     Each target differs from the base answer. Where the word lists allow, the source's objects
     are not in the base context and (positional, object_value) its query label is in no base
     box, so the three desiderata predict three different tokens.
     """
     check_n(n, "desiderata")
-    bv = BoxVocab.of(model, n_boxes, "desiderata")
+    bv = BoxVocab.of(model, n_boxes, "desiderata", split)
     out = {}
     for kind in KINDS:
         # Each desideratum draws from its own stream, so one's examples never shift another's.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,24 @@ STAGES = (
     Stage("D", "query_label_ctx", "C", "v"),
 )
 
+SPLITS = ("all", "train", "test")
+TEST_SHARE = 3  # one word in three (rounded up) is held out for evaluation
+
+
+def split_words(words_: list[str], split: str, what: str = "split_words") -> list[str]:
+    """The words of ``split``: "test" holds out a fixed third, "train" the rest, "all" all.
+
+    The partition hangs on each word alone (a hash of it), so it is the same for every
+    tokenizer; filtering to single tokens happens afterwards, within each part.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"{what}: split must be one of {SPLITS}, got {split!r}")
+    if split == "all":
+        return list(words_)
+    ranked = sorted(words_, key=lambda w: hashlib.sha256(f"boxes/{w}".encode()).hexdigest())
+    test = set(ranked[: -(-len(ranked) // TEST_SHARE)])
+    return [w for w in words_ if (w in test) == (split == "test")]
+
 
 @dataclass(frozen=True)
 class BoxVocab:
@@ -32,23 +51,28 @@ class BoxVocab:
     vocab: Vocab
     labels: dict[str, int]
     objects: dict[str, int]
+    split: str = "all"
 
     @classmethod
-    def of(cls, model: Any, n_boxes: int, what: str) -> BoxVocab:
+    def of(cls, model: Any, n_boxes: int, what: str, split: str = "all") -> BoxVocab:
         vocab = Vocab.of(model)
         if isinstance(n_boxes, bool) or not isinstance(n_boxes, int):
             raise TypeError(f"{what}: n_boxes must be an int, got {n_boxes!r}")
-        labels = vocab.single_words(words.BOX_LABELS, "BOX_LABELS", 0, what)
-        objects = vocab.single_words(words.BOX_OBJECTS, "BOX_OBJECTS", 0, what)
+        labels = vocab.single_words(
+            split_words(words.BOX_LABELS, split, what), "BOX_LABELS", 0, what
+        )
+        objects = vocab.single_words(
+            split_words(words.BOX_OBJECTS, split, what), "BOX_OBJECTS", 0, what
+        )
         # One label more than boxes: a corrupt query needs a letter that is in no box.
         top = min(len(labels) - 1, len(objects))
         if not MIN_BOXES <= n_boxes <= top:
             raise ValueError(
                 f"{what}: n_boxes must be between {MIN_BOXES} and {top} for tokenizer "
-                f"{vocab.name!r} ({len(labels)} single-token labels, {len(objects)} objects), "
-                f"got {n_boxes}"
+                f"{vocab.name!r} and split {split!r} ({len(labels)} single-token labels, "
+                f"{len(objects)} objects), got {n_boxes}"
             )
-        return cls(vocab, labels, objects)
+        return cls(vocab, labels, objects, split)
 
     def sample(
         self, rng: random.Random, n_boxes: int, avoid_objects: tuple[str, ...] = ()
@@ -93,8 +117,14 @@ def box_prompt(bv: BoxVocab, objects: list[str], labels: list[str], query_label:
     return BoxPrompt(ids, prompt.text, named, list(objects), list(labels), query_label, q)
 
 
-def entity_tracking(model: Any, n: int, seed: int = 0, n_boxes: int = 7) -> Task:
+def entity_tracking(
+    model: Any, n: int, seed: int = 0, n_boxes: int = 7, split: str = "all"
+) -> Task:
     """``n`` boxes prompts with ``n_boxes`` boxes; the answer is the queried box's object.
+
+    ``split`` picks the objects and box labels: "train" and "test" are disjoint (a fixed third
+    of each word list is held out for "test", see ``split_words``), "all" uses every word.
+    Evaluate a model fine-tuned on "train" prompts on "test" prompts.
 
     Corrupt = another context (objects not in the clean one, new labels) whose query label
     is a letter in none of its boxes; same length. Answer: " <object>"; wrong answers
@@ -102,7 +132,7 @@ def entity_tracking(model: Any, n: int, seed: int = 0, n_boxes: int = 7) -> Task
     query_object_ctx, END. Metric: probability of the answer.
     """
     check_n(n, "entity_tracking")
-    bv = BoxVocab.of(model, n_boxes, "entity_tracking")
+    bv = BoxVocab.of(model, n_boxes, "entity_tracking", split)
     rng = random.Random(seed)
     out: dict[str, list] = {
         k: [] for k in ("clean", "corrupt", "pos", "cp", "kp", "meta", "ans", "wrong")
@@ -132,6 +162,7 @@ def entity_tracking(model: Any, n: int, seed: int = 0, n_boxes: int = 7) -> Task
                 "corrupt_objects": cobjs,
                 "corrupt_labels": clabs,
                 "corrupt_query_label": cquery,
+                "split": split,
             }
         )
     return assemble_task(

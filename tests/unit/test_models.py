@@ -188,7 +188,7 @@ def test_merge_and_placement_arguments_are_never_silently_ignored(tiny_gpt2):
 
     for spec in ("tiny-gpt2", tiny_gpt2, "demo"):
         with pytest.raises(
-            TypeError, match="merge= applies to 'demo-arith' and to peft models only"
+            TypeError, match="merge= applies to 'demo-arith', 'demo-boxes' and to peft models only"
         ):
             cw.load_model(spec, merge=True)
     with pytest.raises(TypeError, match="merge must be True or False"):

@@ -88,3 +88,63 @@ def test_a_tokenizer_that_cannot_write_the_task_skips_only_the_arithmetic_step(p
     )
     assert math.isnan(res.arithmetic_base) and math.isnan(res.arithmetic_finetuned)
     assert res.complete and res.cmap is not None and res.grid is not None
+
+
+# --------------------------------------------------------------------------- entity tracking
+
+
+@pytest.fixture(scope="module")
+def pruned_study(pair):
+    from circuit_widgets.studies import entity_tracking_study
+
+    base, _ = pair
+    kw = {
+        "n": N,
+        "n_boxes": BOXES,
+        "seed": 0,
+        "split": "test",
+        "top_k": 3,
+        "n_random": 1,
+        "dcm_examples": 0,
+    }
+    return base, entity_tracking_study(base, prune=0.02, **kw), entity_tracking_study(base, **kw)
+
+
+def test_entity_study_prunes_candidates_by_minimality(pruned_study):
+    from circuit_widgets.core.circuits import minimality
+    from circuit_widgets.tasks.entity_tracking import split_words
+    from circuit_widgets.tasks.words import BOX_OBJECTS
+
+    base, res, plain = pruned_study
+    assert res.complete and res.split == "test" and res.prune == 0.02
+    # Candidates are the top-k of each stage; without prune= they are the circuit itself.
+    assert plain.minimality is None and plain.circuit == plain.candidates
+    sizes = [len(g.heads) for g in res.candidates.groups]
+    assert sizes[0] == 3 and max(sizes) == 3  # later stages of 2 layers may have fewer senders
+    # The kept heads are exactly the candidates whose minimality score reaches the threshold,
+    # computed as core.circuits.minimality computes it on the same prompts and means.
+    et = entity_tracking(base, n=N, seed=0, n_boxes=BOXES, split="test")
+    ref = entity_tracking(base, n=N, seed=1, n_boxes=BOXES, split="test")
+    mini = minimality(base, et, res.candidates, reference_task=ref, reference="clean")
+    rel = dict(zip(mini.heads, mini.relative))
+    for cand, kept in zip(res.candidates.groups, res.circuit.groups):
+        assert (kept.name, kept.position) == (cand.name, cand.position)
+        assert kept.heads == {h for h in cand.heads if rel[h] >= 0.02}
+    table = res.minimality_table()
+    assert set(table["head"]) == {str(h) for h in res.candidates.heads}
+    assert res.faithfulness.circuit == res.circuit  # faithfulness of the pruned circuit
+    d = res.to_dict()
+    assert (
+        d["split"] == "test" and d["prune"] == 0.02 and d["candidates"] == res.candidates.to_dict()
+    )
+    assert "pruned by minimality" in res.summary()
+    test_objects = set(split_words(BOX_OBJECTS, "test"))
+    assert all(m["answer"] in test_objects for m in et.meta)
+
+
+def test_entity_study_rejects_a_bad_prune(pair):
+    from circuit_widgets.studies import entity_tracking_study
+
+    for bad in (1.5, -0.1, True):
+        with pytest.raises(ValueError, match="prune"):
+            entity_tracking_study(pair[0], n=2, n_boxes=BOXES, prune=bad, dcm_examples=0)
