@@ -71,7 +71,7 @@ class EntityTrackingRecipe:
     """Every knob of the boxes fine-tune ("demo-boxes"); saved next to the adapter."""
 
     seed: int = 0
-    steps: int = 30
+    steps: int = 60
     batch_size: int = 16
     lr: float = 2e-3
     warmup: int = 3
