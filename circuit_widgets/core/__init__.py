@@ -18,8 +18,13 @@ from circuit_widgets.core.circuits import (
     mean_ablate,
     minimality,
 )
-from circuit_widgets.core.cmap import CMAPResult, check_compatible, cmap, cmap_grid, cmap_logits
-from circuit_widgets.core.dcm import MaskResult, SweepResult, TrainingCurve, dcm, dcm_sweep
+from circuit_widgets.core.cross_model import (
+    CMAPResult,
+    check_compatible,
+    cmap,
+    cmap_grid,
+    cmap_logits,
+)
 from circuit_widgets.core.edits import EditedRun, run_with_edits
 from circuit_widgets.core.interventions import (
     AttentionResult,
@@ -29,6 +34,7 @@ from circuit_widgets.core.interventions import (
     head_attention,
     intervene,
 )
+from circuit_widgets.core.masking import MaskResult, SweepResult, TrainingCurve, dcm, dcm_sweep
 from circuit_widgets.core.patching import activation_patch
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.core.results import HeadGrid

@@ -20,8 +20,8 @@ from circuit_widgets.core.circuits import (
     minimality,
 )
 from circuit_widgets.core.common import Progress, Stop, check_callbacks
-from circuit_widgets.core.dcm import MaskResult, dcm
 from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.masking import MaskResult, dcm
 from circuit_widgets.tasks.desiderata import KINDS
 from circuit_widgets.types import Circuit, CircuitGroup
 

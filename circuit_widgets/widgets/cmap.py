@@ -86,7 +86,7 @@ class CMAPWidget(BaseWidget):
     ) -> None:
         self._check_kwargs(kwargs)
         check_args("CMAPWidget", base=base, finetuned=finetuned, task=task)
-        from circuit_widgets.core.cmap import check_compatible
+        from circuit_widgets.core.cross_model import check_compatible
         from circuit_widgets.models import model_shape
 
         check_compatible(base, finetuned)
@@ -191,7 +191,7 @@ class CMAPWidget(BaseWidget):
         return self._submit(self._work, circuit, self.grid_position, self.sweep_grid)
 
     def _work(self, job: Job, circuit: Circuit, grid_position: str, sweep_grid: bool) -> dict:
-        from circuit_widgets.core.cmap import cmap, cmap_grid
+        from circuit_widgets.core.cross_model import cmap, cmap_grid
 
         share = 0.3 if sweep_grid else 1.0
         groups = ", ".join(g.name for g in circuit.groups)

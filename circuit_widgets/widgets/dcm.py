@@ -113,7 +113,7 @@ class DCMWidget(BaseWidget):
     ) -> None:
         self._check_kwargs(kwargs)
         check_args("DCMWidget", model=model, desideratum=desideratum)
-        from circuit_widgets.core.dcm import DEFAULT_LAMS
+        from circuit_widgets.core.masking import DEFAULT_LAMS
         from circuit_widgets.models import model_shape
 
         shape = model_shape(model)
@@ -243,7 +243,7 @@ class DCMWidget(BaseWidget):
         return self._submit(self._sweep, list(self.lams), self.position)
 
     def _sweep(self, job: Job, lams: list[float], position: str) -> list[Any]:
-        from circuit_widgets.core.dcm import dcm_sweep
+        from circuit_widgets.core.masking import dcm_sweep
 
         results: list[Any] = []
 

@@ -3,8 +3,6 @@ one chunk's runs alive, reports progress over all chunks and stops between jobs.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -213,9 +211,8 @@ def test_ablation_forwards_follow_the_budget(llama, task, monkeypatch):
 
 
 def test_dcm_max_memory_decides_the_key_value_cache(llama):
+    import circuit_widgets.core.masking as dcm_module
     from circuit_widgets.tasks import desiderata
-
-    dcm_module = importlib.import_module("circuit_widgets.core.dcm")  # core.dcm is the function
 
     d = desiderata(llama, n=15, seed=3, n_boxes=3)["object_value"]
     kw = {"lam": 0.01, "lr": 0.3, "batch_size": 4, "epochs": 1}

@@ -350,7 +350,7 @@ def test_batched_experiments_inside_the_block_equal_unbatched(edit):
 
 
 def test_dcm_runs_in_batches_inside_the_block():
-    from circuit_widgets.core.dcm import dcm
+    from circuit_widgets.core.masking import dcm
     from circuit_widgets.tasks import Desideratum
 
     model = sharp_tiny_model("llama")
