@@ -11,16 +11,15 @@ from typing import Any
 
 import torch
 
-from circuit_widgets.core.circuits import (
+from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.discovery import PipelineResult, circuit_pipeline
+from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.evaluation import (
     FaithfulnessResult,
     MinimalityResult,
-    PipelineResult,
-    circuit_pipeline,
     faithfulness,
     minimality,
 )
-from circuit_widgets.core.common import Progress, Stop, check_callbacks
-from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.masking import MaskResult, dcm
 from circuit_widgets.tasks.desiderata import KINDS
 from circuit_widgets.types import Circuit, CircuitGroup
@@ -326,7 +325,7 @@ def entity_tracking_study(
        ``top_k`` heads per group by |relative effect|: the mean of (p_patched - p_clean) /
        p_clean per example, Prakash et al.'s score (``rank_by="relative"``). With ``prune``
        the ``top_k`` heads are candidates, pruned as Prakash et al. do with Wang et al.'s
-       minimality test (``core.circuits.minimality``, K = {} or the rest of the head's
+       minimality test (``core.evaluation.minimality``, K = {} or the rest of the head's
        group, means as in step 3): a head stays if removing it changes p(answer) by at
        least ``prune`` times the full model's p(answer) for some K.
     3. Faithfulness: every head outside the circuit (per group position) mean-ablated over

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core.circuits import PipelineResult, circuit_pipeline, default_stages
 from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.discovery import PipelineResult, circuit_pipeline, default_stages
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.interventions import head_attention
 from circuit_widgets.core.patching import activation_patch

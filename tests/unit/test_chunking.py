@@ -176,7 +176,7 @@ def test_attribution_chunked_equals_unchunked(llama, task, hooked, fn):
 
 def test_mean_ablation_and_faithfulness_chunked_equal_unchunked(llama, task):
     from circuit_widgets import Circuit
-    from circuit_widgets.core.circuits import faithfulness, mean_ablate
+    from circuit_widgets.core.evaluation import faithfulness, mean_ablate
 
     circ = Circuit.from_groups({"a": ["1.0", "1.2"], "b": ["0.1"]}, positions={"b": "S2"})
     whole = mean_ablate(llama, task, circ)
@@ -193,7 +193,7 @@ def test_mean_ablation_and_faithfulness_chunked_equal_unchunked(llama, task):
 
 def test_ablation_forwards_follow_the_budget(llama, task, monkeypatch):
     """Each forward holds at most the examples the budget allows."""
-    from circuit_widgets.core import circuits
+    from circuit_widgets.core import evaluation as circuits
 
     sizes = []
     real = circuits.run_with_edits

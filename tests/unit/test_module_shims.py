@@ -1,0 +1,24 @@
+"""Modules that moved keep their old import paths: the old module re-exports the very same
+objects, so code (and pickles) written against the old layout keeps working."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+SHIMS = [
+    ("circuit_widgets.core.circuits", "circuit_widgets.core.evaluation"),
+    ("circuit_widgets.core.circuits", "circuit_widgets.core.discovery"),
+]
+
+
+@pytest.mark.parametrize(("old", "new"), SHIMS)
+def test_old_module_re_exports_the_moved_names(old, new):
+    old_mod, new_mod = importlib.import_module(old), importlib.import_module(new)
+    moved = [
+        n for n in old_mod.__all__ if getattr(getattr(new_mod, n, None), "__module__", None) == new
+    ]
+    assert moved, f"{old} re-exports nothing from {new}"
+    for name in moved:
+        assert getattr(old_mod, name) is getattr(new_mod, name)
