@@ -11,7 +11,8 @@ from ipywidgets import widget_serialization
 
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit
-from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
+from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle
+from circuit_widgets.widgets._model_lock import using
 from circuit_widgets.widgets._traits import Float32Array
 from circuit_widgets.widgets.head_grid import HeadGridWidget
 

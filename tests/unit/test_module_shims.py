@@ -22,3 +22,10 @@ def test_old_module_re_exports_the_moved_names(old, new):
     assert moved, f"{old} re-exports nothing from {new}"
     for name in moved:
         assert getattr(old_mod, name) is getattr(new_mod, name)
+
+
+def test_widget_base_re_exports_the_model_lock():
+    from circuit_widgets.widgets import _base, _model_lock
+
+    for name in ("using", "ModelHold", "_MODEL_LOCKS"):
+        assert getattr(_base, name) is getattr(_model_lock, name)

@@ -561,7 +561,7 @@ def test_a_grouped_circuit_names_its_groups_on_the_grid():
 
 
 def test_a_long_holder_hands_the_model_over_between_batches():
-    from circuit_widgets.widgets._base import using
+    from circuit_widgets.widgets._model_lock import using
 
     model = object()
     order: list[str] = []

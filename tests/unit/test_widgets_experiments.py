@@ -478,7 +478,7 @@ def test_traits_have_docstrings_and_bundles_exist(module, cls):
 
 
 def test_two_widgets_never_run_one_model_at_once():
-    from circuit_widgets.widgets._base import using
+    from circuit_widgets.widgets._model_lock import using
 
     a, b = object(), object()
     order: list[str] = []
@@ -684,7 +684,7 @@ def test_explorer_sync_is_safe_across_threads(pair):
 
 
 def test_widgets_on_a_busy_model_do_not_block_the_main_thread(tiny_gpt2, ioi_gpt2):
-    from circuit_widgets.widgets._base import using
+    from circuit_widgets.widgets._model_lock import using
 
     hold, release, gave_up = threading.Event(), threading.Event(), threading.Event()
 
@@ -716,7 +716,7 @@ def _gets_the_model_mid_run(widget, model, start) -> float:
     thread is queued for the model, so the answer does not depend on how fast either thread is."""
     import time
 
-    from circuit_widgets.widgets._base import _MODEL_LOCKS, using
+    from circuit_widgets.widgets._model_lock import _MODEL_LOCKS, using
 
     running = threading.Event()
 
