@@ -14,8 +14,16 @@ from torch import Tensor
 
 from circuit_widgets.core import hooks
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Component, Direction, DirectionName, GridKind, Head, ModelLike
+from circuit_widgets.models import model_shape
+from circuit_widgets.types import (
+    Component,
+    Direction,
+    DirectionName,
+    GridKind,
+    Head,
+    ModelLike,
+    ModelShape,
+)
 
 if TYPE_CHECKING:
     from circuit_widgets.tasks.base import Task

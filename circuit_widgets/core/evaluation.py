@@ -24,12 +24,13 @@ from circuit_widgets.core.common import (
     parse_memory,
 )
 from circuit_widgets.core.edits import run_with_edits
-from circuit_widgets.models import ModelShape, model_shape
+from circuit_widgets.models import model_shape
 from circuit_widgets.types import (
     Circuit,
     CircuitGroup,
     Head,
     ModelLike,
+    ModelShape,
 )
 
 if TYPE_CHECKING:

@@ -36,9 +36,9 @@ from circuit_widgets.core.forward import (
     trace_forward,
     window_positions,
 )
-from circuit_widgets.models import ModelShape, model_shape
+from circuit_widgets.models import model_shape
 from circuit_widgets.tasks.desiderata import Desideratum
-from circuit_widgets.types import Circuit, Head, ModelLike
+from circuit_widgets.types import Circuit, Head, ModelLike, ModelShape
 
 DEFAULT_LAMS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 # Base prompts' cached keys/values (what lets each step recompute only position..END).

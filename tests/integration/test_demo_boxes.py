@@ -10,7 +10,7 @@ import torch
 
 from circuit_widgets import load_model
 from circuit_widgets.core.cross_model import check_compatible
-from circuit_widgets.models import DEMO_BOXES_ADAPTER, _lora_demo
+from circuit_widgets.models import DEMO_BOXES_ADAPTER, lora_demo
 from circuit_widgets.tasks import entity_tracking
 
 pytestmark = pytest.mark.integration
@@ -42,7 +42,7 @@ def test_adapter_is_small_complete_safetensors_with_its_recipe():
     recipe = meta["recipe"]
     layers = 30 - recipe["first_layer"]
     assert len(weights) == layers * len(recipe["target_modules"]) * 2
-    _lora_demo(DEMO_BOXES_ADAPTER)  # raises if any adapter weight is missing
+    lora_demo(DEMO_BOXES_ADAPTER)  # raises if any adapter weight is missing
 
 
 def test_demo_boxes_loads_offline_differs_from_demo_and_is_compatible(demo_model, boxes):

@@ -29,3 +29,15 @@ def test_widget_base_re_exports_the_model_lock():
 
     for name in ("using", "ModelHold", "_MODEL_LOCKS"):
         assert getattr(_base, name) is getattr(_model_lock, name)
+
+
+def test_models_package_keeps_every_public_name():
+    from circuit_widgets import models
+    from circuit_widgets.types import ModelShape
+
+    assert models.ModelShape is ModelShape
+    for name in models.__all__:
+        assert getattr(models, name) is not None
+    # The shipped adapters are found from the package's data folder, not from models/.
+    assert (models.DEMO_ARITH_ADAPTER / "adapter_config.json").is_file()
+    assert (models.DEMO_BOXES_ADAPTER / "adapter_config.json").is_file()
