@@ -52,7 +52,7 @@ def lora_demo(adapter: Path):
 
     folder = cached_gguf_checkpoint("smollm2-135m-instruct", demo_gguf_path)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    cfg = LoraConfig.from_pretrained(adapter)
+    cfg = LoraConfig.from_pretrained(str(adapter))
     cfg.inference_mode = True
     cfg.base_model_name_or_path = (
         hf.name_or_path
@@ -60,10 +60,9 @@ def lora_demo(adapter: Path):
     peft_model = peft_wrap(hf, cfg)
     state = load_file(adapter / "adapter_model.safetensors")
     result = set_peft_model_state_dict(peft_model, state)
-    if getattr(result, "unexpected_keys", None):
-        raise ModelLoadError(
-            f"adapter {adapter} does not fit the demo model: {result.unexpected_keys[:3]}"
-        )
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ModelLoadError(f"adapter {adapter} does not fit the demo model: {unexpected[:3]}")
     # A key left out would keep its fresh init (lora_B = 0): that adapter would silently do nothing.
     missing = sorted(set(get_peft_model_state_dict(peft_model)) - set(state))
     if missing:

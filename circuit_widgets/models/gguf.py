@@ -37,7 +37,7 @@ def _dist_file(package: str, suffix: str) -> Path | None:
         return None
     for f in dist.files or []:
         if str(f).endswith(suffix):
-            path = Path(dist.locate_file(f))
+            path = Path(str(dist.locate_file(f)))  # typeshed: a SimplePath, at runtime a Path
             if path.exists():
                 return path
     return None

@@ -101,7 +101,8 @@ def load_model(
         )
         if is_peft:
             # The adapter modules stay in the base model: wrapping it keeps them live.
-            spec = spec.merge_and_unload() if merge else spec.get_base_model()
+            peft_model: Any = spec  # a peft.PeftModel, whose type mypy cannot see here
+            spec = peft_model.merge_and_unload() if merge else peft_model.get_base_model()
         return _wrap_hf_model(spec, tokenizer=tokenizer, device=device, dtype=dtype)
     if isinstance(spec, os.PathLike):
         spec = os.fspath(spec)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from typing import Any
 
 import torch
 
@@ -25,7 +26,7 @@ def _tiny_vocabulary() -> list[str]:
     return sorted(pieces)
 
 
-def tiny_tokenizer():
+def tiny_tokenizer() -> Any:
     """A small word-level tokenizer (byte-level alphabet + the tasks' words), loaded from disk."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast

@@ -186,13 +186,13 @@ class EntityTrackingResult:
                 f"circuits p {f.random_metric_mean:.4f} ± {f.random_metric_std:.4f}, accuracy "
                 f"{_pct(f.random_accuracy_mean)}; means per {f.means}"
             )
-        for g, per in self.dcm.items():
+        for name, per in self.dcm.items():
             parts = [
                 f"{k} {r.n_selected}/{len(r.heads)} (test {_pct(r.test_accuracy)}, no patch "
                 f"{_pct(r.baseline_accuracy)}, all patched {_pct(r.full_patch_accuracy)})"
                 for k, r in per.items()
             ]
-            lines.append(f"DCM group {g}: " + "; ".join(parts))
+            lines.append(f"DCM group {name}: " + "; ".join(parts))
         lines.append(PAPER)
         lines += [f"note: {x}" for x in self.notes]
         return "\n".join(lines)
@@ -450,6 +450,7 @@ def entity_tracking_study(
                 complete = False
                 break
             lo = pipe_end + round(i * step)
+            assert g.position is not None  # a pipeline group sits at its stage's position
             r = dcm(
                 model,
                 des[kind],

@@ -667,7 +667,8 @@ def _evaluate(
         logit_diff_after=after["ld"],
         mover_attention_after=after["att"],
     )
-    rand, rand_v = [], []
+    rand: list[float] = []
+    rand_v: list[float] = []
     for s in sets:
         if should_stop is not None and should_stop():
             notes.append("stopped: some random control sets were not run")

@@ -141,7 +141,7 @@ def named_groups(circuit: Any, pairs: list[list[int]]) -> list[dict]:
         }
         for g in groups
     ]
-    return _prune(out, {tuple(p) for p in pairs})
+    return _prune(out, {(layer, head) for layer, head in pairs})
 
 
 def _prune(groups: list[dict], selected: set[tuple[int, int]]) -> list[dict]:
@@ -342,7 +342,7 @@ class HeadGridWidget(BaseWidget):
         a selected column stands for every query head of its group.
         """
         if self.kv_columns:
-            heads = []
+            heads: list[Head] = []
             for layer, col in self.selected:
                 group = self.kv_groups[col] if col < len(self.kv_groups) else [col]
                 heads.extend(Head(layer, h) for h in group)

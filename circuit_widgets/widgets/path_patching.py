@@ -11,7 +11,7 @@ import traitlets
 from ipywidgets import widget_serialization
 
 from circuit_widgets.core.checks import check_args
-from circuit_widgets.types import Circuit, Head, Receiver
+from circuit_widgets.types import Circuit, Head, Receiver, ReceiverInput
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle
 from circuit_widgets.widgets._model_lock import using
 from circuit_widgets.widgets.attention import AttentionWidget
@@ -192,7 +192,8 @@ class PathPatchingWidget(BaseWidget):
                 "receiver heads in layer 0 have no earlier heads to send to them; select heads in "
                 f"layers 1-{self._shape.n_layers - 1}"
             )
-        return [Receiver(h.layer, h.head, self.receiver_input) for h in heads]
+        inp = ReceiverInput.coerce(self.receiver_input)
+        return [Receiver(h.layer, h.head, inp) for h in heads]
 
     def run(self) -> Job:
         """Start a run with the current settings (off the main thread); returns its Job.
@@ -209,7 +210,9 @@ class PathPatchingWidget(BaseWidget):
         return job
 
     def _senders_by_step(self, receivers: str | list[Receiver]) -> list[list[int]]:
-        top = self._shape.n_layers if receivers == "logits" else min(r.layer for r in receivers)
+        top = (
+            self._shape.n_layers if isinstance(receivers, str) else min(r.layer for r in receivers)
+        )
         layers = list(range(top))
         k = self._layers_per_step
         return [layers[i : i + k] for i in range(0, len(layers), k)]
