@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -15,25 +14,10 @@ from circuit_widgets.types import Circuit, Head, Receiver, ReceiverInput
 from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle
 from circuit_widgets.widgets._model_lock import using
 from circuit_widgets.widgets.attention import AttentionWidget
-from circuit_widgets.widgets.head_grid import HeadGridWidget
+from circuit_widgets.widgets.head_grid import GridView, HeadGridWidget
 
-
-@dataclass
-class GridState:
-    """What the grid shows during a run: exact values where done, the preview elsewhere."""
-
-    values: np.ndarray
-    normalized: np.ndarray | None
-    pending: np.ndarray | None  # 1 where the value is still the attribution preview
-    layers: list[int]
-    heads: list[str]
-    kind: str
-    component: str = "z"
-    metric_name: str = ""
-    complete: bool = False
-    notes: list[str] = field(default_factory=list)
-    position: str = ""
-    n_cells: int = 0  # the possible senders (heads before the first receiver); 0 = every head
+# What the grid shows during a run: exact values where done, the preview elsewhere.
+GridState = GridView
 
 
 NO_PREVIEW = "no preview for receiver heads: exact values only"
@@ -54,6 +38,7 @@ def _empty_state(n_layers: int, n_heads: int, metric_name: str) -> GridState:
         list(range(n_layers)),
         [str(h) for h in range(n_heads)],
         kind="not run yet: choose receivers and position, then Run",
+        component="z",
         metric_name=metric_name,
         complete=True,
     )
