@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from circuit_widgets import core, load_model, model_shape
-    from circuit_widgets.core.cmap import cmap_grid
+    from circuit_widgets.core.cross_model import cmap_grid
     from circuit_widgets.tasks import ioi
 
     base, ft = load_model(args.model), load_model(args.finetuned)

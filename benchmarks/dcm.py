@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from circuit_widgets import load_model, model_shape
-    from circuit_widgets.core.dcm import dcm
+    from circuit_widgets.core.masking import dcm
     from circuit_widgets.tasks import desiderata
     from circuit_widgets.types import Head
 

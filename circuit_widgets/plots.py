@@ -254,8 +254,8 @@ def plot_curve(
 
     fig = Figure(figsize=(4.5, 2.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    for name, ys in curves.items():
-        ys = np.asarray(ys, dtype=np.float32).reshape(-1)
+    for name, curve in curves.items():
+        ys = np.asarray(curve, dtype=np.float32).reshape(-1)
         ax.plot(np.arange(len(ys)), ys, label=str(name), linewidth=1.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

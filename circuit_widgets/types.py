@@ -38,6 +38,39 @@ class ModelLike(Protocol):
     def hook_dict(self) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes every experiment needs, read from a bridge's config."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_vocab: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head_of(self, head: int) -> int:
+        return head // self.group_size
+
+    def check_head(self, head: Head) -> Head:
+        """``head`` if the model has it, else a ValueError naming the valid ranges."""
+        if not (0 <= head.layer < self.n_layers and 0 <= head.head < self.n_heads):
+            raise ValueError(
+                f"head {head} is outside the model (layers 0-{self.n_layers - 1}, "
+                f"heads 0-{self.n_heads - 1})"
+            )
+        return head
+
+    def query_heads_of(self, kv_head: int) -> list[int]:
+        g = self.group_size
+        return list(range(kv_head * g, (kv_head + 1) * g))
+
+
 ComponentName = Literal["z", "q", "k", "v", "pattern", "attn_out", "mlp_out", "resid_pre"]
 DirectionName = Literal["denoise", "noise"]
 GridKind = Literal["activation", "attribution", "path", "cmap"]

@@ -2,25 +2,27 @@
 
 from circuit_widgets.core.attribution import attribution_patch, path_attribution
 from circuit_widgets.core.cache import clear_activation_cache, clear_cache
-from circuit_widgets.core.circuits import (
+from circuit_widgets.core.cross_model import (
+    CMAPResult,
+    check_compatible,
+    cmap,
+    cmap_grid,
+    cmap_logits,
+)
+from circuit_widgets.core.discovery import PipelineResult, circuit_pipeline, default_stages
+from circuit_widgets.core.edits import EditedRun, run_with_edits
+from circuit_widgets.core.evaluation import (
     AblationResult,
     CompletenessResult,
     FaithfulnessResult,
     MinimalityResult,
     OverlapResult,
-    PipelineResult,
-    Stage,
-    circuit_pipeline,
     completeness,
-    default_stages,
     faithfulness,
     head_overlap,
     mean_ablate,
     minimality,
 )
-from circuit_widgets.core.cmap import CMAPResult, check_compatible, cmap, cmap_grid, cmap_logits
-from circuit_widgets.core.dcm import MaskResult, SweepResult, TrainingCurve, dcm, dcm_sweep
-from circuit_widgets.core.edits import EditedRun, run_with_edits
 from circuit_widgets.core.interventions import (
     AttentionResult,
     CopyScores,
@@ -29,9 +31,11 @@ from circuit_widgets.core.interventions import (
     head_attention,
     intervene,
 )
+from circuit_widgets.core.masking import MaskResult, SweepResult, TrainingCurve, dcm, dcm_sweep
 from circuit_widgets.core.patching import activation_patch
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.core.results import HeadGrid
+from circuit_widgets.types import Stage
 
 __all__ = [
     "AblationResult",

@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 from jaxtyping import Bool, Int
@@ -14,8 +14,16 @@ from torch import Tensor
 
 from circuit_widgets.core import hooks
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Component, Direction, DirectionName, GridKind, Head, ModelLike
+from circuit_widgets.models import model_shape
+from circuit_widgets.types import (
+    Component,
+    Direction,
+    DirectionName,
+    GridKind,
+    Head,
+    ModelLike,
+    ModelShape,
+)
 
 if TYPE_CHECKING:
     from circuit_widgets.tasks.base import Task
@@ -30,6 +38,10 @@ DEFAULT_ROW_BUDGET = 6144
 # ---------------------------------------------------------------------- validation
 
 
+@overload
+def check_heads(heads: None, component: Component, shape: ModelShape) -> None: ...
+@overload
+def check_heads(heads: Sequence[Any], component: Component, shape: ModelShape) -> list[Head]: ...
 def check_heads(
     heads: Sequence[Any] | None, component: Component, shape: ModelShape
 ) -> list[Head] | None:
@@ -512,9 +524,11 @@ def run_sweep(
                 break
             with torch.no_grad():
                 vals = work.run(key, cols)  # [V, b]
-            per_example[(sl, *key, cols)] = vals.T.float().cpu()
+            cells = (*key, cols)
+            at = (sl, *cells)  # built apart: mypy reads x[(a, *b)] as the 3.11-only x[a, *b]
+            per_example[at] = vals.T.float().cpu()
             if ci == 0:
-                done[(*key, cols)] = True
+                done[cells] = True
             step += 1
             if on_progress is not None:
                 on_progress(step, total)

@@ -113,7 +113,7 @@ class FastModel:
             self.softcap = getattr(a0, "attn_logit_softcapping", None)
         self.lm_head = _raw(hf.lm_head)
         self.n_layers = len(self.layers)
-        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._rope_cache: dict[str | None, tuple[Tensor, Tensor]] = {}  # by layer type
 
     # ------------------------------------------------------------------ construction
 
@@ -122,7 +122,7 @@ class FastModel:
         """A FastModel for a supported architecture, else None (callers then use hooks)."""
         hf = getattr(model, "original_model", None)
         name = type(hf).__name__
-        if name not in SUPPORTED:
+        if hf is None or name not in SUPPORTED:
             return None
         devices = {p.device for p in hf.parameters()}
         if len(devices) != 1:

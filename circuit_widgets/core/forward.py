@@ -220,6 +220,8 @@ def run_window(
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}")
+    if init is None and stage != "attn":  # only 'attn' recomputes its first input
+        raise ValueError(f"stage {stage!r} starts from init=, which is None")
     edits = edits or {}
     V = n_variants
     s = base.tokens.shape[1]
@@ -229,7 +231,7 @@ def run_window(
     g = lambda t: gather_window(pick(t), pos)
     expand = lambda t: t[None].expand(V, *t.shape)
     stop = eng.n_layers if stop_layer is None else stop_layer
-    x = init if stage == "resid_pre" else expand(g(base.resid_pre[layer]))
+    x = expand(g(base.resid_pre[layer])) if init is None or stage != "resid_pre" else init
     for l in range(layer, stop):
         first = l == layer
         lay = eng.layers[l]
@@ -237,9 +239,9 @@ def run_window(
             mid = expand(g(base.resid_mid[l]))
             x = mid + init
             continue
-        if first and stage == "attn_out":
+        if first and stage == "attn_out" and init is not None:
             attn_out = init
-        elif first and stage == "z":
+        elif first and stage == "z" and init is not None:
             attn_out = eng.o_proj(l, init)
         else:
             q, k, v = eng.qkv(l, lay.ln1(x))

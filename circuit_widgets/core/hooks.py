@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from circuit_widgets.models import ModelShape
-from circuit_widgets.types import Component
+from circuit_widgets.types import Component, ModelShape
 
 _HOOKS = {
     Component.Z: "blocks.{l}.attn.hook_z",

@@ -254,9 +254,8 @@ class Intervention:
             )
         return torch.arange(b)
 
-    def _pattern_fn(self, layer: int):
+    def _pattern_fn(self, layer: int, targets: Tensor):
         cols = [h.head for h in self.heads if h.layer == layer]
-        targets = self.targets
         queries = self.task.positions[self.at].cpu()
 
         def fn(act: Tensor) -> Tensor:  # [b, H, q, k]
@@ -314,7 +313,7 @@ class Intervention:
         out = {}
         for layer in sorted({h.layer for h in self.heads}):
             if self.targets is not None:
-                out[(layer, "pattern")] = self._pattern_fn(layer)
+                out[(layer, "pattern")] = self._pattern_fn(layer, self.targets)
             if self.source_z is not None or self.scales is not None:
                 out[(layer, "z")] = self._z_fn(layer)
         return out
@@ -498,6 +497,7 @@ def head_attention(
     ar = torch.arange(b)
     query = task.positions[at].cpu()
     t = spec.targets
+    assert t is not None  # attend_to= was given, so the Intervention has targets
     out = torch.zeros(b, len(order))
     for i, h in enumerate(order):
         rows = (

@@ -29,11 +29,14 @@ def is_nnsight(model: Any) -> bool:
     return getattr(model, "backend_name", None) == "nnsight"
 
 
-def dispatch(model: Any, experiment: str) -> Callable | None:
-    """This module's version of ``experiment`` for an nnsight model, None for other models;
-    an experiment not written for nnsight raises NotImplementedError naming the backend."""
+def dispatch(model: Any, experiment: str) -> Callable[..., Any]:
+    """This module's version of ``experiment`` for an nnsight ``model`` (callers check
+    ``is_nnsight`` first); an experiment not written for nnsight raises NotImplementedError
+    naming the backend."""
     if not is_nnsight(model):
-        return None
+        raise TypeError(
+            f"{experiment}: dispatch takes an nnsight model, got {type(model).__name__}"
+        )
     if experiment not in SUPPORTED:
         raise NotImplementedError(
             f"{experiment} is not available on the nnsight backend yet (supported: "

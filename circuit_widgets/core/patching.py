@@ -210,6 +210,7 @@ def _grouped(groups: list, n_variants: int, n_examples: int, fn) -> Tensor:
         if out is None:
             out = part.new_zeros(n_variants, n_examples)
         out[:, ex.to(part.device)] = part
+    assert out is not None  # groups is never empty
     return out
 
 

@@ -40,8 +40,8 @@ from circuit_widgets.core.common import (
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.models import ModelShape, model_shape
-from circuit_widgets.types import Component, Head, ModelLike, Receiver, ReceiverInput
+from circuit_widgets.models import model_shape
+from circuit_widgets.types import Component, Head, ModelLike, ModelShape, Receiver, ReceiverInput
 
 if TYPE_CHECKING:
     from circuit_widgets.tasks.base import Task

@@ -3,14 +3,70 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuit_widgets.types import Component, ComponentName, DirectionName, GridKind, Head
+
+
+@runtime_checkable
+class GridLike(Protocol):
+    """What a head-grid view reads from a result: a HeadGrid, or a grid a widget builds itself
+    (``widgets.head_grid.GridView``: a run in progress, a DCM mask). Read-only, so a frozen
+    result satisfies it."""
+
+    @property
+    def values(self) -> Any:
+        """[n_layers, n_heads] tensor or array; NaN = not computed."""
+
+    @property
+    def normalized(self) -> Any:
+        """Same shape as ``values``, or None."""
+
+    @property
+    def pending(self) -> Any:
+        """Same shape, 1 where a value is still a preview estimate; or None."""
+
+    @property
+    def layers(self) -> Sequence[int]:
+        """The model layer of each row ([] = 0..n-1)."""
+
+    @property
+    def heads(self) -> Sequence[str]:
+        """Column labels ([] = 0..n-1)."""
+
+    @property
+    def kv_groups(self) -> Sequence[Sequence[int]] | None:
+        """Columns are key/value heads: the query heads of each (None = query-head columns)."""
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def component(self) -> str: ...
+
+    @property
+    def metric_name(self) -> str: ...
+
+    @property
+    def position(self) -> str | None: ...
+
+    @property
+    def complete(self) -> bool | None:
+        """None: complete when every value is finite."""
+
+    @property
+    def n_cells(self) -> int:
+        """How many cells can hold a value; 0 = all."""
+
+    @property
+    def scale(self) -> str:
+        """ "diverging" (around 0) or "sequential" (values never negative)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -47,6 +103,21 @@ class HeadGrid:
     @property
     def shape(self) -> tuple[int, ...]:
         return tuple(self.values.shape)
+
+    @property
+    def pending(self) -> None:
+        """No preview cells: every value is exact (``GridLike``)."""
+        return None
+
+    @property
+    def n_cells(self) -> int:
+        """Every cell can hold a value (``GridLike``)."""
+        return 0
+
+    @property
+    def scale(self) -> str:
+        """Effects of either sign: a diverging colour scale (``GridLike``)."""
+        return "diverging"
 
     @property
     def recovered(self) -> Float[Tensor, "layer *pos head"]:

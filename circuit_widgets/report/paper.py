@@ -291,7 +291,7 @@ def rows_for(key: str, data: dict | None, result: Any = None) -> list[Row]:
     one, else the rows built here from its ``to_dict()``."""
     own = getattr(result, "paper_comparison", None)
     if callable(own):
-        out = []
+        out: list[Row] = []
         for r in own():
             r = (
                 tuple(r)
@@ -303,12 +303,10 @@ def rows_for(key: str, data: dict | None, result: Any = None) -> list[Row]:
                     r.get("note", ""),
                 )
             )
-            out.append(
-                tuple(
-                    fmt(x) if not isinstance(x, str) else x
-                    for x in (list(r) + ["", "", "", ""])[:4]
-                )
+            q, m, p, n = (
+                fmt(x) if not isinstance(x, str) else x for x in (list(r) + ["", "", "", ""])[:4]
             )
+            out.append((q, m, p, n))
         return out
     if data is None or key not in ROWS:
         return []

@@ -151,7 +151,7 @@ def render_html(meta: dict, runs: dict, out: Path) -> str:
         ],
         num_cols=(2,),
     )
-    facts = [
+    facts: list[list[Any]] = [
         ["model", f"{meta.get('model')}: {shape_txt}" if shape_txt else meta.get("model")],
         ["model load (s)", f"{meta.get('model_load_seconds') or 0:.1f}"],
         ["fine-tuned model", meta.get("finetuned") or "none"],

@@ -11,17 +11,16 @@ from typing import Any
 
 import torch
 
-from circuit_widgets.core.circuits import (
+from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.discovery import PipelineResult, circuit_pipeline
+from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.evaluation import (
     FaithfulnessResult,
     MinimalityResult,
-    PipelineResult,
-    circuit_pipeline,
     faithfulness,
     minimality,
 )
-from circuit_widgets.core.common import Progress, Stop, check_callbacks
-from circuit_widgets.core.dcm import MaskResult, dcm
-from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.masking import MaskResult, dcm
 from circuit_widgets.tasks.desiderata import KINDS
 from circuit_widgets.types import Circuit, CircuitGroup
 
@@ -187,13 +186,13 @@ class EntityTrackingResult:
                 f"circuits p {f.random_metric_mean:.4f} ± {f.random_metric_std:.4f}, accuracy "
                 f"{_pct(f.random_accuracy_mean)}; means per {f.means}"
             )
-        for g, per in self.dcm.items():
+        for name, per in self.dcm.items():
             parts = [
                 f"{k} {r.n_selected}/{len(r.heads)} (test {_pct(r.test_accuracy)}, no patch "
                 f"{_pct(r.baseline_accuracy)}, all patched {_pct(r.full_patch_accuracy)})"
                 for k, r in per.items()
             ]
-            lines.append(f"DCM group {g}: " + "; ".join(parts))
+            lines.append(f"DCM group {name}: " + "; ".join(parts))
         lines.append(PAPER)
         lines += [f"note: {x}" for x in self.notes]
         return "\n".join(lines)
@@ -326,7 +325,7 @@ def entity_tracking_study(
        ``top_k`` heads per group by |relative effect|: the mean of (p_patched - p_clean) /
        p_clean per example, Prakash et al.'s score (``rank_by="relative"``). With ``prune``
        the ``top_k`` heads are candidates, pruned as Prakash et al. do with Wang et al.'s
-       minimality test (``core.circuits.minimality``, K = {} or the rest of the head's
+       minimality test (``core.evaluation.minimality``, K = {} or the rest of the head's
        group, means as in step 3): a head stays if removing it changes p(answer) by at
        least ``prune`` times the full model's p(answer) for some K.
     3. Faithfulness: every head outside the circuit (per group position) mean-ablated over
@@ -451,6 +450,7 @@ def entity_tracking_study(
                 complete = False
                 break
             lo = pipe_end + round(i * step)
+            assert g.position is not None  # a pipeline group sits at its stage's position
             r = dcm(
                 model,
                 des[kind],

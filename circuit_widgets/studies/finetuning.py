@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from circuit_widgets.core.circuits import PipelineResult, circuit_pipeline
-from circuit_widgets.core.cmap import CMAPResult, check_compatible, cmap, cmap_grid
 from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.cross_model import CMAPResult, check_compatible, cmap, cmap_grid
+from circuit_widgets.core.discovery import PipelineResult, circuit_pipeline
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.types import Circuit

@@ -11,8 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core.circuits import PipelineResult, circuit_pipeline, default_stages
 from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.discovery import PipelineResult, circuit_pipeline, default_stages
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.interventions import head_attention
 from circuit_widgets.core.patching import activation_patch
@@ -48,7 +48,7 @@ CLASSES = (
 )
 
 # Wang et al. 2022, GPT-2 small (12 x 12 heads); a different model, so for orientation only.
-PAPER = {
+PAPER: dict[str, Any] = {
     "model": "GPT-2 small (Wang et al. 2022)",
     "logit_diff": 3.56,
     "circuit_heads": 26,
@@ -547,7 +547,7 @@ def ioi_study(
     attention: dict[str, Tensor] = {}
     classes: list[HeadClass] = []
     patterns, ex_tokens, ex_heads = None, [], []
-    if complete and not stopped():
+    if complete and pipe is not None and not stopped():  # pipe is None only when incomplete
         every = [Head(l, h) for l in range(shape.n_layers) for h in range(shape.n_heads)]
         for name, (at, to) in SCORES.items():
             res = head_attention(model, task, every, to=list(to), at=at)

@@ -12,16 +12,15 @@ from typing import Any
 
 import torch
 
-from circuit_widgets.core.circuits import (
+from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.discovery import PipelineResult, circuit_pipeline
+from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.evaluation import (
     FaithfulnessResult,
     OverlapResult,
-    PipelineResult,
-    circuit_pipeline,
     faithfulness,
     head_overlap,
 )
-from circuit_widgets.core.common import Progress, Stop, check_callbacks
-from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.interventions import Intervention, copy_scores, head_attention
 from circuit_widgets.models import model_shape
 from circuit_widgets.studies.ioi import DEFAULT_N, DEFAULT_TOP_FRAC
@@ -668,7 +667,8 @@ def _evaluate(
         logit_diff_after=after["ld"],
         mover_attention_after=after["att"],
     )
-    rand, rand_v = [], []
+    rand: list[float] = []
+    rand_v: list[float] = []
     for s in sets:
         if should_stop is not None and should_stop():
             notes.append("stopped: some random control sets were not run")

@@ -300,15 +300,21 @@ def _pair(
     return base, source, target
 
 
+def _answer(p: BoxPrompt) -> str:
+    if p.query_index is None:
+        raise ValueError(f"query label {p.query_label!r} is in no box: the prompt has no answer")
+    return p.objects[p.query_index]
+
+
 def _meta(base: BoxPrompt, source: BoxPrompt, target: str) -> dict[str, Any]:
     return {
         "base_objects": base.objects,
         "base_labels": base.labels,
         "base_query_index": base.query_index,
-        "base_answer": base.objects[base.query_index],
+        "base_answer": _answer(base),
         "source_objects": source.objects,
         "source_labels": source.labels,
         "source_query_index": source.query_index,
-        "source_answer": source.objects[source.query_index],
+        "source_answer": _answer(source),
         "target": target,
     }

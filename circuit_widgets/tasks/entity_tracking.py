@@ -104,7 +104,11 @@ def box_prompt(bv: BoxVocab, objects: list[str], labels: list[str], query_label:
         seg = words.ENTITY_SEGMENT
         seg = seg[:1].upper() + seg[1:] if i == 0 else ", " + seg
         slot = {"object": (obj, f"object{i}"), "label": (lab, f"label{i}")}
-        prompt.add_template(seg, lambda field, _k, slot=slot: slot[field])
+
+        def fill(field: str, _k: int, slot: dict[str, tuple[str, str]] = slot) -> tuple[str, str]:
+            return slot[field]
+
+        prompt.add_template(seg, fill)
     prompt.add(".").add_template(words.ENTITY_QUERY, lambda _f, _k: (query_label, "query"))
     expect = {f"object{i}": bv.objects[o] for i, o in enumerate(objects)}
     expect |= {f"label{i}": bv.labels[lb] for i, lb in enumerate(labels)}

@@ -14,7 +14,7 @@ def array_to_json(value: np.ndarray | None, widget: Any = None) -> dict | None:
         return None
     arr = np.ascontiguousarray(value)
     return {
-        "view": memoryview(arr.reshape(-1)).cast("B"),
+        "view": arr.reshape(-1).data.cast("B"),
         "dtype": str(arr.dtype),
         "shape": list(arr.shape),
     }

@@ -15,7 +15,8 @@ import traitlets
 from circuit_widgets.core.attention import attention_patterns as core_patterns
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head
-from circuit_widgets.widgets._base import BaseWidget, read_bundle, using
+from circuit_widgets.widgets._base import BaseWidget, read_bundle
+from circuit_widgets.widgets._model_lock import using
 from circuit_widgets.widgets._traits import Float32Array
 
 _IMAGE_WAIT_S = 60.0  # the static image waits this long for the patterns being computed

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -10,10 +9,12 @@ import traitlets
 from ipywidgets import widget_serialization
 
 from circuit_widgets.core.checks import check_args
+from circuit_widgets.core.results import GridLike
 from circuit_widgets.types import Circuit
-from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
+from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle
+from circuit_widgets.widgets._model_lock import using
 from circuit_widgets.widgets._traits import Float32Array
-from circuit_widgets.widgets.head_grid import HeadGridWidget
+from circuit_widgets.widgets.head_grid import GridView, HeadGridWidget
 
 SERIES = ("base", "patched", "fine-tuned")
 
@@ -25,14 +26,14 @@ def _check_grid_position(task: Any, position: Any) -> None:
         )
 
 
-def _relabelled(grid: Any, kind: str) -> Any:
+def _relabelled(grid: GridLike, kind: str) -> GridView:
     """A HeadGrid shown with another subtitle (what is running, or that it stopped)."""
-    return SimpleNamespace(
+    return GridView(
         values=grid.values,
         normalized=grid.normalized,
-        layers=grid.layers,
-        heads=grid.heads,
-        kv_groups=grid.kv_groups,
+        layers=list(grid.layers),
+        heads=list(grid.heads),
+        kv_groups=None if grid.kv_groups is None else [list(g) for g in grid.kv_groups],
         kind=kind,
         component=grid.component,
         metric_name=grid.metric_name,
@@ -86,7 +87,7 @@ class CMAPWidget(BaseWidget):
     ) -> None:
         self._check_kwargs(kwargs)
         check_args("CMAPWidget", base=base, finetuned=finetuned, task=task)
-        from circuit_widgets.core.cmap import check_compatible
+        from circuit_widgets.core.cross_model import check_compatible
         from circuit_widgets.models import model_shape
 
         check_compatible(base, finetuned)
@@ -191,7 +192,7 @@ class CMAPWidget(BaseWidget):
         return self._submit(self._work, circuit, self.grid_position, self.sweep_grid)
 
     def _work(self, job: Job, circuit: Circuit, grid_position: str, sweep_grid: bool) -> dict:
-        from circuit_widgets.core.cmap import cmap, cmap_grid
+        from circuit_widgets.core.cross_model import cmap, cmap_grid
 
         share = 0.3 if sweep_grid else 1.0
         groups = ", ".join(g.name for g in circuit.groups)
@@ -239,10 +240,10 @@ class CMAPWidget(BaseWidget):
                 out["grid"] = _relabelled(out["grid"], "stopped: each head patched alone")
         return out
 
-    def _status_grid(self, kind: str) -> Any:
+    def _status_grid(self, kind: str) -> GridView:
         """The grid as shown now (values kept), with ``kind`` as its subtitle, not complete."""
         g = self.grid
-        return SimpleNamespace(
+        return GridView(
             values=np.array(g.values, np.float32),
             normalized=None if g.normalized is None else np.array(g.normalized, np.float32),
             layers=list(g.layer_numbers),

@@ -12,9 +12,10 @@ from ipywidgets import widget_serialization
 
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.types import Circuit, Head
-from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
+from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle
+from circuit_widgets.widgets._model_lock import using
 from circuit_widgets.widgets._traits import Float32Array
-from circuit_widgets.widgets.head_grid import HeadGridWidget
+from circuit_widgets.widgets.head_grid import GridView, HeadGridWidget
 
 
 def _check_lams(lams: Any) -> list[float]:
@@ -41,22 +42,21 @@ _NOT_TRAINED = "not trained yet: press Train"
 _NO_RESULT = "no result: cancelled before the first λ finished"
 
 
-class _MaskGrid:
+def _mask_grid(
+    values: np.ndarray, metric_name: str, complete: bool, kind: str, position: str
+) -> GridView:
     """The head grid's view of one MaskResult: 1 - mask (1 = the head takes the source output)."""
-
-    scale = "sequential"  # 1 - mask lies in [0, 1]: a diverging scale would waste its blue half
-
-    def __init__(
-        self, values: np.ndarray, metric_name: str, complete: bool, kind: str, position: str
-    ) -> None:
-        self.values = values
-        self.position = position
-        self.layers = list(range(values.shape[0]))
-        self.heads = [str(h) for h in range(values.shape[1])]
-        self.metric_name = metric_name
-        self.kind = kind
-        self.component = "z"
-        self.complete = complete
+    return GridView(
+        values,
+        layers=list(range(values.shape[0])),
+        heads=[str(h) for h in range(values.shape[1])],
+        kind=kind,
+        component="z",
+        metric_name=metric_name,
+        complete=complete,
+        position=position,
+        scale="sequential",  # 1 - mask lies in [0, 1]: a diverging scale would waste its blue half
+    )
 
 
 class DCMWidget(BaseWidget):
@@ -113,7 +113,7 @@ class DCMWidget(BaseWidget):
     ) -> None:
         self._check_kwargs(kwargs)
         check_args("DCMWidget", model=model, desideratum=desideratum)
-        from circuit_widgets.core.dcm import DEFAULT_LAMS
+        from circuit_widgets.core.masking import DEFAULT_LAMS
         from circuit_widgets.models import model_shape
 
         shape = model_shape(model)
@@ -140,7 +140,7 @@ class DCMWidget(BaseWidget):
         self._results: list[Any] = []
         nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
         grid = HeadGridWidget(
-            _MaskGrid(nan, "1 - mask", True, _NOT_TRAINED, position),
+            _mask_grid(nan, "1 - mask", True, _NOT_TRAINED, position),
             title=title or f"DCM · {getattr(desideratum, 'name', 'desideratum')} @ {position}",
         )
         grid._use_model_groups(shape.n_heads, shape.n_kv_heads)
@@ -203,7 +203,7 @@ class DCMWidget(BaseWidget):
             return
         mask = r.mask.float().cpu().numpy()
         kind = f"DCM mask, λ = {r.lam:g}: {r.n_selected} of {len(r.heads)} heads selected"
-        grid = _MaskGrid(
+        grid = _mask_grid(
             (1.0 - mask).astype(np.float32), "1 - mask", bool(r.complete), kind, self.position
         )
         curve = r.curve
@@ -243,7 +243,7 @@ class DCMWidget(BaseWidget):
         return self._submit(self._sweep, list(self.lams), self.position)
 
     def _sweep(self, job: Job, lams: list[float], position: str) -> list[Any]:
-        from circuit_widgets.core.dcm import dcm_sweep
+        from circuit_widgets.core.masking import dcm_sweep
 
         results: list[Any] = []
 
@@ -284,7 +284,7 @@ class DCMWidget(BaseWidget):
         shape = self._shape
         nan = np.full((shape.n_layers, shape.n_heads), np.nan, np.float32)
         with self.hold_sync():
-            self.grid.set_result(_MaskGrid(nan, "1 - mask", True, _NO_RESULT, self.position))
+            self.grid.set_result(_mask_grid(nan, "1 - mask", True, _NO_RESULT, self.position))
             if self._select_result:
                 self.grid.selected = []
             self.loss = np.zeros(0, np.float32)

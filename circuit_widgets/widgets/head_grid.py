@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
 import traitlets
 
 from circuit_widgets.core.checks import check_args
+from circuit_widgets.core.results import GridLike
 from circuit_widgets.types import Circuit, CircuitGroup, Head
 from circuit_widgets.widgets._base import BaseWidget, read_bundle
 from circuit_widgets.widgets._traits import Float32Array, as_float32
@@ -24,12 +28,52 @@ def _labels(given: Any, n: int, axis: str) -> list[str]:
     return labels
 
 
-def _read_result(result: Any) -> dict[str, Any]:
-    """Trait values from a HeadGrid-like object, a 2-D tensor or an array."""
+@dataclass
+class GridView:
+    """A grid a widget builds itself (a run in progress, a DCM mask, a bare array); a
+    ``GridLike``, as a HeadGrid is."""
+
+    values: Any  # [n_layers, n_heads] array, tensor or nested list
+    normalized: Any = None  # same shape, or None
+    pending: np.ndarray | None = None  # 1 where the value is still a preview estimate
+    layers: list[int] = field(default_factory=list)
+    heads: list[str] = field(default_factory=list)
+    kind: str = ""
+    component: str = ""
+    metric_name: str = ""
+    complete: bool | None = False  # None: complete when every value is finite
+    notes: list[str] = field(default_factory=list)
+    position: str = ""
+    n_cells: int = 0  # the cells that can hold a value (e.g. the senders); 0 = every cell
+    kv_groups: list[list[int]] | None = None
+    scale: str = "diverging"
+
+
+_VIEW_FIELDS = tuple(f.name for f in dataclasses.fields(GridView))
+
+
+def _as_grid(result: Any) -> GridLike:
+    """A GridLike as it is; a bare tensor, array or nested list as values alone; another
+    library's result object (one with a ``values`` array) through the GridLike fields it has."""
+    if isinstance(result, GridLike):
+        return result
     values = getattr(result, "values", None)
-    if values is None or callable(values):  # a bare tensor/array (torch.Tensor.values is a method)
-        values, result = result, None
-    arr = as_float32(values)
+    if values is None or callable(values):  # torch.Tensor.values is a method
+        return GridView(values=result, complete=None)
+    given = {name: getattr(result, name) for name in _VIEW_FIELDS if hasattr(result, name)}
+    if callable(given.get("normalized")):
+        given["normalized"] = given["normalized"]()
+    return GridView(**{"complete": None, **given})
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value.value if isinstance(value, enum.Enum) else value)
+
+
+def _read_result(result: Any) -> dict[str, Any]:
+    """Trait values from a GridLike (a HeadGrid, a GridView), a 2-D tensor or an array."""
+    grid = _as_grid(result)
+    arr = as_float32(grid.values)
     if arr.ndim == 3:
         raise ValueError(
             f"HeadGridWidget shows [n_layers, n_heads] values; this result is per position "
@@ -40,7 +84,7 @@ def _read_result(result: Any) -> dict[str, Any]:
             f"HeadGridWidget needs [n_layers, n_heads] values, got shape {tuple(arr.shape)}"
         )
     n_layers, n_heads = arr.shape
-    layers = getattr(result, "layers", None)
+    layers = grid.layers
     layer_labels = _labels(layers, n_layers, "layer")
     # Rows may be a subset of the model's layers: selection speaks model layer numbers.
     try:
@@ -49,17 +93,15 @@ def _read_result(result: Any) -> dict[str, Any]:
         layer_numbers = list(range(n_layers))
     if len(set(layer_numbers)) != n_layers or min(layer_numbers) < 0:
         layer_numbers = list(range(n_layers))
-    kv_groups = getattr(result, "kv_groups", None)
+    kv_groups = grid.kv_groups
 
-    normalized = getattr(result, "normalized", None)
-    if callable(normalized):
-        normalized = normalized()
+    normalized = grid.normalized
     if normalized is not None:
         normalized = as_float32(normalized)
         if normalized.shape != arr.shape:
             raise ValueError(f"normalized values have shape {normalized.shape}, values {arr.shape}")
 
-    pending = getattr(result, "pending", None)
+    pending = grid.pending
     if pending is not None:
         pending = as_float32(pending)
         if pending.shape != arr.shape:
@@ -67,25 +109,19 @@ def _read_result(result: Any) -> dict[str, Any]:
         if not pending.any():
             pending = None
 
-    def text(name: str) -> str:
-        value = getattr(result, name, None)
-        return "" if value is None else str(getattr(value, "value", value))  # enums -> their value
-
-    complete = getattr(result, "complete", None)
-    n_cells = getattr(result, "n_cells", None)
-    scale = getattr(result, "scale", None)
+    complete, n_cells, scale = grid.complete, grid.n_cells, grid.scale
     return {
         "values": arr,
         "normalized": normalized,
         "pending": pending,
-        "heads": _labels(getattr(result, "heads", None), n_heads, "head"),
+        "heads": _labels(grid.heads, n_heads, "head"),
         "layers": layer_labels,
         "layer_numbers": layer_numbers,
         "kv_groups": [list(map(int, g)) for g in kv_groups] if kv_groups else None,
-        "kind": text("kind"),
-        "component": text("component"),
-        "metric_name": text("metric_name"),
-        "position": text("position"),
+        "kind": _text(grid.kind),
+        "component": _text(grid.component),
+        "metric_name": _text(grid.metric_name),
+        "position": _text(grid.position),
         "n_cells": int(n_cells) if n_cells else 0,
         "scale": scale if scale in ("diverging", "sequential") else "diverging",
         "complete": bool(np.isfinite(arr).all()) if complete is None else bool(complete),
@@ -141,7 +177,7 @@ def named_groups(circuit: Any, pairs: list[list[int]]) -> list[dict]:
         }
         for g in groups
     ]
-    return _prune(out, {tuple(p) for p in pairs})
+    return _prune(out, {(layer, head) for layer, head in pairs})
 
 
 def _prune(groups: list[dict], selected: set[tuple[int, int]]) -> list[dict]:
@@ -342,7 +378,7 @@ class HeadGridWidget(BaseWidget):
         a selected column stands for every query head of its group.
         """
         if self.kv_columns:
-            heads = []
+            heads: list[Head] = []
             for layer, col in self.selected:
                 group = self.kv_groups[col] if col < len(self.kv_groups) else [col]
                 heads.extend(Head(layer, h) for h in group)

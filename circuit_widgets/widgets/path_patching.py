@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -11,28 +10,14 @@ import traitlets
 from ipywidgets import widget_serialization
 
 from circuit_widgets.core.checks import check_args
-from circuit_widgets.types import Circuit, Head, Receiver
-from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle, using
+from circuit_widgets.types import Circuit, Head, Receiver, ReceiverInput
+from circuit_widgets.widgets._base import BaseWidget, Job, read_bundle
+from circuit_widgets.widgets._model_lock import using
 from circuit_widgets.widgets.attention import AttentionWidget
-from circuit_widgets.widgets.head_grid import HeadGridWidget
+from circuit_widgets.widgets.head_grid import GridView, HeadGridWidget
 
-
-@dataclass
-class GridState:
-    """What the grid shows during a run: exact values where done, the preview elsewhere."""
-
-    values: np.ndarray
-    normalized: np.ndarray | None
-    pending: np.ndarray | None  # 1 where the value is still the attribution preview
-    layers: list[int]
-    heads: list[str]
-    kind: str
-    component: str = "z"
-    metric_name: str = ""
-    complete: bool = False
-    notes: list[str] = field(default_factory=list)
-    position: str = ""
-    n_cells: int = 0  # the possible senders (heads before the first receiver); 0 = every head
+# What the grid shows during a run: exact values where done, the preview elsewhere.
+GridState = GridView
 
 
 NO_PREVIEW = "no preview for receiver heads: exact values only"
@@ -53,6 +38,7 @@ def _empty_state(n_layers: int, n_heads: int, metric_name: str) -> GridState:
         list(range(n_layers)),
         [str(h) for h in range(n_heads)],
         kind="not run yet: choose receivers and position, then Run",
+        component="z",
         metric_name=metric_name,
         complete=True,
     )
@@ -191,7 +177,8 @@ class PathPatchingWidget(BaseWidget):
                 "receiver heads in layer 0 have no earlier heads to send to them; select heads in "
                 f"layers 1-{self._shape.n_layers - 1}"
             )
-        return [Receiver(h.layer, h.head, self.receiver_input) for h in heads]
+        inp = ReceiverInput.coerce(self.receiver_input)
+        return [Receiver(h.layer, h.head, inp) for h in heads]
 
     def run(self) -> Job:
         """Start a run with the current settings (off the main thread); returns its Job.
@@ -208,7 +195,9 @@ class PathPatchingWidget(BaseWidget):
         return job
 
     def _senders_by_step(self, receivers: str | list[Receiver]) -> list[list[int]]:
-        top = self._shape.n_layers if receivers == "logits" else min(r.layer for r in receivers)
+        top = (
+            self._shape.n_layers if isinstance(receivers, str) else min(r.layer for r in receivers)
+        )
         layers = list(range(top))
         k = self._layers_per_step
         return [layers[i : i + k] for i in range(0, len(layers), k)]

@@ -1,18 +1,10 @@
-// The slice of anywidget's model API the views use (kept local: no runtime dependency).
+// anywidget's model and render-props types (a type-only import: nothing of it ships in the bundles).
+import type { AnyModel as Model, RenderProps as Props } from "@anywidget/types";
 
-export interface AnyModel {
-  get(name: string): any;
-  set(name: string, value: unknown): void;
-  save_changes(): void;
-  send(content: unknown, callbacks?: unknown, buffers?: unknown): void;
-  on(event: string, callback: (...args: any[]) => void): void;
-  off(event?: string | null, callback?: ((...args: any[]) => void) | null): void;
-}
-
-export interface RenderProps {
-  model: AnyModel;
-  el: HTMLElement;
-}
+/** Trait values as the views see them: unknown until checked (the kernel owns their shapes). */
+export type Traits = Record<string, unknown>;
+export type AnyModel = Model<Traits>;
+export type RenderProps = Props<Traits>;
 
 /** Subscribes `callback` to events and returns one function that unsubscribes all of them. */
 export function listen(model: AnyModel, events: string[], callback: () => void): () => void {

@@ -11,10 +11,10 @@ export function statusLine(model: AnyModel, reserve = false): { node: HTMLElemen
   const text = htmlEl("span", "cw-status-text");
   node.append(bar, text);
   const update = () => {
-    const status: string = model.get("status") ?? "idle";
-    const progress: number = model.get("progress") ?? 0;
-    const error: string = model.get("error") ?? "";
-    const message: string = model.get("message") ?? "";
+    const status = String(model.get("status") ?? "idle");
+    const progress = Number(model.get("progress") ?? 0);
+    const error = String(model.get("error") ?? "");
+    const message = String(model.get("message") ?? "");
     node.dataset.status = status;
     bar.value = progress;
     bar.hidden = status !== "running";

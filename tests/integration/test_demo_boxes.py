@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from circuit_widgets import load_model
-from circuit_widgets.core.cmap import check_compatible
+from circuit_widgets.core.cross_model import check_compatible
 from circuit_widgets.models import DEMO_BOXES_ADAPTER, lora_demo
 from circuit_widgets.tasks import entity_tracking
 

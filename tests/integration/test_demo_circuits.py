@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from circuit_widgets import tasks
-from circuit_widgets.core.circuits import head_overlap
+from circuit_widgets.core.evaluation import head_overlap
 from circuit_widgets.core.interventions import head_attention, intervene
 from circuit_widgets.studies.reuse import ReuseResult, circuit_reuse, head_role
 from circuit_widgets.types import Circuit

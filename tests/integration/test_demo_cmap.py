@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from circuit_widgets import Circuit, load_model
-from circuit_widgets.core.cmap import check_compatible, cmap, cmap_grid
+from circuit_widgets.core.cross_model import check_compatible, cmap, cmap_grid
 from circuit_widgets.models import DEMO_ARITH_ADAPTER, ModelLoadError, lora_demo
 from circuit_widgets.tasks.arithmetic import arithmetic
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from circuit_widgets.core.dcm import dcm
+from circuit_widgets.core.masking import dcm
 from circuit_widgets.tasks import desiderata
 
 pytestmark = pytest.mark.integration

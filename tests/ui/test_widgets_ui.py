@@ -88,8 +88,8 @@ print("GROUPED", STEP, ex.circuit)""",
     # 10: a CMAP widget whose per-head grid pauses after 12 heads (one head per pass) until the
     # test releases it: the browser sees the grid half filled, deterministically
     """\
-import importlib, threading
-cmap_module = importlib.import_module("circuit_widgets.core.cmap")  # core.cmap is the function
+import threading
+import circuit_widgets.core.cross_model as cmap_module
 from circuit_widgets.widgets import CMAPWidget
 cm_gate, cm_shown, cm_real = threading.Event(), [], cmap_module.cmap_grid
 def cm_paused_grid(*args, on_partial=None, **kwargs):

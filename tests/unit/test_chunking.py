@@ -3,8 +3,6 @@ one chunk's runs alive, reports progress over all chunks and stops between jobs.
 
 from __future__ import annotations
 
-import importlib
-
 import pytest
 import torch
 
@@ -178,7 +176,7 @@ def test_attribution_chunked_equals_unchunked(llama, task, hooked, fn):
 
 def test_mean_ablation_and_faithfulness_chunked_equal_unchunked(llama, task):
     from circuit_widgets import Circuit
-    from circuit_widgets.core.circuits import faithfulness, mean_ablate
+    from circuit_widgets.core.evaluation import faithfulness, mean_ablate
 
     circ = Circuit.from_groups({"a": ["1.0", "1.2"], "b": ["0.1"]}, positions={"b": "S2"})
     whole = mean_ablate(llama, task, circ)
@@ -195,7 +193,7 @@ def test_mean_ablation_and_faithfulness_chunked_equal_unchunked(llama, task):
 
 def test_ablation_forwards_follow_the_budget(llama, task, monkeypatch):
     """Each forward holds at most the examples the budget allows."""
-    from circuit_widgets.core import circuits
+    from circuit_widgets.core import evaluation as circuits
 
     sizes = []
     real = circuits.run_with_edits
@@ -213,9 +211,8 @@ def test_ablation_forwards_follow_the_budget(llama, task, monkeypatch):
 
 
 def test_dcm_max_memory_decides_the_key_value_cache(llama):
+    import circuit_widgets.core.masking as dcm_module
     from circuit_widgets.tasks import desiderata
-
-    dcm_module = importlib.import_module("circuit_widgets.core.dcm")  # core.dcm is the function
 
     d = desiderata(llama, n=15, seed=3, n_boxes=3)["object_value"]
     kw = {"lam": 0.01, "lr": 0.3, "batch_size": 4, "epochs": 1}

@@ -19,11 +19,9 @@ from micro_models import (
     sharp_tiny_model,
 )
 
-from circuit_widgets.core.circuits import (
-    Stage,
-    circuit_pipeline,
+from circuit_widgets.core.discovery import circuit_pipeline, default_stages
+from circuit_widgets.core.evaluation import (
     completeness,
-    default_stages,
     faithfulness,
     head_overlap,
     mean_ablate,
@@ -32,7 +30,7 @@ from circuit_widgets.core.circuits import (
 )
 from circuit_widgets.core.path_patching import path_patch
 from circuit_widgets.models import model_shape
-from circuit_widgets.types import Circuit, CircuitGroup, Component, Head
+from circuit_widgets.types import Circuit, CircuitGroup, Component, Head, Stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,13 @@ import torch
 
 from circuit_widgets import Circuit, Head, tiny_model
 from circuit_widgets.core import cache
-from circuit_widgets.core.cmap import CMAPResult, check_compatible, cmap, cmap_grid, cmap_logits
+from circuit_widgets.core.cross_model import (
+    CMAPResult,
+    check_compatible,
+    cmap,
+    cmap_grid,
+    cmap_logits,
+)
 from circuit_widgets.tasks import ioi
 
 

@@ -9,7 +9,7 @@ import torch
 
 from circuit_widgets import tiny_model
 from circuit_widgets.core import cache, hooks
-from circuit_widgets.core.cmap import cmap_grid
+from circuit_widgets.core.cross_model import cmap_grid
 from circuit_widgets.tasks import ioi
 from circuit_widgets.types import Component
 

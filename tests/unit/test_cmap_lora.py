@@ -14,7 +14,7 @@ import torch
 
 from circuit_widgets import load_model
 from circuit_widgets.core import cache
-from circuit_widgets.core.cmap import check_compatible, cmap, cmap_grid
+from circuit_widgets.core.cross_model import check_compatible, cmap, cmap_grid
 from circuit_widgets.models import tiny_tokenizer
 from circuit_widgets.tasks import ioi
 

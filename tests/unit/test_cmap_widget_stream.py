@@ -3,8 +3,6 @@ acts at the next pass (the grid keeps the finished heads)."""
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 import pytest
 
@@ -20,7 +18,8 @@ def pair():
 
 
 def _one_head_per_pass(monkeypatch, after=None):
-    cmod = importlib.import_module("circuit_widgets.core.cmap")
+    import circuit_widgets.core.cross_model as cmod
+
     real = cmod.cmap_grid
 
     def grid(*args, on_progress=None, **kwargs):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from circuit_widgets import tiny_model
-from circuit_widgets.core.dcm import MaskResult, SweepResult, dcm, dcm_sweep
+from circuit_widgets.core.masking import MaskResult, SweepResult, dcm, dcm_sweep
 from circuit_widgets.tasks import Desideratum, desiderata
 from circuit_widgets.types import Circuit, Head
 
@@ -572,11 +572,9 @@ def test_bridge_hook_path_gives_the_same_mask(planted):
 @pytest.mark.parametrize("position", ["query_label", "END"])
 def test_windowed_steps_equal_full_forwards(tiny_llama, monkeypatch, position):
     """With cached base keys/values each step recomputes only position..END; same numbers."""
-    import importlib
-
+    import circuit_widgets.core.masking as dcm_module
     from circuit_widgets.tasks import desiderata
 
-    dcm_module = importlib.import_module("circuit_widgets.core.dcm")  # the package exports dcm()
     d = desiderata(tiny_llama, n=24, seed=3, n_boxes=3)["object_value"]
     engaged = []
     original = dcm_module._Plan._window_logits

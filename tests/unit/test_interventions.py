@@ -8,8 +8,8 @@ import torch
 from micro_models import random_task, sharp_tiny_model
 
 from circuit_widgets import activation_patch, tiny_model
-from circuit_widgets.core.circuits import mean_ablate
 from circuit_widgets.core.edits import run_with_edits
+from circuit_widgets.core.evaluation import mean_ablate
 from circuit_widgets.core.interventions import head_attention, intervene
 from circuit_widgets.tasks.base import Task
 from circuit_widgets.types import Head
@@ -316,7 +316,7 @@ def test_batches_of_the_tasks_prompts_get_each_examples_edit():
 
 @pytest.mark.parametrize("edit", ["attend", "replace"])
 def test_batched_experiments_inside_the_block_equal_unbatched(edit):
-    from circuit_widgets.core.circuits import completeness, faithfulness, minimality
+    from circuit_widgets.core.evaluation import completeness, faithfulness, minimality
 
     model = sharp_tiny_model("llama")
     task = random_task(model)
@@ -350,7 +350,7 @@ def test_batched_experiments_inside_the_block_equal_unbatched(edit):
 
 
 def test_dcm_runs_in_batches_inside_the_block():
-    from circuit_widgets.core.dcm import dcm
+    from circuit_widgets.core.masking import dcm
     from circuit_widgets.tasks import Desideratum
 
     model = sharp_tiny_model("llama")

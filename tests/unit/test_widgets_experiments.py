@@ -365,7 +365,7 @@ def pair():
 
 
 def test_cmap_widget_matches_cmap_and_cmap_grid(pair):
-    from circuit_widgets.core.cmap import cmap, cmap_grid
+    from circuit_widgets.core.cross_model import cmap, cmap_grid
 
     base, ft, task = pair
     circuit = Circuit.from_groups(
@@ -458,7 +458,6 @@ def test_explorer_shares_one_circuit(pair):
     ],
 )
 def test_traits_have_docstrings_and_bundles_exist(module, cls):
-    import importlib
 
     from circuit_widgets.widgets._base import read_bundle
 
@@ -479,7 +478,7 @@ def test_traits_have_docstrings_and_bundles_exist(module, cls):
 
 
 def test_two_widgets_never_run_one_model_at_once():
-    from circuit_widgets.widgets._base import using
+    from circuit_widgets.widgets._model_lock import using
 
     a, b = object(), object()
     order: list[str] = []
@@ -574,9 +573,7 @@ def test_path_patching_cancel_inside_a_chunk_shows_its_finished_cells(
 
 
 def test_cmap_cancel_during_the_grid_shows_its_finished_cells(pair, monkeypatch):
-    cmod = importlib.import_module(
-        "circuit_widgets.core.cmap"
-    )  # the package's `cmap` is the function
+    import circuit_widgets.core.cross_model as cmod
 
     base, ft, task = pair
     w = CMAPWidget(base, ft, task, ["1.1"])
@@ -687,7 +684,7 @@ def test_explorer_sync_is_safe_across_threads(pair):
 
 
 def test_widgets_on_a_busy_model_do_not_block_the_main_thread(tiny_gpt2, ioi_gpt2):
-    from circuit_widgets.widgets._base import using
+    from circuit_widgets.widgets._model_lock import using
 
     hold, release, gave_up = threading.Event(), threading.Event(), threading.Event()
 
@@ -719,7 +716,7 @@ def _gets_the_model_mid_run(widget, model, start) -> float:
     thread is queued for the model, so the answer does not depend on how fast either thread is."""
     import time
 
-    from circuit_widgets.widgets._base import _MODEL_LOCKS, using
+    from circuit_widgets.widgets._model_lock import _MODEL_LOCKS, using
 
     running = threading.Event()
 
@@ -747,9 +744,8 @@ def test_dcm_and_cmap_take_the_model_per_batch(planted, pair, monkeypatch):
     w = DCMWidget(planted, d, None, "END", lams=[0.01, 0.1, 1.0, 10.0], epochs=3, batch_size=4)
     assert _gets_the_model_mid_run(w, planted, w.train) < 0.5
 
-    cmod = importlib.import_module(
-        "circuit_widgets.core.cmap"
-    )  # the package's `cmap` is the function
+    import circuit_widgets.core.cross_model as cmod
+
     base, ft, task = pair
     real = cmod.cmap_grid
 

@@ -36,9 +36,9 @@ from circuit_widgets.core.forward import (
     trace_forward,
     window_positions,
 )
-from circuit_widgets.models import ModelShape, model_shape
+from circuit_widgets.models import model_shape
 from circuit_widgets.tasks.desiderata import Desideratum
-from circuit_widgets.types import Circuit, Head, ModelLike
+from circuit_widgets.types import Circuit, Head, ModelLike, ModelShape
 
 DEFAULT_LAMS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3)
 # Base prompts' cached keys/values (what lets each step recompute only position..END).
@@ -683,7 +683,7 @@ class _Plan:
         """(target logits [b], whole-vocab argmax == target [b]) of the base prompts ``rows``."""
         sub = part.d.subset(rows)
         if self.eng is not None and part.kv is not None:
-            logits = self._window_logits(mask, part, rows, sub, grad)
+            logits = self._window_logits(mask, part, part.kv, rows, sub, grad)
             ar = torch.arange(len(sub), device=logits.device)
             target = sub.targets.to(logits.device)
             return logits[ar, target].float(), logits.argmax(-1) == target
@@ -696,7 +696,13 @@ class _Plan:
         return logits[ar, target].float(), logits.argmax(-1) == target
 
     def _window_logits(
-        self, mask: Tensor | None, part: _Part, rows: Tensor, sub: Desideratum, grad: bool
+        self,
+        mask: Tensor | None,
+        part: _Part,
+        kv: tuple[list[Tensor], list[Tensor]],
+        rows: Tensor,
+        sub: Desideratum,
+        grad: bool,
     ) -> Tensor:
         """Final logits at END [b, vocab], recomputing only positions from the mixed one on."""
         eng, dev = self.eng, self.device
@@ -707,9 +713,7 @@ class _Plan:
         tokens = part.d.base_tokens.to(dev)[
             idx
         ]  # the cached keys' width (a subset may trim padding)
-        base = Trace(
-            tokens, [], [], [], [], [], [k[idx] for k in part.kv[0]], [v[idx] for v in part.kv[1]]
-        )
+        base = Trace(tokens, [], [], [], [], [], [k[idx] for k in kv[0]], [v[idx] for v in kv[1]])
         edits = {}
         if mask is not None:
             ar = torch.arange(len(rows), device=dev)

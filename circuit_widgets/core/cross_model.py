@@ -41,8 +41,8 @@ from circuit_widgets.core.common import (
 from circuit_widgets.core.edits import run_with_edits
 from circuit_widgets.core.patching import _fast_cells, _grouped
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.models import ModelShape, check_adapters, model_shape
-from circuit_widgets.types import Circuit, Component, Head, ModelLike
+from circuit_widgets.models import check_adapters, model_shape
+from circuit_widgets.types import Circuit, Component, Head, ModelLike, ModelShape
 
 if TYPE_CHECKING:
     from circuit_widgets.tasks.base import Task
