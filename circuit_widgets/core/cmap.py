@@ -531,7 +531,8 @@ def cmap(
     component: z, q, k, v (per head), attn_out, mlp_out (per layer), or a list of them.
     batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
     """
-    nnsight_backend.check("cmap", base, finetuned)
+    if nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned):
+        return nnsight_backend.dispatch_pair("cmap", base, finetuned)(**locals())
     check_args("cmap", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
@@ -637,7 +638,8 @@ def cmap_grid(
     on_partial(grid) receives the partial grid after each pass of the first chunk and after
     each later chunk (a widget draws it).
     """
-    nnsight_backend.check("cmap_grid", base, finetuned)
+    if nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned):
+        return nnsight_backend.dispatch_pair("cmap_grid", base, finetuned)(**locals())
     check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)

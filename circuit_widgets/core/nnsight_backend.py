@@ -22,7 +22,18 @@ from circuit_widgets.types import Component, Direction, Head
 
 # rows (patched copies x examples) per request when batch_size is None
 DEFAULT_ROWS = 512
-SUPPORTED = ("activation_patch", "path_patch", "head_attention", "run_with_edits")
+SUPPORTED = (
+    "activation_patch",
+    "path_patch",
+    "head_attention",
+    "run_with_edits",
+    "mean_ablate",
+    "faithfulness",
+    "cmap",
+    "cmap_grid",
+)
+# written in core/nnsight_experiments.py
+_ELSEWHERE = ("mean_ablate", "faithfulness", "cmap", "cmap_grid")
 
 
 def is_nnsight(model: Any) -> bool:
@@ -39,7 +50,17 @@ def dispatch(model: Any, experiment: str) -> Callable | None:
             f"{experiment} is not available on the nnsight backend yet (supported: "
             f"{', '.join(SUPPORTED)}); load the model with backend='transformer_lens' to run it"
         )
+    if experiment in _ELSEWHERE:
+        from circuit_widgets.core import nnsight_experiments
+
+        return getattr(nnsight_experiments, experiment)
     return globals()[experiment]
+
+
+def dispatch_pair(experiment: str, base: Any, finetuned: Any) -> Callable:
+    """``dispatch`` for a two-model experiment where either model is nnsight-served (the
+    nnsight version then checks that both are)."""
+    return dispatch(base if is_nnsight(base) else finetuned, experiment)  # type: ignore[return-value]
 
 
 def check(experiment: str, *models: Any) -> None:

@@ -1,0 +1,633 @@
+"""Circuit evaluation and cross-model patching on nnsight-served models.
+
+``mean_ablate`` / ``faithfulness``: the means come from one capture request per chunk of the
+reference set (every layer's z in one trace); the circuits to score then travel as extra batch
+rows, so a whole faithfulness run (the full model, the circuit and ``n_random`` random
+circuits) costs ceil((n_random + 2) x examples / 512) requests after the means.
+``cmap`` / ``cmap_grid`` (both models nnsight-served): one request captures the fine-tuned
+model's activations, then the base model runs with them written in, the patched cells as extra
+batch rows: a full grid costs at most 1 + n_layers requests. Inside a trace only torch and
+nnsight run, so NDIF never imports this package; the values that travel are plain tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.nnsight_backend import (
+    DEFAULT_ROWS,
+    _capture_request,
+    _recv_site,
+    _where,
+    is_nnsight,
+)
+from circuit_widgets.core.results import HeadGrid
+from circuit_widgets.types import Component
+
+# q16 moves these modules; whichever exists serves (the names used here are unchanged)
+_CIRCUITS = ("circuit_widgets.core.evaluation", "circuit_widgets.core.circuits")
+_CMAP = ("circuit_widgets.core.cross_model", "circuit_widgets.core.cmap")
+# the order a forward reaches a layer's sites: q, k, v projections, then o_proj's input (z)
+_SITE_ORDER = {"q": 0, "k": 1, "v": 2, "z": 3}
+
+
+def _module(names: tuple[str, ...], attr: str) -> Any:
+    for name in names:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, attr):
+            return mod
+    raise ImportError(f"none of {names} defines {attr}")
+
+
+def _fail(exc: BaseException, partial: Any = None) -> BaseException:
+    from circuit_widgets.nnsight_model import RemoteError, request_error
+
+    err = exc if isinstance(exc, RemoteError) else request_error(exc)
+    err.partial = partial
+    return err
+
+
+# ---------------------------------------------------------------------- reading END logits
+
+
+class _Readout:
+    """The task's metric, accuracy and candidate accuracy from a request's compact readout:
+    END logits at the answer/wrong-answer columns, the argmax and the log-sum-exp (a request
+    returns these, never [rows, vocab])."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        ids = torch.cat([task.answers.reshape(-1), task.wrong_answers.reshape(-1)]).cpu()
+        self.cols = torch.unique(ids)
+        remap = lambda t: torch.searchsorted(self.cols, t.cpu().contiguous())
+        self.ans = remap(task.answers)
+        self.wrong = remap(task.wrong_answers)
+
+    def scores(self, out: tuple, examples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(metric, accuracy, candidate accuracy) per row; row r is example examples[r]."""
+        sub, top, lse = (t.detach().cpu() for t in out)
+        sub = sub.float()
+        pick = lambda ids: ids[examples] if ids.dim() == 2 else ids[examples][:, None]
+        a, w = sub.gather(1, pick(self.ans)), sub.gather(1, pick(self.wrong))
+        answers = pick(self.task.answers.cpu())
+        acc = (top[:, None] == answers).any(-1).float()
+        cand = (a.max(1).values > w.max(1).values).float()
+        name = self.task.metric_name
+        if name == "logit_diff":
+            metric = a.mean(1) - w.mean(1)
+        elif name == "accuracy":
+            metric = acc
+        elif name == "candidate_accuracy":
+            metric = cand
+        else:  # prob: the answers' share of the softmax over the whole vocabulary
+            metric = (a - lse.float()[:, None]).exp().sum(1)
+        return metric, acc, cand
+
+
+# ---------------------------------------------------------------------- mean ablation
+
+
+def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_size, means, mem):
+    """circuits._Ablator whose scoring runs every circuit of a request as extra batch rows."""
+    circuits = _module(_CIRCUITS, "_Ablator")
+
+    class NNAblator(circuits._Ablator):
+        def __init__(self, *args: Any) -> None:
+            self._cached: dict[int, tuple] = {}
+            self.n_requests = 0
+            start = model.requests
+            super().__init__(*args)  # takes the means: capture requests
+            self.means_requests = model.requests - start
+
+        def _chunks(self, task: Any) -> list[slice]:
+            # requests are sized by rows, not by this machine's memory (NDIF holds the model)
+            n = len(task)
+            size = self.batch_size or max(n, 1)
+            return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
+
+        def scores(self, circuit: Any) -> tuple[Tensor, Tensor, Tensor]:
+            if circuit is None and self._full is not None:
+                return self._full
+            key = id(circuit)
+            if key not in self._cached:
+                self.prefetch([circuit])
+            return self._cached[key]
+
+        def prefetch(self, circs: list) -> None:
+            """Score every circuit (None = the unablated model), several per request."""
+            todo = list({id(c): c for c in circs if id(c) not in self._cached}.values())
+            if not todo:
+                return
+            task = self.task
+            cls_all = self._class_map(task, False)
+            H, dh = self.shape.n_heads, self.shape.d_head
+            readout = _Readout(task)
+            tables = [m.reshape(m.shape[0], H * dh) for m in self.means]
+            parts: dict[int, list[list[Tensor]]] = {id(c): [[], [], []] for c in todo}
+            for sl in self._chunks(task):
+                idx = torch.arange(len(task))[sl]
+                sub = task.subset(idx)
+                b, s = sub.clean_tokens.shape
+                cls = cls_all[sl, :s]
+                cls = torch.where(cls < 0, torch.ones_like(cls), cls)
+                per_req = max(1, DEFAULT_ROWS // max(b, 1))  # circuits per request
+                for start in range(0, len(todo), per_req):
+                    group = todo[start : start + per_req]
+                    keeps: dict[int, Tensor] = {}
+                    for v, c in enumerate(group):
+                        if c is None:
+                            continue
+                        for layer, k in self._keep(c, task, sl, s).items():
+                            full = keeps.setdefault(
+                                layer, torch.ones(len(group) * b, s, H, dtype=torch.bool)
+                            )
+                            full[v * b : (v + 1) * b] = k
+                    try:
+                        out = _ablate_request(
+                            self.model,
+                            sub.clean_tokens,
+                            sub.positions["END"].cpu(),
+                            keeps,
+                            tables,
+                            cls,
+                            len(group),
+                            dh,
+                            readout.cols,
+                        )
+                    except Exception as exc:
+                        raise _fail(exc) from exc
+                    self.n_requests += 1
+                    m, a, ca = readout.scores(out, idx.repeat(len(group)))
+                    for v, c in enumerate(group):
+                        rows = slice(v * b, (v + 1) * b)
+                        for j, t in enumerate((m, a, ca)):
+                            parts[id(c)][j].append(t[rows])
+            for c in todo:
+                res = tuple(torch.cat(p) for p in parts[id(c)])
+                self._cached[id(c)] = res
+                if c is None:
+                    self._full = res
+
+    return NNAblator(model, task, reference_task, reference, batch_size, means, mem), circuits
+
+
+def _ablate_request(
+    nm: Any,
+    tokens: Tensor,
+    end: Tensor,
+    keeps: dict[int, Tensor],
+    tables: list[Tensor],
+    cls: Tensor,
+    n: int,
+    dh: int,
+    cols: Tensor,
+) -> tuple:
+    """One trace: ``n`` copies of the batch; copy v's z keeps its own value where keeps says,
+    its class mean (``tables[layer][cls]``) elsewhere; returns the compact END readout."""
+    b = tokens.shape[0]
+    inp = tokens.repeat(n, 1)
+    rows = torch.arange(n * b)
+    end_rows = end.repeat(n)
+    layers = sorted(keeps)
+    sites = [nm.z_site(layer) for layer in layers]
+    masks = [keeps[layer] for layer in layers]
+    means = [tables[layer] for layer in layers]
+    lm = nm.lm
+    with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
+        for i in range(len(sites)):
+            x = sites[i].input
+            mean = means[i][cls].repeat(n, 1, 1).to(x.dtype)
+            keep = masks[i].repeat_interleave(dh, dim=-1)
+            sites[i].input = torch.where(keep, x, mean)
+        # the compact readout, written out here: code inside a trace must not call ours
+        logits = lm.output.logits[rows, end_rows]
+        sub = logits[:, cols].save()
+        top = logits.argmax(-1).save()
+        lse = logits.float().logsumexp(-1).save()
+    return sub, top, lse
+
+
+def mean_ablate(
+    model: Any,
+    task: Any,
+    circuit: Any = None,
+    *,
+    reference_task: Any = None,
+    batch_size: int | None = None,
+    reference: str = "corrupt",
+    means: str = "auto",
+    max_memory: int | str | None = None,  # requests are sized by batch_size instead
+) -> Any:
+    """``mean_ablate`` through nnsight: one capture request per chunk of the reference set
+    (``batch_size`` examples, default all), then one request scoring the circuit."""
+    from circuit_widgets.core.checks import check_args
+
+    check_args("mean_ablate", model=model, task=task)
+    abl, _ = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    res = abl.run(circuit)
+    return replace(res, notes=[_requests_note(model, abl), *res.notes])
+
+
+def _requests_note(model: Any, abl: Any) -> str:
+    total = abl.means_requests + abl.n_requests
+    return (
+        f"nnsight ({_where(model)}): {total} request(s): {abl.means_requests} for the means, "
+        f"{abl.n_requests} scoring"
+    )
+
+
+def faithfulness(
+    model: Any,
+    task: Any,
+    circuit: Any,
+    *,
+    n_random: int = 5,
+    seed: int = 0,
+    reference_task: Any = None,
+    reference: str = "corrupt",
+    batch_size: int | None = None,
+    means: str = "auto",
+    max_memory: int | str | None = None,  # requests are sized by batch_size instead
+) -> Any:
+    """``faithfulness`` through nnsight: the means, then the full model, the circuit and every
+    random circuit scored together, as extra batch rows (512 rows a request)."""
+    from circuit_widgets.core.checks import check_args
+
+    check_args("faithfulness", model=model, task=task)
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
+        raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
+    abl, circuits = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    circ = circuits._as_circuit(circuit, abl.shape, task)
+    seeds = [seed + i for i in range(n_random)]
+    rands = [circuits.random_circuit_like(circ, abl.shape, s) for s in seeds]
+    n_total = abl.shape.n_layers * abl.shape.n_heads
+    # as _Ablator.run: a circuit keeping every head everywhere is scored as the plain model
+    whole = lambda c: len(c) == n_total and all(g.position is None for g in c.groups)
+    abl.prefetch([None, *(None if whole(c) else c for c in [circ, *rands])])
+    full_m, full_a, _ = abl.scores(None)
+    res = abl.run(circ)
+    rand = [abl.run(c) for c in rands]
+    fm, fa = float(full_m.mean()), float(full_a.mean())
+    ratio = lambda a, b: a / b if b != 0 else math.nan
+    return circuits.FaithfulnessResult(
+        full_metric=fm,
+        circuit_metric=res.metric,
+        ratio=ratio(res.metric, fm),
+        full_accuracy=fa,
+        circuit_accuracy=res.accuracy,
+        accuracy_ratio=ratio(res.accuracy, fa),
+        random_metric=[r.metric for r in rand],
+        random_accuracy=[r.accuracy for r in rand],
+        random_seeds=seeds,
+        n_heads=len(circ),
+        metric_name=task.metric_name,
+        circuit=circ,
+        notes=[_requests_note(model, abl), *res.notes],
+        means=abl.mode,
+    )
+
+
+# ---------------------------------------------------------------------- cross-model patching
+
+CMAP_COMPONENTS = (Component.Z, Component.Q, Component.K, Component.V)
+
+
+def _check_pair(where: str, base: Any, finetuned: Any) -> Any:
+    """Both models nnsight-served and alike (the cmap module's checks, read off the configs)."""
+    if not (is_nnsight(base) and is_nnsight(finetuned)):
+        kinds = [
+            f"{label} is {'nnsight-served' if is_nnsight(m) else type(m).__name__}"
+            for label, m in (("base", base), ("finetuned", finetuned))
+        ]
+        raise ValueError(
+            f"{where} on the nnsight backend needs both models served through nnsight "
+            f"(load_model(..., backend='nnsight')); {', '.join(kinds)}"
+        )
+    cm = _module(_CMAP, "_tokenizer_diffs")
+    a, b = base.cfg, finetuned.cfg
+    diffs = [
+        f"{name}: base {getattr(a, name)}, finetuned {getattr(b, name)}"
+        for name in (
+            "architecture",
+            "n_layers",
+            "n_heads",
+            "n_key_value_heads",
+            "d_head",
+            "d_model",
+            "d_vocab",
+            "default_prepend_bos",
+        )
+        if getattr(a, name) != getattr(b, name)
+    ]
+    diffs += cm._tokenizer_diffs(base, finetuned)
+    if diffs:
+        raise ValueError(
+            "base and finetuned models are not compatible for cross-model patching: "
+            + "; ".join(diffs)
+        )
+    return cm
+
+
+def _check_components(comps: list) -> None:
+    bad = [c.value for c in comps if c not in CMAP_COMPONENTS]
+    if bad:
+        raise NotImplementedError(
+            f"cross-model patching of {bad} is not available on the nnsight backend yet "
+            "(a transformers block's attention/MLP output is not TransformerLens's attn_out/"
+            "mlp_out on every architecture); use z, q, k or v"
+        )
+
+
+def _width(nm: Any, site: str) -> int:
+    heads = nm.cfg.n_key_value_heads if site in ("k", "v") else nm.cfg.n_heads
+    return heads * nm.cfg.d_head
+
+
+def _envoy(nm: Any, layer: int, site: str) -> tuple[Any, bool, int]:
+    """(module envoy, True if the activation is its input, column offset of head 0)."""
+    if site == "z":
+        return nm.z_site(layer), True, 0
+    env, off = _recv_site(nm, layer, site)
+    return env, False, off
+
+
+def _capture_ft(ft: Any, tokens: Tensor, keys: list, end: Tensor) -> tuple[Tensor, dict]:
+    """One request: the fine-tuned model's END logits and its activations at ``keys``, each
+    [b, s, width] (heads concatenated)."""
+    order = sorted(keys, key=lambda k: (k[0], _SITE_ORDER[k[1]]))
+    logits, raw = _capture_request(ft, tokens.cpu(), order, end)
+    acts = {k: t.detach().reshape(t.shape[0], t.shape[1], -1).cpu() for k, t in zip(order, raw)}
+    return logits.detach().float().cpu(), acts
+
+
+def _cross_request(
+    nm: Any, inp: Tensor, end_rows: Tensor, plan: list, cols: Tensor, dh: int
+) -> tuple:
+    """One trace of the base model on ``inp``; ``plan`` lists, in forward order, (envoy, is
+    input, [(rows from, rows to, column from, column to, source [rows, s, w], mask [rows, s,
+    heads])]): the source is written where the mask holds. Returns the compact END readout."""
+    rows = torch.arange(inp.shape[0])
+    lm = nm.lm
+    with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
+        for env, as_input, spans in plan:
+            x = env.input if as_input else env.output
+            new = x.clone()
+            for r0, r1, a, b, src, mask in spans:
+                keep = mask.repeat_interleave(dh, dim=-1)
+                new[r0:r1, :, a:b] = torch.where(keep, src.to(x.dtype), x[r0:r1, :, a:b])
+            if as_input:
+                env.input = new
+            else:
+                env.output = new
+        logits = lm.output.logits[rows, end_rows]
+        sub = logits[:, cols].save()
+        top = logits.argmax(-1).save()
+        lse = logits.float().logsumexp(-1).save()
+    return sub, top, lse
+
+
+def cmap(
+    base: Any,
+    finetuned: Any,
+    task: Any,
+    *,
+    circuit: Any = None,
+    heads: Any = None,
+    component: Any = "z",
+    positions: Any = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+) -> Any:
+    """``cmap`` with both models nnsight-served: per batch of examples one request captures
+    the fine-tuned model's activations, one runs the base model with every group's patch (and
+    the unpatched base) as extra batch rows; ``batch_size`` examples per batch (default: as
+    many as 512 rows hold). Stopping (between batches) keeps the finished examples."""
+    from circuit_widgets.core.checks import check_args
+    from circuit_widgets.models import model_shape
+
+    cm = _check_pair("cmap", base, finetuned)
+    check_args("cmap", task=task)
+    check_callbacks(on_progress, should_stop, batch_size)
+    comps = cm._components(component)
+    _check_components(comps)
+    shape = model_shape(base)
+    patches, notes = cm._plan(base, task, circuit, heads, comps, positions, shape)
+    singles = patches[:-1] if patches[-1].name == cm.WHOLE else patches
+    n = len(task)
+    n_var = len(patches) + 1
+    size = batch_size or max(1, DEFAULT_ROWS // n_var)
+    batches = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    readout = _Readout(task)
+    end = task.positions["END"].cpu()
+    dh = shape.d_head
+    out_metric = torch.full((len(patches), n), math.nan)
+    out_acc = torch.full((len(patches), n), math.nan)
+    base_m, ft_m, base_a, ft_a = (torch.full((n,), math.nan) for _ in range(4))
+    done = torch.zeros(n, dtype=torch.bool)
+    complete, n_req = True, 0
+    keys = sorted({k for p in singles for k in p.columns}, key=lambda k: (k[0], _SITE_ORDER[k[1]]))
+
+    def result(complete: bool, extra: list[str]) -> Any:
+        kvg = None
+        if any(c.per_kv_head for c in comps):
+            from circuit_widgets.core import hooks
+
+            kvg = hooks.kv_groups(shape)
+        head = f"nnsight ({_where(base)}): {n_req} request(s), 2 per batch of examples"
+        return cm.CMAPResult(
+            groups=[p.name for p in patches],
+            heads={p.name: p.heads for p in patches},
+            positions={p.name: p.position for p in patches},
+            base_metric=base_m,
+            finetuned_metric=ft_m,
+            patched_metric=out_metric,
+            base_accuracy=base_a,
+            finetuned_accuracy=ft_a,
+            patched_accuracy=out_acc,
+            done=done,
+            complete=complete,
+            components=[c.value for c in comps],
+            metric_name=task.metric_name,
+            kv_groups=kvg,
+            notes=[head, *notes, *extra],
+        )
+
+    for i, sl in enumerate(batches):
+        if should_stop is not None and should_stop():
+            complete = False
+            break
+        idx = torch.arange(n)[sl]
+        sub = task.subset(idx)
+        tokens, sub_end = sub.clean_tokens, end[sl]
+        b = tokens.shape[0]
+        masks = cm._cell_masks([cm._Patch("base", {}, None, [])] + singles, sub, slice(None), shape)
+        if len(singles) < len(patches):  # "circuit" = the union of every group's cells
+            for key, m in list(masks.items()):
+                union = m.view(len(singles) + 1, b, *m.shape[1:]).any(0)
+                masks[key] = torch.cat([m, union])
+        try:
+            ft_logits, acts = _capture_ft(finetuned, tokens, keys, sub_end)
+            n_req += 1
+            plan: list = []
+            for key in keys:
+                env, as_input, off = _envoy(base, *key)
+                src = acts[key].repeat(n_var, 1, 1)
+                span = (0, n_var * b, off, off + _width(base, key[1]), src, masks[key])
+                if plan and plan[-1][0] is env:  # GPT-2: q, k and v share c_attn
+                    plan[-1][2].append(span)
+                else:
+                    plan.append((env, as_input, [span]))
+            out = _cross_request(
+                base, tokens.repeat(n_var, 1), sub_end.repeat(n_var), plan, readout.cols, dh
+            )
+            n_req += 1
+        except Exception as exc:
+            err = _fail(exc)
+            err.partial = result(False, [str(err)])
+            raise err from exc
+        m, a, _ = readout.scores(out, idx.repeat(n_var))
+        m, a = m.view(n_var, b), a.view(n_var, b)
+        base_m[sl], base_a[sl] = m[0], a[0]
+        ft_m[sl] = sub.metric(ft_logits).float()
+        ft_a[sl] = sub.accuracy(ft_logits).float()
+        out_metric[:, sl], out_acc[:, sl] = m[1:], a[1:]
+        done[sl] = True
+        if on_progress is not None:
+            on_progress(i + 1, len(batches))
+    extra = [] if complete else [f"stopped after {int(done.sum())} of {n} examples"]
+    return result(complete, extra)
+
+
+def cmap_grid(
+    base: Any,
+    finetuned: Any,
+    task: Any,
+    *,
+    component: Any = "z",
+    position: str = "END",
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+    max_memory: int | str | None = None,  # requests are sized by batch_size (rows) instead
+    on_partial: Callable[[HeadGrid], None] | None = None,
+) -> HeadGrid:
+    """``cmap_grid`` with both models nnsight-served: one request captures the fine-tuned
+    model's activations at every layer, then the base model runs with one head patched per
+    copy of the batch, ``max(n_heads, batch_size // examples)`` heads per request (batch_size
+    = rows, default 512), layer by layer: at most 1 + n_layers requests. Progress advances per
+    request, ``should_stop`` is checked between requests (finished heads kept), and a failed
+    request raises ``RemoteError`` with the grid so far as ``partial``."""
+    from circuit_widgets.core.checks import check_args
+    from circuit_widgets.models import model_shape
+
+    cm = _check_pair("cmap_grid", base, finetuned)
+    check_args("cmap_grid", task=task)
+    check_callbacks(on_progress, should_stop, batch_size)
+    comps = cm._components(component)
+    if len(comps) != 1:
+        raise ValueError("cmap_grid takes one component; use cmap for several at once")
+    _check_components(comps)
+    comp = comps[0]
+    if not isinstance(position, str):
+        raise TypeError(f"position must be a task position name or 'all', got {position!r}")
+    pos = cm._check_position(task, position)
+    shape = model_shape(base)
+    site = comp.value
+    n_cols = shape.n_kv_heads if comp.per_kv_head else shape.n_heads
+    L, B, dh = shape.n_layers, len(task), shape.d_head
+    cells = [(layer, c) for layer in range(L) for c in range(n_cols)]
+    per_request = max(n_cols, (batch_size or DEFAULT_ROWS) // max(B, 1), 1)
+    jobs = [cells[i : i + per_request] for i in range(0, len(cells), per_request)]
+    posmask = cm._position_mask(task, pos, slice(None))[:, :, None]  # [B, s, 1]
+    readout = _Readout(task)
+    end = task.positions["END"].cpu()
+    ex = torch.arange(B)
+    per_example = torch.full((B, L, n_cols), math.nan)
+    done = torch.zeros(L, n_cols, dtype=torch.bool)
+    base_m: Any = torch.full((B,), math.nan)
+    ft_m: Any = torch.full((B,), math.nan)
+    n_req, complete = 0, True
+    total = 1 + len(jobs)
+
+    def grid(complete: bool, extra: list[str]) -> HeadGrid:
+        head = (
+            f"nnsight ({_where(base)}): {n_req} request(s): 1 capturing the fine-tuned model, "
+            f"then up to {per_request} cells each"
+        )
+        return cm._cmap_headgrid(
+            per_example.clone(),
+            done.clone(),
+            base_m,
+            ft_m,
+            task,
+            comp,
+            position,
+            shape,
+            complete,
+            [head, *extra],
+        )
+
+    try:
+        ft_logits, acts = _capture_ft(
+            finetuned, task.clean_tokens, [(l, site) for l in range(L)], end
+        )
+    except Exception as exc:
+        raise _fail(exc) from exc
+    n_req += 1
+    ft_m = task.metric(ft_logits).float()
+    if on_progress is not None:
+        on_progress(1, total)
+    for i, job in enumerate(jobs):
+        if i > 0 and should_stop is not None and should_stop():
+            complete = False
+            break
+        first = i == 0
+        lead = 1 if first else 0  # the first request also runs the unpatched base
+        n_rows = (lead + len(job)) * B
+        plan: list = []
+        for k, (layer, c) in enumerate(job):
+            env, as_input, off = _envoy(base, layer, site)
+            r0 = (lead + k) * B
+            src = acts[(layer, site)][:, :, c * dh : (c + 1) * dh]
+            span = (r0, r0 + B, off + c * dh, off + (c + 1) * dh, src, posmask)
+            if plan and plan[-1][0] is env:
+                plan[-1][2].append(span)
+            else:
+                plan.append((env, as_input, [span]))
+        try:
+            out = _cross_request(
+                base,
+                task.clean_tokens.repeat(n_rows // B, 1),
+                end.repeat(n_rows // B),
+                plan,
+                readout.cols,
+                dh,
+            )
+        except Exception as exc:
+            err = _fail(exc)
+            err.partial = None if first else grid(False, [str(err)])
+            raise err from exc
+        n_req += 1
+        metric = readout.scores(out, ex.repeat(n_rows // B))[0].view(-1, B)
+        if first:
+            base_m, metric = metric[0], metric[1:]
+        for k, (layer, c) in enumerate(job):
+            per_example[:, layer, c] = metric[k] - base_m
+            done[layer, c] = True
+        if on_progress is not None:
+            on_progress(i + 2, total)
+        if on_partial is not None:
+            on_partial(grid(False, []))
+    return grid(complete, [])
