@@ -31,9 +31,18 @@ SUPPORTED = (
     "faithfulness",
     "cmap",
     "cmap_grid",
+    "attribution_patch",
+    "path_attribution",
 )
 # written in core/nnsight_experiments.py
-_ELSEWHERE = ("mean_ablate", "faithfulness", "cmap", "cmap_grid")
+_ELSEWHERE = (
+    "mean_ablate",
+    "faithfulness",
+    "cmap",
+    "cmap_grid",
+    "attribution_patch",
+    "path_attribution",
+)
 
 
 def is_nnsight(model: Any) -> bool:

@@ -631,3 +631,230 @@ def cmap_grid(
         if on_partial is not None:
             on_partial(grid(False, []))
     return grid(complete, [])
+
+
+# ---------------------------------------------------------------------- attribution
+
+GRAD_METRICS = ("logit_diff", "prob")
+
+
+def attribution_patch(
+    model: Any,
+    task: Any,
+    component: Any = "z",
+    direction: Any = "noise",
+    *,
+    positions: Any = "all",
+    heads: Any = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+    max_memory: int | str | None = None,  # requests are sized by batch_size instead
+) -> HeadGrid:
+    """``attribution_patch`` through nnsight: one request per ``batch_size`` examples (default
+    all) runs the source and base rows, differentiates the metric at the base rows inside the
+    trace, and returns each layer's (source - base) . gradient per position and head."""
+    return _attribute(
+        model, task, component, direction, positions, heads, batch_size, on_progress,
+        should_stop, frozen=False, freeze_mlps=False,
+    )  # fmt: skip
+
+
+def path_attribution(
+    model: Any,
+    task: Any,
+    *,
+    position: str = "all",
+    freeze_mlps: bool = False,
+    heads: Any = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+    max_memory: int | str | None = None,  # requests are sized by batch_size instead
+) -> HeadGrid:
+    """``path_attribution`` through nnsight: as ``attribution_patch`` on z, with every head's
+    z a leaf of its own (and with ``freeze_mlps`` every MLP output detached) inside the trace,
+    so the gradient follows path patching's paths; one request per ``batch_size`` examples."""
+    return _attribute(
+        model, task, "z", "noise", position, heads, batch_size, on_progress, should_stop,
+        frozen=True, freeze_mlps=freeze_mlps,
+    )  # fmt: skip
+
+
+def _attribute(
+    model: Any,
+    task: Any,
+    component: Any,
+    direction: Any,
+    positions: Any,
+    heads: Any,
+    batch_size: int | None,
+    on_progress: Progress,
+    should_stop: Stop,
+    *,
+    frozen: bool,
+    freeze_mlps: bool,
+) -> HeadGrid:
+    from circuit_widgets.core.checks import check_args
+    from circuit_widgets.core.common import build_grid, plan_sweep
+    from circuit_widgets.core.nnsight_backend import _check_component, _site
+    from circuit_widgets.types import Direction
+
+    where = "path_attribution" if frozen else "attribution_patch"
+    check_args(where, model=model, task=task)
+    plan = plan_sweep(
+        model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
+    )
+    comp, dirn, shape, subset = plan.comp, plan.dirn, plan.shape, plan.subset
+    _check_component(comp)
+    if task.metric_name not in GRAD_METRICS:
+        raise ValueError(
+            f"{where} differentiates the metric, and {task.metric_name!r} is a step function "
+            f"with no gradient; use a task with metric in {GRAD_METRICS} "
+            "(task.with_metric('logit_diff'))"
+        )
+    slots, labels, n_cols = plan.slots, plan.labels, plan.n_cols
+    B, L, P, dh = len(task), shape.n_layers, len(slots), shape.d_head
+    masks = torch.stack([s.mask for s in slots], 1).float()  # [b, P, s]
+    noise = dirn == Direction.NOISE
+    base_tokens, src_tokens = (
+        (task.clean_tokens, task.corrupt_tokens)
+        if noise
+        else (task.corrupt_tokens, task.clean_tokens)
+    )
+    readout = _Readout(task)
+    end = task.positions["END"].cpu()
+    size = batch_size or max(B, 1)
+    steps = [slice(i, min(i + size, B)) for i in range(0, B, size)]
+    per_example = torch.full((B, L, P, n_cols), float("nan"))
+    m_src, m_base = torch.full((B,), float("nan")), torch.full((B,), float("nan"))
+    sites = [_site(model, comp, layer) for layer in range(L)]
+    mlps = [model.layer(layer).mlp for layer in range(L)] if freeze_mlps else []
+    n_req, complete = 0, True
+    notes = ["first-order (attribution) estimate, not an exact patch"]
+    if frozen:
+        notes.append(
+            "paths of path patching to the logits: no head reads the sender's change; "
+            f"MLPs {'frozen' if freeze_mlps else 'pass it on'}"
+        )
+
+    def grid(complete: bool, extra: list[str]) -> HeadGrid:
+        m_clean, m_corrupt = (m_base, m_src) if noise else (m_src, m_base)
+        pe = per_example.clone()
+        if not noise:
+            pe = pe + (m_corrupt - m_clean).float()[:, None, None, None]
+        done = ~pe.isnan().any(0)
+        if subset is not None:
+            keep = torch.zeros(L, P, n_cols, dtype=torch.bool)
+            for h in subset:
+                keep[h.layer, :, h.head] = True
+            done &= keep
+        if labels is None:
+            pe, done = pe[:, :, 0], done[:, 0]
+        head = f"nnsight ({_where(model)}): {n_req} request(s), {size} examples each"
+        return build_grid(
+            pe,
+            done,
+            m_clean,
+            m_corrupt,
+            shape=shape,
+            component=comp,
+            direction=dirn.value,
+            kind="attribution",
+            metric_name=task.metric_name,
+            positions=labels,
+            position=plan.single,
+            complete=complete,
+            notes=[head, *notes, *extra],
+            receivers="logits" if frozen else None,
+        )
+
+    for i, sl in enumerate(steps):
+        if i > 0 and should_stop is not None and should_stop():
+            complete = False
+            break
+        idx = torch.arange(B)[sl]
+        try:
+            out, contribs = _grad_request(
+                model, src_tokens[sl], base_tokens[sl], end[sl], sites, mlps, frozen,
+                readout.cols, readout.ans[idx], readout.wrong[idx], task.metric_name,
+                n_cols, dh,
+            )  # fmt: skip
+        except Exception as exc:
+            err = _fail(exc)
+            err.partial = None if i == 0 else grid(False, [str(err)])
+            raise err from exc
+        n_req += 1
+        metric = readout.scores(out, idx.repeat(2))[0].view(2, -1)
+        m_src[sl], m_base[sl] = metric[0], metric[1]
+        contrib = torch.stack([c.detach().float().cpu() for c in contribs], 1)
+        per_example[sl] = torch.einsum("bps,blsc->blpc", masks[sl], contrib)
+        if on_progress is not None:
+            on_progress(i + 1, len(steps))
+    return grid(complete, [])
+
+
+def _grad_request(
+    nm: Any,
+    src_tokens: Tensor,
+    base_tokens: Tensor,
+    end: Tensor,
+    sites: list,
+    mlps: list,
+    frozen: bool,
+    cols: Tensor,
+    ans: Tensor,
+    wrong: Tensor,
+    metric_name: str,
+    n_cols: int,
+    dh: int,
+) -> tuple[tuple, list]:
+    """One trace: rows [source | base]; the metric at the base rows (written out in torch: the
+    server runs no code of ours) differentiated w.r.t. each layer's activation. Returns the
+    compact END readout and, per layer, (source - base) . grad as [b, s, columns]."""
+    b = base_tokens.shape[0]
+    inp = torch.cat([src_tokens, base_tokens])
+    rows = torch.arange(2 * b)
+    end_rows = end.repeat(2)
+    ans2 = ans if ans.dim() == 2 else ans[:, None]
+    wrong2 = wrong if wrong.dim() == 2 else wrong[:, None]
+    prob = metric_name == "prob"
+    lm = nm.lm
+    acts = []
+    contribs = []
+    with lm.trace(inp, backend=nm.backend()):
+        for i in range(len(sites)):
+            env, as_input, off = sites[i]
+            x = env.input if as_input else env.output
+            if (
+                frozen
+            ):  # a leaf of its own: the gradient reaches it only along path patching's paths
+                x = x.detach().requires_grad_(True)
+                env.input = x
+            else:
+                x.requires_grad_(True)
+            acts.append((x, off))
+            if mlps:
+                mlps[i].output = mlps[i].output.detach()
+        logits = lm.output.logits
+        final = logits[rows, end_rows]
+        sub = final[:, cols].save()
+        top = final.argmax(-1).save()
+        lse = final.float().logsumexp(-1).save()
+        fin = final[b:].float()
+        a = fin[:, cols].gather(1, ans2)
+        w = fin[:, cols].gather(1, wrong2)
+        if prob:
+            metric = (a - fin.logsumexp(-1)[:, None]).exp().sum(1)
+        else:
+            metric = a.mean(1) - w.mean(1)
+        # autograd.grad, not ``with loss.backward()``: NDIF's local simulation recompiles the
+        # block from its own source, and a nested with-block is then looked up at a wrong line
+        grads = torch.autograd.grad(metric.sum(), [x for x, _ in acts])
+        for j in range(len(acts)):
+            x, off = acts[j]
+            g = grads[j][b:, :, off : off + n_cols * dh]
+            xs = x[:, :, off : off + n_cols * dh].detach()
+            c = ((xs[:b] - xs[b:]) * g).reshape(b, g.shape[1], n_cols, dh).sum(-1)
+            contribs.append(c.save())
+    return (sub, top, lse), contribs

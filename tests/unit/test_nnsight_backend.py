@@ -263,8 +263,6 @@ def test_remote_true_offline_hub_is_one_sentence():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda m, t: cw.path_attribution(m, t),
-        lambda m, t: cw.attribution_patch(m, t),
         lambda m, t: run_with_edits(m, t.clean_tokens, {(0, "z"): lambda z: z * 0}),
         lambda m, t: cw.dcm(m, []),
         lambda m, t: cw.intervene(m, t, heads=["0.1"], scale=0.0),

@@ -248,3 +248,59 @@ def test_requests_never_reference_circuit_widgets(tiny_llama, monkeypatch):
     for blob in blobs:
         assert b"circuit_widgets.core" not in blob and b"circuit_widgets.tasks" not in blob
         assert blob.count(b"circuit_widgets") == blob.count(b"circuit_widgets/core/nnsight_")
+
+
+# ---------------------------------------------------------------------- attribution
+
+
+ATTR_CASES = [
+    ("z", "all", "noise", "local", "logit_diff"),
+    ("q", "END", "denoise", False, "logit_diff"),
+    ("k", ["S2", "END"], "noise", "local", "prob"),
+    ("v", "all", "denoise", "local", "logit_diff"),
+]
+
+
+@pytest.mark.parametrize("component,positions,direction,remote,metric", ATTR_CASES)
+def test_attribution_patch_equals_fast_engine(
+    models, component, positions, direction, remote, metric
+):
+    base, _, task = models
+    task = task.with_metric(metric)
+    kw = {"positions": positions}
+    ref = cw.attribution_patch(base, task, component, direction, **kw)
+    nm = _nn(base, remote)
+    got = cw.attribution_patch(nm, task, component, direction, **kw)
+    assert got.complete and got.shape == ref.shape and torch.equal(got.done, ref.done)
+    _close(got.per_example, ref.per_example)
+    _close(got.metric_clean, ref.metric_clean)
+    _close(got.metric_corrupt, ref.metric_corrupt)
+    # one request: source and base rows, the metric's gradient taken inside the trace
+    assert nm.requests == 1 and "1 request(s)" in got.notes[0]
+
+
+@pytest.mark.parametrize("freeze_mlps", [False, True])
+def test_path_attribution_equals_fast_engine(models, freeze_mlps):
+    base, _, task = models
+    ref = cw.path_attribution(base, task, freeze_mlps=freeze_mlps, position="END")
+    nm = _nn(base, "local")
+    got = cw.path_attribution(nm, task, freeze_mlps=freeze_mlps, position="END")
+    _close(got.per_example, ref.per_example)
+    assert got.receivers == ref.receivers and nm.requests == 1
+
+
+def test_attribution_requests_per_batch_stop_and_errors(tiny_llama):
+    task = cw.tasks.ioi(tiny_llama, 6)
+    ref = cw.attribution_patch(tiny_llama, task)
+    nm = _nn(tiny_llama, "local")
+    seen = []
+    got = cw.attribution_patch(nm, task, batch_size=4, on_progress=lambda d, t: seen.append((d, t)))
+    assert nm.requests == 2 and seen == [(1, 2), (2, 2)]
+    _close(got.per_example, ref.per_example)
+    got = cw.attribution_patch(nm, task, batch_size=4, should_stop=lambda: True)
+    # as the fast engine: every request covers every cell, and a cell needs every example
+    assert not got.complete and not got.done.any() and nm.requests == 3
+    with pytest.raises(ValueError, match="'accuracy' is a step function with no gradient"):
+        cw.attribution_patch(nm, task.with_metric("accuracy"))
+    with pytest.raises(NotImplementedError, match="'pattern' is not available on the nnsight"):
+        cw.attribution_patch(nm, task, "pattern")
