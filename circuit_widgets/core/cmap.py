@@ -146,6 +146,11 @@ def check_compatible(base: Any, finetuned: Any) -> None:
     normalizer, pre-tokenizer, post-processor and merges, and ``cfg.default_prepend_bos``.
     Either model's live peft LoRA adapters must be ones the bridge runs (``check_adapters``).
     """
+    if nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned):
+        from circuit_widgets.core.nnsight_experiments import check_pair
+
+        check_pair("check_compatible", base, finetuned)
+        return
     check_args("check_compatible", base=base, finetuned=finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     a, b = model_shape(base), model_shape(finetuned)

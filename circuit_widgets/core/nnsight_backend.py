@@ -10,7 +10,7 @@ local simulation, which hides this package while it deserialises) never imports 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,16 +44,35 @@ _ELSEWHERE = (
     "path_attribution",
 )
 
+# why an experiment cannot be one request, where that is the reason it is refused
+WHY_NOT = {
+    "intervene": (
+        "it is local-only: intervene installs hooks that stay on the model for every forward "
+        "run inside its with-block (and edits attention patterns inside the attention "
+        "function), while each nnsight request is a self-contained trace and NDIF keeps no "
+        "state between requests"
+    ),
+    "cmap_logits": (
+        "it takes edits keyed by hook names of one model's forward; use cmap or cmap_grid, "
+        "which run on two nnsight models"
+    ),
+}
+
 
 def is_nnsight(model: Any) -> bool:
     return getattr(model, "backend_name", None) == "nnsight"
 
 
-def dispatch(model: Any, experiment: str) -> Callable | None:
+def dispatch(model: Any, experiment: str) -> Any:
     """This module's version of ``experiment`` for an nnsight model, None for other models;
     an experiment not written for nnsight raises NotImplementedError naming the backend."""
     if not is_nnsight(model):
         return None
+    if experiment in WHY_NOT:
+        raise NotImplementedError(
+            f"{experiment} is not available on the nnsight backend: {WHY_NOT[experiment]}; "
+            "load the model with backend='transformer_lens' to run it"
+        )
     if experiment not in SUPPORTED:
         raise NotImplementedError(
             f"{experiment} is not available on the nnsight backend yet (supported: "
@@ -66,10 +85,10 @@ def dispatch(model: Any, experiment: str) -> Callable | None:
     return globals()[experiment]
 
 
-def dispatch_pair(experiment: str, base: Any, finetuned: Any) -> Callable:
+def dispatch_pair(experiment: str, base: Any, finetuned: Any) -> Any:
     """``dispatch`` for a two-model experiment where either model is nnsight-served (the
     nnsight version then checks that both are)."""
-    return dispatch(base if is_nnsight(base) else finetuned, experiment)  # type: ignore[return-value]
+    return dispatch(base if is_nnsight(base) else finetuned, experiment)
 
 
 def check(experiment: str, *models: Any) -> None:

@@ -50,7 +50,7 @@ def _module(names: tuple[str, ...], attr: str) -> Any:
     raise ImportError(f"none of {names} defines {attr}")
 
 
-def _fail(exc: BaseException, partial: Any = None) -> BaseException:
+def _fail(exc: BaseException, partial: Any = None) -> Any:
     from circuit_widgets.nnsight_model import RemoteError, request_error
 
     err = exc if isinstance(exc, RemoteError) else request_error(exc)
@@ -101,8 +101,9 @@ class _Readout:
 def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_size, means, mem):
     """circuits._Ablator whose scoring runs every circuit of a request as extra batch rows."""
     circuits = _module(_CIRCUITS, "_Ablator")
+    parent: Any = circuits._Ablator
 
-    class NNAblator(circuits._Ablator):
+    class NNAblator(parent):
         def __init__(self, *args: Any) -> None:
             self._cached: dict[int, tuple] = {}
             self.n_requests = 0
@@ -116,7 +117,7 @@ def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_s
             size = self.batch_size or max(n, 1)
             return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
 
-        def scores(self, circuit: Any) -> tuple[Tensor, Tensor, Tensor]:
+        def scores(self, circuit: Any) -> Any:
             if circuit is None and self._full is not None:
                 return self._full
             key = id(circuit)
@@ -174,7 +175,8 @@ def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_s
                         for j, t in enumerate((m, a, ca)):
                             parts[id(c)][j].append(t[rows])
             for c in todo:
-                res = tuple(torch.cat(p) for p in parts[id(c)])
+                m, a, ca = (torch.cat(p) for p in parts[id(c)])
+                res = (m, a, ca)
                 self._cached[id(c)] = res
                 if c is None:
                     self._full = res
@@ -303,8 +305,9 @@ def faithfulness(
 CMAP_COMPONENTS = (Component.Z, Component.Q, Component.K, Component.V)
 
 
-def _check_pair(where: str, base: Any, finetuned: Any) -> Any:
-    """Both models nnsight-served and alike (the cmap module's checks, read off the configs)."""
+def check_pair(where: str, base: Any, finetuned: Any) -> Any:
+    """Both models nnsight-served and alike (the cmap module's checks, read off the configs);
+    returns the cmap module. ValueError naming every difference otherwise."""
     if not (is_nnsight(base) and is_nnsight(finetuned)):
         kinds = [
             f"{label} is {'nnsight-served' if is_nnsight(m) else type(m).__name__}"
@@ -417,7 +420,7 @@ def cmap(
     from circuit_widgets.core.checks import check_args
     from circuit_widgets.models import model_shape
 
-    cm = _check_pair("cmap", base, finetuned)
+    cm = check_pair("cmap", base, finetuned)
     check_args("cmap", task=task)
     check_callbacks(on_progress, should_stop, batch_size)
     comps = cm._components(component)
@@ -532,7 +535,7 @@ def cmap_grid(
     from circuit_widgets.core.checks import check_args
     from circuit_widgets.models import model_shape
 
-    cm = _check_pair("cmap_grid", base, finetuned)
+    cm = check_pair("cmap_grid", base, finetuned)
     check_args("cmap_grid", task=task)
     check_callbacks(on_progress, should_stop, batch_size)
     comps = cm._components(component)

@@ -273,3 +273,11 @@ def test_experiments_not_on_nnsight_say_so(tiny_gpt2, call):
     nm = _nn(tiny_gpt2, False)
     with pytest.raises(NotImplementedError, match="not available on the nnsight backend"):
         call(nm, task)
+
+
+def test_intervene_refusal_names_the_reason(tiny_gpt2):
+    task = cw.tasks.ioi(tiny_gpt2, 2)
+    nm = _nn(tiny_gpt2, "local")
+    with pytest.raises(NotImplementedError, match="local-only.*NDIF keeps no state") as info:
+        cw.intervene(nm, task, heads=["0.1"], scale=0.0)
+    assert "\n" not in str(info.value) and nm.requests == 0

@@ -304,3 +304,21 @@ def test_attribution_requests_per_batch_stop_and_errors(tiny_llama):
         cw.attribution_patch(nm, task.with_metric("accuracy"))
     with pytest.raises(NotImplementedError, match="'pattern' is not available on the nnsight"):
         cw.attribution_patch(nm, task, "pattern")
+
+
+def test_cmap_widget_runs_on_two_nnsight_models(tiny_llama):
+    from circuit_widgets.widgets import CMAPWidget
+
+    ft = _tiny("llama", 1)
+    task = cw.tasks.ioi(tiny_llama, 4)
+    nb, nf = _nn(tiny_llama, "local"), _nn(ft, "local")
+    got = CMAPWidget(nb, nf, task, CIRCUIT)
+    got.run()
+    got.wait(60)
+    ref = CMAPWidget(tiny_llama, ft, task, CIRCUIT)
+    ref.run()
+    ref.wait(60)
+    assert got.status == ref.status == "done"
+    _close(torch.tensor(got.bars), torch.tensor(ref.bars))
+    _close(torch.tensor(got.grid.values), torch.tensor(ref.grid.values))
+    assert (nb.requests, nf.requests) == (2, 2)  # cmap: 1 + 1, the grid: 1 + 1
