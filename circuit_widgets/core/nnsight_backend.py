@@ -282,7 +282,7 @@ def _patch_request(
             x = sites[i].input if as_input[i] else sites[i].output
             new = x.clone()
             for r0, a, b, p in plans[i]:
-                keep = masks[p][:, :, None]
+                keep = masks[p][:, :, None].to(x.device)  # NDIF runs the model on GPUs
                 new[r0 : r0 + B, :, a:b] = torch.where(keep, x[:B, :, a:b], x[r0 : r0 + B, :, a:b])
             if as_input[i]:
                 sites[i].input = new
@@ -501,7 +501,9 @@ def _path_request(
                 new = x.clone()
                 new[F0:R0] = x[B:F0].repeat(reps, 1, 1)
                 for r0, a, b in patches:
-                    new[r0 : r0 + B, :, a:b] = torch.where(keep, x[:B, :, a:b], x[B:F0, :, a:b])
+                    new[r0 : r0 + B, :, a:b] = torch.where(
+                        keep.to(x.device), x[:B, :, a:b], x[B:F0, :, a:b]
+                    )
                 zsite.input = new
             if mlp is not None:
                 m = mlp.output

@@ -111,6 +111,44 @@ def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_s
             super().__init__(*args)  # takes the means: capture requests
             self.means_requests = model.requests - start
 
+        def _means(self, ref: Any, tokens: Tensor) -> list[Tensor]:
+            """As _Ablator._means, but each request sums z per class on the server: it returns
+            [classes, H x d_head] per layer, not every token's z."""
+            L, H, dh = self.shape.n_layers, self.shape.n_heads, self.shape.d_head
+            C = len(self.classes)
+            sums = torch.zeros(L, C, H * dh, dtype=torch.float64)
+            counts = torch.zeros(C, dtype=torch.float64)
+            cls_all = self._class_map(ref, True)
+            for sl in self._chunks(ref):
+                keep = int(ref.attention_mask[sl].sum(-1).max())
+                cls = cls_all[sl, :keep].reshape(-1)
+                real = cls >= 0
+                onehot = torch.zeros(cls.shape[0], C, dtype=torch.float64)
+                onehot[real.nonzero().flatten(), cls[real]] = 1.0
+                counts += onehot.sum(0)
+                try:
+                    parts = _class_sums_request(self.model, tokens[sl, :keep].cpu(), onehot.T)
+                except Exception as exc:
+                    raise _fail(exc) from exc
+                for layer, part in enumerate(parts):
+                    sums[layer] += part.detach().cpu().double()
+            sums = sums.view(L, C, H, dh)
+            overall = sums.sum(1) / counts.sum()
+            means = sums / counts.clamp(min=1)[None, :, None, None]
+            empty = (counts == 0).nonzero().flatten().tolist()
+            for c in empty:
+                means[:, c] = overall
+            start = circuits.START
+            names = [
+                self.classes[c] for c in empty if self.classes[c] not in (start, *self.missing)
+            ]
+            if names:
+                self.notes.append(
+                    f"no reference tokens in classes {names}: they use the mean over all real "
+                    "tokens"
+                )
+            return [m.float() for m in means]
+
         def _chunks(self, task: Any) -> list[slice]:
             # requests are sized by rows, not by this machine's memory (NDIF holds the model)
             n = len(task)
@@ -184,6 +222,20 @@ def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_s
     return NNAblator(model, task, reference_task, reference, batch_size, means, mem), circuits
 
 
+def _class_sums_request(nm: Any, tokens: Tensor, onehot_t: Tensor) -> list:
+    """One trace: per layer, z summed per class over the batch's tokens ([classes, H x d_head],
+    float64); ``onehot_t`` is [classes, tokens] (0 on padding)."""
+    lm = nm.lm
+    sites = [nm.z_site(layer) for layer in range(nm.cfg.n_layers)]
+    out = []
+    with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        for i in range(len(sites)):
+            z = sites[i].input
+            flat = z.reshape(-1, z.shape[-1]).double()
+            out.append((onehot_t.to(z.device) @ flat).save())
+    return out
+
+
 def _ablate_request(
     nm: Any,
     tokens: Tensor,
@@ -209,8 +261,9 @@ def _ablate_request(
     with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
         for i in range(len(sites)):
             x = sites[i].input
-            mean = means[i][cls].repeat(n, 1, 1).to(x.dtype)
-            keep = masks[i].repeat_interleave(dh, dim=-1)
+            # tensors sent along live on the CPU; NDIF runs the model on GPUs
+            mean = means[i][cls].repeat(n, 1, 1).to(x.device, x.dtype)
+            keep = masks[i].repeat_interleave(dh, dim=-1).to(x.device)
             sites[i].input = torch.where(keep, x, mean)
         # the compact readout, written out here: code inside a trace must not call ours
         logits = lm.output.logits[rows, end_rows]
@@ -387,8 +440,8 @@ def _cross_request(
             x = env.input if as_input else env.output
             new = x.clone()
             for r0, r1, a, b, src, mask in spans:
-                keep = mask.repeat_interleave(dh, dim=-1)
-                new[r0:r1, :, a:b] = torch.where(keep, src.to(x.dtype), x[r0:r1, :, a:b])
+                keep = mask.repeat_interleave(dh, dim=-1).to(x.device)
+                new[r0:r1, :, a:b] = torch.where(keep, src.to(x.device, x.dtype), x[r0:r1, :, a:b])
             if as_input:
                 env.input = new
             else:
@@ -845,8 +898,8 @@ def _grad_request(
         top = final.argmax(-1).save()
         lse = final.float().logsumexp(-1).save()
         fin = final[b:].float()
-        a = fin[:, cols].gather(1, ans2)
-        w = fin[:, cols].gather(1, wrong2)
+        a = fin[:, cols].gather(1, ans2.to(fin.device))
+        w = fin[:, cols].gather(1, wrong2.to(fin.device))
         if prob:
             metric = (a - fin.logsumexp(-1)[:, None]).exp().sum(1)
         else:
