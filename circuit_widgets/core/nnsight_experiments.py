@@ -427,21 +427,52 @@ def _capture_ft(ft: Any, tokens: Tensor, keys: list, end: Tensor) -> tuple[Tenso
     return logits.detach().float().cpu(), acts
 
 
+def _capture_layers(
+    ft: Any, tokens: Tensor, site: str, end: Tensor, at: Tensor | None
+) -> tuple[Tensor, list]:
+    """One request: the fine-tuned model's END logits and ``site`` at every layer, [b, s, w],
+    or at one position per example ([b, w]: the only values a one-position grid uses)."""
+    nm = ft
+    L = nm.cfg.n_layers
+    w = _width(nm, site)
+    plan = [_envoy(nm, layer, site) for layer in range(L)]
+    ar = torch.arange(tokens.shape[0])
+    rows = ar if at is None else at
+    lm = nm.lm
+    out = []
+    with torch.no_grad(), lm.trace(tokens.cpu(), backend=nm.backend()):
+        for env, as_input, off in plan:
+            x = env.input if as_input else env.output
+            x = x[:, :, off : off + w]
+            if at is not None:
+                x = x[ar, rows]
+            out.append(x.save())
+        logits = lm.output.logits[ar, end].save()
+    return logits.detach().float().cpu(), [t.detach().cpu() for t in out]
+
+
 def _cross_request(
     nm: Any, inp: Tensor, end_rows: Tensor, plan: list, cols: Tensor, dh: int
 ) -> tuple:
     """One trace of the base model on ``inp``; ``plan`` lists, in forward order, (envoy, is
     input, [(rows from, rows to, column from, column to, source [rows, s, w], mask [rows, s,
-    heads])]): the source is written where the mask holds. Returns the compact END readout."""
+    heads], None)]): the source is written where the mask holds; or (..., source [rows, w],
+    None, position [rows]): written at each row's position. Returns the compact END readout."""
     rows = torch.arange(inp.shape[0])
     lm = nm.lm
     with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
         for env, as_input, spans in plan:
             x = env.input if as_input else env.output
             new = x.clone()
-            for r0, r1, a, b, src, mask in spans:
-                keep = mask.repeat_interleave(dh, dim=-1).to(x.device)
-                new[r0:r1, :, a:b] = torch.where(keep, src.to(x.device, x.dtype), x[r0:r1, :, a:b])
+            for r0, r1, a, b, src, mask, at in spans:
+                if at is None:
+                    keep = mask.repeat_interleave(dh, dim=-1).to(x.device)
+                    new[r0:r1, :, a:b] = torch.where(
+                        keep, src.to(x.device, x.dtype), x[r0:r1, :, a:b]
+                    )
+                else:  # one position per row: src is [rows, w]
+                    idx = torch.arange(r0, r1).to(x.device)
+                    new[idx, at.to(x.device), a:b] = src.to(x.device, x.dtype)
             if as_input:
                 env.input = new
             else:
@@ -540,7 +571,7 @@ def cmap(
             for key in keys:
                 env, as_input, off = _envoy(base, *key)
                 src = acts[key].repeat(n_var, 1, 1)
-                span = (0, n_var * b, off, off + _width(base, key[1]), src, masks[key])
+                span = (0, n_var * b, off, off + _width(base, key[1]), src, masks[key], None)
                 if plan and plan[-1][0] is env:  # GPT-2: q, k and v share c_attn
                     plan[-1][2].append(span)
                 else:
@@ -635,10 +666,9 @@ def cmap_grid(
             [head, *extra],
         )
 
+    at = None if pos is None else task.positions[pos].cpu()
     try:
-        ft_logits, acts = _capture_ft(
-            finetuned, task.clean_tokens, [(l, site) for l in range(L)], end
-        )
+        ft_logits, acts = _capture_layers(finetuned, task.clean_tokens, site, end, at)
     except Exception as exc:
         raise _fail(exc) from exc
     n_req += 1
@@ -656,8 +686,8 @@ def cmap_grid(
         for k, (layer, c) in enumerate(job):
             env, as_input, off = _envoy(base, layer, site)
             r0 = (lead + k) * B
-            src = acts[(layer, site)][:, :, c * dh : (c + 1) * dh]
-            span = (r0, r0 + B, off + c * dh, off + (c + 1) * dh, src, posmask)
+            src = acts[layer][..., c * dh : (c + 1) * dh]
+            span = (r0, r0 + B, off + c * dh, off + (c + 1) * dh, src, posmask, at)
             if plan and plan[-1][0] is env:
                 plan[-1][2].append(span)
             else:
