@@ -322,3 +322,18 @@ def test_cmap_widget_runs_on_two_nnsight_models(tiny_llama):
     _close(torch.tensor(got.bars), torch.tensor(ref.bars))
     _close(torch.tensor(got.grid.values), torch.tensor(ref.grid.values))
     assert (nb.requests, nf.requests) == (2, 2)  # cmap: 1 + 1, the grid: 1 + 1
+
+
+def test_path_patching_widget_preview_runs_on_nnsight(tiny_llama):
+    """The widget's preview is path_attribution, now an nnsight request too."""
+    from circuit_widgets.widgets import PathPatchingWidget
+
+    task = cw.tasks.ioi(tiny_llama, 4)
+    nm = _nn(tiny_llama, "local")
+    got = PathPatchingWidget(nm, task)
+    got.run()
+    got.wait(60)
+    # the preview (1 request), then the exact grid (at most one request per layer)
+    assert got.status == "done" and 2 <= nm.requests <= 1 + tiny_llama.cfg.n_layers
+    ref = cw.path_patch(tiny_llama, task, position=got.position)
+    _close(torch.tensor(got.grid.values), ref.values)
