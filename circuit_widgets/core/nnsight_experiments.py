@@ -105,6 +105,7 @@ def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_s
 
     class NNAblator(parent):
         def __init__(self, *args: Any) -> None:
+            # id -> (circuit, scores): the circuit is kept, so its id cannot be reused meanwhile
             self._cached: dict[int, tuple] = {}
             self.n_requests = 0
             start = model.requests
@@ -158,10 +159,9 @@ def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_s
         def scores(self, circuit: Any) -> Any:
             if circuit is None and self._full is not None:
                 return self._full
-            key = id(circuit)
-            if key not in self._cached:
+            if id(circuit) not in self._cached:
                 self.prefetch([circuit])
-            return self._cached[key]
+            return self._cached[id(circuit)][1]
 
         def prefetch(self, circs: list) -> None:
             """Score every circuit (None = the unablated model), several per request."""
@@ -215,7 +215,7 @@ def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_s
             for c in todo:
                 m, a, ca = (torch.cat(p) for p in parts[id(c)])
                 res = (m, a, ca)
-                self._cached[id(c)] = res
+                self._cached[id(c)] = (c, res)
                 if c is None:
                     self._full = res
 
