@@ -8,6 +8,9 @@ Usage:
 --quick runs the TransformerLens-hooks baseline (one bridge forward per cell) on 3 layers only
 and extrapolates it to the whole grid (labelled "extrapolated"); --layers K does the same for
 the nnsight runs too (on a busy machine), and prints the request count of the whole grid.
+--more also times attribution_patch, faithfulness (5 random circuits) and cmap_grid (k, the
+model against demo-arith when --model is demo, else against itself) on the fast engine and
+through NDIF's local simulation, with request counts and the largest difference.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="TL baseline on 3 layers, extrapolated")
     ap.add_argument("--layers", type=int, default=None, help="nnsight on K layers, extrapolated")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--more", action="store_true", help="attribution, faithfulness, cmap_grid")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +115,56 @@ def main(argv=None) -> int:
     per_request = max(n_cols, 512 // len(task))
     whole = -(-L * n_cols // per_request)
     print(f"  whole grid through nnsight: {whole} request(s) of up to {per_request} cells (<= {L})")
+    if args.more:
+        more(model, task, args, F, timed)
     return 0
+
+
+def more(model, task, args, F, timed) -> None:
+    """Other experiments, fast engine vs nnsight's local simulation (times as multiples of F)."""
+    import circuit_widgets as cw
+    from circuit_widgets.core import cache
+
+    nm = cw.load_model(model, backend="nnsight", remote="local")
+    print(f"  {'experiment':<40} {'fast':>8} {'nnsight':>8} {'requests':>9} {'max |diff|':>11}")
+
+    def compare(label, fn, diff, model_b=None, nm_b=None):
+        cache.clear_cache()
+        ref, t_ref = timed(lambda: fn(model, model_b))
+        nm.requests = 0
+        if nm_b is not None:
+            nm_b.requests = 0
+        got, t_got = timed(lambda: fn(nm, nm_b))
+        n = nm.requests + (nm_b.requests if nm_b is not None and nm_b is not nm else 0)
+        print(f"  {label:<40} {t_ref / F:7.1f}F {t_got / F:7.1f}F {n:>9} {diff(got, ref):>11.1e}")
+
+    grid_diff = lambda g, r: float((g.per_example - r.per_example).abs().nan_to_num(0).max())
+    compare(
+        f"attribution_patch ({args.component}, all positions)",
+        lambda m, _: cw.attribution_patch(m, task, args.component),
+        grid_diff,
+    )
+    circuit = [(9, 4), (9, 6), (10, 0), (14, 1), (22, 3)] if args.model == "demo" else [(0, 0)]
+    compare(
+        "faithfulness (n_random=5)",
+        lambda m, _: cw.faithfulness(m, task, circuit, n_random=5),
+        lambda g, r: max(
+            abs(a - b) for a, b in zip([g.ratio, *g.random_metric], [r.ratio, *r.random_metric])
+        ),
+    )
+    twin = model
+    if args.model == "demo":
+        twin = cw.load_model("demo-arith")
+        for p in twin.parameters():
+            p.requires_grad_(False)
+    twin_nn = cw.load_model(twin, backend="nnsight", remote="local")
+    compare(
+        "cmap_grid (k at END)" + (" vs demo-arith" if twin is not model else " vs itself"),
+        lambda m, f: cw.cmap_grid(m, f, task, component="k"),
+        grid_diff,
+        twin,
+        twin_nn,
+    )
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def attribution_patch(
     from free memory) too, with runs made per chunk instead of cached when the task's do not
     fit. It is an approximation: exact for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
-    nnsight_backend.check("attribution_patch", model)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "attribution_patch")(**locals())
     check_args("attribution_patch", model=model, task=task)
     return _attribute(
         model,
@@ -90,7 +91,8 @@ def path_attribution(
     is where the sender's z is patched, as in path_patch, whose value convention it follows.
     Exact where the metric is linear along those paths; receiver heads are not covered.
     """
-    nnsight_backend.check("path_attribution", model)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "path_attribution")(**locals())
     check_args("path_attribution", model=model, task=task)
     return _attribute(
         model,

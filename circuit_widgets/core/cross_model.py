@@ -146,6 +146,11 @@ def check_compatible(base: Any, finetuned: Any) -> None:
     normalizer, pre-tokenizer, post-processor and merges, and ``cfg.default_prepend_bos``.
     Either model's live peft LoRA adapters must be ones the bridge runs (``check_adapters``).
     """
+    if nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned):
+        from circuit_widgets.core.nnsight_experiments import check_pair
+
+        check_pair("check_compatible", base, finetuned)
+        return
     check_args("check_compatible", base=base, finetuned=finetuned)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     a, b = model_shape(base), model_shape(finetuned)
@@ -531,7 +536,8 @@ def cmap(
     component: z, q, k, v (per head), attn_out, mlp_out (per layer), or a list of them.
     batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
     """
-    nnsight_backend.check("cmap", base, finetuned)
+    if nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned):
+        return nnsight_backend.dispatch_pair("cmap", base, finetuned)(**locals())
     check_args("cmap", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)
@@ -637,7 +643,8 @@ def cmap_grid(
     on_partial(grid) receives the partial grid after each pass of the first chunk and after
     each later chunk (a widget draws it).
     """
-    nnsight_backend.check("cmap_grid", base, finetuned)
+    if nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned):
+        return nnsight_backend.dispatch_pair("cmap_grid", base, finetuned)(**locals())
     check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
     base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
     check_compatible(base, finetuned)

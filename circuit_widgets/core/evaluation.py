@@ -123,7 +123,8 @@ def mean_ablate(
     batch_size: examples per forward; max_memory (bytes or '2GB', None = from free memory)
     bounds it too, so a long task runs in chunks with the same scores.
     """
-    nnsight_backend.check("mean_ablate", model)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "mean_ablate")(**locals())
     check_args("mean_ablate", model=model, task=task)
     return _Ablator(model, task, reference_task, reference, batch_size, means, max_memory).run(
         circuit
@@ -478,7 +479,8 @@ def faithfulness(
     (``random_circuit_like``), drawn with seeds ``seed, seed + 1, ...``. A ratio whose full
     score is 0 is NaN.
     """
-    nnsight_backend.check("faithfulness", model)
+    if nnsight_backend.is_nnsight(model):
+        return nnsight_backend.dispatch(model, "faithfulness")(**locals())
     check_args("faithfulness", model=model, task=task)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")

@@ -22,7 +22,41 @@ from circuit_widgets.types import Component, Direction, Head
 
 # rows (patched copies x examples) per request when batch_size is None
 DEFAULT_ROWS = 512
-SUPPORTED = ("activation_patch", "path_patch", "head_attention", "run_with_edits")
+SUPPORTED = (
+    "activation_patch",
+    "path_patch",
+    "head_attention",
+    "run_with_edits",
+    "mean_ablate",
+    "faithfulness",
+    "cmap",
+    "cmap_grid",
+    "attribution_patch",
+    "path_attribution",
+)
+# written in core/nnsight_experiments.py
+_ELSEWHERE = (
+    "mean_ablate",
+    "faithfulness",
+    "cmap",
+    "cmap_grid",
+    "attribution_patch",
+    "path_attribution",
+)
+
+# why an experiment cannot be one request, where that is the reason it is refused
+WHY_NOT = {
+    "intervene": (
+        "it is local-only: intervene installs hooks that stay on the model for every forward "
+        "run inside its with-block (and edits attention patterns inside the attention "
+        "function), while each nnsight request is a self-contained trace and NDIF keeps no "
+        "state between requests"
+    ),
+    "cmap_logits": (
+        "it takes edits keyed by hook names of one model's forward; use cmap or cmap_grid, "
+        "which run on two nnsight models"
+    ),
+}
 
 
 def is_nnsight(model: Any) -> bool:
@@ -37,12 +71,27 @@ def dispatch(model: Any, experiment: str) -> Callable[..., Any]:
         raise TypeError(
             f"{experiment}: dispatch takes an nnsight model, got {type(model).__name__}"
         )
+    if experiment in WHY_NOT:
+        raise NotImplementedError(
+            f"{experiment} is not available on the nnsight backend: {WHY_NOT[experiment]}; "
+            "load the model with backend='transformer_lens' to run it"
+        )
     if experiment not in SUPPORTED:
         raise NotImplementedError(
             f"{experiment} is not available on the nnsight backend yet (supported: "
             f"{', '.join(SUPPORTED)}); load the model with backend='transformer_lens' to run it"
         )
+    if experiment in _ELSEWHERE:
+        from circuit_widgets.core import nnsight_experiments
+
+        return getattr(nnsight_experiments, experiment)
     return globals()[experiment]
+
+
+def dispatch_pair(experiment: str, base: Any, finetuned: Any) -> Callable[..., Any]:
+    """``dispatch`` for a two-model experiment where either model is nnsight-served (the
+    nnsight version then checks that both are)."""
+    return dispatch(base if is_nnsight(base) else finetuned, experiment)
 
 
 def check(experiment: str, *models: Any) -> None:
@@ -236,7 +285,7 @@ def _patch_request(
             x = sites[i].input if as_input[i] else sites[i].output
             new = x.clone()
             for r0, a, b, p in plans[i]:
-                keep = masks[p][:, :, None]
+                keep = masks[p][:, :, None].to(x.device)  # NDIF runs the model on GPUs
                 new[r0 : r0 + B, :, a:b] = torch.where(keep, x[:B, :, a:b], x[r0 : r0 + B, :, a:b])
             if as_input[i]:
                 sites[i].input = new
@@ -455,7 +504,9 @@ def _path_request(
                 new = x.clone()
                 new[F0:R0] = x[B:F0].repeat(reps, 1, 1)
                 for r0, a, b in patches:
-                    new[r0 : r0 + B, :, a:b] = torch.where(keep, x[:B, :, a:b], x[B:F0, :, a:b])
+                    new[r0 : r0 + B, :, a:b] = torch.where(
+                        keep.to(x.device), x[:B, :, a:b], x[B:F0, :, a:b]
+                    )
                 zsite.input = new
             if mlp is not None:
                 m = mlp.output

@@ -40,3 +40,43 @@ def test_demo_path_patch_to_logits_equals_fast_engine(demo_model, demo_nn, ioi):
     ref = cw.path_patch(demo_model, ioi, senders=senders, position="END")
     got = cw.path_patch(demo_nn, ioi, senders=senders, position="END")
     torch.testing.assert_close(got.per_example, ref.per_example, atol=1e-4, rtol=0, equal_nan=True)
+
+
+def test_demo_faithfulness_equals_fast_engine(demo_model, demo_nn, ioi):
+    circuit = ["9.4", "9.6", "10.0", "14.1", "22.3", "29.8"]
+    ref = cw.faithfulness(demo_model, ioi, circuit, n_random=1)
+    before = demo_nn.requests
+    got = cw.faithfulness(demo_nn, ioi, circuit, n_random=1)
+    assert demo_nn.requests - before == 2  # the means, then 3 circuits x 4 prompts at once
+    for name in ("full_metric", "circuit_metric", "ratio"):
+        assert abs(getattr(got, name) - getattr(ref, name)) < 1e-4, name
+    torch.testing.assert_close(
+        torch.tensor(got.random_metric), torch.tensor(ref.random_metric), atol=1e-4, rtol=0
+    )
+
+
+def test_demo_attribution_equals_fast_engine(demo_model, demo_nn, ioi):
+    ref = cw.attribution_patch(demo_model, ioi, "v", positions="END")
+    before = demo_nn.requests
+    got = cw.attribution_patch(demo_nn, ioi, "v", positions="END")
+    assert demo_nn.requests - before == 1
+    torch.testing.assert_close(got.per_example, ref.per_example, atol=1e-4, rtol=0)
+
+
+def test_demo_cmap_grid_with_its_arithmetic_fine_tune_equals_fast_engine(demo_model, demo_nn):
+    """Two nnsight models (the demo and demo-arith, merged): the k grid in 1 capture request of
+    the fine-tuned model and 1 of the base (90 cells x 2 prompts fit 512 rows)."""
+    from circuit_widgets.tasks.arithmetic import arithmetic
+
+    arith = cw.load_model("demo-arith")
+    for p in arith.parameters():
+        p.requires_grad_(False)
+    task = arithmetic(demo_model, n=2, seed=7).with_metric("logit_diff")
+    ref = cw.cmap_grid(demo_model, arith, task, component="k")
+    arith_nn = cw.load_model(arith, backend="nnsight", remote="local")
+    before = demo_nn.requests
+    got = cw.cmap_grid(demo_nn, arith_nn, task, component="k")
+    assert (demo_nn.requests - before, arith_nn.requests) == (1, 1) and got.done.all()
+    torch.testing.assert_close(got.per_example, ref.per_example, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got.metric_corrupt, ref.metric_corrupt, atol=1e-4, rtol=0)
+    assert float(ref.values.abs().max()) > 1e-2  # the fine-tune's k moves the metric

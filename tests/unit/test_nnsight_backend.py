@@ -263,13 +263,7 @@ def test_remote_true_offline_hub_is_one_sentence():
 @pytest.mark.parametrize(
     "call",
     [
-        lambda m, t: cw.path_attribution(m, t),
-        lambda m, t: cw.attribution_patch(m, t),
-        lambda m, t: cw.mean_ablate(m, t, []),
         lambda m, t: run_with_edits(m, t.clean_tokens, {(0, "z"): lambda z: z * 0}),
-        lambda m, t: cw.cmap(m, m, t),
-        lambda m, t: cw.cmap_grid(m, m, t),
-        lambda m, t: cw.faithfulness(m, t, ["0.1"]),
         lambda m, t: cw.dcm(m, []),
         lambda m, t: cw.intervene(m, t, heads=["0.1"], scale=0.0),
     ],
@@ -279,3 +273,11 @@ def test_experiments_not_on_nnsight_say_so(tiny_gpt2, call):
     nm = _nn(tiny_gpt2, False)
     with pytest.raises(NotImplementedError, match="not available on the nnsight backend"):
         call(nm, task)
+
+
+def test_intervene_refusal_names_the_reason(tiny_gpt2):
+    task = cw.tasks.ioi(tiny_gpt2, 2)
+    nm = _nn(tiny_gpt2, "local")
+    with pytest.raises(NotImplementedError, match="local-only.*NDIF keeps no state") as info:
+        cw.intervene(nm, task, heads=["0.1"], scale=0.0)
+    assert "\n" not in str(info.value) and nm.requests == 0

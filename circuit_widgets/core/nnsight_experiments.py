@@ -1,0 +1,946 @@
+"""Circuit evaluation and cross-model patching on nnsight-served models.
+
+``mean_ablate`` / ``faithfulness``: the means come from one capture request per chunk of the
+reference set (every layer's z in one trace); the circuits to score then travel as extra batch
+rows, so a whole faithfulness run (the full model, the circuit and ``n_random`` random
+circuits) costs ceil((n_random + 2) x examples / 512) requests after the means.
+``cmap`` / ``cmap_grid`` (both models nnsight-served): one request captures the fine-tuned
+model's activations, then the base model runs with them written in, the patched cells as extra
+batch rows: a full grid costs at most 1 + n_layers requests. Inside a trace only torch and
+nnsight run, so NDIF never imports this package; the values that travel are plain tensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.nnsight_backend import (
+    DEFAULT_ROWS,
+    _capture_request,
+    _recv_site,
+    _where,
+    is_nnsight,
+)
+from circuit_widgets.core.results import HeadGrid
+from circuit_widgets.types import Component
+
+# q16 moves these modules; whichever exists serves (the names used here are unchanged)
+_CIRCUITS = ("circuit_widgets.core.evaluation",)
+_CMAP = ("circuit_widgets.core.cross_model",)
+# the order a forward reaches a layer's sites: q, k, v projections, then o_proj's input (z)
+_SITE_ORDER = {"q": 0, "k": 1, "v": 2, "z": 3}
+
+
+def _module(names: tuple[str, ...], attr: str) -> Any:
+    for name in names:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if hasattr(mod, attr):
+            return mod
+    raise ImportError(f"none of {names} defines {attr}")
+
+
+def _fail(exc: BaseException, partial: Any = None) -> Any:
+    from circuit_widgets.nnsight_model import RemoteError, request_error
+
+    err = exc if isinstance(exc, RemoteError) else request_error(exc)
+    err.partial = partial
+    return err
+
+
+# ---------------------------------------------------------------------- reading END logits
+
+
+class _Readout:
+    """The task's metric, accuracy and candidate accuracy from a request's compact readout:
+    END logits at the answer/wrong-answer columns, the argmax and the log-sum-exp (a request
+    returns these, never [rows, vocab])."""
+
+    def __init__(self, task: Any) -> None:
+        self.task = task
+        ids = torch.cat([task.answers.reshape(-1), task.wrong_answers.reshape(-1)]).cpu()
+        self.cols = torch.unique(ids)
+        remap = lambda t: torch.searchsorted(self.cols, t.cpu().contiguous())
+        self.ans = remap(task.answers)
+        self.wrong = remap(task.wrong_answers)
+
+    def scores(self, out: tuple, examples: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(metric, accuracy, candidate accuracy) per row; row r is example examples[r]."""
+        sub, top, lse = (t.detach().cpu() for t in out)
+        sub = sub.float()
+        pick = lambda ids: ids[examples] if ids.dim() == 2 else ids[examples][:, None]
+        a, w = sub.gather(1, pick(self.ans)), sub.gather(1, pick(self.wrong))
+        answers = pick(self.task.answers.cpu())
+        acc = (top[:, None] == answers).any(-1).float()
+        cand = (a.max(1).values > w.max(1).values).float()
+        name = self.task.metric_name
+        if name == "logit_diff":
+            metric = a.mean(1) - w.mean(1)
+        elif name == "accuracy":
+            metric = acc
+        elif name == "candidate_accuracy":
+            metric = cand
+        else:  # prob: the answers' share of the softmax over the whole vocabulary
+            metric = (a - lse.float()[:, None]).exp().sum(1)
+        return metric, acc, cand
+
+
+# ---------------------------------------------------------------------- mean ablation
+
+
+def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_size, means, mem):
+    """circuits._Ablator whose scoring runs every circuit of a request as extra batch rows."""
+    circuits = _module(_CIRCUITS, "_Ablator")
+    parent: Any = circuits._Ablator
+
+    class NNAblator(parent):
+        def __init__(self, *args: Any) -> None:
+            # id -> (circuit, scores): the circuit is kept, so its id cannot be reused meanwhile
+            self._cached: dict[int, tuple] = {}
+            self.n_requests = 0
+            start = model.requests
+            super().__init__(*args)  # takes the means: capture requests
+            self.means_requests = model.requests - start
+
+        def _means(self, ref: Any, tokens: Tensor) -> list[Tensor]:
+            """As _Ablator._means, but each request sums z per class on the server: it returns
+            [classes, H x d_head] per layer, not every token's z."""
+            L, H, dh = self.shape.n_layers, self.shape.n_heads, self.shape.d_head
+            C = len(self.classes)
+            sums = torch.zeros(L, C, H * dh, dtype=torch.float64)
+            counts = torch.zeros(C, dtype=torch.float64)
+            cls_all = self._class_map(ref, True)
+            for sl in self._chunks(ref):
+                keep = int(ref.attention_mask[sl].sum(-1).max())
+                cls = cls_all[sl, :keep].reshape(-1)
+                real = cls >= 0
+                onehot = torch.zeros(cls.shape[0], C, dtype=torch.float64)
+                onehot[real.nonzero().flatten(), cls[real]] = 1.0
+                counts += onehot.sum(0)
+                try:
+                    parts = _class_sums_request(self.model, tokens[sl, :keep].cpu(), onehot.T)
+                except Exception as exc:
+                    raise _fail(exc) from exc
+                for layer, part in enumerate(parts):
+                    sums[layer] += part.detach().cpu().double()
+            sums = sums.view(L, C, H, dh)
+            overall = sums.sum(1) / counts.sum()
+            means = sums / counts.clamp(min=1)[None, :, None, None]
+            empty = (counts == 0).nonzero().flatten().tolist()
+            for c in empty:
+                means[:, c] = overall
+            start = circuits.START
+            names = [
+                self.classes[c] for c in empty if self.classes[c] not in (start, *self.missing)
+            ]
+            if names:
+                self.notes.append(
+                    f"no reference tokens in classes {names}: they use the mean over all real "
+                    "tokens"
+                )
+            return [m.float() for m in means]
+
+        def _chunks(self, task: Any) -> list[slice]:
+            # requests are sized by rows, not by this machine's memory (NDIF holds the model)
+            n = len(task)
+            size = self.batch_size or max(n, 1)
+            return [slice(i, min(i + size, n)) for i in range(0, n, size)] or [slice(0, 0)]
+
+        def scores(self, circuit: Any) -> Any:
+            if circuit is None and self._full is not None:
+                return self._full
+            if id(circuit) not in self._cached:
+                self.prefetch([circuit])
+            return self._cached[id(circuit)][1]
+
+        def prefetch(self, circs: list) -> None:
+            """Score every circuit (None = the unablated model), several per request."""
+            todo = list({id(c): c for c in circs if id(c) not in self._cached}.values())
+            if not todo:
+                return
+            task = self.task
+            cls_all = self._class_map(task, False)
+            H, dh = self.shape.n_heads, self.shape.d_head
+            readout = _Readout(task)
+            tables = [m.reshape(m.shape[0], H * dh) for m in self.means]
+            parts: dict[int, list[list[Tensor]]] = {id(c): [[], [], []] for c in todo}
+            for sl in self._chunks(task):
+                idx = torch.arange(len(task))[sl]
+                sub = task.subset(idx)
+                b, s = sub.clean_tokens.shape
+                cls = cls_all[sl, :s]
+                cls = torch.where(cls < 0, torch.ones_like(cls), cls)
+                per_req = max(1, DEFAULT_ROWS // max(b, 1))  # circuits per request
+                for start in range(0, len(todo), per_req):
+                    group = todo[start : start + per_req]
+                    keeps: dict[int, Tensor] = {}
+                    for v, c in enumerate(group):
+                        if c is None:
+                            continue
+                        for layer, k in self._keep(c, task, sl, s).items():
+                            full = keeps.setdefault(
+                                layer, torch.ones(len(group) * b, s, H, dtype=torch.bool)
+                            )
+                            full[v * b : (v + 1) * b] = k
+                    try:
+                        out = _ablate_request(
+                            self.model,
+                            sub.clean_tokens,
+                            sub.positions["END"].cpu(),
+                            keeps,
+                            tables,
+                            cls,
+                            len(group),
+                            dh,
+                            readout.cols,
+                        )
+                    except Exception as exc:
+                        raise _fail(exc) from exc
+                    self.n_requests += 1
+                    m, a, ca = readout.scores(out, idx.repeat(len(group)))
+                    for v, c in enumerate(group):
+                        rows = slice(v * b, (v + 1) * b)
+                        for j, t in enumerate((m, a, ca)):
+                            parts[id(c)][j].append(t[rows])
+            for c in todo:
+                m, a, ca = (torch.cat(p) for p in parts[id(c)])
+                res = (m, a, ca)
+                self._cached[id(c)] = (c, res)
+                if c is None:
+                    self._full = res
+
+    return NNAblator(model, task, reference_task, reference, batch_size, means, mem), circuits
+
+
+def _class_sums_request(nm: Any, tokens: Tensor, onehot_t: Tensor) -> list:
+    """One trace: per layer, z summed per class over the batch's tokens ([classes, H x d_head],
+    float64); ``onehot_t`` is [classes, tokens] (0 on padding)."""
+    lm = nm.lm
+    sites = [nm.z_site(layer) for layer in range(nm.cfg.n_layers)]
+    out = []
+    with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        for i in range(len(sites)):
+            z = sites[i].input
+            flat = z.reshape(-1, z.shape[-1]).double()
+            out.append((onehot_t.to(z.device) @ flat).save())
+    return out
+
+
+def _ablate_request(
+    nm: Any,
+    tokens: Tensor,
+    end: Tensor,
+    keeps: dict[int, Tensor],
+    tables: list[Tensor],
+    cls: Tensor,
+    n: int,
+    dh: int,
+    cols: Tensor,
+) -> tuple:
+    """One trace: ``n`` copies of the batch; copy v's z keeps its own value where keeps says,
+    its class mean (``tables[layer][cls]``) elsewhere; returns the compact END readout."""
+    b = tokens.shape[0]
+    inp = tokens.repeat(n, 1)
+    rows = torch.arange(n * b)
+    end_rows = end.repeat(n)
+    layers = sorted(keeps)
+    sites = [nm.z_site(layer) for layer in layers]
+    masks = [keeps[layer] for layer in layers]
+    means = [tables[layer] for layer in layers]
+    lm = nm.lm
+    with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
+        for i in range(len(sites)):
+            x = sites[i].input
+            # tensors sent along live on the CPU; NDIF runs the model on GPUs
+            mean = means[i][cls].repeat(n, 1, 1).to(x.device, x.dtype)
+            keep = masks[i].repeat_interleave(dh, dim=-1).to(x.device)
+            sites[i].input = torch.where(keep, x, mean)
+        # the compact readout, written out here: code inside a trace must not call ours
+        logits = lm.output.logits[rows, end_rows]
+        sub = logits[:, cols].save()
+        top = logits.argmax(-1).save()
+        lse = logits.float().logsumexp(-1).save()
+    return sub, top, lse
+
+
+def mean_ablate(
+    model: Any,
+    task: Any,
+    circuit: Any = None,
+    *,
+    reference_task: Any = None,
+    batch_size: int | None = None,
+    reference: str = "corrupt",
+    means: str = "auto",
+    max_memory: int | str | None = None,  # requests are sized by batch_size instead
+) -> Any:
+    """``mean_ablate`` through nnsight: one capture request per chunk of the reference set
+    (``batch_size`` examples, default all), then one request scoring the circuit."""
+    from circuit_widgets.core.checks import check_args
+
+    check_args("mean_ablate", model=model, task=task)
+    abl, _ = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    res = abl.run(circuit)
+    return replace(res, notes=[_requests_note(model, abl), *res.notes])
+
+
+def _requests_note(model: Any, abl: Any) -> str:
+    total = abl.means_requests + abl.n_requests
+    return (
+        f"nnsight ({_where(model)}): {total} request(s): {abl.means_requests} for the means, "
+        f"{abl.n_requests} scoring"
+    )
+
+
+def faithfulness(
+    model: Any,
+    task: Any,
+    circuit: Any,
+    *,
+    n_random: int = 5,
+    seed: int = 0,
+    reference_task: Any = None,
+    reference: str = "corrupt",
+    batch_size: int | None = None,
+    means: str = "auto",
+    max_memory: int | str | None = None,  # requests are sized by batch_size instead
+) -> Any:
+    """``faithfulness`` through nnsight: the means, then the full model, the circuit and every
+    random circuit scored together, as extra batch rows (512 rows a request)."""
+    from circuit_widgets.core.checks import check_args
+
+    check_args("faithfulness", model=model, task=task)
+    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
+        raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
+    abl, circuits = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    circ = circuits._as_circuit(circuit, abl.shape, task)
+    seeds = [seed + i for i in range(n_random)]
+    rands = [circuits.random_circuit_like(circ, abl.shape, s) for s in seeds]
+    n_total = abl.shape.n_layers * abl.shape.n_heads
+    # as _Ablator.run: a circuit keeping every head everywhere is scored as the plain model
+    whole = lambda c: len(c) == n_total and all(g.position is None for g in c.groups)
+    abl.prefetch([None, *(None if whole(c) else c for c in [circ, *rands])])
+    full_m, full_a, _ = abl.scores(None)
+    res = abl.run(circ)
+    rand = [abl.run(c) for c in rands]
+    fm, fa = float(full_m.mean()), float(full_a.mean())
+    ratio = lambda a, b: a / b if b != 0 else math.nan
+    return circuits.FaithfulnessResult(
+        full_metric=fm,
+        circuit_metric=res.metric,
+        ratio=ratio(res.metric, fm),
+        full_accuracy=fa,
+        circuit_accuracy=res.accuracy,
+        accuracy_ratio=ratio(res.accuracy, fa),
+        random_metric=[r.metric for r in rand],
+        random_accuracy=[r.accuracy for r in rand],
+        random_seeds=seeds,
+        n_heads=len(circ),
+        metric_name=task.metric_name,
+        circuit=circ,
+        notes=[_requests_note(model, abl), *res.notes],
+        means=abl.mode,
+    )
+
+
+# ---------------------------------------------------------------------- cross-model patching
+
+CMAP_COMPONENTS = (Component.Z, Component.Q, Component.K, Component.V)
+
+
+def check_pair(where: str, base: Any, finetuned: Any) -> Any:
+    """Both models nnsight-served and alike (the cmap module's checks, read off the configs);
+    returns the cmap module. ValueError naming every difference otherwise."""
+    if not (is_nnsight(base) and is_nnsight(finetuned)):
+        kinds = [
+            f"{label} is {'nnsight-served' if is_nnsight(m) else type(m).__name__}"
+            for label, m in (("base", base), ("finetuned", finetuned))
+        ]
+        raise ValueError(
+            f"{where} on the nnsight backend needs both models served through nnsight "
+            f"(load_model(..., backend='nnsight')); {', '.join(kinds)}"
+        )
+    cm = _module(_CMAP, "_tokenizer_diffs")
+    a, b = base.cfg, finetuned.cfg
+    diffs = [
+        f"{name}: base {getattr(a, name)}, finetuned {getattr(b, name)}"
+        for name in (
+            "architecture",
+            "n_layers",
+            "n_heads",
+            "n_key_value_heads",
+            "d_head",
+            "d_model",
+            "d_vocab",
+            "default_prepend_bos",
+        )
+        if getattr(a, name) != getattr(b, name)
+    ]
+    diffs += cm._tokenizer_diffs(base, finetuned)
+    if diffs:
+        raise ValueError(
+            "base and finetuned models are not compatible for cross-model patching: "
+            + "; ".join(diffs)
+        )
+    return cm
+
+
+def _check_components(comps: list) -> None:
+    bad = [c.value for c in comps if c not in CMAP_COMPONENTS]
+    if bad:
+        raise NotImplementedError(
+            f"cross-model patching of {bad} is not available on the nnsight backend yet "
+            "(a transformers block's attention/MLP output is not TransformerLens's attn_out/"
+            "mlp_out on every architecture); use z, q, k or v"
+        )
+
+
+def _width(nm: Any, site: str) -> int:
+    heads = nm.cfg.n_key_value_heads if site in ("k", "v") else nm.cfg.n_heads
+    return heads * nm.cfg.d_head
+
+
+def _envoy(nm: Any, layer: int, site: str) -> tuple[Any, bool, int]:
+    """(module envoy, True if the activation is its input, column offset of head 0)."""
+    if site == "z":
+        return nm.z_site(layer), True, 0
+    env, off = _recv_site(nm, layer, site)
+    return env, False, off
+
+
+def _capture_ft(ft: Any, tokens: Tensor, keys: list, end: Tensor) -> tuple[Tensor, dict]:
+    """One request: the fine-tuned model's END logits and its activations at ``keys``, each
+    [b, s, width] (heads concatenated)."""
+    order = sorted(keys, key=lambda k: (k[0], _SITE_ORDER[k[1]]))
+    logits, raw = _capture_request(ft, tokens.cpu(), order, end)
+    acts = {k: t.detach().reshape(t.shape[0], t.shape[1], -1).cpu() for k, t in zip(order, raw)}
+    return logits.detach().float().cpu(), acts
+
+
+def _capture_layers(
+    ft: Any, tokens: Tensor, site: str, end: Tensor, at: Tensor | None
+) -> tuple[Tensor, list]:
+    """One request: the fine-tuned model's END logits and ``site`` at every layer, [b, s, w],
+    or at one position per example ([b, w]: the only values a one-position grid uses)."""
+    nm = ft
+    L = nm.cfg.n_layers
+    w = _width(nm, site)
+    plan = [_envoy(nm, layer, site) for layer in range(L)]
+    ar = torch.arange(tokens.shape[0])
+    rows = ar if at is None else at
+    lm = nm.lm
+    out = []
+    with torch.no_grad(), lm.trace(tokens.cpu(), backend=nm.backend()):
+        for env, as_input, off in plan:
+            x = env.input if as_input else env.output
+            x = x[:, :, off : off + w]
+            if at is not None:
+                x = x[ar, rows]
+            out.append(x.save())
+        logits = lm.output.logits[ar, end].save()
+    return logits.detach().float().cpu(), [t.detach().cpu() for t in out]
+
+
+def _cross_request(
+    nm: Any, inp: Tensor, end_rows: Tensor, plan: list, cols: Tensor, dh: int
+) -> tuple:
+    """One trace of the base model on ``inp``; ``plan`` lists, in forward order, (envoy, is
+    input, [(rows from, rows to, column from, column to, source [rows, s, w], mask [rows, s,
+    heads], None)]): the source is written where the mask holds; or (..., source [rows, w],
+    None, position [rows]): written at each row's position. Returns the compact END readout."""
+    rows = torch.arange(inp.shape[0])
+    lm = nm.lm
+    with torch.no_grad(), lm.trace(inp, backend=nm.backend()):
+        for env, as_input, spans in plan:
+            x = env.input if as_input else env.output
+            new = x.clone()
+            for r0, r1, a, b, src, mask, at in spans:
+                if at is None:
+                    keep = mask.repeat_interleave(dh, dim=-1).to(x.device)
+                    new[r0:r1, :, a:b] = torch.where(
+                        keep, src.to(x.device, x.dtype), x[r0:r1, :, a:b]
+                    )
+                else:  # one position per row: src is [rows, w]
+                    idx = torch.arange(r0, r1).to(x.device)
+                    new[idx, at.to(x.device), a:b] = src.to(x.device, x.dtype)
+            if as_input:
+                env.input = new
+            else:
+                env.output = new
+        logits = lm.output.logits[rows, end_rows]
+        sub = logits[:, cols].save()
+        top = logits.argmax(-1).save()
+        lse = logits.float().logsumexp(-1).save()
+    return sub, top, lse
+
+
+def cmap(
+    base: Any,
+    finetuned: Any,
+    task: Any,
+    *,
+    circuit: Any = None,
+    heads: Any = None,
+    component: Any = "z",
+    positions: Any = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+) -> Any:
+    """``cmap`` with both models nnsight-served: per batch of examples one request captures
+    the fine-tuned model's activations, one runs the base model with every group's patch (and
+    the unpatched base) as extra batch rows; ``batch_size`` examples per batch (default: as
+    many as 512 rows hold). Stopping (between batches) keeps the finished examples."""
+    from circuit_widgets.core.checks import check_args
+    from circuit_widgets.models import model_shape
+
+    cm = check_pair("cmap", base, finetuned)
+    check_args("cmap", task=task)
+    check_callbacks(on_progress, should_stop, batch_size)
+    comps = cm._components(component)
+    _check_components(comps)
+    shape = model_shape(base)
+    patches, notes = cm._plan(base, task, circuit, heads, comps, positions, shape)
+    singles = patches[:-1] if patches[-1].name == cm.WHOLE else patches
+    n = len(task)
+    n_var = len(patches) + 1
+    size = batch_size or max(1, DEFAULT_ROWS // n_var)
+    batches = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    readout = _Readout(task)
+    end = task.positions["END"].cpu()
+    dh = shape.d_head
+    out_metric = torch.full((len(patches), n), math.nan)
+    out_acc = torch.full((len(patches), n), math.nan)
+    base_m, ft_m, base_a, ft_a = (torch.full((n,), math.nan) for _ in range(4))
+    done = torch.zeros(n, dtype=torch.bool)
+    complete, n_req = True, 0
+    keys = sorted({k for p in singles for k in p.columns}, key=lambda k: (k[0], _SITE_ORDER[k[1]]))
+
+    def result(complete: bool, extra: list[str]) -> Any:
+        kvg = None
+        if any(c.per_kv_head for c in comps):
+            from circuit_widgets.core import hooks
+
+            kvg = hooks.kv_groups(shape)
+        head = f"nnsight ({_where(base)}): {n_req} request(s), 2 per batch of examples"
+        return cm.CMAPResult(
+            groups=[p.name for p in patches],
+            heads={p.name: p.heads for p in patches},
+            positions={p.name: p.position for p in patches},
+            base_metric=base_m,
+            finetuned_metric=ft_m,
+            patched_metric=out_metric,
+            base_accuracy=base_a,
+            finetuned_accuracy=ft_a,
+            patched_accuracy=out_acc,
+            done=done,
+            complete=complete,
+            components=[c.value for c in comps],
+            metric_name=task.metric_name,
+            kv_groups=kvg,
+            notes=[head, *notes, *extra],
+        )
+
+    for i, sl in enumerate(batches):
+        if should_stop is not None and should_stop():
+            complete = False
+            break
+        idx = torch.arange(n)[sl]
+        sub = task.subset(idx)
+        tokens, sub_end = sub.clean_tokens, end[sl]
+        b = tokens.shape[0]
+        masks = cm._cell_masks([cm._Patch("base", {}, None, [])] + singles, sub, slice(None), shape)
+        if len(singles) < len(patches):  # "circuit" = the union of every group's cells
+            for key, m in list(masks.items()):
+                union = m.view(len(singles) + 1, b, *m.shape[1:]).any(0)
+                masks[key] = torch.cat([m, union])
+        try:
+            ft_logits, acts = _capture_ft(finetuned, tokens, keys, sub_end)
+            n_req += 1
+            plan: list = []
+            for key in keys:
+                env, as_input, off = _envoy(base, *key)
+                src = acts[key].repeat(n_var, 1, 1)
+                span = (0, n_var * b, off, off + _width(base, key[1]), src, masks[key], None)
+                if plan and plan[-1][0] is env:  # GPT-2: q, k and v share c_attn
+                    plan[-1][2].append(span)
+                else:
+                    plan.append((env, as_input, [span]))
+            out = _cross_request(
+                base, tokens.repeat(n_var, 1), sub_end.repeat(n_var), plan, readout.cols, dh
+            )
+            n_req += 1
+        except Exception as exc:
+            err = _fail(exc)
+            err.partial = result(False, [str(err)])
+            raise err from exc
+        m, a, _ = readout.scores(out, idx.repeat(n_var))
+        m, a = m.view(n_var, b), a.view(n_var, b)
+        base_m[sl], base_a[sl] = m[0], a[0]
+        ft_m[sl] = sub.metric(ft_logits).float()
+        ft_a[sl] = sub.accuracy(ft_logits).float()
+        out_metric[:, sl], out_acc[:, sl] = m[1:], a[1:]
+        done[sl] = True
+        if on_progress is not None:
+            on_progress(i + 1, len(batches))
+    extra = [] if complete else [f"stopped after {int(done.sum())} of {n} examples"]
+    return result(complete, extra)
+
+
+def cmap_grid(
+    base: Any,
+    finetuned: Any,
+    task: Any,
+    *,
+    component: Any = "z",
+    position: str = "END",
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+    max_memory: int | str | None = None,  # requests are sized by batch_size (rows) instead
+    on_partial: Callable[[HeadGrid], None] | None = None,
+) -> HeadGrid:
+    """``cmap_grid`` with both models nnsight-served: one request captures the fine-tuned
+    model's activations at every layer, then the base model runs with one head patched per
+    copy of the batch, ``max(n_heads, batch_size // examples)`` heads per request (batch_size
+    = rows, default 512), layer by layer: at most 1 + n_layers requests. Progress advances per
+    request, ``should_stop`` is checked between requests (finished heads kept), and a failed
+    request raises ``RemoteError`` with the grid so far as ``partial``."""
+    from circuit_widgets.core.checks import check_args
+    from circuit_widgets.models import model_shape
+
+    cm = check_pair("cmap_grid", base, finetuned)
+    check_args("cmap_grid", task=task)
+    check_callbacks(on_progress, should_stop, batch_size)
+    comps = cm._components(component)
+    if len(comps) != 1:
+        raise ValueError("cmap_grid takes one component; use cmap for several at once")
+    _check_components(comps)
+    comp = comps[0]
+    if not isinstance(position, str):
+        raise TypeError(f"position must be a task position name or 'all', got {position!r}")
+    pos = cm._check_position(task, position)
+    shape = model_shape(base)
+    site = comp.value
+    n_cols = shape.n_kv_heads if comp.per_kv_head else shape.n_heads
+    L, B, dh = shape.n_layers, len(task), shape.d_head
+    cells = [(layer, c) for layer in range(L) for c in range(n_cols)]
+    per_request = max(n_cols, (batch_size or DEFAULT_ROWS) // max(B, 1), 1)
+    jobs = [cells[i : i + per_request] for i in range(0, len(cells), per_request)]
+    posmask = cm._position_mask(task, pos, slice(None))[:, :, None]  # [B, s, 1]
+    readout = _Readout(task)
+    end = task.positions["END"].cpu()
+    ex = torch.arange(B)
+    per_example = torch.full((B, L, n_cols), math.nan)
+    done = torch.zeros(L, n_cols, dtype=torch.bool)
+    base_m: Any = torch.full((B,), math.nan)
+    ft_m: Any = torch.full((B,), math.nan)
+    n_req, complete = 0, True
+    total = 1 + len(jobs)
+
+    def grid(complete: bool, extra: list[str]) -> HeadGrid:
+        head = (
+            f"nnsight ({_where(base)}): {n_req} request(s): 1 capturing the fine-tuned model, "
+            f"then up to {per_request} cells each"
+        )
+        return cm._cmap_headgrid(
+            per_example.clone(),
+            done.clone(),
+            base_m,
+            ft_m,
+            task,
+            comp,
+            position,
+            shape,
+            complete,
+            [head, *extra],
+        )
+
+    at = None if pos is None else task.positions[pos].cpu()
+    try:
+        ft_logits, acts = _capture_layers(finetuned, task.clean_tokens, site, end, at)
+    except Exception as exc:
+        raise _fail(exc) from exc
+    n_req += 1
+    ft_m = task.metric(ft_logits).float()
+    if on_progress is not None:
+        on_progress(1, total)
+    for i, job in enumerate(jobs):
+        if i > 0 and should_stop is not None and should_stop():
+            complete = False
+            break
+        first = i == 0
+        lead = 1 if first else 0  # the first request also runs the unpatched base
+        n_rows = (lead + len(job)) * B
+        plan: list = []
+        for k, (layer, c) in enumerate(job):
+            env, as_input, off = _envoy(base, layer, site)
+            r0 = (lead + k) * B
+            src = acts[layer][..., c * dh : (c + 1) * dh]
+            span = (r0, r0 + B, off + c * dh, off + (c + 1) * dh, src, posmask, at)
+            if plan and plan[-1][0] is env:
+                plan[-1][2].append(span)
+            else:
+                plan.append((env, as_input, [span]))
+        try:
+            out = _cross_request(
+                base,
+                task.clean_tokens.repeat(n_rows // B, 1),
+                end.repeat(n_rows // B),
+                plan,
+                readout.cols,
+                dh,
+            )
+        except Exception as exc:
+            err = _fail(exc)
+            err.partial = None if first else grid(False, [str(err)])
+            raise err from exc
+        n_req += 1
+        metric = readout.scores(out, ex.repeat(n_rows // B))[0].view(-1, B)
+        if first:
+            base_m, metric = metric[0], metric[1:]
+        for k, (layer, c) in enumerate(job):
+            per_example[:, layer, c] = metric[k] - base_m
+            done[layer, c] = True
+        if on_progress is not None:
+            on_progress(i + 2, total)
+        if on_partial is not None:
+            on_partial(grid(False, []))
+    return grid(complete, [])
+
+
+# ---------------------------------------------------------------------- attribution
+
+GRAD_METRICS = ("logit_diff", "prob")
+
+
+def attribution_patch(
+    model: Any,
+    task: Any,
+    component: Any = "z",
+    direction: Any = "noise",
+    *,
+    positions: Any = "all",
+    heads: Any = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+    max_memory: int | str | None = None,  # requests are sized by batch_size instead
+) -> HeadGrid:
+    """``attribution_patch`` through nnsight: one request per ``batch_size`` examples (default
+    all) runs the source and base rows, differentiates the metric at the base rows inside the
+    trace, and returns each layer's (source - base) . gradient per position and head."""
+    return _attribute(
+        model, task, component, direction, positions, heads, batch_size, on_progress,
+        should_stop, frozen=False, freeze_mlps=False,
+    )  # fmt: skip
+
+
+def path_attribution(
+    model: Any,
+    task: Any,
+    *,
+    position: str = "all",
+    freeze_mlps: bool = False,
+    heads: Any = None,
+    batch_size: int | None = None,
+    on_progress: Progress = None,
+    should_stop: Stop = None,
+    max_memory: int | str | None = None,  # requests are sized by batch_size instead
+) -> HeadGrid:
+    """``path_attribution`` through nnsight: as ``attribution_patch`` on z, with every head's
+    z a leaf of its own (and with ``freeze_mlps`` every MLP output detached) inside the trace,
+    so the gradient follows path patching's paths; one request per ``batch_size`` examples."""
+    return _attribute(
+        model, task, "z", "noise", position, heads, batch_size, on_progress, should_stop,
+        frozen=True, freeze_mlps=freeze_mlps,
+    )  # fmt: skip
+
+
+def _attribute(
+    model: Any,
+    task: Any,
+    component: Any,
+    direction: Any,
+    positions: Any,
+    heads: Any,
+    batch_size: int | None,
+    on_progress: Progress,
+    should_stop: Stop,
+    *,
+    frozen: bool,
+    freeze_mlps: bool,
+) -> HeadGrid:
+    from circuit_widgets.core.checks import check_args
+    from circuit_widgets.core.common import build_grid, plan_sweep
+    from circuit_widgets.core.nnsight_backend import _check_component, _site
+    from circuit_widgets.types import Direction
+
+    where = "path_attribution" if frozen else "attribution_patch"
+    check_args(where, model=model, task=task)
+    plan = plan_sweep(
+        model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
+    )
+    comp, dirn, shape, subset = plan.comp, plan.dirn, plan.shape, plan.subset
+    _check_component(comp)
+    if task.metric_name not in GRAD_METRICS:
+        raise ValueError(
+            f"{where} differentiates the metric, and {task.metric_name!r} is a step function "
+            f"with no gradient; use a task with metric in {GRAD_METRICS} "
+            "(task.with_metric('logit_diff'))"
+        )
+    slots, labels, n_cols = plan.slots, plan.labels, plan.n_cols
+    B, L, P, dh = len(task), shape.n_layers, len(slots), shape.d_head
+    masks = torch.stack([s.mask for s in slots], 1).float()  # [b, P, s]
+    noise = dirn == Direction.NOISE
+    base_tokens, src_tokens = (
+        (task.clean_tokens, task.corrupt_tokens)
+        if noise
+        else (task.corrupt_tokens, task.clean_tokens)
+    )
+    readout = _Readout(task)
+    end = task.positions["END"].cpu()
+    size = batch_size or max(B, 1)
+    steps = [slice(i, min(i + size, B)) for i in range(0, B, size)]
+    per_example = torch.full((B, L, P, n_cols), float("nan"))
+    m_src, m_base = torch.full((B,), float("nan")), torch.full((B,), float("nan"))
+    sites = [_site(model, comp, layer) for layer in range(L)]
+    mlps = [model.layer(layer).mlp for layer in range(L)] if freeze_mlps else []
+    n_req, complete = 0, True
+    notes = ["first-order (attribution) estimate, not an exact patch"]
+    if frozen:
+        notes.append(
+            "paths of path patching to the logits: no head reads the sender's change; "
+            f"MLPs {'frozen' if freeze_mlps else 'pass it on'}"
+        )
+
+    def grid(complete: bool, extra: list[str]) -> HeadGrid:
+        m_clean, m_corrupt = (m_base, m_src) if noise else (m_src, m_base)
+        pe = per_example.clone()
+        if not noise:
+            pe = pe + (m_corrupt - m_clean).float()[:, None, None, None]
+        done = ~pe.isnan().any(0)
+        if subset is not None:
+            keep = torch.zeros(L, P, n_cols, dtype=torch.bool)
+            for h in subset:
+                keep[h.layer, :, h.head] = True
+            done &= keep
+        if labels is None:
+            pe, done = pe[:, :, 0], done[:, 0]
+        head = f"nnsight ({_where(model)}): {n_req} request(s), {size} examples each"
+        return build_grid(
+            pe,
+            done,
+            m_clean,
+            m_corrupt,
+            shape=shape,
+            component=comp,
+            direction=dirn.value,
+            kind="attribution",
+            metric_name=task.metric_name,
+            positions=labels,
+            position=plan.single,
+            complete=complete,
+            notes=[head, *notes, *extra],
+            receivers="logits" if frozen else None,
+        )
+
+    for i, sl in enumerate(steps):
+        if i > 0 and should_stop is not None and should_stop():
+            complete = False
+            break
+        idx = torch.arange(B)[sl]
+        try:
+            out, contribs = _grad_request(
+                model, src_tokens[sl], base_tokens[sl], end[sl], sites, mlps, frozen,
+                readout.cols, readout.ans[idx], readout.wrong[idx], task.metric_name,
+                n_cols, dh,
+            )  # fmt: skip
+        except Exception as exc:
+            err = _fail(exc)
+            err.partial = None if i == 0 else grid(False, [str(err)])
+            raise err from exc
+        n_req += 1
+        metric = readout.scores(out, idx.repeat(2))[0].view(2, -1)
+        m_src[sl], m_base[sl] = metric[0], metric[1]
+        contrib = torch.stack([c.detach().float().cpu() for c in contribs], 1)
+        per_example[sl] = torch.einsum("bps,blsc->blpc", masks[sl], contrib)
+        if on_progress is not None:
+            on_progress(i + 1, len(steps))
+    return grid(complete, [])
+
+
+def _grad_request(
+    nm: Any,
+    src_tokens: Tensor,
+    base_tokens: Tensor,
+    end: Tensor,
+    sites: list,
+    mlps: list,
+    frozen: bool,
+    cols: Tensor,
+    ans: Tensor,
+    wrong: Tensor,
+    metric_name: str,
+    n_cols: int,
+    dh: int,
+) -> tuple[tuple, list]:
+    """One trace: rows [source | base]; the metric at the base rows (written out in torch: the
+    server runs no code of ours) differentiated w.r.t. each layer's activation. Returns the
+    compact END readout and, per layer, (source - base) . grad as [b, s, columns]."""
+    b = base_tokens.shape[0]
+    inp = torch.cat([src_tokens, base_tokens])
+    rows = torch.arange(2 * b)
+    end_rows = end.repeat(2)
+    ans2 = ans if ans.dim() == 2 else ans[:, None]
+    wrong2 = wrong if wrong.dim() == 2 else wrong[:, None]
+    prob = metric_name == "prob"
+    lm = nm.lm
+    acts = []
+    contribs = []
+    with lm.trace(inp, backend=nm.backend()):
+        for i in range(len(sites)):
+            env, as_input, off = sites[i]
+            x = env.input if as_input else env.output
+            if (
+                frozen
+            ):  # a leaf of its own: the gradient reaches it only along path patching's paths
+                x = x.detach().requires_grad_(True)
+                env.input = x
+            else:
+                x.requires_grad_(True)
+            acts.append((x, off))
+            if mlps:
+                mlps[i].output = mlps[i].output.detach()
+        logits = lm.output.logits
+        final = logits[rows, end_rows]
+        sub = final[:, cols].save()
+        top = final.argmax(-1).save()
+        lse = final.float().logsumexp(-1).save()
+        fin = final[b:].float()
+        a = fin[:, cols].gather(1, ans2.to(fin.device))
+        w = fin[:, cols].gather(1, wrong2.to(fin.device))
+        if prob:
+            metric = (a - fin.logsumexp(-1)[:, None]).exp().sum(1)
+        else:
+            metric = a.mean(1) - w.mean(1)
+        # autograd.grad, not ``with loss.backward()``: NDIF's local simulation recompiles the
+        # block from its own source, and a nested with-block is then looked up at a wrong line
+        grads = torch.autograd.grad(metric.sum(), [x for x, _ in acts])
+        for j in range(len(acts)):
+            x, off = acts[j]
+            g = grads[j][b:, :, off : off + n_cols * dh]
+            xs = x[:, :, off : off + n_cols * dh].detach()
+            c = ((xs[:b] - xs[b:]) * g).reshape(b, g.shape[1], n_cols, dh).sum(-1)
+            contribs.append(c.save())
+    return (sub, top, lse), contribs
