@@ -39,7 +39,7 @@ from circuit_widgets.core.common import (
     window_for,
 )
 from circuit_widgets.core.edits import run_with_edits
-from circuit_widgets.core.patching import _fast_cells, _grouped
+from circuit_widgets.core.patching import fast_cells, grouped_cells
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import check_adapters, model_shape
 from circuit_widgets.types import Circuit, Component, Head, ModelLike, ModelShape
@@ -697,11 +697,11 @@ def cmap_grid(
             (layer,) = key
             b_run = cache.chunk_run(base, chunk, eng_b, "clean")
             f_run = cache.chunk_run(finetuned, chunk, eng_f, "clean")
-            return _grouped(
+            return grouped_cells(
                 groups,
                 len(cols),
                 B,
-                lambda ex, w: _fast_cells(
+                lambda ex, w: fast_cells(
                     eng_b, comp, b_run, f_run, layer, cols, w, reader, ex, src_eng=eng_f
                 ),
             ).float()

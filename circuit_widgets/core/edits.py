@@ -52,9 +52,9 @@ def run_with_edits(
     if nnsight_backend.is_nnsight(model):
         return nnsight_backend.dispatch(model, "run_with_edits")(**locals())
     edits = dict(edits or {})
-    capture = {_check_key(model, k) for k in capture}
+    capture = {check_capture_key(model, k) for k in capture}
     for key, fn in edits.items():
-        _check_key(model, key)
+        check_capture_key(model, key)
         if not callable(fn):
             raise TypeError(
                 f"edit for {key} must be a callable act -> act, got {type(fn).__name__}"
@@ -71,7 +71,7 @@ def run_with_edits(
         return _hooked(model, tokens, edits, capture, at)
 
 
-def _check_key(model: ModelLike, key: Any) -> tuple[int, str]:
+def check_capture_key(model: ModelLike, key: Any) -> tuple[int, str]:
     n_layers = int(model.cfg.n_layers)
     if not (isinstance(key, tuple) and len(key) == 2):
         raise ValueError(f"edit/capture keys are (layer, site) tuples, got {key!r}")

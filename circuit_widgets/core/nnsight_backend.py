@@ -601,7 +601,7 @@ def run_with_edits(
 ) -> Any:
     """``run_with_edits`` through nnsight, capture only: edits are Python callables, which a
     request to NDIF cannot carry, so they are refused here (one request per call)."""
-    from circuit_widgets.core.edits import EditedRun, _check_key
+    from circuit_widgets.core.edits import EditedRun, check_capture_key
 
     if edits:
         raise NotImplementedError(
@@ -614,7 +614,7 @@ def run_with_edits(
             "run_with_edits(grad=True) is not available on the nnsight backend"
         )
     # in the order the forward reaches them: nnsight reads each activation as it passes
-    keys = sorted({_check_key(model, k) for k in capture}, key=lambda k: (k[0], _ORDER[k[1]]))
+    keys = sorted({check_capture_key(model, k) for k in capture}, key=lambda k: (k[0], _ORDER[k[1]]))
     bad = [k for k in keys if k[1] not in CAPTURE_SITES]
     if bad:
         raise NotImplementedError(

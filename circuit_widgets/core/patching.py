@@ -124,11 +124,11 @@ def activation_patch(
                 clean = cache.chunk_run(model, chunk, eng, "clean")
                 corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
                 base, src = (clean, corrupt) if noise else (corrupt, clean)
-                metric = _grouped(
+                metric = grouped_cells(
                     groups[p],
                     len(cols),
                     B,
-                    lambda ex, win: _fast_cells(eng, comp, base, src, layer, cols, win, reader, ex),
+                    lambda ex, win: fast_cells(eng, comp, base, src, layer, cols, win, reader, ex),
                 )  # [V, B]: patched - unpatched base
                 return metric.float().cpu() + _base_gap(metrics(), noise)[None]
 
@@ -200,7 +200,7 @@ def _base_gap(metrics: tuple[Tensor, Tensor], noise: bool) -> Tensor:
 # ---------------------------------------------------------------------- fast path
 
 
-def _grouped(groups: list, n_variants: int, n_examples: int, fn) -> Tensor:
+def grouped_cells(groups: list, n_variants: int, n_examples: int, fn) -> Tensor:
     """fn(examples, window) -> [V, b] over each example group, assembled into [V, B]."""
     if len(groups) == 1 and groups[0][0] is None:
         return fn(None, groups[0][1])
@@ -214,7 +214,7 @@ def _grouped(groups: list, n_variants: int, n_examples: int, fn) -> Tensor:
     return out
 
 
-def _fast_cells(
+def fast_cells(
     eng: FastModel,
     comp: Component,
     base: Trace,
