@@ -614,7 +614,9 @@ def run_with_edits(
             "run_with_edits(grad=True) is not available on the nnsight backend"
         )
     # in the order the forward reaches them: nnsight reads each activation as it passes
-    keys = sorted({check_capture_key(model, k) for k in capture}, key=lambda k: (k[0], _ORDER[k[1]]))
+    keys = sorted(
+        {check_capture_key(model, k) for k in capture}, key=lambda k: (k[0], _ORDER[k[1]])
+    )
     bad = [k for k in keys if k[1] not in CAPTURE_SITES]
     if bad:
         raise NotImplementedError(
