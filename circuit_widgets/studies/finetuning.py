@@ -99,13 +99,24 @@ class FinetuningResult:
             "notes": list(self.notes),
         }
 
+    @property
+    def _found(self) -> str:
+        """How the circuit came about: the base model's path patching, or passed in."""
+        if self.pipeline is not None:
+            return f"top {self.top_k} heads per group"
+        return f"a given circuit of {len(self.circuit.heads)} heads"
+
+    @property
+    def _circuit_label(self) -> str:
+        return "Base circuit" if self.pipeline is not None else "Circuit (given)"
+
     def summary(self) -> str:
         """A few lines of text: both accuracies, the circuit, CMAP per group and per head."""
         state = "" if self.complete else "; STOPPED EARLY"
         lines = [
             (
-                f"Fine-tuning study (n={self.n} prompts per task, {self.n_boxes} boxes, top {self.top_k} "
-                f"heads per group, seed {self.seed}; {self.seconds:.0f} s{state})"
+                f"Fine-tuning study (n={self.n} prompts per task, {self.n_boxes} boxes, {self._found}, "
+                f"seed {self.seed}; {self.seconds:.0f} s{state})"
             ),
             (
                 f"Arithmetic accuracy (first answer digit, n={self.arithmetic_n}): base {_pct(self.arithmetic_base)}, fine-tuned "
@@ -115,7 +126,7 @@ class FinetuningResult:
                 f"Entity-tracking accuracy: base {_pct(self.entity_base)}, fine-tuned "
                 f"{_pct(self.entity_finetuned)} (chance among the boxes {_pct(1 / self.n_boxes)})"
             ),
-            f"Base circuit: {_groups(self.circuit)}",
+            f"{self._circuit_label}: {_groups(self.circuit)}",
         ]
         if self.cmap is not None:
             parts = []

@@ -148,3 +148,12 @@ def test_entity_study_rejects_a_bad_prune(pair):
     for bad in (1.5, -0.1, True):
         with pytest.raises(ValueError, match="prune"):
             entity_tracking_study(pair[0], n=2, n_boxes=BOXES, prune=bad, dcm_examples=0)
+
+
+def test_summary_says_a_given_circuit_was_given_not_found(pair):
+    res = finetuning_study(*pair, n=N, n_boxes=BOXES, arithmetic_n=4, circuit=CIRCUIT, grid_n=1)
+    text = res.summary()
+    n_heads = len(res.circuit.heads)
+    assert res.pipeline is None
+    assert f"a given circuit of {n_heads} heads" in text and "Circuit (given): " in text
+    assert "top " not in text.split("\n")[0] and "Base circuit" not in text
