@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
 from circuit_widgets.core.edits import run_with_edits
-from circuit_widgets.types import Head
+from circuit_widgets.types import Head, ModelLike
 
 
 @dataclass(frozen=True, eq=False)
@@ -22,7 +21,9 @@ class PatternResult:
     tokens: Int[Tensor, " pos"]
 
 
-def attention_patterns(model: Any, tokens: Int[Tensor, " pos"], heads: list[Head]) -> PatternResult:
+def attention_patterns(
+    model: ModelLike, tokens: Int[Tensor, " pos"], heads: list[Head]
+) -> PatternResult:
     """One forward through the bridge's per-query-head pattern hooks (on grouped-query models
     each query head has its own pattern, computed from its shared key/value head)."""
     toks = tokens.reshape(-1)

@@ -167,7 +167,7 @@ def hooked_runs(model: ModelLike, task: Task) -> tuple[dict, dict, torch.Tensor,
     return entry["hooked"]
 
 
-def _hooked_compute(model: Any, task: Any) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+def _hooked_compute(model: ModelLike, task: Task) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
     keep = (
         "hook_z",
         "hook_q",
@@ -192,7 +192,7 @@ def _hooked_compute(model: Any, task: Any) -> tuple[dict, dict, torch.Tensor, to
 # ---------------------------------------------------------------------- per chunk
 
 
-def chunk_run(model: Any, chunk: Any, eng: FastModel, which: str) -> Trace:
+def chunk_run(model: ModelLike, chunk: Any, eng: FastModel, which: str) -> Trace:
     """The chunk's 'clean' or 'corrupt' Trace: the cached whole-task run when the chunk is the
     whole task, else computed for the chunk alone and never cached (it goes with the chunk)."""
     if chunk.whole:
@@ -206,7 +206,7 @@ def chunk_run(model: Any, chunk: Any, eng: FastModel, which: str) -> Trace:
     return chunk.get(f"run_{which}_{id(model)}", make)
 
 
-def chunk_metric(model: Any, chunk: Any, eng: FastModel, reader, which: str) -> torch.Tensor:
+def chunk_metric(model: ModelLike, chunk: Any, eng: FastModel, reader, which: str) -> torch.Tensor:
     """The task's metric per example of the chunk's 'clean' or 'corrupt' run."""
     if chunk.whole:
         return fast_metric(model, chunk.task, eng, reader, which)
@@ -221,7 +221,9 @@ def chunk_metric(model: Any, chunk: Any, eng: FastModel, reader, which: str) -> 
     return chunk.get(f"metric_{which}_{id(model)}", make)
 
 
-def chunk_hooked_runs(model: Any, chunk: Any) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+def chunk_hooked_runs(
+    model: ModelLike, chunk: Any
+) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
     """hooked_runs for a chunk: cached for the whole task, else for the chunk alone."""
     if chunk.whole:
         return hooked_runs(model, chunk.task)

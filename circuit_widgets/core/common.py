@@ -412,7 +412,7 @@ def memory_budget(max_memory: Any, device: Any = "cpu") -> int:
     return int(min(free // 4, DEFAULT_CPU_CAP))
 
 
-def trace_bytes_per_token(model: Any, hooked: bool = False) -> int:
+def trace_bytes_per_token(model: ModelLike, hooked: bool = False) -> int:
     """Bytes one cached run keeps per token: the fast engine's Trace, or the bridge caches the
     generic path keeps (q and the attention pattern on top; the pattern is per key)."""
     cfg = model.cfg
@@ -427,8 +427,8 @@ def trace_bytes_per_token(model: Any, hooked: bool = False) -> int:
 
 
 def example_chunks(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     max_memory: Any,
     *,
     runs: int = 2,
@@ -456,7 +456,7 @@ class Chunk:
     """One range of examples; ``whole``: the only chunk, so cached whole-task runs serve it."""
 
     rows: slice
-    task: Any
+    task: Task
     whole: bool
     memo: dict = field(default_factory=dict)
 
@@ -488,7 +488,7 @@ class SweepOut:
 
 
 def run_sweep(
-    task: Any,
+    task: Task,
     chunk_rows: list[slice],
     prepare: Callable[[Chunk], ChunkWork],
     grid_shape: tuple[int, ...],

@@ -731,7 +731,7 @@ def _cmap_headgrid(
     done: Tensor,
     base_m: Tensor,
     ft_m: Tensor,
-    task: Any,
+    task: Task,
     comp: Component,
     position: str,
     shape: ModelShape,
@@ -767,7 +767,7 @@ def _cmap_headgrid(
 def _grid_hooked(
     base: Any,
     finetuned: Any,
-    task: Any,
+    task: Task,
     comp: Component,
     position: str,
     pos: str | None,

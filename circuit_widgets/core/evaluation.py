@@ -91,7 +91,7 @@ def mean_ablate(
     task: Task,
     circuit: Circuit | Iterable[Any] | None = None,
     *,
-    reference_task: Any = None,
+    reference_task: Task | None = None,
     batch_size: int | None = None,
     reference: str = "corrupt",
     means: str = "auto",
@@ -138,7 +138,7 @@ class _Ablator:
         self,
         model: ModelLike,
         task: Task,
-        reference_task: Any,
+        reference_task: Task | None,
         reference: str,
         batch_size: int | None,
         means: str = "auto",
@@ -200,7 +200,7 @@ class _Ablator:
                 cls[ar, task.positions[name].cpu()] = i
         return torch.where(task.attention_mask.cpu().bool(), cls, torch.full_like(cls, -1))
 
-    def _chunks(self, task: Any) -> list[slice]:
+    def _chunks(self, task: Task) -> list[slice]:
         """Examples per forward: batch_size, and what one forward's activations fit the budget."""
         return example_chunks(self.model, task, self.max_memory, runs=1, batch_size=self.batch_size)
 
@@ -464,7 +464,7 @@ def faithfulness(
     *,
     n_random: int = 5,
     seed: int = 0,
-    reference_task: Any = None,
+    reference_task: Task | None = None,
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
@@ -560,7 +560,7 @@ def completeness(
     subsets: str | Sequence[Iterable[Any]] = "groups+random",
     n_random: int = 5,
     seed: int = 0,
-    reference_task: Any = None,
+    reference_task: Task | None = None,
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
@@ -671,7 +671,7 @@ def minimality(
     circuit: Circuit | Iterable[Any],
     *,
     k_sets: str | dict = "group",
-    reference_task: Any = None,
+    reference_task: Task | None = None,
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",

@@ -545,8 +545,8 @@ class CopyScores:
 
 
 def copy_scores(
-    model: Any,
-    task: Any,
+    model: ModelLike,
+    task: Task,
     heads: Iterable[Any],
     to: str | Sequence[str] | Tensor,
     *,

@@ -11,7 +11,7 @@ local simulation, which hides this package while it deserialises) never imports 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -19,6 +19,9 @@ from torch import Tensor
 from circuit_widgets.core.common import MetricReader, Progress, Stop, build_grid, plan_sweep
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.types import Component, Direction, Head
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 # rows (patched copies x examples) per request when batch_size is None
 DEFAULT_ROWS = 512
@@ -127,7 +130,7 @@ def _check_component(comp: Component) -> None:
 
 def activation_patch(
     model: Any,
-    task: Any,
+    task: Task,
     *,
     component: Any = "z",
     positions: Any = "all",
@@ -303,7 +306,7 @@ def _patch_request(
 
 def path_patch(
     model: Any,
-    task: Any,
+    task: Task,
     *,
     receivers: Any = "logits",
     senders: Sequence[Head | str | tuple[int, int]] | None = None,
@@ -441,7 +444,7 @@ def _recv_site(nm: Any, layer: int, which: str) -> tuple[Any, int]:
 
 def _path_request(
     nm: Any,
-    task: Any,
+    task: Task,
     senders: list[Head],
     mask: Tensor,
     end: Tensor,
@@ -525,7 +528,7 @@ def _path_request(
 
 def head_attention(
     model: Any,
-    task: Any,
+    task: Task,
     heads: Any,
     to: Any,
     *,

@@ -16,7 +16,7 @@ import importlib
 import math
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -31,6 +31,9 @@ from circuit_widgets.core.nnsight_backend import (
 )
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.types import Component
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
 
 # q16 moves these modules; whichever exists serves (the names used here are unchanged)
 _CIRCUITS = ("circuit_widgets.core.evaluation",)
@@ -66,7 +69,7 @@ class _Readout:
     END logits at the answer/wrong-answer columns, the argmax and the log-sum-exp (a request
     returns these, never [rows, vocab])."""
 
-    def __init__(self, task: Any) -> None:
+    def __init__(self, task: Task) -> None:
         self.task = task
         ids = torch.cat([task.answers.reshape(-1), task.wrong_answers.reshape(-1)]).cpu()
         self.cols = torch.unique(ids)
@@ -98,7 +101,9 @@ class _Readout:
 # ---------------------------------------------------------------------- mean ablation
 
 
-def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_size, means, mem):
+def _ablator(
+    model: Any, task: Task, reference_task: Task | None, reference: str, batch_size, means, mem
+):
     """circuits._Ablator whose scoring runs every circuit of a request as extra batch rows."""
     circuits = _module(_CIRCUITS, "_Ablator")
     parent: Any = circuits._Ablator
@@ -150,7 +155,7 @@ def _ablator(model: Any, task: Any, reference_task: Any, reference: str, batch_s
                 )
             return [m.float() for m in means]
 
-        def _chunks(self, task: Any) -> list[slice]:
+        def _chunks(self, task: Task) -> list[slice]:
             # requests are sized by rows, not by this machine's memory (NDIF holds the model)
             n = len(task)
             size = self.batch_size or max(n, 1)
@@ -275,10 +280,10 @@ def _ablate_request(
 
 def mean_ablate(
     model: Any,
-    task: Any,
+    task: Task,
     circuit: Any = None,
     *,
-    reference_task: Any = None,
+    reference_task: Task | None = None,
     batch_size: int | None = None,
     reference: str = "corrupt",
     means: str = "auto",
@@ -304,12 +309,12 @@ def _requests_note(model: Any, abl: Any) -> str:
 
 def faithfulness(
     model: Any,
-    task: Any,
+    task: Task,
     circuit: Any,
     *,
     n_random: int = 5,
     seed: int = 0,
-    reference_task: Any = None,
+    reference_task: Task | None = None,
     reference: str = "corrupt",
     batch_size: int | None = None,
     means: str = "auto",
@@ -487,7 +492,7 @@ def _cross_request(
 def cmap(
     base: Any,
     finetuned: Any,
-    task: Any,
+    task: Task,
     *,
     circuit: Any = None,
     heads: Any = None,
@@ -600,7 +605,7 @@ def cmap(
 def cmap_grid(
     base: Any,
     finetuned: Any,
-    task: Any,
+    task: Task,
     *,
     component: Any = "z",
     position: str = "END",
@@ -726,7 +731,7 @@ GRAD_METRICS = ("logit_diff", "prob")
 
 def attribution_patch(
     model: Any,
-    task: Any,
+    task: Task,
     component: Any = "z",
     direction: Any = "noise",
     *,
@@ -748,7 +753,7 @@ def attribution_patch(
 
 def path_attribution(
     model: Any,
-    task: Any,
+    task: Task,
     *,
     position: str = "all",
     freeze_mlps: bool = False,
@@ -769,7 +774,7 @@ def path_attribution(
 
 def _attribute(
     model: Any,
-    task: Any,
+    task: Task,
     component: Any,
     direction: Any,
     positions: Any,
