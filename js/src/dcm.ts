@@ -30,8 +30,8 @@ export function renderDCM(model: AnyModel, el: HTMLElement): () => void {
   controls.append(buttons.run, buttons.cancel, lamLabel);
   const status = statusLine(model, true);
   const summary = htmlEl("div", "cw-pp-note cw-dcm-summary");
-  const panes = htmlEl("div", "cw-hg-controls");
-  panes.style.alignItems = "flex-start";
+  // the mask's grid (only as wide as its figure) and the loss chart side by side, wrapping when narrow
+  const panes = htmlEl("div", "cw-dcm-panes");
   const gridHost = htmlEl("div", "cw-dcm-grid");
   const curveHost = htmlEl("div", "cw-dcm-curve cw-chart");
   panes.append(gridHost, curveHost);

@@ -1,7 +1,7 @@
 // Styles for the controls (the figure itself is a self-contained SVG with inline attributes,
 // so that its SVG/PNG export looks the same as on screen).
 
-const STYLE_ID = "circuit-widgets-style-v4";
+const STYLE_ID = "circuit-widgets-style-v5";
 
 const CSS = `
 .cw-hg { display: flex; flex-direction: column; gap: 6px; font-family: var(--jp-ui-font-family, sans-serif);
@@ -54,6 +54,10 @@ const CSS = `
   color: var(--jp-ui-font-color1, #222); font-weight: 600; margin-bottom: -1px; }
 .cw-ex-circuit { color: var(--jp-ui-font-color2, #555); }
 .cw-chart svg { display: block; background: #fff; }
+.cw-dcm-panes { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 10px 18px; }
+.cw-dcm-grid { width: min-content; max-width: 100%; }
+.cw-dcm-curve { flex: 1 1 260px; min-width: 240px; max-width: 360px; }
+.cw-dcm-curve svg { width: 100%; height: auto; }
 `;
 
 export function injectStyle(): void {

@@ -172,6 +172,22 @@ def test_dcm_mask_scale_and_selection_line(lab, output_dir):
     dcm.screenshot(path=str(output_dir / "polish_dcm_sequential_selection.png"))
 
 
+def test_dcm_loss_chart_beside_the_grid(lab, output_dir):
+    """Item 8's empty space right of the grids: the DCM grid is as wide as its figure (its
+    controls wrap within it) and the loss chart sits to its right, not under it."""
+    _page, panel, _ = lab
+    dcm = cell(panel, 3).locator(".cw-dcm")
+    dcm.scroll_into_view_if_needed()
+    host = dcm.locator(".cw-dcm-grid").bounding_box()
+    figure = dcm.locator(".cw-hg-figure svg").first.bounding_box()
+    chart = dcm.locator(".cw-dcm-curve svg").bounding_box()
+    assert host["width"] <= figure["width"] + 30, (host, figure)
+    assert chart["x"] >= figure["x"] + figure["width"], (figure, chart)
+    assert chart["y"] < figure["y"] + figure["height"], (figure, chart)
+    assert chart["width"] >= 240, chart
+    dcm.screenshot(path=str(output_dir / "polish_dcm_chart_beside_grid.png"))
+
+
 def test_grids_say_what_where_and_out_of_how_many(lab, output_dir):
     from playwright.sync_api import expect
 
