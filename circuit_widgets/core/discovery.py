@@ -142,8 +142,8 @@ def circuit_pipeline(
     ``default_stages(task)``. Progress counts path-patching passes; once stopped the stages
     done so far come back with complete=False.
     """
-    nnsight_backend.check("circuit_pipeline", model)
     check_args("circuit_pipeline", model=model, task=task)
+    requests_before = getattr(model, "requests", 0) if nnsight_backend.is_nnsight(model) else None
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     if sign not in ("abs", "positive", "negative"):
@@ -221,6 +221,11 @@ def circuit_pipeline(
         groups.append(CircuitGroup(st.name, heads, st.position))
         if on_progress is not None:
             on_progress((i + 1) * 1000, n_stages * 1000)
+    if requests_before is not None:
+        made = getattr(model, "requests", 0) - requests_before
+        notes.append(
+            f"nnsight ({nnsight_backend.where(model)}): {made} request(s) for {len(grids)} stage(s)"
+        )
     name = f"{getattr(task, 'name', 'task')} circuit"
     return PipelineResult(
         circuit=Circuit(tuple(groups), name),

@@ -294,10 +294,25 @@ class _Ablator:
             self._full = result
         return result
 
+    def target(self, circ: Circuit) -> Circuit | None:
+        """What ``scores`` is asked for ``circ``: None (the plain model) when it keeps every
+        head everywhere."""
+        n_total = self.shape.n_layers * self.shape.n_heads
+        everything = len(circ) == n_total and all(g.position is None for g in circ.groups)
+        return None if everything else circ
+
+    def prefetch(self, circuits: list[Circuit | None]) -> None:
+        """Score these (``target``s) together where the backend batches them (nnsight: several
+        circuits a request); here each is scored when ``run`` asks for it."""
+
+    def request_notes(self) -> list[str]:
+        """What a result says about requests made (nnsight only)."""
+        return []
+
     def run(self, circuit: Circuit | Iterable[Any] | None) -> AblationResult:
         circ = _as_circuit(circuit, self.shape, self.task)
         n_total = self.shape.n_layers * self.shape.n_heads
-        everything = len(circ) == n_total and all(g.position is None for g in circ.groups)
+        everything = self.target(circ) is None
         # Keeping every head everywhere edits nothing: skip the edit so the score is exactly the model's.
         metric, acc, cand = self.scores(None if everything else circ)
         notes = list(self.notes)
@@ -317,6 +332,25 @@ class _Ablator:
             notes=notes,
             means=self.mode,
         )
+
+
+def _ablator(
+    model: ModelLike,
+    task: Task,
+    reference_task: Task | None,
+    reference: str,
+    batch_size: int | None,
+    means: str,
+    max_memory: int | str | None,
+) -> _Ablator:
+    """The ablator for ``model``'s backend: nnsight's scores many circuits per request."""
+    if nnsight_backend.is_nnsight(model):
+        from circuit_widgets.core import nnsight_experiments
+
+        return nnsight_experiments.make_ablator(
+            model, task, reference_task, reference, batch_size, means, max_memory
+        )
+    return _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
 
 
 def _ablate_fn(keep: Tensor, means: Tensor, cls: Tensor):
@@ -578,9 +612,8 @@ def completeness(
     head of C in K with probability 1/2 (Wang et al.'s random sampling; seeded); or a list of
     head collections. Wang et al.'s greedy search for the worst K is not done here.
     """
-    nnsight_backend.check("completeness", model)
     check_args("completeness", model=model, task=task)
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    abl = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     ks: list[tuple[str, frozenset[Head]]] = [("empty", frozenset())]
     if isinstance(subsets, str):
@@ -610,12 +643,14 @@ def completeness(
                 )
             ks.append((f"subset {i}", members))
     everything = Circuit.from_heads(_all_heads(abl.shape), group="model")
+    knocks = [Circuit.from_heads(k) for _, k in ks]
+    c_minus = [circ - kn for kn in knocks]
+    m_minus = [everything - kn if k else None for (_, k), kn in zip(ks, knocks)]
+    asked = [everything, *c_minus, *(m for m in m_minus if m is not None)]
+    abl.prefetch([abl.target(c) for c in asked])
     full = abl.run(everything).metric
-    f_c, f_m = [], []
-    for _, k in ks:
-        knock = Circuit.from_heads(k)
-        f_c.append(abl.run(circ - knock).metric)
-        f_m.append(abl.run(everything - knock).metric if k else full)
+    f_c = [abl.run(c).metric for c in c_minus]
+    f_m = [full if m is None else abl.run(m).metric for m in m_minus]
     return CompletenessResult(
         labels=[lab for lab, _ in ks],
         subsets=[k for _, k in ks],
@@ -625,7 +660,7 @@ def completeness(
         full_metric=full,
         circuit_metric=f_c[0],
         metric_name=task.metric_name,
-        notes=list(abl.notes),
+        notes=[*abl.request_notes(), *abl.notes],
         means=abl.mode,
     )
 
@@ -687,9 +722,8 @@ def minimality(
     or a dict {head: [K, ...]} naming the K to try for each head (Wang et al. chose them by
     hand per head class). ``relative`` divides by |F(M)|.
     """
-    nnsight_backend.check("minimality", model)
     check_args("minimality", model=model, task=task)
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    abl = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
     if isinstance(k_sets, str) and k_sets not in ("group", "empty"):
         raise ValueError(
@@ -714,21 +748,30 @@ def minimality(
                         f"a K for head {head} holds heads outside the circuit: "
                         f"{[str(x) for x in sorted(k - circ.heads)]}"
                     )
-    full = float(abl.scores(None)[0].mean())
-    memo: dict[frozenset[Head], float] = {}
-
-    def f_without(removed: frozenset[Head]) -> float:
-        if removed not in memo:
-            memo[removed] = abl.run(circ - Circuit.from_heads(removed)).metric
-        return memo[removed]
-
-    heads, scores, best, every = [], [], [], []
+    per_head: dict[Head, list[frozenset[Head]]] = {}
     for v in sorted(circ.heads):
         options = [frozenset()]
         if k_sets == "group":
             options += [frozenset(g.heads) - {v} for g in circ.groups if v in g.heads]
         options += custom.get(v, [])
-        options = list(dict.fromkeys(k for k in options))
+        per_head[v] = list(dict.fromkeys(k for k in options))
+    # every circuit C \ removed the scores need, asked for together (one batch on nnsight)
+    removals = [frozenset[Head]()]
+    for v, options in per_head.items():
+        for k in options:
+            removals += [k, k | {v}]
+    circuits = {r: circ - Circuit.from_heads(r) for r in dict.fromkeys(removals)}
+    abl.prefetch([None, *(abl.target(c) for c in circuits.values())])
+    full = float(abl.scores(None)[0].mean())
+    memo: dict[frozenset[Head], float] = {}
+
+    def f_without(removed: frozenset[Head]) -> float:
+        if removed not in memo:
+            memo[removed] = abl.run(circuits[removed]).metric
+        return memo[removed]
+
+    heads, scores, best, every = [], [], [], []
+    for v, options in per_head.items():
         tried = {}
         for k in options:
             tried[", ".join(str(x) for x in sorted(k)) or "{}"] = abs(
@@ -747,7 +790,7 @@ def minimality(
         full_metric=full,
         circuit_metric=f_without(frozenset()),
         metric_name=task.metric_name,
-        notes=list(abl.notes),
+        notes=[*abl.request_notes(), *abl.notes],
         means=abl.mode,
     )
 

@@ -11,7 +11,7 @@ example's own edit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -254,9 +254,16 @@ class Intervention:
             )
         return torch.arange(b)
 
-    def _pattern_fn(self, layer: int, targets: Tensor):
+    def _pattern_fn(self, layer: int, targets: Tensor) -> DeclaredEdit:
         cols = [h.head for h in self.heads if h.layer == layer]
         queries = self.task.positions[self.at].cpu()
+
+        def spec(tokens: Tensor) -> dict[str, Any]:
+            rows = self._rows_of(tokens)
+            t = targets[rows]
+            row = torch.zeros(len(rows), tokens.shape[1])
+            row.scatter_add_(1, t, torch.full(t.shape, 1.0 / t.shape[1]))
+            return {"kind": "pattern", "cols": cols, "query": queries[rows], "row": row}
 
         def fn(act: Tensor) -> Tensor:  # [b, H, q, k]
             rows = self._batch_rows(act.shape[0], act.shape[2])
@@ -273,18 +280,15 @@ class Intervention:
                 out[ar, c, query.to(dev)] = row
             return out
 
-        return fn
+        return DeclaredEdit(fn, spec)
 
-    def _z_fn(self, layer: int):
+    def _z_fn(self, layer: int) -> DeclaredEdit:
         cols = [h.head for h in self.heads if h.layer == layer]
         at = None if self.at == "all" else self.task.positions[self.at].cpu()
         source = None if self.source_z is None else self.source_z[layer]
         scales = self.scales
 
-        def fn(act: Tensor) -> Tensor:  # [b, s, H, dh]
-            rows = self._batch_rows(act.shape[0], act.shape[1])
-            b, s = act.shape[:2]
-            dev = act.device
+        def where_and_source(rows: Tensor, b: int, s: int) -> tuple[Tensor, Tensor | None]:
             where = (
                 torch.ones(b, s, dtype=torch.bool)
                 if at is None
@@ -295,6 +299,21 @@ class Intervention:
                 src = source[rows, :s]
                 if src.shape[1] < s:  # a batch wider than the task: its extra columns are padding
                     src = torch.cat([src, src.new_zeros(b, s - src.shape[1], *src.shape[2:])], 1)
+            return where, src
+
+        def spec(tokens: Tensor) -> dict[str, Any]:
+            rows = self._rows_of(tokens)
+            where, src = where_and_source(rows, *tokens.shape)
+            scale = None
+            if scales is not None:
+                scale = torch.tensor([scales.get(Head(layer, c), 1.0) for c in cols])
+            return {"kind": "z", "cols": cols, "where": where, "source": src, "scale": scale}
+
+        def fn(act: Tensor) -> Tensor:  # [b, s, H, dh]
+            rows = self._batch_rows(act.shape[0], act.shape[1])
+            b, s = act.shape[:2]
+            dev = act.device
+            where, src = where_and_source(rows, b, s)
             out = act.clone()
             w = where.to(dev)[:, :, None]
             for c in cols:
@@ -306,7 +325,7 @@ class Intervention:
                 out[:, :, c] = new
             return out
 
-        return fn
+        return DeclaredEdit(fn, spec)
 
     def edits(self) -> dict[tuple[int, str], Any]:
         """The intervention as ``run_with_edits`` edits for this task's prompts."""
@@ -339,6 +358,12 @@ class Intervention:
     # ------------------------------------------------------------------ context manager
 
     def __enter__(self) -> Self:
+        if nnsight_backend.is_nnsight(self.model):
+            raise NotImplementedError(
+                "intervene's with-block is not available on the nnsight backend: "
+                f"{nnsight_backend.WHY_NOT['intervene']}; run the edits in one request instead: "
+                "run_with_edits(model, tokens, intervention.edits())"
+            )
         if self._handles:
             raise ValueError("this intervention is already active")
         try:
@@ -380,6 +405,20 @@ class Intervention:
         return f"Intervention({heads}: {'; '.join(what)}{'; active' if self.active else ''})"
 
 
+class DeclaredEdit:
+    """An edit ``run_with_edits`` runs on any backend: called on the activation here, or, on an
+    nnsight model (whose requests cannot carry Python functions), sent as the plain tensors of
+    ``spec(tokens)``, the same edit for the examples those token rows are."""
+
+    def __init__(
+        self, fn: Callable[[Tensor], Tensor], spec: Callable[[Tensor], dict[str, Any]]
+    ) -> None:
+        self._fn, self.spec = fn, spec
+
+    def __call__(self, act: Tensor) -> Tensor:
+        return self._fn(act)
+
+
 def _as_hook(fn):
     def hook(act: Tensor, hook: Any = None) -> Tensor:
         return fn(act)
@@ -412,8 +451,9 @@ def intervene(
     rest padding), so a batch of any of the task's clean or corrupt prompts, in any order or
     subset and trimmed of padding, gets each example's own edit; a forward on any other
     prompts raises ValueError. Heads: one head (Head, "l.h", (l, h)) or a list or tuple of them.
+    On an nnsight model the with-block is refused (NDIF keeps no hooks between requests);
+    ``run_with_edits(model, tokens, intervention.edits())`` sends the same edits as tensors.
     """
-    nnsight_backend.check("intervene", model)
     check_args("intervene", model=model, task=task)
     return Intervention(
         model, task, heads=heads, attend_to=attend_to, scale=scale, replace_with=replace_with, at=at

@@ -37,6 +37,8 @@ SUPPORTED = (
     "attribution_patch",
     "path_attribution",
 )
+# built from the experiments above by backend-neutral code (evaluation.py, discovery.py)
+COMPOSED = ("completeness", "minimality", "circuit_pipeline")
 # written in core/nnsight_experiments.py
 _ELSEWHERE = (
     "mean_ablate",
@@ -50,10 +52,9 @@ _ELSEWHERE = (
 # why an experiment cannot be one request, where that is the reason it is refused
 WHY_NOT = {
     "intervene": (
-        "it is local-only: intervene installs hooks that stay on the model for every forward "
-        "run inside its with-block (and edits attention patterns inside the attention "
-        "function), while each nnsight request is a self-contained trace and NDIF keeps no "
-        "state between requests"
+        "the with-block is local-only: it installs hooks that stay on the model for every "
+        "forward run inside it, while each nnsight request is a self-contained trace and NDIF "
+        "keeps no state between requests"
     ),
     "cmap_logits": (
         "it takes edits keyed by hook names of one model's forward; use cmap or cmap_grid, "
@@ -82,7 +83,7 @@ def dispatch(model: Any, experiment: str) -> Callable[..., Any]:
     if experiment not in SUPPORTED:
         raise NotImplementedError(
             f"{experiment} is not available on the nnsight backend yet (supported: "
-            f"{', '.join(SUPPORTED)}); load the model with backend='transformer_lens' to run it"
+            f"{', '.join(SUPPORTED + COMPOSED)}); load the model with backend='transformer_lens' to run it"
         )
     if experiment in _ELSEWHERE:
         from circuit_widgets.core import nnsight_experiments
@@ -245,8 +246,12 @@ def activation_patch(
     return grid(complete, [])
 
 
-def _where(model: Any) -> str:
+def where(model: Any) -> str:
+    """Where an nnsight model's requests run, in words."""
     return {False: "in-process", "local": "NDIF local simulation", True: "NDIF"}[model.remote]
+
+
+_where = where
 
 
 def _patch_request(
@@ -602,16 +607,27 @@ def run_with_edits(
     at: Tensor | None = None,
     grad: bool = False,
 ) -> Any:
-    """``run_with_edits`` through nnsight, capture only: edits are Python callables, which a
-    request to NDIF cannot carry, so they are refused here (one request per call)."""
+    """``run_with_edits`` through nnsight, one request per call. A request cannot carry Python
+    functions, so the edits must be ``DeclaredEdit``s (``intervene(...).edits()``): their
+    tensors travel and the edit is written out in torch inside the trace. A pattern edit is
+    applied as the z it yields (the edited attention row times the layer's values), and a
+    captured pattern shows the edited rows, as on a local model."""
     from circuit_widgets.core.edits import EditedRun, check_capture_key
 
-    if edits:
-        raise NotImplementedError(
-            "run_with_edits with edits is not available on the nnsight backend (the edits are "
-            "Python callables a request cannot carry); load the model with "
-            "backend='transformer_lens' to run it"
-        )
+    edits = dict(edits or {})
+    for key, fn in edits.items():
+        check_capture_key(model, key)
+        if not callable(getattr(fn, "spec", None)):
+            raise NotImplementedError(
+                "run_with_edits with edits written as Python functions is not available on the "
+                "nnsight backend (a request cannot carry them); edits built by "
+                "intervene(...).edits() travel as tensors; load the model with "
+                "backend='transformer_lens' to run other edits"
+            )
+        if key[1] not in ("pattern", "z"):
+            raise NotImplementedError(
+                f"editing {key[1]!r} is not available on the nnsight backend (pattern and z are)"
+            )
     if grad:
         raise NotImplementedError(
             "run_with_edits(grad=True) is not available on the nnsight backend"
@@ -627,8 +643,16 @@ def run_with_edits(
             f"capturable sites: {list(CAPTURE_SITES)}"
         )
     b, s = tokens.shape
+    specs: dict[int, list[dict]] = {}
+    for (layer, site), fn in sorted(
+        edits.items(), key=lambda kv: (kv[0][0], kv[0][1] != "pattern")
+    ):
+        specs.setdefault(layer, []).append(fn.spec(tokens.cpu()))
     try:
-        logits, raw = _capture_request(model, tokens.cpu(), keys, at)
+        if specs:
+            logits, raw = _edit_request(model, tokens.cpu(), specs, keys, at)
+        else:
+            logits, raw = _capture_request(model, tokens.cpu(), keys, at)
     except Exception as exc:
         from circuit_widgets.nnsight_model import RemoteError, request_error
 
@@ -643,7 +667,95 @@ def run_with_edits(
         elif site in ("k", "v"):
             t = t.reshape(b, s, K, dh)
         captured[key] = t
+    for layer, layer_specs in specs.items():
+        pattern = captured.get((layer, "pattern"))
+        for spec in layer_specs:
+            if pattern is not None and spec["kind"] == "pattern":
+                # the request edits z; the pattern it read is the model's own, so edit it here
+                pattern = pattern.clone()
+                for c in spec["cols"]:
+                    pattern[torch.arange(b), c, spec["query"]] = spec["row"].to(pattern.dtype)
+                captured[(layer, "pattern")] = pattern
     return EditedRun(logits, captured)
+
+
+def _edit_request(
+    nm: Any, tokens: Tensor, specs: dict[int, list[dict]], keys: list, at: Tensor | None
+) -> tuple:
+    """One trace: ``_capture_request`` with each edited layer's z rewritten on its way into the
+    output projection (pattern edits first: the edited row times the layer's values)."""
+    cfg = nm.cfg
+    H, K, dh = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+    group = H // K
+    b, s = tokens.shape
+    ar = torch.arange(b)
+    width = H * dh
+    kv = K * dh
+    # (layer, order, what): v, then the z edit, then a z or pattern capture see the edited z
+    steps = [
+        (layer, _ORDER[site] + (0.6 if site in ("z", "pattern") else 0), ("capture", site))
+        for layer, site in keys
+    ]
+    steps += [(layer, _ORDER["z"] + 0.5, ("edit", None)) for layer in specs]
+    steps.sort(key=lambda t: (t[0], t[1]))
+    lm = nm.lm
+    out = []
+    edited: dict[int, Any] = {}
+    pick = at is not None
+    at_rows = at.cpu() if at is not None else ar
+    with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        for i in range(len(steps)):
+            layer, _, (what, site) = steps[i]
+            if what == "edit":
+                zsite = nm.z_site(layer)
+                v = None
+                if any(spec["kind"] == "pattern" for spec in specs[layer]):
+                    venv, off = _recv_site(nm, layer, "v")  # the values come before z
+                    v = venv.output[:, :, off : off + kv].reshape(b, s, K, dh)
+                x = zsite.input
+                z = x.reshape(b, s, H, dh).clone()
+                for spec in specs[layer]:
+                    if spec["kind"] == "pattern":
+                        assert v is not None  # read above for every layer with a pattern edit
+                        row = spec["row"].to(x.device, x.dtype)
+                        q = spec["query"].to(x.device)
+                        for c in spec["cols"]:
+                            z[ar.to(x.device), q, c] = torch.einsum(
+                                "bk,bkd->bd", row, v[:, :, c // group]
+                            )
+                    else:
+                        w = spec["where"].to(x.device)[:, :, None]
+                        for j in range(len(spec["cols"])):
+                            c = spec["cols"][j]
+                            new = z[:, :, c]
+                            if spec["source"] is not None:
+                                new = torch.where(
+                                    w, spec["source"][:, :, c].to(x.device, x.dtype), new
+                                )
+                            if spec["scale"] is not None:
+                                new = torch.where(w, new * float(spec["scale"][j]), new)
+                            z[:, :, c] = new
+                zsite.input = z.reshape(b, s, width)
+                edited[layer] = z.reshape(b, s, width)
+            elif site == "resid_pre":
+                out.append(nm.layer(layer).input.save())
+            elif site == "pattern":
+                out.append(nm.attn(layer).output[1].save())
+            elif site == "z":
+                out.append((edited[layer] if layer in edited else nm.z_site(layer).input).save())
+            else:
+                env, off = _recv_site(nm, layer, site)
+                hi = off + (width if site == "q" else kv)
+                out.append(env.output[:, :, off:hi].save())
+        logits = lm.output.logits
+        if pick:
+            logits = logits[ar, at_rows]
+        saved = logits.save()
+    # captures were appended in forward order; return them in ``keys``' order
+    order = [st[2][1] for st in steps if st[2][0] == "capture"]
+    layers = [st[0] for st in steps if st[2][0] == "capture"]
+    by_key = dict(zip(zip(layers, order), out))
+    return saved, [by_key[k] for k in keys]
 
 
 def _capture_request(nm: Any, tokens: Tensor, keys: list, at: Tensor | None) -> tuple:

@@ -224,7 +224,18 @@ def _ablator(
                 if c is None:
                     self._full = res
 
+        def request_notes(self) -> list[str]:
+            return [_requests_note(model, self)]
+
     return NNAblator(model, task, reference_task, reference, batch_size, means, mem), circuits
+
+
+def make_ablator(
+    model: Any, task: Task, reference_task: Task | None, reference: str, batch_size, means, mem
+) -> Any:
+    """The ablator ``completeness`` and ``minimality`` use on an nnsight model: every circuit
+    they ``prefetch`` is scored in as few requests as the rows allow."""
+    return _ablator(model, task, reference_task, reference, batch_size, means, mem)[0]
 
 
 def _class_sums_request(nm: Any, tokens: Tensor, onehot_t: Tensor) -> list:

@@ -265,7 +265,7 @@ def test_remote_true_offline_hub_is_one_sentence():
     [
         lambda m, t: run_with_edits(m, t.clean_tokens, {(0, "z"): lambda z: z * 0}),
         lambda m, t: cw.dcm(m, []),
-        lambda m, t: cw.intervene(m, t, heads=["0.1"], scale=0.0),
+        lambda m, t: cw.intervene(m, t, heads=["0.1"], scale=0.0).__enter__(),
     ],
 )
 def test_experiments_not_on_nnsight_say_so(tiny_gpt2, call):
@@ -278,6 +278,8 @@ def test_experiments_not_on_nnsight_say_so(tiny_gpt2, call):
 def test_intervene_refusal_names_the_reason(tiny_gpt2):
     task = cw.tasks.ioi(tiny_gpt2, 2)
     nm = _nn(tiny_gpt2, "local")
+    iv = cw.intervene(nm, task, heads=["0.1"], scale=0.0)  # its edits() run in a request
     with pytest.raises(NotImplementedError, match="local-only.*NDIF keeps no state") as info:
-        cw.intervene(nm, task, heads=["0.1"], scale=0.0)
-    assert "\n" not in str(info.value) and nm.requests == 0
+        iv.__enter__()
+    assert "\n" not in str(info.value) and "intervention.edits()" in str(info.value)
+    assert nm.requests == 0
