@@ -691,30 +691,45 @@ def _edit_request(
     ar = torch.arange(b)
     width = H * dh
     kv = K * dh
-    # (layer, order, what): v, then the z edit, then a z or pattern capture see the edited z
-    steps = [
-        (layer, _ORDER[site] + (0.6 if site in ("z", "pattern") else 0), ("capture", site))
-        for layer, site in keys
-    ]
-    steps += [(layer, _ORDER["z"] + 0.5, ("edit", None)) for layer in specs]
+    # (layer, order, step) in forward order: v, the z edit, then z or pattern captures (which
+    # see the edited z); envoys are looked up here, so the trace holds no object of ours
+    steps: list[tuple[int, float, tuple]] = []
+    for layer, site in keys:
+        if site == "resid_pre":
+            step: tuple = ("in", nm.layer(layer))
+        elif site == "pattern":
+            step = ("pattern", nm.attn(layer))
+        elif site == "z":
+            step = ("z", nm.z_site(layer), layer)
+        else:
+            env, off = _recv_site(nm, layer, site)
+            step = ("out", env, off, off + (width if site == "q" else kv))
+        steps.append((layer, _ORDER[site] + (0.6 if site in ("z", "pattern") else 0), step))
+    for layer, layer_specs in specs.items():
+        venv, voff = None, 0
+        if any(spec["kind"] == "pattern" for spec in layer_specs):
+            venv, voff = _recv_site(nm, layer, "v")
+        steps.append(
+            (layer, _ORDER["z"] + 0.5, ("edit", nm.z_site(layer), venv, voff, layer_specs, layer))
+        )
     steps.sort(key=lambda t: (t[0], t[1]))
+    plan = [st[2] for st in steps]
     lm = nm.lm
     out = []
     edited: dict[int, Any] = {}
     pick = at is not None
     at_rows = at.cpu() if at is not None else ar
     with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
-        for i in range(len(steps)):
-            layer, _, (what, site) = steps[i]
-            if what == "edit":
-                zsite = nm.z_site(layer)
+        for i in range(len(plan)):
+            step = plan[i]
+            if step[0] == "edit":
+                _, zsite, venv, voff, layer_specs, layer = step
                 v = None
-                if any(spec["kind"] == "pattern" for spec in specs[layer]):
-                    venv, off = _recv_site(nm, layer, "v")  # the values come before z
-                    v = venv.output[:, :, off : off + kv].reshape(b, s, K, dh)
+                if venv is not None:  # the values come before z
+                    v = venv.output[:, :, voff : voff + kv].reshape(b, s, K, dh)
                 x = zsite.input
                 z = x.reshape(b, s, H, dh).clone()
-                for spec in specs[layer]:
+                for spec in layer_specs:
                     if spec["kind"] == "pattern":
                         assert v is not None  # read above for every layer with a pattern edit
                         row = spec["row"].to(x.device, x.dtype)
@@ -729,32 +744,28 @@ def _edit_request(
                             c = spec["cols"][j]
                             new = z[:, :, c]
                             if spec["source"] is not None:
-                                new = torch.where(
-                                    w, spec["source"][:, :, c].to(x.device, x.dtype), new
-                                )
+                                src = spec["source"][:, :, c].to(x.device, x.dtype)
+                                new = torch.where(w, src, new)
                             if spec["scale"] is not None:
                                 new = torch.where(w, new * float(spec["scale"][j]), new)
                             z[:, :, c] = new
                 zsite.input = z.reshape(b, s, width)
                 edited[layer] = z.reshape(b, s, width)
-            elif site == "resid_pre":
-                out.append(nm.layer(layer).input.save())
-            elif site == "pattern":
-                out.append(nm.attn(layer).output[1].save())
-            elif site == "z":
-                out.append((edited[layer] if layer in edited else nm.z_site(layer).input).save())
+            elif step[0] == "in":
+                out.append(step[1].input.save())
+            elif step[0] == "pattern":
+                out.append(step[1].output[1].save())
+            elif step[0] == "z":
+                out.append((edited[step[2]] if step[2] in edited else step[1].input).save())
             else:
-                env, off = _recv_site(nm, layer, site)
-                hi = off + (width if site == "q" else kv)
-                out.append(env.output[:, :, off:hi].save())
+                out.append(step[1].output[:, :, step[2] : step[3]].save())
         logits = lm.output.logits
         if pick:
             logits = logits[ar, at_rows]
         saved = logits.save()
-    # captures were appended in forward order; return them in ``keys``' order
-    order = [st[2][1] for st in steps if st[2][0] == "capture"]
-    layers = [st[0] for st in steps if st[2][0] == "capture"]
-    by_key = dict(zip(zip(layers, order), out))
+    # captures were saved in forward order; return them in ``keys``' order
+    order = sorted(keys, key=lambda k: (k[0], _ORDER[k[1]]))
+    by_key = dict(zip(order, out))
     return saved, [by_key[k] for k in keys]
 
 

@@ -80,3 +80,37 @@ def test_demo_cmap_grid_with_its_arithmetic_fine_tune_equals_fast_engine(demo_mo
     torch.testing.assert_close(got.per_example, ref.per_example, atol=1e-4, rtol=0)
     torch.testing.assert_close(got.metric_corrupt, ref.metric_corrupt, atol=1e-4, rtol=0)
     assert float(ref.values.abs().max()) > 1e-2  # the fine-tune's k moves the metric
+
+
+def test_demo_completeness_equals_fast_engine(demo_model, demo_nn, ioi):
+    circuit = cw.Circuit.from_groups(
+        {"movers": ["9.4", "9.6", "10.0"], "inhibition": ["14.1", "22.3"]},
+        positions={"movers": "END", "inhibition": None},
+    )
+    ref = cw.completeness(demo_model, ioi, circuit, subsets="groups")
+    before = demo_nn.requests
+    got = cw.completeness(demo_nn, ioi, circuit, subsets="groups")
+    assert demo_nn.requests - before == 2  # the means, then every circuit at once
+    torch.testing.assert_close(
+        torch.tensor(got.scores), torch.tensor(ref.scores), atol=1e-4, rtol=0
+    )
+    # minimality scores through the same ablator (tested on the tiny models)
+
+
+def test_demo_intervention_edits_equal_local(demo_model, demo_nn, ioi):
+    """A GQA layer's pattern edit sent as tensors: 9.4 and 9.6 made to attend to S1 at END."""
+    from circuit_widgets.core.edits import run_with_edits
+
+    end = ioi.positions["END"]
+    args = {"heads": ["9.4", "9.6", "10.0"], "attend_to": "S1", "scale": {"10.0": 0.0}}
+    ref = run_with_edits(
+        demo_model, ioi.clean_tokens, cw.intervene(demo_model, ioi, **args).edits(), at=end
+    )
+    before = demo_nn.requests
+    got = run_with_edits(
+        demo_nn, ioi.clean_tokens, cw.intervene(demo_nn, ioi, **args).edits(), at=end
+    )
+    assert demo_nn.requests - before == 1
+    plain = run_with_edits(demo_model, ioi.clean_tokens, at=end)
+    assert float((plain.logits - ref.logits).abs().max()) > 1e-2
+    torch.testing.assert_close(got.logits, ref.logits, atol=1e-4, rtol=0)
