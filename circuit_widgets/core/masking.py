@@ -270,7 +270,12 @@ def dcm(
     each step runs a full forward instead (same results, no cache). None = 3 GB or half the
     free memory, whichever is less.
     """
-    nnsight_backend.check("dcm", model)
+    if nnsight_backend.is_nnsight(model):  # the mask trains server-side: 2 requests
+        return nnsight_backend.dispatch(model, "dcm")(
+            model, desideratum, heads=heads, position=position, lam=lam, lr=lr, epochs=epochs,
+            batch_size=batch_size, seed=seed, split=split, eval_every=eval_every,
+            on_progress=on_progress, should_stop=should_stop, max_memory=max_memory,
+        )  # fmt: skip
     check_args("dcm", model=model, desideratum=desideratum)
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
@@ -318,7 +323,13 @@ def dcm_sweep(
     lambdas it finished (and the one it was in, flagged incomplete). The baseline and
     full-patch test accuracies are measured before training, so ``on_result`` receives each
     lambda's finished result, reference accuracies included, as soon as it is trained."""
-    nnsight_backend.check("dcm_sweep", model)
+    if nnsight_backend.is_nnsight(model):  # 1 + len(lams) requests
+        return nnsight_backend.dispatch(model, "dcm_sweep")(
+            model, desideratum, heads=heads, position=position, lams=lams,
+            on_progress=on_progress, should_stop=should_stop, lr=lr, epochs=epochs,
+            batch_size=batch_size, seed=seed, split=split, eval_every=eval_every,
+            max_memory=max_memory, on_result=on_result, lam=lam,
+        )  # fmt: skip
     check_args("dcm_sweep", model=model, desideratum=desideratum)
     if lam is not None:  # dcm's own argument, the likeliest slip here
         raise TypeError(
