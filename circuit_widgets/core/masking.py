@@ -268,7 +268,8 @@ def dcm(
     should_stop() are called between batches; a stopped run returns ``complete=False``.
     max_memory (bytes or '2GB'): what the base prompts' cached keys/values may take; over it,
     each step runs a full forward instead (same results, no cache). None = 3 GB or half the
-    free memory, whichever is less.
+    free memory, whichever is less. On an nnsight model the mask trains server-side in 2
+    requests (core/nnsight_masking.py); progress and stopping then act between requests.
     """
     if nnsight_backend.is_nnsight(model):  # the mask trains server-side: 2 requests
         return nnsight_backend.dispatch(model, "dcm")(
@@ -322,7 +323,8 @@ def dcm_sweep(
     ``eval_every`` and ``max_memory`` are ``dcm``'s (same defaults). Progress and stopping cover the whole sweep; a stopped sweep keeps the
     lambdas it finished (and the one it was in, flagged incomplete). The baseline and
     full-patch test accuracies are measured before training, so ``on_result`` receives each
-    lambda's finished result, reference accuracies included, as soon as it is trained."""
+    lambda's finished result, reference accuracies included, as soon as it is trained. On an
+    nnsight model: 1 + len(lams) requests, progress and stopping per request (per lambda)."""
     if nnsight_backend.is_nnsight(model):  # 1 + len(lams) requests
         return nnsight_backend.dispatch(model, "dcm_sweep")(
             model, desideratum, heads=heads, position=position, lams=lams,

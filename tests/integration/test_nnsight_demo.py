@@ -80,3 +80,38 @@ def test_demo_cmap_grid_with_its_arithmetic_fine_tune_equals_fast_engine(demo_mo
     torch.testing.assert_close(got.per_example, ref.per_example, atol=1e-4, rtol=0)
     torch.testing.assert_close(got.metric_corrupt, ref.metric_corrupt, atol=1e-4, rtol=0)
     assert float(ref.values.abs().max()) > 1e-2  # the fine-tune's k moves the metric
+
+
+def test_demo_dcm_equals_fast_engine(demo_model, demo_nn):
+    """The whole training loop in one session: the same masks, curve and accuracies."""
+    from circuit_widgets.core.masking import dcm
+    from circuit_widgets.tasks import desiderata
+
+    d = desiderata(demo_model, 10, seed=0, n_boxes=3)["object_value"]
+    kw = {
+        "heads": ["14.1", "14.4", "17.0", "20.2", "22.3", "25.7"],
+        "lam": 0.01,
+        "lr": 0.3,
+        "epochs": 2,
+        "batch_size": 4,
+        "seed": 1,
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # several times faster than two contended threads here
+    try:
+        ref = dcm(demo_model, d, **kw)
+        before = demo_nn.requests
+        got = dcm(demo_nn, d, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert demo_nn.requests - before == 2
+    for name in ("mask", "final_mask"):
+        torch.testing.assert_close(
+            getattr(got, name), getattr(ref, name), atol=1e-4, rtol=0, equal_nan=True
+        )
+    torch.testing.assert_close(got.curve.loss, ref.curve.loss, atol=1e-4, rtol=0)
+    assert got.curve.val_accuracy.tolist() == ref.curve.val_accuracy.tolist()
+    assert got.selected == ref.selected and got.best_step == ref.best_step
+    for name in ("train_accuracy", "test_accuracy", "baseline_accuracy", "full_patch_accuracy"):
+        assert getattr(got, name) == getattr(ref, name), name
+    assert float((1 - ref.final_mask).nan_to_num().max()) > 0.05  # the mask moved
