@@ -250,3 +250,29 @@ def test_dcm_widget_trains_on_an_nnsight_model(planted):
     assert {Head(*h) for h in got.grid.selected} == set(CARRIERS)
     torch.testing.assert_close(torch.tensor(got.loss), torch.tensor(ref.loss), atol=1e-4, rtol=0)
     assert nm.requests == 3  # 1 + one per lambda
+
+
+def test_session_blocks_keep_their_line_numbers_when_unparsed():
+    """A session travels as ast.unparse'd source, and the local simulation finds each nested
+    trace by its line in the original file: a comment, blank line or wrapped statement inside
+    a session block would shift every later trace off its `with` (WithBlockNotFoundError)."""
+    import ast
+    import inspect
+
+    from circuit_widgets.core import nnsight_masking
+
+    tree = ast.parse(inspect.getsource(nnsight_masking))
+    blocks = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.With)
+        and any("session" in ast.unparse(item.context_expr) for item in node.items)
+    ]
+    assert len(blocks) == 2  # the prepare and the training requests
+    for block in blocks:
+        offset = "\n" * (block.body[0].lineno - 1)  # as nnsight's reduce_block pads it
+        shipped = ast.parse(offset + ast.unparse(ast.Module(body=block.body, type_ignores=[])))
+        want = [n.lineno for n in ast.walk(ast.Module(body=block.body, type_ignores=[]))
+                if isinstance(n, ast.stmt)]  # fmt: skip
+        got = [n.lineno for n in ast.walk(shipped) if isinstance(n, ast.stmt)]
+        assert got == want, f"the session block at line {block.lineno} moves when unparsed"
