@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -33,6 +33,9 @@ from circuit_widgets.core.common import Progress, Stop, check_callbacks
 from circuit_widgets.core.nnsight_backend import _where
 from circuit_widgets.core.nnsight_experiments import _fail
 from circuit_widgets.types import Head
+
+if TYPE_CHECKING:
+    from circuit_widgets.core.masking import MaskResult, SweepResult
 
 
 def _masking() -> Any:
@@ -57,7 +60,7 @@ def dcm(
     on_progress: Progress = None,
     should_stop: Stop = None,
     max_memory: int | str | None = None,  # requests are sized by batch_size instead
-) -> Any:
+) -> MaskResult:
     """``dcm`` through nnsight, the same contract as the fast engine's: 2 requests (the source
     activations and reference accuracies, then the whole training loop in one session)."""
     M = _masking()
@@ -66,7 +69,7 @@ def dcm(
     check_args("dcm", model=model, desideratum=desideratum)
     M._check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
-    plan = M._Plan.build(model, desideratum, heads, position, split, seed, batch_size)
+    plan = M._Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
     run = _Run(model, plan, on_progress, should_stop, total=2)
     settings = (epochs, lr, seed, eval_every)
     if not run.prepare():
@@ -98,9 +101,9 @@ def dcm_sweep(
     split: Sequence[float] = (0.6, 0.2, 0.2),
     eval_every: int | None = None,
     max_memory: int | str | None = None,  # requests are sized by batch_size instead
-    on_result: Callable[[Any], None] | None = None,
+    on_result: Callable[[MaskResult], None] | None = None,
     lam: None = None,
-) -> Any:
+) -> SweepResult:
     """``dcm_sweep`` through nnsight: one request for the source activations and reference
     accuracies, then one session per lambda (1 + len(lams) requests)."""
     M = _masking()
@@ -120,11 +123,11 @@ def dcm_sweep(
     check_callbacks(on_progress, should_stop, batch_size)
     if on_result is not None and not callable(on_result):
         raise TypeError(f"on_result must be a callable taking a MaskResult, got {on_result!r}")
-    plan = M._Plan.build(model, desideratum, heads, position, split, seed, batch_size)
+    plan = M._Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
     run = _Run(model, plan, on_progress, should_stop, total=1 + len(lams))
-    results: list = []
+    results: list[MaskResult] = []
 
-    def sweep(complete: bool) -> Any:
+    def sweep(complete: bool) -> SweepResult:
         return M.SweepResult(lams, list(results), run.base, run.full, complete)
 
     if run.prepare():
@@ -216,7 +219,9 @@ class _Run:
 
     # ---- one request per lambda
 
-    def train(self, lam: float, epochs: int, lr: float, seed: int, eval_every: int | None) -> Any:
+    def train(
+        self, lam: float, epochs: int, lr: float, seed: int, eval_every: int | None
+    ) -> MaskResult:
         M, plan = _masking(), self.plan
         assert self.src is not None
         n_train, bs = self.sizes[0], plan.bs
@@ -287,7 +292,7 @@ class _Run:
         seed: int,
         eval_every: int | None,
         extra: Sequence[str] = (),
-    ) -> Any:
+    ) -> MaskResult:
         """A run stopped (or failed) before its mask was trained."""
         r = self.plan.unfinished(lam, epochs, lr, seed, eval_every)
         return replace(
