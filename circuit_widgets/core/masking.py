@@ -268,9 +268,15 @@ def dcm(
     should_stop() are called between batches; a stopped run returns ``complete=False``.
     max_memory (bytes or '2GB'): what the base prompts' cached keys/values may take; over it,
     each step runs a full forward instead (same results, no cache). None = 3 GB or half the
-    free memory, whichever is less.
+    free memory, whichever is less. On an nnsight model the mask trains server-side in 2
+    requests (core/nnsight_masking.py); progress and stopping then act between requests.
     """
-    nnsight_backend.check("dcm", model)
+    if nnsight_backend.is_nnsight(model):  # the mask trains server-side: 2 requests
+        return nnsight_backend.dispatch(model, "dcm")(
+            model, desideratum, heads=heads, position=position, lam=lam, lr=lr, epochs=epochs,
+            batch_size=batch_size, seed=seed, split=split, eval_every=eval_every,
+            on_progress=on_progress, should_stop=should_stop, max_memory=max_memory,
+        )  # fmt: skip
     check_args("dcm", model=model, desideratum=desideratum)
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
@@ -317,8 +323,15 @@ def dcm_sweep(
     ``eval_every`` and ``max_memory`` are ``dcm``'s (same defaults). Progress and stopping cover the whole sweep; a stopped sweep keeps the
     lambdas it finished (and the one it was in, flagged incomplete). The baseline and
     full-patch test accuracies are measured before training, so ``on_result`` receives each
-    lambda's finished result, reference accuracies included, as soon as it is trained."""
-    nnsight_backend.check("dcm_sweep", model)
+    lambda's finished result, reference accuracies included, as soon as it is trained. On an
+    nnsight model: 1 + len(lams) requests, progress and stopping per request (per lambda)."""
+    if nnsight_backend.is_nnsight(model):  # 1 + len(lams) requests
+        return nnsight_backend.dispatch(model, "dcm_sweep")(
+            model, desideratum, heads=heads, position=position, lams=lams,
+            on_progress=on_progress, should_stop=should_stop, lr=lr, epochs=epochs,
+            batch_size=batch_size, seed=seed, split=split, eval_every=eval_every,
+            max_memory=max_memory, on_result=on_result, lam=lam,
+        )  # fmt: skip
     check_args("dcm_sweep", model=model, desideratum=desideratum)
     if lam is not None:  # dcm's own argument, the likeliest slip here
         raise TypeError(

@@ -36,9 +36,13 @@ SUPPORTED = (
     "cmap_grid",
     "attribution_patch",
     "path_attribution",
+    "dcm",
+    "dcm_sweep",
 )
 # built from the experiments above by backend-neutral code (evaluation.py, discovery.py)
 COMPOSED = ("completeness", "minimality", "circuit_pipeline")
+# written in core/nnsight_masking.py
+_MASKING = ("dcm", "dcm_sweep")
 # written in core/nnsight_experiments.py
 _ELSEWHERE = (
     "mean_ablate",
@@ -85,6 +89,10 @@ def dispatch(model: Any, experiment: str) -> Callable[..., Any]:
             f"{experiment} is not available on the nnsight backend yet (supported: "
             f"{', '.join(SUPPORTED + COMPOSED)}); load the model with backend='transformer_lens' to run it"
         )
+    if experiment in _MASKING:
+        from circuit_widgets.core import nnsight_masking
+
+        return getattr(nnsight_masking, experiment)
     if experiment in _ELSEWHERE:
         from circuit_widgets.core import nnsight_experiments
 

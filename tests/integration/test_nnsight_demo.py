@@ -114,3 +114,38 @@ def test_demo_intervention_edits_equal_local(demo_model, demo_nn, ioi):
     plain = run_with_edits(demo_model, ioi.clean_tokens, at=end)
     assert float((plain.logits - ref.logits).abs().max()) > 1e-2
     torch.testing.assert_close(got.logits, ref.logits, atol=1e-4, rtol=0)
+
+
+def test_demo_dcm_equals_fast_engine(demo_model, demo_nn):
+    """The whole training loop in one session: the same masks, curve and accuracies."""
+    from circuit_widgets.core.masking import dcm
+    from circuit_widgets.tasks import desiderata
+
+    d = desiderata(demo_model, 10, seed=0, n_boxes=3)["object_value"]
+    kw = {
+        "heads": ["14.1", "14.4", "17.0", "20.2", "22.3", "25.7"],
+        "lam": 0.01,
+        "lr": 0.3,
+        "epochs": 2,
+        "batch_size": 4,
+        "seed": 1,
+    }
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # several times faster than two contended threads here
+    try:
+        ref = dcm(demo_model, d, **kw)
+        before = demo_nn.requests
+        got = dcm(demo_nn, d, **kw)
+    finally:
+        torch.set_num_threads(threads)
+    assert demo_nn.requests - before == 2
+    for name in ("mask", "final_mask"):
+        torch.testing.assert_close(
+            getattr(got, name), getattr(ref, name), atol=1e-4, rtol=0, equal_nan=True
+        )
+    torch.testing.assert_close(got.curve.loss, ref.curve.loss, atol=1e-4, rtol=0)
+    assert got.curve.val_accuracy.tolist() == ref.curve.val_accuracy.tolist()
+    assert got.selected == ref.selected and got.best_step == ref.best_step
+    for name in ("train_accuracy", "test_accuracy", "baseline_accuracy", "full_patch_accuracy"):
+        assert getattr(got, name) == getattr(ref, name), name
+    assert float((1 - ref.final_mask).nan_to_num().max()) > 0.05  # the mask moved

@@ -264,7 +264,7 @@ def test_remote_true_offline_hub_is_one_sentence():
     "call",
     [
         lambda m, t: run_with_edits(m, t.clean_tokens, {(0, "z"): lambda z: z * 0}),
-        lambda m, t: cw.dcm(m, []),
+        lambda m, t: run_with_edits(m, t.clean_tokens, grad=True),
         lambda m, t: cw.intervene(m, t, heads=["0.1"], scale=0.0).__enter__(),
     ],
 )

@@ -164,8 +164,7 @@ def test_edits_as_python_functions_are_refused_on_nnsight(tiny_llama):
 
 
 def test_studies_on_nnsight_equal_the_local_model(tiny_llama):
-    """Every study runs on an nnsight model (DCM aside, which entity tracking skips here) and
-    reports what the local model gives."""
+    """Every study runs on an nnsight model and reports what the local model gives."""
     from circuit_widgets.studies import circuit_reuse, entity_tracking_study, ioi_study
 
     nm = cw.load_model(tiny_llama, backend="nnsight", remote="local")
@@ -182,9 +181,13 @@ def test_studies_on_nnsight_equal_the_local_model(tiny_llama):
     assert got_i.pipeline is not None and ref_i.pipeline is not None
     assert got_i.pipeline.circuit == ref_i.pipeline.circuit
     _close(got_i.per_example_logit_diff, ref_i.per_example_logit_diff)
-    et = {"n": 4, "n_boxes": 2, "top_k": 2, "n_random": 1, "dcm_examples": 0}
+    et = {"n": 4, "n_boxes": 2, "top_k": 2, "n_random": 1, "dcm_examples": 6, "dcm_epochs": 1}
     ref_e, got_e = entity_tracking_study(tiny_llama, **et), entity_tracking_study(nm, **et)
     assert got_e.pipeline.circuit == ref_e.pipeline.circuit
+    assert list(got_e.dcm) == list(ref_e.dcm) and got_e.dcm
+    for group, per in ref_e.dcm.items():
+        for kind, mask in per.items():
+            _close(got_e.dcm[group][kind].final_mask, mask.final_mask)
     assert got_e.faithfulness is not None and ref_e.faithfulness is not None
     _close(got_e.faithfulness.circuit_metric, ref_e.faithfulness.circuit_metric)
 
