@@ -6,66 +6,66 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
+from typing import Any
+
+
+def _add_lora_args(parser: argparse.ArgumentParser, d: Any) -> None:
+    """The options every LoRA recipe takes, defaulting to recipe ``d``'s values."""
+    parser.add_argument(
+        "--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors"
+    )
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--steps", type=int, default=d.steps)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--warmup", type=int, default=d.warmup)
+    parser.add_argument("--rank", type=int, default=d.rank)
+    parser.add_argument("--alpha", type=int, default=d.alpha)
+    parser.add_argument(
+        "--targets", default=",".join(d.target_modules), help="comma-separated module names"
+    )
+    parser.add_argument(
+        "--first-layer", type=int, default=d.first_layer, help="adapters on layers >= this"
+    )
+    parser.add_argument("--threads", type=int, default=d.threads)
+    parser.add_argument("--max-minutes", type=float, default=d.max_minutes)
+    parser.add_argument(
+        "--base", default=None, help="a local checkpoint folder instead of the demo model"
+    )
+
+
+def _lora_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "seed": args.seed,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "target_modules": tuple(args.targets.split(",")),
+        "first_layer": args.first_layer,
+        "threads": args.threads,
+        "max_minutes": args.max_minutes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     from circuit_widgets.finetune import ArithmeticRecipe, EntityTrackingRecipe
 
-    d = ArithmeticRecipe()
-    b = EntityTrackingRecipe()
     p = argparse.ArgumentParser(prog="python -m circuit_widgets.finetune")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("arithmetic", help="LoRA-fine-tune the demo model on Goat-style arithmetic")
-    t.add_argument(
-        "--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors"
-    )
-    t.add_argument("--seed", type=int, default=d.seed)
-    t.add_argument("--steps", type=int, default=d.steps)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=d.lr)
-    t.add_argument("--warmup", type=int, default=d.warmup)
-    t.add_argument("--rank", type=int, default=d.rank)
-    t.add_argument("--alpha", type=int, default=d.alpha)
-    t.add_argument(
-        "--targets", default=",".join(d.target_modules), help="comma-separated module names"
-    )
-    t.add_argument(
-        "--first-layer", type=int, default=d.first_layer, help="adapters on layers >= this"
-    )
-    t.add_argument("--threads", type=int, default=d.threads)
-    t.add_argument("--max-minutes", type=float, default=d.max_minutes)
-    t.add_argument(
-        "--base", default=None, help="a local checkpoint folder instead of the demo model"
-    )
+    _add_lora_args(t, ArithmeticRecipe())
     et = sub.add_parser(
         "entity_tracking",
         help="LoRA-fine-tune the demo model on boxes prompts (train-split objects and labels)",
     )
-    et.add_argument(
-        "--out", required=True, help="folder for adapter_config.json + adapter_model.safetensors"
-    )
-    et.add_argument("--seed", type=int, default=b.seed)
-    et.add_argument("--steps", type=int, default=b.steps)
-    et.add_argument("--batch-size", type=int, default=b.batch_size)
-    et.add_argument("--lr", type=float, default=b.lr)
-    et.add_argument("--warmup", type=int, default=b.warmup)
-    et.add_argument("--rank", type=int, default=b.rank)
-    et.add_argument("--alpha", type=int, default=b.alpha)
-    et.add_argument(
-        "--targets", default=",".join(b.target_modules), help="comma-separated module names"
-    )
-    et.add_argument(
-        "--first-layer", type=int, default=b.first_layer, help="adapters on layers >= this"
-    )
+    _add_lora_args(et, EntityTrackingRecipe())
     et.add_argument(
         "--boxes",
-        default=",".join(map(str, b.boxes)),
+        default=",".join(map(str, EntityTrackingRecipe().boxes)),
         help="comma-separated box counts; each prompt draws one",
-    )
-    et.add_argument("--threads", type=int, default=b.threads)
-    et.add_argument("--max-minutes", type=float, default=b.max_minutes)
-    et.add_argument(
-        "--base", default=None, help="a local checkpoint folder instead of the demo model"
     )
     e = sub.add_parser(
         "evaluate", help="accuracy of base vs fine-tuned; written into DIR/metadata.json"
@@ -86,19 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "arithmetic":
         from circuit_widgets.finetune import train_arithmetic
 
-        recipe = ArithmeticRecipe(
-            seed=args.seed,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup=args.warmup,
-            rank=args.rank,
-            alpha=args.alpha,
-            target_modules=tuple(args.targets.split(",")),
-            threads=args.threads,
-            first_layer=args.first_layer,
-            max_minutes=args.max_minutes,
-        )
+        recipe = ArithmeticRecipe(**_lora_kwargs(args))
         log = train_arithmetic(args.out, recipe, base_folder=args.base, command=command)
         print(
             f"saved {args.out}: {log.steps_done} steps in {log.wall_s} s"
@@ -109,20 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         from circuit_widgets.finetune import train_entity_tracking
 
         boxes = tuple(int(x) for x in args.boxes.split(","))
-        recipe_b = EntityTrackingRecipe(
-            seed=args.seed,
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            warmup=args.warmup,
-            rank=args.rank,
-            alpha=args.alpha,
-            target_modules=tuple(args.targets.split(",")),
-            first_layer=args.first_layer,
-            boxes=boxes,
-            threads=args.threads,
-            max_minutes=args.max_minutes,
-        )
+        recipe_b = EntityTrackingRecipe(**_lora_kwargs(args), boxes=boxes)
         log = train_entity_tracking(args.out, recipe_b, base_folder=args.base, command=command)
         print(
             f"saved {args.out}: {log.steps_done} steps in {log.wall_s} s"
