@@ -188,6 +188,25 @@ def open_notebook():
     return _open_notebook
 
 
+@pytest.fixture(scope="session")
+def write_notebook():
+    """``write_notebook(path, cells)``: see _write_notebook."""
+    return _write_notebook
+
+
+def _write_notebook(path: Path, cells: list[str]) -> None:
+    """A python3 notebook of these code cells, for a test to open."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3 (ipykernel)",
+        "language": "python",
+    }
+    nbformat.write(nb, path)
+
+
 def _open_notebook(browser, base: str, name: str, *, viewport=(1280, 1100)):
     """Open a notebook, wait until its kernel is attached and idle, and Run All.
 

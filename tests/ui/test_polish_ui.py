@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import nbformat
 import pytest
 
 pytestmark = pytest.mark.ui
@@ -65,17 +64,11 @@ zero""",
 
 
 @pytest.fixture(scope="module")
-def lab(jupyter_lab, browser, output_dir, open_notebook):
+def lab(jupyter_lab, browser, output_dir, open_notebook, write_notebook):
     from playwright.sync_api import expect
 
     base, root = jupyter_lab
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3 (ipykernel)",
-        "language": "python",
-    }
-    nbformat.write(nb, root / NOTEBOOK)
+    write_notebook(root / NOTEBOOK, CELLS)
     t0 = time.monotonic()
     page, console, _dialogs = open_notebook(browser, base, NOTEBOOK, viewport=(1280, 1300))
     try:

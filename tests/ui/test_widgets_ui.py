@@ -12,7 +12,6 @@ import statistics
 import time
 from urllib.parse import urlparse
 
-import nbformat
 import pytest
 
 pytestmark = pytest.mark.ui
@@ -141,17 +140,11 @@ def kernel_state(page, panel) -> dict:
 
 
 @pytest.fixture(scope="module")
-def lab(jupyter_lab, browser, output_dir, open_notebook):
+def lab(jupyter_lab, browser, output_dir, open_notebook, write_notebook):
     from playwright.sync_api import expect
 
     base, root = jupyter_lab
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in CELLS])
-    nb.metadata["kernelspec"] = {
-        "name": "python3",
-        "display_name": "Python 3 (ipykernel)",
-        "language": "python",
-    }
-    nbformat.write(nb, root / NOTEBOOK)
+    write_notebook(root / NOTEBOOK, CELLS)
     t0 = time.monotonic()
     page, console, dialogs = open_notebook(browser, base, NOTEBOOK, viewport=(1280, 1300))
     requests: list[str] = []
