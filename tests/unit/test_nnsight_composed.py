@@ -217,3 +217,35 @@ def test_new_requests_never_reference_circuit_widgets(tiny_llama, monkeypatch):
     for blob in blobs:
         assert b"circuit_widgets.core" not in blob and b"circuit_widgets.tasks" not in blob
         assert blob.count(b"circuit_widgets") == blob.count(b"circuit_widgets/core/nnsight_")
+
+
+# ---------------------------------------------------------------------- widgets
+
+
+def test_explorer_runs_every_tab_on_nnsight_models(tiny_llama):
+    """The explorer's path-patching, attention, DCM and CMAP tabs on nnsight models show what
+    they show on the local ones."""
+    from circuit_widgets.tasks import desiderata
+    from circuit_widgets.widgets import CircuitExplorer
+
+    tuned = cw.tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=1)
+    task = cw.tasks.ioi(tiny_llama, 4)
+    des = desiderata(tiny_llama, 6, seed=0, n_boxes=2)["positional"]
+    nb = cw.load_model(tiny_llama, backend="nnsight", remote="local")
+    nt = cw.load_model(tuned, backend="nnsight", remote="local")
+    kw = {"circuit": ["1.1", "0.2"], "desideratum": des, "dcm_lams": [0.01]}
+    got = CircuitExplorer(nb, task, finetuned=nt, **kw)
+    ref = CircuitExplorer(tiny_llama, task, finetuned=tuned, **kw)
+    assert got.tab_names == ref.tab_names == ["Path patching", "Attention", "DCM", "CMAP"]
+    for ex in (got, ref):
+        for tab in (ex.path_patching, ex.dcm, ex.cmap):
+            tab.run() if hasattr(tab, "run") else tab.train()
+            tab.wait(120)
+            assert tab.status == "done", (tab, tab.status)
+    _close(torch.tensor(got.path_patching.grid.values), torch.tensor(ref.path_patching.grid.values))
+    _close(torch.tensor(got.dcm.grid.values), torch.tensor(ref.dcm.grid.values))
+    for tab in (got.path_patching, got.dcm, got.cmap):  # every cell computed, none NaN
+        assert torch.isfinite(torch.tensor(tab.grid.values)).all(), tab
+    _close(torch.tensor(got.cmap.grid.values), torch.tensor(ref.cmap.grid.values))
+    assert got.circuit == ref.circuit and got.attention.heads == ref.attention.heads
+    assert nb.requests > 0 and nt.requests > 0
