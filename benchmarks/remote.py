@@ -8,9 +8,10 @@ Usage:
 --quick runs the TransformerLens-hooks baseline (one bridge forward per cell) on 3 layers only
 and extrapolates it to the whole grid (labelled "extrapolated"); --layers K does the same for
 the nnsight runs too (on a busy machine), and prints the request count of the whole grid.
---more also times attribution_patch, faithfulness (5 random circuits) and cmap_grid (k, the
-model against demo-arith when --model is demo, else against itself) on the fast engine and
-through NDIF's local simulation, with request counts and the largest difference.
+--more also times attribution_patch, faithfulness (5 random circuits), completeness,
+intervene's edits, dcm (one lambda) and cmap_grid (k, the model against demo-arith when --model
+is demo, else against itself) on the fast engine and through NDIF's local simulation, with
+request counts and the largest difference.
 """
 
 from __future__ import annotations
@@ -151,6 +152,33 @@ def more(model, task, args, F, timed) -> None:
         lambda g, r: max(
             abs(a - b) for a, b in zip([g.ratio, *g.random_metric], [r.ratio, *r.random_metric])
         ),
+    )
+    compare(
+        "completeness (groups + 5 random subsets)",
+        lambda m, _: cw.completeness(m, task, circuit, n_random=5),
+        lambda g, r: max(abs(a - b) for a, b in zip(g.scores, r.scores)),
+    )
+    iv = {"heads": [circuit[0], circuit[-1]], "attend_to": "S1", "scale": {circuit[-1]: 0.0}}
+    end = task.positions["END"]
+    compare(
+        "intervene(...).edits() via run_with_edits",
+        lambda m, _: cw.run_with_edits(
+            m, task.clean_tokens, cw.intervene(m, task, **iv).edits(), at=end
+        ),
+        lambda g, r: float((g.logits - r.logits).abs().max()),
+    )
+    from circuit_widgets.tasks import desiderata
+
+    des = desiderata(model, 24, seed=0, n_boxes=3)["object_value"]
+    heads = [
+        f"{layer}.{h}"
+        for layer in range(model.cfg.n_layers // 2, model.cfg.n_layers)
+        for h in range(2)
+    ]
+    compare(
+        f"dcm ({len(heads)} heads, 24 pairs, 2 epochs, batch 4)",
+        lambda m, _: cw.dcm(m, des, heads=heads, epochs=2, batch_size=4, lam=0.01, lr=0.3),
+        lambda g, r: float((g.final_mask - r.final_mask).abs().nan_to_num(0).max()),
     )
     twin = model
     if args.model == "demo":
