@@ -173,7 +173,7 @@ def _attribute(
                     ar = torch.arange(len(end), device=eng.device)
                     final = src_sl.resid_pre[-1][ar, end]
                     m_src[sl] = reader(eng.logits(final, reader.cols), sl).float().cpu()
-            contrib, metric = _fast_contrib(
+            contrib, metric = fast_contrib(
                 eng,
                 comp,
                 base_tokens[sl],
@@ -196,13 +196,13 @@ def _attribute(
             if whole:
                 src_cache = x_cache if noise else c_cache
                 base_tokens = task.clean_tokens if noise else task.corrupt_tokens
-                return _hooked_contrib(
+                return hooked_contrib(
                     model, task, comp, base_tokens, src_cache, sl, L, frozen, freeze_mlps
                 )
             sub = task.subset(torch.arange(B)[sl])
-            c_sub, x_sub, mc, mx = cache._hooked_compute(model, sub)
+            c_sub, x_sub, mc, mx = cache.hooked_compute(model, sub)
             m_base[sl], m_src[sl] = (mc, mx) if noise else (mx, mc)
-            return _hooked_contrib(
+            return hooked_contrib(
                 model,
                 sub,
                 comp,
@@ -268,7 +268,7 @@ def _per_position(comp: Component, delta: Tensor, grad: Tensor) -> Tensor:
 # ---------------------------------------------------------------------- fast path
 
 
-def _fast_contrib(
+def fast_contrib(
     eng: FastModel,
     comp: Component,
     tokens: Tensor,
@@ -354,7 +354,7 @@ def _grad_forward(
 # ---------------------------------------------------------------------- generic path
 
 
-def _hooked_contrib(
+def hooked_contrib(
     model: ModelLike,
     task: Task,
     comp: Component,

@@ -14,25 +14,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core import backends, hooks, nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
-    Chunk,
-    ChunkWork,
     MetricReader,
     Progress,
     Stop,
     Window,
     build_grid,
     chunk_notes,
-    chunks,
     example_chunks,
-    first_diff,
     plan_sweep,
     run_sweep,
-    split_window,
-    variants_per_pass,
-    window_for,
 )
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
@@ -94,74 +87,13 @@ def activation_patch(
     else:
         for h in subset:
             wanted[h.layer, :, h.head] = True
-    noise = dirn == Direction.NOISE
 
-    eng = cache.engine_for(model)
-    notes = []
-    rows = example_chunks(model, task, max_memory, hooked=eng is None)
-    if eng is not None:
-
-        def prepare(chunk: Chunk) -> ChunkWork:
-            sub, B = chunk.task, len(chunk.task)
-            reader = MetricReader(sub, eng.device)
-            fd, end = first_diff(sub), sub.positions["END"].cpu()
-            s = sub.clean_tokens.shape[1]
-            windows = [window_for(slot.mask[chunk.rows, :s], fd, end) for slot in slots]
-            jobs = []
-            for layer in range(L):
-                for p in range(P):
-                    cols = wanted[layer, p].nonzero().flatten().tolist()
-                    per_pass = variants_per_pass(batch_size, B, windows[p].w)
-                    jobs += [((layer, p), c) for c in chunks(cols, per_pass) if c]
-            groups = [split_window(win) for win in windows]
-            metrics = lambda: (
-                cache.chunk_metric(model, chunk, eng, reader, "clean"),
-                cache.chunk_metric(model, chunk, eng, reader, "corrupt"),
-            )
-
-            def run(key: tuple, cols: list[int]) -> Tensor:
-                layer, p = key
-                clean = cache.chunk_run(model, chunk, eng, "clean")
-                corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
-                base, src = (clean, corrupt) if noise else (corrupt, clean)
-                metric = grouped_cells(
-                    groups[p],
-                    len(cols),
-                    B,
-                    lambda ex, win: fast_cells(eng, comp, base, src, layer, cols, win, reader, ex),
-                )  # [V, B]: patched - unpatched base
-                return metric.float().cpu() + _base_gap(metrics(), noise)[None]
-
-            return ChunkWork(jobs, run, metrics)
-    else:
-        notes.append(f"generic path, one bridge forward per cell: {cache.generic_reason(model)}")
-
-        def prepare(chunk: Chunk) -> ChunkWork:
-            sub = chunk.task
-            s = sub.clean_tokens.shape[1]
-            masks = [slot.mask[chunk.rows, :s] for slot in slots]
-            jobs = [
-                ((layer, p), [c])
-                for layer in range(L)
-                for p in range(P)
-                for c in wanted[layer, p].nonzero().flatten().tolist()
-            ]
-            metrics = lambda: cache.chunk_hooked_runs(model, chunk)[2:]
-
-            def run(key: tuple, cols: list[int]) -> Tensor:
-                layer, p = key
-                c_cache, x_cache, m_clean, m_corrupt = cache.chunk_hooked_runs(model, chunk)
-                base_tokens = sub.clean_tokens if noise else sub.corrupt_tokens
-                src_cache = x_cache if noise else c_cache
-                m_base = (m_clean if noise else m_corrupt).to(model.cfg.device)
-                cell = _hooked_cell(
-                    model, sub, comp, base_tokens, src_cache, layer, cols[0], masks[p]
-                )
-                metric = (cell - m_base)[None]
-                return metric.float().cpu() + _base_gap((m_clean, m_corrupt), noise)[None]
-
-            return ChunkWork(jobs, run, metrics)
-
+    backend = backends.backend_for(model)
+    spec = backends.ActivationSpec(comp, slots, wanted, dirn == Direction.NOISE, batch_size)
+    note = backend.note("activation_patch")
+    notes = [] if note is None else [note]
+    rows = example_chunks(model, task, max_memory, hooked=backend.hooked)
+    prepare = lambda chunk: backend.activation_work(spec, chunk)
     out = run_sweep(task, rows, prepare, (L, P, n_cols), on_progress, should_stop)
     per_example, done, complete = out.per_example, out.done, out.complete
     m_clean, m_corrupt = out.metric_a, out.metric_b
@@ -188,13 +120,6 @@ def activation_patch(
         complete=complete,
         notes=notes,
     )
-
-
-def _base_gap(metrics: tuple[Tensor, Tensor], noise: bool) -> Tensor:
-    """Per example, (unpatched base - clean): run() gives patched - base; adding this makes
-    values read patched - clean."""
-    m_clean, m_corrupt = metrics
-    return (m_clean if noise else m_corrupt).float().cpu() - m_clean.float().cpu()
 
 
 # ---------------------------------------------------------------------- fast path
@@ -300,7 +225,7 @@ def _pattern_z(eng: FastModel, base_v: Tensor, src_pattern: Tensor, pos: Tensor)
 # ---------------------------------------------------------------------- generic path
 
 
-def _hooked_cell(
+def hooked_cell(
     model: ModelLike,
     task: Task,
     comp: Component,

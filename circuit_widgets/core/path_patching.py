@@ -160,7 +160,7 @@ def path_patch(
             def run(key: tuple, cols: list[int]) -> Tensor:
                 clean = cache.chunk_run(model, chunk, eng, "clean")
                 corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
-                return _fast_senders(
+                return fast_senders(
                     eng, clean, corrupt, key[0], cols, win, recv, freeze_mlps, reader
                 ).float()  # already patched - clean
 
@@ -176,7 +176,7 @@ def path_patch(
 
             def run(key: tuple, cols: list[int]) -> Tensor:
                 c_cache, x_cache, m_clean, _ = cache.chunk_hooked_runs(model, chunk)
-                metric = _hooked_sender(
+                metric = hooked_sender(
                     model,
                     sub,
                     shape,
@@ -287,7 +287,7 @@ def _receiver_slots(recv: list[Receiver], group: int) -> dict[tuple[int, str], l
 # ---------------------------------------------------------------------- fast path
 
 
-def _fast_senders(
+def fast_senders(
     eng: FastModel,
     clean: Trace,
     corrupt: Trace,
@@ -364,7 +364,7 @@ def _replace_heads(heads: list[int], new: Tensor, pm: Tensor):
 # ---------------------------------------------------------------------- generic path
 
 
-def _hooked_sender(
+def hooked_sender(
     model: ModelLike,
     task: Task,
     shape: ModelShape,
