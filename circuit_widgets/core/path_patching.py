@@ -16,11 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core import backends, hooks, nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
-    Chunk,
-    ChunkWork,
     MetricReader,
     Progress,
     Stop,
@@ -30,12 +28,8 @@ from circuit_widgets.core.common import (
     check_head,
     check_position_name,
     chunk_notes,
-    chunks,
     example_chunks,
-    first_diff,
     run_sweep,
-    variants_per_pass,
-    window_for,
 )
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
@@ -119,7 +113,7 @@ def path_patch(
     for h in sender_list:
         by_layer.setdefault(h.layer, []).append(h.head)
 
-    eng = cache.engine_for(model)
+    backend = backends.backend_for(model)
     notes = [
         (
             f"senders: z from the corrupt run at position {position!r}; every other head's z "
@@ -132,66 +126,13 @@ def path_patch(
             "everything else recomputes"
         )
     notes += _gqa_notes(recv, shape)
-    rows = example_chunks(model, task, max_memory, hooked=eng is None)
+    note = backend.note("path_patch")
+    if note is not None:
+        notes.append(note)
+    rows = example_chunks(model, task, max_memory, hooked=backend.hooked)
     L, H = shape.n_layers, shape.n_heads
-    if eng is not None:
-
-        def prepare(chunk: Chunk) -> ChunkWork:
-            sub, B = chunk.task, len(chunk.task)
-            reader = MetricReader(sub, eng.device)
-            s = sub.clean_tokens.shape[1]
-            win = window_for(
-                mask[chunk.rows, :s],
-                first_diff(sub),
-                sub.positions["END"].cpu(),
-                only_end=to_logits,
-            )
-            per_pass = variants_per_pass(batch_size, B, win.w)
-            jobs = [
-                ((layer,), c)
-                for layer, cols in sorted(by_layer.items())
-                for c in chunks(cols, per_pass)
-            ]
-            metrics = lambda: (
-                cache.chunk_metric(model, chunk, eng, reader, "clean"),
-                cache.chunk_metric(model, chunk, eng, reader, "corrupt"),
-            )
-
-            def run(key: tuple, cols: list[int]) -> Tensor:
-                clean = cache.chunk_run(model, chunk, eng, "clean")
-                corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
-                return fast_senders(
-                    eng, clean, corrupt, key[0], cols, win, recv, freeze_mlps, reader
-                ).float()  # already patched - clean
-
-            return ChunkWork(jobs, run, metrics)
-    else:
-        notes.append(f"generic path, two bridge forwards per sender: {cache.generic_reason(model)}")
-
-        def prepare(chunk: Chunk) -> ChunkWork:
-            sub = chunk.task
-            sub_mask = mask[chunk.rows, : sub.clean_tokens.shape[1]]
-            jobs = [((layer,), [c]) for layer, cols in sorted(by_layer.items()) for c in cols]
-            metrics = lambda: cache.chunk_hooked_runs(model, chunk)[2:]
-
-            def run(key: tuple, cols: list[int]) -> Tensor:
-                c_cache, x_cache, m_clean, _ = cache.chunk_hooked_runs(model, chunk)
-                metric = hooked_sender(
-                    model,
-                    sub,
-                    shape,
-                    c_cache,
-                    x_cache,
-                    key[0],
-                    cols[0],
-                    sub_mask,
-                    recv,
-                    freeze_mlps,
-                )
-                return (metric - m_clean.to(metric.device))[None].float()
-
-            return ChunkWork(jobs, run, metrics)
-
+    spec = backends.PathSpec(shape, mask, by_layer, recv, to_logits, freeze_mlps, batch_size)
+    prepare = lambda chunk: backend.path_work(spec, chunk)
     out = run_sweep(task, rows, prepare, (L, H), on_progress, should_stop)
     per_example, done, complete = out.per_example, out.done, out.complete
     m_clean, m_corrupt = out.metric_a, out.metric_b
