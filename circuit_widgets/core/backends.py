@@ -37,6 +37,7 @@ from circuit_widgets.core.common import (
 )
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import trace_forward
+from circuit_widgets.models import model_shape
 from circuit_widgets.types import Component, ModelLike, ModelShape, Receiver
 
 if TYPE_CHECKING:
@@ -399,22 +400,101 @@ class HookBackend:
 
 
 class NNsightBackend:
-    """An nnsight-served model: a job is one request packing many cells as batch rows."""
+    """An nnsight-served model: a job is one request packing many cells as batch rows, so
+    run_sweep reports progress per request and stops between requests. Request failures
+    raise RemoteError (one sentence); the caller attaches the partial grid."""
 
     name = "nnsight"
     hooked = False
 
     def __init__(self, model: Any) -> None:
         self.model = model
+        self.requests = 0  # requests sent so far, for the result's notes
+        self.per_request = 0  # cells (or senders) per request
 
     def note(self, experiment: str) -> str | None:
-        return None
+        what = "senders" if experiment == "path_patch" else "cells"
+        return (
+            f"nnsight ({nnsight_backend.where(self.model)}): {self.requests} request(s), "
+            f"up to {self.per_request} {what} each"
+        )
+
+    def _request(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
+        try:
+            out = fn(self.model, *args)
+        except Exception as exc:
+            from circuit_widgets.nnsight_model import RemoteError, request_error
+
+            err = exc if isinstance(exc, RemoteError) else request_error(exc)
+            raise err from exc
+        self.requests += 1
+        return out
 
     def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
-        raise NotImplementedError
+        task, noise = chunk.task, spec.noise
+        B = len(task)
+        _, P, n_cols = spec.wanted.shape
+        cells = [tuple(c) for c in spec.wanted.nonzero().tolist()]  # layer-major
+        per_request = max(
+            P * n_cols, (spec.batch_size or nnsight_backend.DEFAULT_ROWS) // max(B, 1), 1
+        )
+        self.per_request = per_request
+        groups = [cells[i : i + per_request] for i in range(0, len(cells), per_request)]
+        # one job per request; its key lists each cell's layer and slot, cols its column
+        jobs = [(([c[0] for c in g], [c[1] for c in g]), [c[2] for c in g]) for g in groups]
+        reader = MetricReader(task, "cpu")
+        base_tokens, src_tokens = (
+            (task.clean_tokens, task.corrupt_tokens)
+            if noise
+            else (task.corrupt_tokens, task.clean_tokens)
+        )
+        masks = [slot.mask[chunk.rows] for slot in spec.slots]
+        end = task.positions["END"].cpu()
+        dh = model_shape(self.model).d_head
+        state: dict[str, Any] = {"next": 0}
+
+        def request(group: list, first: bool) -> Tensor:
+            by_layer: dict[int, list] = {}
+            for k, (layer, p, col) in enumerate(group):
+                by_layer.setdefault(layer, []).append((k, p, col))
+            out = self._request(
+                nnsight_backend.patch_request,
+                spec.comp,
+                src_tokens,
+                base_tokens,
+                first,
+                by_layer,
+                masks,
+                end,
+                dh,
+                reader.cols,
+            )
+            return reader(out.float().cpu().view(-1, B, out.shape[-1]))  # [rows / B, B]
+
+        def metrics() -> tuple[Tensor, Tensor]:
+            # the first request also runs the base: its rows give both metrics
+            if "metrics" not in state:
+                metric = request(groups[0] if groups else [], True)
+                m_src, m_base = metric[0], metric[1]
+                state["metrics"] = (m_base, m_src) if noise else (m_src, m_base)
+                state["first"] = metric[2:]
+            return state["metrics"]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            i = state["next"]
+            state["next"] += 1
+            m_clean = metrics()[0]
+            metric = state.pop("first") if i == 0 else request(groups[i], False)[1:]
+            return metric - m_clean[None]
+
+        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
 
     def path_work(self, spec: PathSpec, chunk: Chunk) -> ChunkWork:
-        raise NotImplementedError
+        raise NotImplementedError(
+            "path_patch on nnsight keeps its own request loop (nnsight_backend.path_patch)"
+        )
 
     def attribution_work(self, spec: AttributionSpec, task: Task, whole: bool) -> AttributionWork:
-        raise NotImplementedError
+        raise NotImplementedError(
+            "attribution on nnsight keeps its own request loop (nnsight_experiments)"
+        )

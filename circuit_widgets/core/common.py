@@ -470,11 +470,15 @@ class Chunk:
 @dataclass
 class ChunkWork:
     """A chunk's jobs: (grid index before the columns, columns); run(key, cols) -> [V, b]
-    values per column and example; metrics() -> the chunk's two reference metrics [b]."""
+    values per column and example; metrics() -> the chunk's two reference metrics [b]. A key
+    of index lists (one entry per column) lets one job hold cells of several layers.
+    ``prepaid``: leading jobs whose values metrics() already computed (the same request), so
+    no stop is checked before them: stopping there would save nothing."""
 
     jobs: list[tuple[tuple, list[int]]]
     run: Callable[[tuple, list[int]], Tensor]
     metrics: Callable[[], tuple[Tensor, Tensor]]
+    prepaid: int = 0
 
 
 @dataclass
@@ -518,8 +522,8 @@ def run_sweep(
         with torch.no_grad():
             a, b = work.metrics()
         m_a[sl], m_b[sl] = a.float().cpu(), b.float().cpu()
-        for key, cols in work.jobs:
-            if should_stop is not None and should_stop():
+        for j, (key, cols) in enumerate(work.jobs):
+            if j >= work.prepaid and should_stop is not None and should_stop():
                 complete = False
                 break
             with torch.no_grad():

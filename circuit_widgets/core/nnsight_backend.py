@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core.common import MetricReader, Progress, Stop, build_grid, plan_sweep
+from circuit_widgets.core.common import (
+    MetricReader,
+    Progress,
+    Stop,
+    SweepOut,
+    build_grid,
+    plan_sweep,
+    run_sweep,
+)
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.types import Component, Direction, Head
 
@@ -148,47 +156,30 @@ def activation_patch(
     Progress advances per request; ``should_stop`` is checked between requests. A request
     that fails raises ``RemoteError`` (one sentence) whose ``partial`` holds the grid so far.
     """
+    from circuit_widgets.core.backends import ActivationSpec, NNsightBackend
+    from circuit_widgets.nnsight_model import RemoteError
+
     plan = plan_sweep(
         model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
     )
     comp, dirn, shape = plan.comp, plan.dirn, plan.shape
     _check_component(comp)
     slots, labels, n_cols = plan.slots, plan.labels, plan.n_cols
-    L, P, B = shape.n_layers, len(slots), len(task)
+    L, P = shape.n_layers, len(slots)
     wanted = torch.zeros(L, P, n_cols, dtype=torch.bool)
     if plan.subset is None:
         wanted[:] = True
     else:
         for h in plan.subset:
             wanted[h.layer, :, h.head] = True
-    cells = [tuple(c) for c in wanted.nonzero().tolist()]  # layer-major
-    per_request = max(P * n_cols, (batch_size or DEFAULT_ROWS) // max(B, 1), 1)
-    jobs = [cells[i : i + per_request] for i in range(0, len(cells), per_request)] or [[]]
+    backend = NNsightBackend(model)
+    spec = ActivationSpec(comp, slots, wanted, dirn == Direction.NOISE, batch_size)
 
-    reader = MetricReader(task, "cpu")
-    base_tokens, src_tokens = (
-        (task.clean_tokens, task.corrupt_tokens)
-        if dirn == Direction.NOISE
-        else (task.corrupt_tokens, task.clean_tokens)
-    )
-    masks = [s.mask for s in slots]
-    end = task.positions["END"].cpu()
-    dh = shape.d_head
-    per_example = torch.full((B, L, P, n_cols), float("nan"))
-    done = torch.zeros(L, P, n_cols, dtype=torch.bool)
-    m_clean: Any = None
-    m_corrupt: Any = None
-    complete = True
-    n_req = 0
-
-    def grid(complete: bool, extra: list[str]) -> HeadGrid:
-        pe, dn = per_example, done
+    def grid(out: SweepOut, extra: list[str]) -> HeadGrid:
+        pe, dn = out.per_example, out.done
         if labels is None:
             pe, dn = pe[:, :, 0], dn[:, 0]
-        notes = [
-            f"nnsight ({_where(model)}): {n_req} request(s), up to {per_request} cells each",
-            *extra,
-        ]
+        notes = [str(backend.note("activation_patch")), *extra]
         if dirn == Direction.DENOISE:
             notes.append(
                 "denoise: corrupt run with clean activations patched in; values are still "
@@ -197,8 +188,8 @@ def activation_patch(
         return build_grid(
             pe,
             dn,
-            m_clean,
-            m_corrupt,
+            out.metric_a,
+            out.metric_b,
             shape=shape,
             component=comp,
             direction=dirn.value,
@@ -206,50 +197,36 @@ def activation_patch(
             metric_name=task.metric_name,
             positions=labels,
             position=plan.single,
-            complete=complete,
+            complete=out.complete,
             notes=notes,
         )
 
-    for i, job in enumerate(jobs):
-        if i > 0 and should_stop is not None and should_stop():
-            complete = False
-            break
-        first = i == 0
-        by_layer: dict[int, list] = {}
-        for k, (layer, p, col) in enumerate(job):
-            by_layer.setdefault(layer, []).append((k, p, col))
-        try:
-            out = _patch_request(
-                model, comp, src_tokens, base_tokens, first, by_layer, masks, end, dh, reader.cols
-            )
-        except Exception as exc:
-            from circuit_widgets.nnsight_model import RemoteError, request_error
-
-            err = exc if isinstance(exc, RemoteError) else request_error(exc)
-            err.partial = grid(False, [str(err)]) if m_clean is not None else None
-            raise err from exc
-        n_req += 1
-        rows = out.float().cpu().view(-1, B, out.shape[-1])
-        metric = reader(rows)  # [n, B]
-        if first:
-            m_src, m_base = metric[0], metric[1]
-            m_clean, m_corrupt = (m_base, m_src) if dirn == Direction.NOISE else (m_src, m_base)
-            metric = metric[2:]
-        else:
-            metric = metric[1:]
-        for k, (layer, p, col) in enumerate(job):
-            per_example[:, layer, p, col] = metric[k] - m_clean
-            done[layer, p, col] = True
-        if on_progress is not None:
-            on_progress(i + 1, len(jobs))
-    return grid(complete, [])
+    kept: list[SweepOut] = []  # the grid after each request that came back (at most L)
+    try:
+        out = run_sweep(
+            task,
+            [slice(0, len(task))],  # requests are sized by rows, not by max_memory
+            lambda chunk: backend.activation_work(spec, chunk),
+            (L, P, n_cols),
+            on_progress,
+            should_stop,
+            on_partial=lambda o: kept.append(o),
+        )
+    except RemoteError as err:
+        err.partial = grid(kept[-1], [str(err)]) if kept else None
+        raise
+    return grid(out, [])
 
 
-def _where(model: Any) -> str:
+def where(model: Any) -> str:
+    """Where an nnsight model's requests run, for a result's notes."""
     return {False: "in-process", "local": "NDIF local simulation", True: "NDIF"}[model.remote]
 
 
-def _patch_request(
+_where = where  # the earlier name, used by nnsight_experiments
+
+
+def patch_request(
     nm: Any,
     comp: Component,
     src_tokens: Tensor,
