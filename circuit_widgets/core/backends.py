@@ -38,7 +38,7 @@ from circuit_widgets.core.common import (
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import trace_forward
 from circuit_widgets.models import model_shape
-from circuit_widgets.types import Component, ModelLike, ModelShape, Receiver
+from circuit_widgets.types import Component, Head, ModelLike, ModelShape, Receiver
 
 if TYPE_CHECKING:
     from circuit_widgets.tasks.base import Task
@@ -490,9 +490,52 @@ class NNsightBackend:
         return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
 
     def path_work(self, spec: PathSpec, chunk: Chunk) -> ChunkWork:
-        raise NotImplementedError(
-            "path_patch on nnsight keeps its own request loop (nnsight_backend.path_patch)"
-        )
+        from circuit_widgets.core.path_patching import receiver_slots
+
+        task, shape = chunk.task, spec.shape
+        B = len(task)
+        senders = [Head(layer, h) for layer, hs in sorted(spec.by_layer.items()) for h in hs]
+        per_cell = 1 if spec.to_logits else 2  # batch copies per sender
+        rows = spec.batch_size or nnsight_backend.DEFAULT_ROWS
+        per_request = max(shape.n_heads, rows // max(B * per_cell, 1), 1)
+        self.per_request = per_request
+        groups = [senders[i : i + per_request] for i in range(0, len(senders), per_request)]
+        jobs = [(([h.layer for h in g],), [h.head for h in g]) for g in groups]
+        reader = MetricReader(task, "cpu")
+        mask, end = spec.mask[chunk.rows], task.positions["END"].cpu()
+        slots = receiver_slots(spec.recv, shape.group_size)
+        state: dict[str, Any] = {"next": 0}
+
+        def request(group: list[Head]) -> Tensor:
+            out = self._request(
+                nnsight_backend.path_request,
+                task,
+                group,
+                mask,
+                end,
+                slots,
+                spec.to_logits,
+                spec.freeze_mlps,
+                reader.cols,
+            )
+            return reader(out.float().cpu().view(-1, B, out.shape[-1]))  # [corrupt, clean, ...]
+
+        def metrics() -> tuple[Tensor, Tensor]:
+            # every request runs corrupt and clean too: the first one's give both metrics
+            if "metrics" not in state:
+                metric = request(groups[0])
+                state["metrics"] = (metric[1], metric[0])
+                state["first"] = metric
+            return state["metrics"]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            i = state["next"]
+            state["next"] += 1
+            metrics()
+            metric = state.pop("first") if i == 0 else request(groups[i])
+            return metric[2:] - metric[1][None]  # against its own request's clean run
+
+        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
 
     def attribution_work(self, spec: AttributionSpec, task: Task, whole: bool) -> AttributionWork:
         raise NotImplementedError(

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from circuit_widgets.core.common import (
-    MetricReader,
     Progress,
     Stop,
     SweepOut,
@@ -302,14 +301,11 @@ def path_patch(
     receivers' q/k/v from the frozen copy in the same forward. A full grid costs at most one
     request per layer.
     """
+    from circuit_widgets.core.backends import NNsightBackend, PathSpec
     from circuit_widgets.core.common import check_callbacks, check_head, check_position_name
-    from circuit_widgets.core.path_patching import (
-        _check_receivers,
-        _describe,
-        _gqa_notes,
-        _receiver_slots,
-    )
+    from circuit_widgets.core.path_patching import _check_receivers, _describe, _gqa_notes
     from circuit_widgets.models import model_shape
+    from circuit_widgets.nnsight_model import RemoteError
 
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
@@ -342,17 +338,11 @@ def path_patch(
         if position == "all"
         else torch.arange(s)[None] == task.positions[position].cpu()[:, None]
     )
-    per_cell = 1 if to_logits else 2  # batch copies per sender
-    per_request = max(shape.n_heads, (batch_size or DEFAULT_ROWS) // max(B * per_cell, 1), 1)
-    jobs = [sender_list[i : i + per_request] for i in range(0, len(sender_list), per_request)]
-    reader = MetricReader(task, "cpu")
-    end = task.positions["END"].cpu()
-    slots = _receiver_slots(recv, shape.group_size)
-    per_example = torch.full((B, shape.n_layers, shape.n_heads), float("nan"))
-    done = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.bool)
-    m_clean: Any = None
-    m_corrupt: Any = None
-    n_req, complete = 0, True
+    by_layer: dict[int, list[int]] = {}
+    for h in sender_list:
+        by_layer.setdefault(h.layer, []).append(h.head)
+    backend = NNsightBackend(model)
+    spec = PathSpec(shape, mask, by_layer, recv, to_logits, freeze_mlps, batch_size)
     notes = [
         (
             f"senders: z from the corrupt run at position {position!r}; every other head's z "
@@ -366,13 +356,12 @@ def path_patch(
         )
     notes += _gqa_notes(recv, shape)
 
-    def grid(complete: bool, extra: list[str]) -> HeadGrid:
-        head = f"nnsight ({_where(model)}): {n_req} request(s), up to {per_request} senders each"
+    def grid(out: SweepOut, extra: list[str]) -> HeadGrid:
         return build_grid(
-            per_example,
-            done,
-            m_clean,
-            m_corrupt,
+            out.per_example,
+            out.done,
+            out.metric_a,
+            out.metric_b,
             shape=shape,
             component=Component.Z,
             direction="noise",
@@ -380,34 +369,26 @@ def path_patch(
             metric_name=task.metric_name,
             positions=None,
             position=position,
-            complete=complete,
+            complete=out.complete,
             receivers=_describe(recv, shape),
-            notes=[head, *notes, *extra],
+            notes=[str(backend.note("path_patch")), *notes, *extra],
         )
 
-    for i, job in enumerate(jobs):
-        if i > 0 and should_stop is not None and should_stop():
-            complete = False
-            break
-        try:
-            out = _path_request(
-                model, task, job, mask, end, slots, to_logits, freeze_mlps, reader.cols
-            )
-        except Exception as exc:
-            from circuit_widgets.nnsight_model import RemoteError, request_error
-
-            err = exc if isinstance(exc, RemoteError) else request_error(exc)
-            err.partial = grid(False, [str(err)]) if m_clean is not None else None
-            raise err from exc
-        n_req += 1
-        metric = reader(out.float().cpu().view(-1, B, out.shape[-1]))
-        m_corrupt, m_clean = metric[0], metric[1]
-        for k, h in enumerate(job):
-            per_example[:, h.layer, h.head] = metric[2 + k] - m_clean
-            done[h.layer, h.head] = True
-        if on_progress is not None:
-            on_progress(i + 1, len(jobs))
-    return grid(complete, [])
+    kept: list[SweepOut] = []  # the grid after each request that came back (at most L)
+    try:
+        out = run_sweep(
+            task,
+            [slice(0, B)],  # requests are sized by rows, not by max_memory
+            lambda chunk: backend.path_work(spec, chunk),
+            (shape.n_layers, shape.n_heads),
+            on_progress,
+            should_stop,
+            on_partial=lambda o: kept.append(o),
+        )
+    except RemoteError as err:
+        err.partial = grid(kept[-1], [str(err)]) if kept else None
+        raise
+    return grid(out, [])
 
 
 def _recv_site(nm: Any, layer: int, which: str) -> tuple[Any, int]:
@@ -419,7 +400,7 @@ def _recv_site(nm: Any, layer: int, which: str) -> tuple[Any, int]:
     return getattr(a, f"{which}_proj"), 0
 
 
-def _path_request(
+def path_request(
     nm: Any,
     task: Task,
     senders: list[Head],

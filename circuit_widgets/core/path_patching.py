@@ -214,7 +214,7 @@ def _gqa_notes(recv: list[Receiver], shape: ModelShape) -> list[str]:
     return notes
 
 
-def _receiver_slots(recv: list[Receiver], group: int) -> dict[tuple[int, str], list[int]]:
+def receiver_slots(recv: list[Receiver], group: int) -> dict[tuple[int, str], list[int]]:
     """(layer, 'q'|'k'|'v') -> the head columns to patch (kv heads for k/v)."""
     out: dict[tuple[int, str], list[int]] = {}
     for r in recv:
@@ -254,7 +254,7 @@ def fast_senders(
     attn_new = eng.o_proj(layer, z)
     ar = torch.arange(len(starts), device=dev)
     end = win.end_index.to(dev)
-    slots = _receiver_slots(recv, eng.group)
+    slots = receiver_slots(recv, eng.group)
 
     if not recv and freeze:
         # every other contribution is clean: the final residual moves by this one change
@@ -341,7 +341,7 @@ def hooked_sender(
             )
             for l in range(shape.n_layers)
         ]
-    slots = _receiver_slots(recv, shape.group_size)
+    slots = receiver_slots(recv, shape.group_size)
     captured: dict[tuple[int, str], Tensor] = {}
     for rl, inp in slots:
         comp = Component.coerce(inp)
