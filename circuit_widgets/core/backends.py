@@ -287,9 +287,10 @@ class HookBackend:
 
     def __init__(self, model: ModelLike) -> None:
         self.model = model
+        self.reason = cache.generic_reason(model)  # why not the fast engine, when picked
 
     def note(self, experiment: str) -> str | None:
-        return f"{_HOOK_NOTES[experiment]}: {cache.generic_reason(self.model)}"
+        return f"{_HOOK_NOTES[experiment]}: {self.reason}"
 
     def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
         from circuit_widgets.core.patching import hooked_cell
