@@ -19,7 +19,6 @@ from circuit_widgets.core.common import (
     Progress,
     Stop,
     build_grid,
-    example_chunks,
     plan_sweep,
 )
 from circuit_widgets.core.fast_model import FastModel
@@ -142,15 +141,12 @@ def _attribute(
             f"MLPs {'frozen' if freeze_mlps else 'pass it on'}"
         )
     # whole: the task's runs fit the budget and are cached; else each step makes its own
-    hooked = backend.hooked
-    whole = len(example_chunks(model, task, max_memory, runs=3, hooked=hooked)) == 1
+    whole = len(backend.chunk_rows(task, max_memory, runs=3)) == 1
     size = batch_size or B
     if whole:
         steps = [slice(i, min(i + size, B)) for i in range(0, B, size)]
     else:
-        steps = example_chunks(
-            model, task, max_memory, runs=3, hooked=hooked, batch_size=batch_size
-        )
+        steps = backend.chunk_rows(task, max_memory, runs=3, batch_size=batch_size)
         notes.append(f"ran in {len(steps)} chunks of at most {steps[0].stop} examples (max_memory)")
     note = backend.note("attribution")
     if note is not None:

@@ -30,6 +30,7 @@ from circuit_widgets.core.common import (
     MetricReader,
     Slot,
     chunks,
+    example_chunks,
     first_diff,
     split_window,
     variants_per_pass,
@@ -101,10 +102,15 @@ class Backend(Protocol):
     (ChunkWork for ``common.run_sweep``) and gradients for attribution."""
 
     name: str  # "fast" | "hooks" | "nnsight"
-    hooked: bool  # keeps bridge caches (q and patterns too): the memory plan counts them
 
     def note(self, experiment: str) -> str | None:
         """What a result should say about how ``experiment`` ran here (None: nothing)."""
+        ...
+
+    def chunk_rows(
+        self, task: Task, max_memory: Any, *, runs: int = 2, batch_size: int | None = None
+    ) -> list[slice]:
+        """Example ranges whose ``runs`` cached runs fit ``max_memory`` (one per chunk)."""
         ...
 
     def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
@@ -145,13 +151,17 @@ class FastBackend:
     """The exact fast engine: patched runs resume from cached Traces, many cells per pass."""
 
     name = "fast"
-    hooked = False
 
     def __init__(self, model: ModelLike, eng: FastModel) -> None:
         self.model, self.eng = model, eng
 
     def note(self, experiment: str) -> str | None:
         return None
+
+    def chunk_rows(
+        self, task: Task, max_memory: Any, *, runs: int = 2, batch_size: int | None = None
+    ) -> list[slice]:
+        return example_chunks(self.model, task, max_memory, runs=runs, batch_size=batch_size)
 
     def _metrics(self, chunk: Chunk, reader: MetricReader) -> Callable[[], tuple[Tensor, Tensor]]:
         model, eng = self.model, self.eng
@@ -283,7 +293,6 @@ class HookBackend:
     """TransformerLens bridge hooks: one bridge forward per cell, any architecture."""
 
     name = "hooks"
-    hooked = True
 
     def __init__(self, model: ModelLike) -> None:
         self.model = model
@@ -291,6 +300,14 @@ class HookBackend:
 
     def note(self, experiment: str) -> str | None:
         return f"{_HOOK_NOTES[experiment]}: {self.reason}"
+
+    def chunk_rows(
+        self, task: Task, max_memory: Any, *, runs: int = 2, batch_size: int | None = None
+    ) -> list[slice]:
+        # bridge caches keep q and every attention pattern too
+        return example_chunks(
+            self.model, task, max_memory, runs=runs, hooked=True, batch_size=batch_size
+        )
 
     def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
         from circuit_widgets.core.patching import hooked_cell
@@ -406,7 +423,6 @@ class NNsightBackend:
     raise RemoteError (one sentence); the caller attaches the partial grid."""
 
     name = "nnsight"
-    hooked = False
 
     def __init__(self, model: Any) -> None:
         self.model = model
@@ -420,6 +436,11 @@ class NNsightBackend:
             f"up to {self.per_request} {what} each"
         )
 
+    def chunk_rows(
+        self, task: Task, max_memory: Any, *, runs: int = 2, batch_size: int | None = None
+    ) -> list[slice]:
+        return [slice(0, len(task))]  # nothing is cached here: requests are sized by rows
+
     def _request(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
         try:
             out = fn(self.model, *args)
@@ -432,6 +453,7 @@ class NNsightBackend:
         return out
 
     def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
+        nnsight_backend.check_component(spec.comp)
         task, noise = chunk.task, spec.noise
         B = len(task)
         _, P, n_cols = spec.wanted.shape

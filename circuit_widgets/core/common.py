@@ -499,11 +499,14 @@ def run_sweep(
     on_progress: Progress,
     should_stop: Stop,
     on_partial: Callable[[SweepOut], None] | None = None,
+    on_error: Callable[[SweepOut, Exception], Any] | None = None,
 ) -> SweepOut:
     """The skeleton every per-cell sweep shares: plan each chunk's jobs, run them chunk by
     chunk (only one chunk's runs alive at a time), fill the per-example grid, report progress,
     stop between jobs. A cell is done once chunk 0 has it (every chunk runs every cell). On a
-    stop the finished chunks' examples are kept (chunk 0's if none finished)."""
+    stop the finished chunks' examples are kept (chunk 0's if none finished). A job that
+    raises an error with a ``partial`` attribute (a failed nnsight request's RemoteError)
+    leaves with ``partial = on_error(what finished, the error)``."""
     n = len(task)
     whole = len(chunk_rows) == 1
     chunks_ = [
@@ -526,8 +529,14 @@ def run_sweep(
             if j >= work.prepaid and should_stop is not None and should_stop():
                 complete = False
                 break
-            with torch.no_grad():
-                vals = work.run(key, cols)  # [V, b]
+            try:
+                with torch.no_grad():
+                    vals = work.run(key, cols)  # [V, b]
+            except Exception as exc:
+                if on_error is not None and hasattr(exc, "partial"):
+                    kept = _kept(per_example, done, m_a, m_b, chunk_rows, finished, False)
+                    exc.partial = on_error(kept, exc)
+                raise
             cells = (*key, cols)
             at = (sl, *cells)  # built apart: mypy reads x[(a, *b)] as the 3.11-only x[a, *b]
             per_example[at] = vals.T.float().cpu()

@@ -21,11 +21,10 @@ from circuit_widgets.core.common import (
     Stop,
     SweepOut,
     build_grid,
-    plan_sweep,
     run_sweep,
 )
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.types import Component, Direction, Head
+from circuit_widgets.types import Component, Head
 
 if TYPE_CHECKING:
     from circuit_widgets.tasks.base import Task
@@ -53,6 +52,9 @@ _ELSEWHERE = (
     "attribution_patch",
     "path_attribution",
 )
+
+# the core's own sweep runs these, its Backend being backends.NNsightBackend
+_IN_CORE = ("activation_patch",)
 
 # why an experiment cannot be one request, where that is the reason it is refused
 WHY_NOT = {
@@ -91,6 +93,10 @@ def dispatch(model: Any, experiment: str) -> Callable[..., Any]:
             f"{experiment} is not available on the nnsight backend yet (supported: "
             f"{', '.join(SUPPORTED)}); load the model with backend='transformer_lens' to run it"
         )
+    if experiment in _IN_CORE:  # the core function runs nnsight through backends.NNsightBackend
+        from circuit_widgets.core import patching, path_patching
+
+        return getattr(patching if experiment == "activation_patch" else path_patching, experiment)
     if experiment in _ELSEWHERE:
         from circuit_widgets.core import nnsight_experiments
 
@@ -124,7 +130,8 @@ def _site(nm: Any, comp: Component, layer: int) -> tuple[Any, bool, int]:
     return getattr(a, f"{comp.value}_proj"), False, 0
 
 
-def _check_component(comp: Component) -> None:
+def check_component(comp: Component) -> None:
+    """Refuse a component the nnsight sweeps do not patch yet, naming the ones they do."""
     if comp not in (Component.Z, Component.Q, Component.K, Component.V):
         raise NotImplementedError(
             f"component {comp.value!r} is not available on the nnsight backend yet; "
@@ -132,89 +139,12 @@ def _check_component(comp: Component) -> None:
         )
 
 
+_check_component = check_component  # the earlier name, used by nnsight_experiments
+
+
 # ---------------------------------------------------------------------- activation patching
-
-
-def activation_patch(
-    model: Any,
-    task: Task,
-    *,
-    component: Any = "z",
-    positions: Any = "all",
-    direction: Any = "noise",
-    heads: Sequence[Head | str | tuple[int, int]] | None = None,
-    batch_size: int | None = None,
-    on_progress: Progress = None,
-    should_stop: Stop = None,
-    max_memory: int | str | None = None,  # requests are sized by batch_size (rows) instead
-) -> HeadGrid:
-    """``activation_patch`` through nnsight; the same contract as the fast engine's.
-
-    A request runs ``max(positions x columns, rows // examples)`` cells (rows = batch_size,
-    default 512), layer by layer, so a full grid costs at most one request per layer.
-    Progress advances per request; ``should_stop`` is checked between requests. A request
-    that fails raises ``RemoteError`` (one sentence) whose ``partial`` holds the grid so far.
-    """
-    from circuit_widgets.core.backends import ActivationSpec, NNsightBackend
-    from circuit_widgets.nnsight_model import RemoteError
-
-    plan = plan_sweep(
-        model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
-    )
-    comp, dirn, shape = plan.comp, plan.dirn, plan.shape
-    _check_component(comp)
-    slots, labels, n_cols = plan.slots, plan.labels, plan.n_cols
-    L, P = shape.n_layers, len(slots)
-    wanted = torch.zeros(L, P, n_cols, dtype=torch.bool)
-    if plan.subset is None:
-        wanted[:] = True
-    else:
-        for h in plan.subset:
-            wanted[h.layer, :, h.head] = True
-    backend = NNsightBackend(model)
-    spec = ActivationSpec(comp, slots, wanted, dirn == Direction.NOISE, batch_size)
-
-    def grid(out: SweepOut, extra: list[str]) -> HeadGrid:
-        pe, dn = out.per_example, out.done
-        if labels is None:
-            pe, dn = pe[:, :, 0], dn[:, 0]
-        notes = [str(backend.note("activation_patch")), *extra]
-        if dirn == Direction.DENOISE:
-            notes.append(
-                "denoise: corrupt run with clean activations patched in; values are still "
-                "patched - clean, recovered = 1 - normalized"
-            )
-        return build_grid(
-            pe,
-            dn,
-            out.metric_a,
-            out.metric_b,
-            shape=shape,
-            component=comp,
-            direction=dirn.value,
-            kind="activation",
-            metric_name=task.metric_name,
-            positions=labels,
-            position=plan.single,
-            complete=out.complete,
-            notes=notes,
-        )
-
-    kept: list[SweepOut] = []  # the grid after each request that came back (at most L)
-    try:
-        out = run_sweep(
-            task,
-            [slice(0, len(task))],  # requests are sized by rows, not by max_memory
-            lambda chunk: backend.activation_work(spec, chunk),
-            (L, P, n_cols),
-            on_progress,
-            should_stop,
-            on_partial=lambda o: kept.append(o),
-        )
-    except RemoteError as err:
-        err.partial = grid(kept[-1], [str(err)]) if kept else None
-        raise
-    return grid(out, [])
+# activation_patch itself runs core.patching's sweep; backends.NNsightBackend packs its cells
+# into the requests below.
 
 
 def where(model: Any) -> str:

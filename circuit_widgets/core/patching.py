@@ -14,16 +14,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import backends, hooks, nnsight_backend
+from circuit_widgets.core import backends, hooks
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
     Stop,
+    SweepOut,
     Window,
     build_grid,
     chunk_notes,
-    example_chunks,
     plan_sweep,
     run_sweep,
 )
@@ -73,8 +73,6 @@ def activation_patch(
     in a later chunk keeps the examples of the chunks that finished.
     """
     check_args("activation_patch", model=model, task=task)
-    if nnsight_backend.is_nnsight(model):
-        return nnsight_backend.dispatch(model, "activation_patch")(**locals())
     plan = plan_sweep(
         model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
     )
@@ -90,36 +88,45 @@ def activation_patch(
 
     backend = backends.backend_for(model)
     spec = backends.ActivationSpec(comp, slots, wanted, dirn == Direction.NOISE, batch_size)
-    note = backend.note("activation_patch")
-    notes = [] if note is None else [note]
-    rows = example_chunks(model, task, max_memory, hooked=backend.hooked)
-    prepare = lambda chunk: backend.activation_work(spec, chunk)
-    out = run_sweep(task, rows, prepare, (L, P, n_cols), on_progress, should_stop)
-    per_example, done, complete = out.per_example, out.done, out.complete
-    m_clean, m_corrupt = out.metric_a, out.metric_b
-    notes += chunk_notes(out, rows)
-    if labels is None:
-        per_example, done = per_example[:, :, 0], done[:, 0]
-    if dirn == Direction.DENOISE:
-        notes.append(
-            "denoise: corrupt run with clean activations patched in; values are still "
-            "patched - clean, recovered = 1 - normalized"
+    rows = backend.chunk_rows(task, max_memory)
+
+    def grid(out: SweepOut, extra: list[str]) -> HeadGrid:
+        note = backend.note("activation_patch")  # after the sweep: nnsight counts requests
+        notes = ([] if note is None else [note]) + chunk_notes(out, rows) + extra
+        per_example, done = out.per_example, out.done
+        if labels is None:
+            per_example, done = per_example[:, :, 0], done[:, 0]
+        if dirn == Direction.DENOISE:
+            notes.append(
+                "denoise: corrupt run with clean activations patched in; values are still "
+                "patched - clean, recovered = 1 - normalized"
+            )
+        return build_grid(
+            per_example,
+            done,
+            out.metric_a,
+            out.metric_b,
+            shape=shape,
+            component=comp,
+            direction=dirn.value,
+            kind="activation",
+            metric_name=task.metric_name,
+            positions=labels,
+            position=single,
+            complete=out.complete,
+            notes=notes,
         )
-    return build_grid(
-        per_example,
-        done,
-        m_clean,
-        m_corrupt,
-        shape=shape,
-        component=comp,
-        direction=dirn.value,
-        kind="activation",
-        metric_name=task.metric_name,
-        positions=labels,
-        position=single,
-        complete=complete,
-        notes=notes,
+
+    out = run_sweep(
+        task,
+        rows,
+        lambda chunk: backend.activation_work(spec, chunk),
+        (L, P, n_cols),
+        on_progress,
+        should_stop,
+        on_error=lambda kept, err: grid(kept, [str(err)]),
     )
+    return grid(out, [])
 
 
 # ---------------------------------------------------------------------- fast path

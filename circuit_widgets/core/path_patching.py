@@ -28,7 +28,6 @@ from circuit_widgets.core.common import (
     check_head,
     check_position_name,
     chunk_notes,
-    example_chunks,
     run_sweep,
 )
 from circuit_widgets.core.fast_model import FastModel
@@ -129,7 +128,7 @@ def path_patch(
     note = backend.note("path_patch")
     if note is not None:
         notes.append(note)
-    rows = example_chunks(model, task, max_memory, hooked=backend.hooked)
+    rows = backend.chunk_rows(task, max_memory)
     L, H = shape.n_layers, shape.n_heads
     spec = backends.PathSpec(shape, mask, by_layer, recv, to_logits, freeze_mlps, batch_size)
     prepare = lambda chunk: backend.path_work(spec, chunk)
