@@ -10,20 +10,12 @@ local simulation, which hides this package while it deserialises) never imports 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from circuit_widgets.core.common import (
-    Progress,
-    Stop,
-    SweepOut,
-    build_grid,
-    run_sweep,
-)
-from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.types import Component, Head
 
 if TYPE_CHECKING:
@@ -54,7 +46,7 @@ _ELSEWHERE = (
 )
 
 # the core's own sweep runs these, its Backend being backends.NNsightBackend
-_IN_CORE = ("activation_patch",)
+_IN_CORE = ("activation_patch", "path_patch")
 
 # why an experiment cannot be one request, where that is the reason it is refused
 WHY_NOT = {
@@ -208,117 +200,8 @@ def patch_request(
 
 
 # ---------------------------------------------------------------------- path patching
-
-
-def path_patch(
-    model: Any,
-    task: Task,
-    *,
-    receivers: Any = "logits",
-    senders: Sequence[Head | str | tuple[int, int]] | None = None,
-    position: str = "all",
-    freeze_mlps: bool = False,
-    batch_size: int | None = None,
-    on_progress: Progress = None,
-    should_stop: Stop = None,
-    max_memory: int | str | None = None,  # requests are sized by batch_size (rows) instead
-) -> HeadGrid:
-    """``path_patch`` through nnsight; the same contract as the fast engine's.
-
-    One forward per request holds the corrupt and clean runs, and per sender a frozen copy
-    (its z from the corrupt run, every other head's z, and with ``freeze_mlps`` every MLP
-    output, from the clean run); for receiver heads a fresh clean copy per sender takes the
-    receivers' q/k/v from the frozen copy in the same forward. A full grid costs at most one
-    request per layer.
-    """
-    from circuit_widgets.core.backends import NNsightBackend, PathSpec
-    from circuit_widgets.core.common import check_callbacks, check_head, check_position_name
-    from circuit_widgets.core.path_patching import _check_receivers, _describe, _gqa_notes
-    from circuit_widgets.models import model_shape
-    from circuit_widgets.nnsight_model import RemoteError
-
-    shape = model_shape(model)
-    check_callbacks(on_progress, should_stop, batch_size)
-    to_logits, recv = _check_receivers(receivers, shape)
-    if not isinstance(position, str):
-        raise ValueError(  # noqa: TRY004 - every input mistake is a ValueError, as in path_patch
-            f"position must be 'all' or a position name, got {position!r}"
-        )
-    if position != "all":
-        check_position_name(task, position)
-    top = shape.n_layers if to_logits else min(r.layer for r in recv)
-    if not to_logits and top == 0:
-        raise ValueError("receivers in layer 0 have no earlier heads to send to them")
-    if senders is None:
-        sender_list = [Head(l, h) for l in range(top) for h in range(shape.n_heads)]
-    else:
-        sender_list = [Head.parse(h) for h in senders]
-        for h in sender_list:
-            check_head(h, shape, "sender")
-        bad = [h for h in sender_list if h.layer >= top]
-        if bad and not to_logits:
-            raise ValueError(
-                f"sender {bad[0]} is at or above receiver layer {top}: a sender can only "
-                f"reach receivers in later layers (senders must be in layers < {top})"
-            )
-    sender_list = sorted(set(sender_list))
-    B, s = task.clean_tokens.shape
-    mask = (
-        torch.ones(B, s, dtype=torch.bool)
-        if position == "all"
-        else torch.arange(s)[None] == task.positions[position].cpu()[:, None]
-    )
-    by_layer: dict[int, list[int]] = {}
-    for h in sender_list:
-        by_layer.setdefault(h.layer, []).append(h.head)
-    backend = NNsightBackend(model)
-    spec = PathSpec(shape, mask, by_layer, recv, to_logits, freeze_mlps, batch_size)
-    notes = [
-        (
-            f"senders: z from the corrupt run at position {position!r}; every other head's z "
-            f"frozen to its clean value; MLPs {'frozen to clean' if freeze_mlps else 'recompute'}"
-        ),
-    ]
-    if not to_logits:
-        notes.append(
-            "receivers' q/k/v from that run patched into a fresh clean run where "
-            "everything else recomputes"
-        )
-    notes += _gqa_notes(recv, shape)
-
-    def grid(out: SweepOut, extra: list[str]) -> HeadGrid:
-        return build_grid(
-            out.per_example,
-            out.done,
-            out.metric_a,
-            out.metric_b,
-            shape=shape,
-            component=Component.Z,
-            direction="noise",
-            kind="path",
-            metric_name=task.metric_name,
-            positions=None,
-            position=position,
-            complete=out.complete,
-            receivers=_describe(recv, shape),
-            notes=[str(backend.note("path_patch")), *notes, *extra],
-        )
-
-    kept: list[SweepOut] = []  # the grid after each request that came back (at most L)
-    try:
-        out = run_sweep(
-            task,
-            [slice(0, B)],  # requests are sized by rows, not by max_memory
-            lambda chunk: backend.path_work(spec, chunk),
-            (shape.n_layers, shape.n_heads),
-            on_progress,
-            should_stop,
-            on_partial=lambda o: kept.append(o),
-        )
-    except RemoteError as err:
-        err.partial = grid(kept[-1], [str(err)]) if kept else None
-        raise
-    return grid(out, [])
+# path_patch itself runs core.path_patching's sweep; backends.NNsightBackend packs one frozen
+# copy (and for receivers one fresh copy) per sender into the requests below.
 
 
 def _recv_site(nm: Any, layer: int, which: str) -> tuple[Any, int]:

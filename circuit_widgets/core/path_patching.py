@@ -16,12 +16,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import backends, hooks, nnsight_backend
+from circuit_widgets.core import backends, hooks
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
     Stop,
+    SweepOut,
     Window,
     build_grid,
     check_callbacks,
@@ -69,8 +70,6 @@ def path_patch(
     the cached runs; examples are split into chunks that fit (see activation_patch).
     """
     check_args("path_patch", model=model, task=task)
-    if nnsight_backend.is_nnsight(model):
-        return nnsight_backend.dispatch(model, "path_patch")(**locals())
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     to_logits, recv = _check_receivers(receivers, shape)
@@ -113,6 +112,8 @@ def path_patch(
         by_layer.setdefault(h.layer, []).append(h.head)
 
     backend = backends.backend_for(model)
+    spec = backends.PathSpec(shape, mask, by_layer, recv, to_logits, freeze_mlps, batch_size)
+    rows = backend.chunk_rows(task, max_memory)
     notes = [
         (
             f"senders: z from the corrupt run at position {position!r}; every other head's z "
@@ -125,33 +126,36 @@ def path_patch(
             "everything else recomputes"
         )
     notes += _gqa_notes(recv, shape)
-    note = backend.note("path_patch")
-    if note is not None:
-        notes.append(note)
-    rows = backend.chunk_rows(task, max_memory)
-    L, H = shape.n_layers, shape.n_heads
-    spec = backends.PathSpec(shape, mask, by_layer, recv, to_logits, freeze_mlps, batch_size)
-    prepare = lambda chunk: backend.path_work(spec, chunk)
-    out = run_sweep(task, rows, prepare, (L, H), on_progress, should_stop)
-    per_example, done, complete = out.per_example, out.done, out.complete
-    m_clean, m_corrupt = out.metric_a, out.metric_b
-    notes += chunk_notes(out, rows)
-    return build_grid(
-        per_example,
-        done,
-        m_clean,
-        m_corrupt,
-        shape=shape,
-        component=Component.Z,
-        direction="noise",
-        kind="path",
-        metric_name=task.metric_name,
-        positions=None,
-        position=position,
-        complete=complete,
-        receivers=_describe(recv, shape),
-        notes=notes,
+
+    def grid(out: SweepOut, extra: list[str]) -> HeadGrid:
+        note = backend.note("path_patch")  # after the sweep: nnsight counts requests
+        return build_grid(
+            out.per_example,
+            out.done,
+            out.metric_a,
+            out.metric_b,
+            shape=shape,
+            component=Component.Z,
+            direction="noise",
+            kind="path",
+            metric_name=task.metric_name,
+            positions=None,
+            position=position,
+            complete=out.complete,
+            receivers=_describe(recv, shape),
+            notes=[*([] if note is None else [note]), *notes, *chunk_notes(out, rows), *extra],
+        )
+
+    out = run_sweep(
+        task,
+        rows,
+        lambda chunk: backend.path_work(spec, chunk),
+        (shape.n_layers, shape.n_heads),
+        on_progress,
+        should_stop,
+        on_error=lambda kept, err: grid(kept, [str(err)]),
     )
+    return grid(out, [])
 
 
 # ---------------------------------------------------------------------- validation, labels
