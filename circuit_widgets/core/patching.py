@@ -3,7 +3,9 @@
 The fast path (GPT-2, Llama-family, Gemma 3) resumes each patched run at the patched layer,
 and per example at the first position the patch can change (the patched position, or the
 first token where clean and corrupt differ), reading the rest from the cached runs; it runs
-many patched copies per pass. Other architectures run one bridge forward per cell, with hooks.
+many patched copies per pass. Other architectures run one bridge forward per cell, with hooks;
+an nnsight model packs many cells into each request. Which one runs is the Backend's choice
+(core/backends.py); this module holds the sweep and the engines' cell functions.
 """
 
 from __future__ import annotations
