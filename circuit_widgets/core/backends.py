@@ -2,14 +2,16 @@
 
 Every per-cell sweep (activation patching, path patching) is the same job loop,
 ``common.run_sweep``: it asks the backend for a chunk's jobs, runs them, fills the grid,
-reports progress and stops between jobs. The backend decides how a job runs:
+reports progress and stops between jobs. Attribution asks it for gradient steps. The backend
+decides how a job runs:
 
 - ``FastBackend``: the exact fast engine (``fast_model``), resuming patched runs from cached
   clean/corrupt Traces; many cells per pass. The default where ``cache.engine_for`` gives one.
 - ``HookBackend``: TransformerLens bridge hooks, one bridge forward per cell (the reference
   semantics); any architecture, and every run under ``cache.force_hooked``.
 - ``NNsightBackend``: an nnsight-served model, where a job is one request holding many cells
-  as extra batch rows (progress per request, Cancel between requests).
+  as extra batch rows (progress per request, Cancel between requests). Attribution on
+  nnsight (a gradient inside each request) stays in ``nnsight_experiments``.
 
 ``backend_for(model)`` picks one. Experiment code never branches on the engine itself.
 """
@@ -43,6 +45,9 @@ from circuit_widgets.types import Component, Head, ModelLike, ModelShape, Receiv
 
 if TYPE_CHECKING:
     from circuit_widgets.tasks.base import Task
+
+# The engines' cell functions live with their experiments (patching.fast_cells, ...), which
+# import this module: the backends import them inside their methods.
 
 
 # ---------------------------------------------------------------------- what a sweep asks for
@@ -98,8 +103,9 @@ class AttributionWork:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What a sweep needs from whatever runs the model: a chunk's jobs for each per-cell sweep
-    (ChunkWork for ``common.run_sweep``) and gradients for attribution."""
+    """What a sweep needs from whatever runs the model: how to split the examples, a chunk's
+    jobs for each per-cell sweep (ChunkWork for ``common.run_sweep``) and, where supported,
+    gradient steps for attribution (NotImplementedError elsewhere)."""
 
     name: str  # "fast" | "hooks" | "nnsight"
 
@@ -114,11 +120,13 @@ class Backend(Protocol):
         ...
 
     def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
-        """Jobs (layer, slot) x columns; run() gives metric patched - clean [V, b]."""
+        """Jobs (layer, slot) x columns (or per-cell layer and slot lists: one request of many
+        layers); run() gives metric patched - clean [V, b]."""
         ...
 
     def path_work(self, spec: PathSpec, chunk: Chunk) -> ChunkWork:
-        """Jobs (sender layer,) x heads; run() gives metric patched - clean [V, b]."""
+        """Jobs (sender layer,) x heads (or a per-sender layer list); run() gives metric
+        patched - clean [V, b]."""
         ...
 
     def attribution_work(self, spec: AttributionSpec, task: Task, whole: bool) -> AttributionWork:

@@ -195,3 +195,53 @@ def test_without_prepaid_jobs_a_stop_comes_before_the_first_job():
         lambda: True,
     )
     assert log == ["metrics"] and not out.done.any() and not out.complete
+
+
+class _RequestFailed(RuntimeError):
+    partial = None
+
+
+def test_an_error_with_a_partial_leaves_with_what_finished():
+    def prepare(chunk):
+        work = _fake_work(3, 1, [])
+        inner = work.run
+
+        def run(key, cols):
+            if cols == [1]:
+                raise _RequestFailed("request 2 failed")
+            return inner(key, cols)
+
+        work.run = run
+        return work
+
+    with pytest.raises(_RequestFailed) as info:
+        run_sweep(
+            _one_chunk_task(),
+            [slice(0, 2)],
+            prepare,
+            (2, 3),
+            None,
+            None,
+            on_error=lambda kept, err: (kept, str(err)),
+        )
+    kept, msg = info.value.partial
+    assert msg == "request 2 failed" and not kept.complete
+    assert kept.done.tolist() == [[True, False, False], [False, False, True]]
+    assert torch.equal(kept.metric_b, torch.ones(2))
+
+
+def test_other_errors_pass_through_run_sweep_untouched():
+    calls: list = []
+
+    def prepare(chunk):
+        work = _fake_work(1, 0, [])
+
+        def run(key, cols):
+            raise ValueError("a bug, not a failed request")
+
+        work.run = run
+        return work
+
+    with pytest.raises(ValueError, match="a bug"):
+        run_sweep(_one_chunk_task(), [slice(0, 2)], prepare, (2, 3), None, None, calls.append)
+    assert calls == []  # no on_partial either: nothing finished
