@@ -9,6 +9,7 @@ request goes to NDIF; ``"local"`` serialises each request exactly as for NDIF an
 
 from __future__ import annotations
 
+import _imp
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -105,9 +106,47 @@ class NNsightModel:
         if self.remote is True:
             check_remote_ready()
         try:
-            return self.lm._remote_backend(self.remote, True, None, False)
+            backend = self.lm._remote_backend(self.remote, True, None, False)
         except Exception as exc:
             raise request_error(exc) from exc
+        if self.remote == "local":
+            backend.__class__ = _import_safe(type(backend))
+        return backend
+
+
+def _import_safe(cls: type) -> type:
+    """nnsight's local simulation, holding the import lock while it hides this package.
+
+    The simulation takes every non-installed module out of ``sys.modules`` (and its folder
+    out of ``sys.path``) while it reads the request back; an import in another thread meanwhile
+    (a widget's worker, a cell run during a request) failed with ModuleNotFoundError. Holding
+    the interpreter's import lock for that window makes such an import wait instead.
+    """
+    cached = _SAFE.get(cls)
+    if cached is not None:
+        return cached
+
+    class ImportSafe(cls):
+        def _hide_local_modules(self) -> dict:
+            _imp.acquire_lock()
+            try:
+                return super()._hide_local_modules()
+            except BaseException:
+                _imp.release_lock()
+                raise
+
+        def _restore(self, hidden: dict) -> None:
+            try:
+                super()._restore(hidden)
+            finally:
+                _imp.release_lock()
+
+    ImportSafe.__name__ = ImportSafe.__qualname__ = f"ImportSafe{cls.__name__}"
+    _SAFE[cls] = ImportSafe
+    return ImportSafe
+
+
+_SAFE: dict[type, type] = {}
 
 
 def check_remote_ready() -> None:

@@ -12,18 +12,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core import backends, hooks, nnsight_backend
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
     Progress,
     Stop,
     build_grid,
-    example_chunks,
     plan_sweep,
 )
 from circuit_widgets.core.fast_model import FastModel
-from circuit_widgets.core.forward import Trace, attend, causal_masks, trace_forward
+from circuit_widgets.core.forward import Trace, attend, causal_masks
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.types import Component, Direction, Head, ModelLike
 
@@ -134,7 +133,7 @@ def _attribute(
     B, L, P = len(task), shape.n_layers, len(slots)
     masks = torch.stack([s.mask for s in slots], 1).float()  # [b, P, s]
 
-    eng = cache.engine_for(model)
+    backend = backends.backend_for(model)
     notes = ["first-order (attribution) estimate, not an exact patch"]
     if frozen:
         notes.append(
@@ -142,77 +141,19 @@ def _attribute(
             f"MLPs {'frozen' if freeze_mlps else 'pass it on'}"
         )
     # whole: the task's runs fit the budget and are cached; else each step makes its own
-    whole = len(example_chunks(model, task, max_memory, runs=3, hooked=eng is None)) == 1
+    whole = len(backend.chunk_rows(task, max_memory, runs=3)) == 1
     size = batch_size or B
     if whole:
         steps = [slice(i, min(i + size, B)) for i in range(0, B, size)]
     else:
-        steps = example_chunks(
-            model, task, max_memory, runs=3, hooked=eng is None, batch_size=batch_size
-        )
+        steps = backend.chunk_rows(task, max_memory, runs=3, batch_size=batch_size)
         notes.append(f"ran in {len(steps)} chunks of at most {steps[0].stop} examples (max_memory)")
+    note = backend.note("attribution")
+    if note is not None:
+        notes.append(note)
     noise = dirn == Direction.NOISE
-    src_name, base_name = ("corrupt", "clean") if noise else ("clean", "corrupt")
-    m_src, m_base = torch.full((B,), float("nan")), torch.full((B,), float("nan"))
-    if eng is not None:
-        reader = MetricReader(task, eng.device)
-        # only the source run is cached; the base run is the forward we differentiate
-        src_tokens = task.clean_tokens if not noise else task.corrupt_tokens
-        if whole:
-            src = cache.fast_run(model, task, eng, src_name)
-            m_src = cache.fast_metric(model, task, eng, reader, src_name).float()
-        base_tokens = task.clean_tokens if noise else task.corrupt_tokens
-
-        def step(sl: slice) -> Tensor:
-            if whole:
-                src_sl = src.subset(sl)
-            else:  # this chunk's source run only, full width like the base tokens
-                with torch.no_grad():
-                    src_sl = trace_forward(eng, src_tokens[sl])
-                    end = task.positions["END"][sl].to(eng.device)
-                    ar = torch.arange(len(end), device=eng.device)
-                    final = src_sl.resid_pre[-1][ar, end]
-                    m_src[sl] = reader(eng.logits(final, reader.cols), sl).float().cpu()
-            contrib, metric = _fast_contrib(
-                eng,
-                comp,
-                base_tokens[sl],
-                src_sl,
-                task.positions["END"][sl],
-                reader,
-                sl,
-                frozen,
-                freeze_mlps,
-            )
-            m_base[sl] = metric.float().cpu()
-            return contrib
-    else:
-        notes.append(f"generic path, gradients through bridge hooks: {cache.generic_reason(model)}")
-        if whole:
-            c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
-            m_base, m_src = (m_clean, m_corrupt) if noise else (m_corrupt, m_clean)
-
-        def step(sl: slice) -> Tensor:
-            if whole:
-                src_cache = x_cache if noise else c_cache
-                base_tokens = task.clean_tokens if noise else task.corrupt_tokens
-                return _hooked_contrib(
-                    model, task, comp, base_tokens, src_cache, sl, L, frozen, freeze_mlps
-                )
-            sub = task.subset(torch.arange(B)[sl])
-            c_sub, x_sub, mc, mx = cache._hooked_compute(model, sub)
-            m_base[sl], m_src[sl] = (mc, mx) if noise else (mx, mc)
-            return _hooked_contrib(
-                model,
-                sub,
-                comp,
-                sub.clean_tokens if noise else sub.corrupt_tokens,
-                x_sub if noise else c_sub,
-                slice(None),
-                L,
-                frozen,
-                freeze_mlps,
-            )
+    spec = backends.AttributionSpec(comp, noise, L, frozen, freeze_mlps)
+    work = backend.attribution_work(spec, task, whole)
 
     per_example = torch.full((B, L, P, n_cols), float("nan"))
     complete = True
@@ -220,13 +161,13 @@ def _attribute(
         if should_stop is not None and should_stop():
             complete = False
             break
-        contrib = step(sl).float().cpu()  # [b, L, s, cols]: per-position first-order effects
+        contrib = work.step(sl).float().cpu()  # [b, L, s, cols]: per-position first-order effects
         m = masks[sl][:, :, : contrib.shape[2]]  # a chunk's own runs may be trimmed of padding
         per_example[sl] = torch.einsum("bps,blsc->blpc", m, contrib)
         if on_progress is not None:
             on_progress(i + 1, len(steps))
-    if eng is not None and complete and whole:
-        cache.set_metric(model, task, base_name, m_base)
+    work.finish(complete)
+    m_base, m_src = work.m_base, work.m_src
     m_clean, m_corrupt = (m_base, m_src) if noise else (m_src, m_base)
     if dirn == Direction.DENOISE:
         per_example = per_example + (m_corrupt - m_clean).float()[:, None, None, None]
@@ -268,7 +209,7 @@ def _per_position(comp: Component, delta: Tensor, grad: Tensor) -> Tensor:
 # ---------------------------------------------------------------------- fast path
 
 
-def _fast_contrib(
+def fast_contrib(
     eng: FastModel,
     comp: Component,
     tokens: Tensor,
@@ -354,7 +295,7 @@ def _grad_forward(
 # ---------------------------------------------------------------------- generic path
 
 
-def _hooked_contrib(
+def hooked_contrib(
     model: ModelLike,
     task: Task,
     comp: Component,

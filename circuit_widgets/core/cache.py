@@ -163,11 +163,11 @@ def hooked_runs(model: ModelLike, task: Task) -> tuple[dict, dict, torch.Tensor,
     """(clean cache, corrupt cache, metric clean, metric corrupt) through bridge hooks."""
     entry = _entry(model, task)
     if "hooked" not in entry:
-        entry["hooked"] = _hooked_compute(model, task)
+        entry["hooked"] = hooked_compute(model, task)
     return entry["hooked"]
 
 
-def _hooked_compute(model: ModelLike, task: Task) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
+def hooked_compute(model: ModelLike, task: Task) -> tuple[dict, dict, torch.Tensor, torch.Tensor]:
     keep = (
         "hook_z",
         "hook_q",
@@ -227,4 +227,4 @@ def chunk_hooked_runs(
     """hooked_runs for a chunk: cached for the whole task, else for the chunk alone."""
     if chunk.whole:
         return hooked_runs(model, chunk.task)
-    return chunk.get(f"hooked_{id(model)}", lambda: _hooked_compute(model, chunk.task))
+    return chunk.get(f"hooked_{id(model)}", lambda: hooked_compute(model, chunk.task))

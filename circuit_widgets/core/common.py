@@ -470,11 +470,15 @@ class Chunk:
 @dataclass
 class ChunkWork:
     """A chunk's jobs: (grid index before the columns, columns); run(key, cols) -> [V, b]
-    values per column and example; metrics() -> the chunk's two reference metrics [b]."""
+    values per column and example; metrics() -> the chunk's two reference metrics [b]. A key
+    of index lists (one entry per column) lets one job hold cells of several layers.
+    ``prepaid``: leading jobs whose values metrics() already computed (the same request), so
+    no stop is checked before them: stopping there would save nothing."""
 
     jobs: list[tuple[tuple, list[int]]]
     run: Callable[[tuple, list[int]], Tensor]
     metrics: Callable[[], tuple[Tensor, Tensor]]
+    prepaid: int = 0
 
 
 @dataclass
@@ -495,11 +499,14 @@ def run_sweep(
     on_progress: Progress,
     should_stop: Stop,
     on_partial: Callable[[SweepOut], None] | None = None,
+    on_error: Callable[[SweepOut, Exception], Any] | None = None,
 ) -> SweepOut:
     """The skeleton every per-cell sweep shares: plan each chunk's jobs, run them chunk by
     chunk (only one chunk's runs alive at a time), fill the per-example grid, report progress,
     stop between jobs. A cell is done once chunk 0 has it (every chunk runs every cell). On a
-    stop the finished chunks' examples are kept (chunk 0's if none finished)."""
+    stop the finished chunks' examples are kept (chunk 0's if none finished). A job that
+    raises an error with a ``partial`` attribute (a failed nnsight request's RemoteError)
+    leaves with ``partial = on_error(what finished, the error)``."""
     n = len(task)
     whole = len(chunk_rows) == 1
     chunks_ = [
@@ -518,12 +525,18 @@ def run_sweep(
         with torch.no_grad():
             a, b = work.metrics()
         m_a[sl], m_b[sl] = a.float().cpu(), b.float().cpu()
-        for key, cols in work.jobs:
-            if should_stop is not None and should_stop():
+        for j, (key, cols) in enumerate(work.jobs):
+            if j >= work.prepaid and should_stop is not None and should_stop():
                 complete = False
                 break
-            with torch.no_grad():
-                vals = work.run(key, cols)  # [V, b]
+            try:
+                with torch.no_grad():
+                    vals = work.run(key, cols)  # [V, b]
+            except Exception as exc:
+                if on_error is not None and hasattr(exc, "partial"):
+                    kept = _kept(per_example, done, m_a, m_b, chunk_rows, finished, False)
+                    exc.partial = on_error(kept, exc)
+                raise
             cells = (*key, cols)
             at = (sl, *cells)  # built apart: mypy reads x[(a, *b)] as the 3.11-only x[a, *b]
             per_example[at] = vals.T.float().cpu()

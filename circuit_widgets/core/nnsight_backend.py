@@ -10,15 +10,13 @@ local simulation, which hides this package while it deserialises) never imports 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from circuit_widgets.core.common import MetricReader, Progress, Stop, build_grid, plan_sweep
-from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.types import Component, Direction, Head
+from circuit_widgets.types import Component, Head
 
 if TYPE_CHECKING:
     from circuit_widgets.tasks.base import Task
@@ -52,6 +50,9 @@ _ELSEWHERE = (
     "attribution_patch",
     "path_attribution",
 )
+
+# the core's own sweep runs these, its Backend being backends.NNsightBackend
+_IN_CORE = ("activation_patch", "path_patch")
 
 # why an experiment cannot be one request, where that is the reason it is refused
 WHY_NOT = {
@@ -93,6 +94,10 @@ def dispatch(model: Any, experiment: str) -> Callable[..., Any]:
         from circuit_widgets.core import nnsight_masking
 
         return getattr(nnsight_masking, experiment)
+    if experiment in _IN_CORE:  # the core function runs nnsight through backends.NNsightBackend
+        from circuit_widgets.core import patching, path_patching
+
+        return getattr(patching if experiment == "activation_patch" else path_patching, experiment)
     if experiment in _ELSEWHERE:
         from circuit_widgets.core import nnsight_experiments
 
@@ -126,7 +131,8 @@ def _site(nm: Any, comp: Component, layer: int) -> tuple[Any, bool, int]:
     return getattr(a, f"{comp.value}_proj"), False, 0
 
 
-def _check_component(comp: Component) -> None:
+def check_component(comp: Component) -> None:
+    """Refuse a component the nnsight sweeps do not patch yet, naming the ones they do."""
     if comp not in (Component.Z, Component.Q, Component.K, Component.V):
         raise NotImplementedError(
             f"component {comp.value!r} is not available on the nnsight backend yet; "
@@ -134,135 +140,23 @@ def _check_component(comp: Component) -> None:
         )
 
 
+_check_component = check_component  # the earlier name, used by nnsight_experiments
+
+
 # ---------------------------------------------------------------------- activation patching
-
-
-def activation_patch(
-    model: Any,
-    task: Task,
-    *,
-    component: Any = "z",
-    positions: Any = "all",
-    direction: Any = "noise",
-    heads: Sequence[Head | str | tuple[int, int]] | None = None,
-    batch_size: int | None = None,
-    on_progress: Progress = None,
-    should_stop: Stop = None,
-    max_memory: int | str | None = None,  # requests are sized by batch_size (rows) instead
-) -> HeadGrid:
-    """``activation_patch`` through nnsight; the same contract as the fast engine's.
-
-    A request runs ``max(positions x columns, rows // examples)`` cells (rows = batch_size,
-    default 512), layer by layer, so a full grid costs at most one request per layer.
-    Progress advances per request; ``should_stop`` is checked between requests. A request
-    that fails raises ``RemoteError`` (one sentence) whose ``partial`` holds the grid so far.
-    """
-    plan = plan_sweep(
-        model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
-    )
-    comp, dirn, shape = plan.comp, plan.dirn, plan.shape
-    _check_component(comp)
-    slots, labels, n_cols = plan.slots, plan.labels, plan.n_cols
-    L, P, B = shape.n_layers, len(slots), len(task)
-    wanted = torch.zeros(L, P, n_cols, dtype=torch.bool)
-    if plan.subset is None:
-        wanted[:] = True
-    else:
-        for h in plan.subset:
-            wanted[h.layer, :, h.head] = True
-    cells = [tuple(c) for c in wanted.nonzero().tolist()]  # layer-major
-    per_request = max(P * n_cols, (batch_size or DEFAULT_ROWS) // max(B, 1), 1)
-    jobs = [cells[i : i + per_request] for i in range(0, len(cells), per_request)] or [[]]
-
-    reader = MetricReader(task, "cpu")
-    base_tokens, src_tokens = (
-        (task.clean_tokens, task.corrupt_tokens)
-        if dirn == Direction.NOISE
-        else (task.corrupt_tokens, task.clean_tokens)
-    )
-    masks = [s.mask for s in slots]
-    end = task.positions["END"].cpu()
-    dh = shape.d_head
-    per_example = torch.full((B, L, P, n_cols), float("nan"))
-    done = torch.zeros(L, P, n_cols, dtype=torch.bool)
-    m_clean: Any = None
-    m_corrupt: Any = None
-    complete = True
-    n_req = 0
-
-    def grid(complete: bool, extra: list[str]) -> HeadGrid:
-        pe, dn = per_example, done
-        if labels is None:
-            pe, dn = pe[:, :, 0], dn[:, 0]
-        notes = [
-            f"nnsight ({_where(model)}): {n_req} request(s), up to {per_request} cells each",
-            *extra,
-        ]
-        if dirn == Direction.DENOISE:
-            notes.append(
-                "denoise: corrupt run with clean activations patched in; values are still "
-                "patched - clean, recovered = 1 - normalized"
-            )
-        return build_grid(
-            pe,
-            dn,
-            m_clean,
-            m_corrupt,
-            shape=shape,
-            component=comp,
-            direction=dirn.value,
-            kind="activation",
-            metric_name=task.metric_name,
-            positions=labels,
-            position=plan.single,
-            complete=complete,
-            notes=notes,
-        )
-
-    for i, job in enumerate(jobs):
-        if i > 0 and should_stop is not None and should_stop():
-            complete = False
-            break
-        first = i == 0
-        by_layer: dict[int, list] = {}
-        for k, (layer, p, col) in enumerate(job):
-            by_layer.setdefault(layer, []).append((k, p, col))
-        try:
-            out = _patch_request(
-                model, comp, src_tokens, base_tokens, first, by_layer, masks, end, dh, reader.cols
-            )
-        except Exception as exc:
-            from circuit_widgets.nnsight_model import RemoteError, request_error
-
-            err = exc if isinstance(exc, RemoteError) else request_error(exc)
-            err.partial = grid(False, [str(err)]) if m_clean is not None else None
-            raise err from exc
-        n_req += 1
-        rows = out.float().cpu().view(-1, B, out.shape[-1])
-        metric = reader(rows)  # [n, B]
-        if first:
-            m_src, m_base = metric[0], metric[1]
-            m_clean, m_corrupt = (m_base, m_src) if dirn == Direction.NOISE else (m_src, m_base)
-            metric = metric[2:]
-        else:
-            metric = metric[1:]
-        for k, (layer, p, col) in enumerate(job):
-            per_example[:, layer, p, col] = metric[k] - m_clean
-            done[layer, p, col] = True
-        if on_progress is not None:
-            on_progress(i + 1, len(jobs))
-    return grid(complete, [])
+# activation_patch itself runs core.patching's sweep; backends.NNsightBackend packs its cells
+# into the requests below.
 
 
 def where(model: Any) -> str:
-    """Where an nnsight model's requests run, in words."""
+    """Where an nnsight model's requests run, for a result's notes."""
     return {False: "in-process", "local": "NDIF local simulation", True: "NDIF"}[model.remote]
 
 
-_where = where
+_where = where  # the earlier name, used by nnsight_experiments
 
 
-def _patch_request(
+def patch_request(
     nm: Any,
     comp: Component,
     src_tokens: Tensor,
@@ -315,135 +209,8 @@ def _patch_request(
 
 
 # ---------------------------------------------------------------------- path patching
-
-
-def path_patch(
-    model: Any,
-    task: Task,
-    *,
-    receivers: Any = "logits",
-    senders: Sequence[Head | str | tuple[int, int]] | None = None,
-    position: str = "all",
-    freeze_mlps: bool = False,
-    batch_size: int | None = None,
-    on_progress: Progress = None,
-    should_stop: Stop = None,
-    max_memory: int | str | None = None,  # requests are sized by batch_size (rows) instead
-) -> HeadGrid:
-    """``path_patch`` through nnsight; the same contract as the fast engine's.
-
-    One forward per request holds the corrupt and clean runs, and per sender a frozen copy
-    (its z from the corrupt run, every other head's z, and with ``freeze_mlps`` every MLP
-    output, from the clean run); for receiver heads a fresh clean copy per sender takes the
-    receivers' q/k/v from the frozen copy in the same forward. A full grid costs at most one
-    request per layer.
-    """
-    from circuit_widgets.core.common import check_callbacks, check_head, check_position_name
-    from circuit_widgets.core.path_patching import (
-        _check_receivers,
-        _describe,
-        _gqa_notes,
-        _receiver_slots,
-    )
-    from circuit_widgets.models import model_shape
-
-    shape = model_shape(model)
-    check_callbacks(on_progress, should_stop, batch_size)
-    to_logits, recv = _check_receivers(receivers, shape)
-    if not isinstance(position, str):
-        raise ValueError(  # noqa: TRY004 - every input mistake is a ValueError, as in path_patch
-            f"position must be 'all' or a position name, got {position!r}"
-        )
-    if position != "all":
-        check_position_name(task, position)
-    top = shape.n_layers if to_logits else min(r.layer for r in recv)
-    if not to_logits and top == 0:
-        raise ValueError("receivers in layer 0 have no earlier heads to send to them")
-    if senders is None:
-        sender_list = [Head(l, h) for l in range(top) for h in range(shape.n_heads)]
-    else:
-        sender_list = [Head.parse(h) for h in senders]
-        for h in sender_list:
-            check_head(h, shape, "sender")
-        bad = [h for h in sender_list if h.layer >= top]
-        if bad and not to_logits:
-            raise ValueError(
-                f"sender {bad[0]} is at or above receiver layer {top}: a sender can only "
-                f"reach receivers in later layers (senders must be in layers < {top})"
-            )
-    sender_list = sorted(set(sender_list))
-    B, s = task.clean_tokens.shape
-    mask = (
-        torch.ones(B, s, dtype=torch.bool)
-        if position == "all"
-        else torch.arange(s)[None] == task.positions[position].cpu()[:, None]
-    )
-    per_cell = 1 if to_logits else 2  # batch copies per sender
-    per_request = max(shape.n_heads, (batch_size or DEFAULT_ROWS) // max(B * per_cell, 1), 1)
-    jobs = [sender_list[i : i + per_request] for i in range(0, len(sender_list), per_request)]
-    reader = MetricReader(task, "cpu")
-    end = task.positions["END"].cpu()
-    slots = _receiver_slots(recv, shape.group_size)
-    per_example = torch.full((B, shape.n_layers, shape.n_heads), float("nan"))
-    done = torch.zeros(shape.n_layers, shape.n_heads, dtype=torch.bool)
-    m_clean: Any = None
-    m_corrupt: Any = None
-    n_req, complete = 0, True
-    notes = [
-        (
-            f"senders: z from the corrupt run at position {position!r}; every other head's z "
-            f"frozen to its clean value; MLPs {'frozen to clean' if freeze_mlps else 'recompute'}"
-        ),
-    ]
-    if not to_logits:
-        notes.append(
-            "receivers' q/k/v from that run patched into a fresh clean run where "
-            "everything else recomputes"
-        )
-    notes += _gqa_notes(recv, shape)
-
-    def grid(complete: bool, extra: list[str]) -> HeadGrid:
-        head = f"nnsight ({_where(model)}): {n_req} request(s), up to {per_request} senders each"
-        return build_grid(
-            per_example,
-            done,
-            m_clean,
-            m_corrupt,
-            shape=shape,
-            component=Component.Z,
-            direction="noise",
-            kind="path",
-            metric_name=task.metric_name,
-            positions=None,
-            position=position,
-            complete=complete,
-            receivers=_describe(recv, shape),
-            notes=[head, *notes, *extra],
-        )
-
-    for i, job in enumerate(jobs):
-        if i > 0 and should_stop is not None and should_stop():
-            complete = False
-            break
-        try:
-            out = _path_request(
-                model, task, job, mask, end, slots, to_logits, freeze_mlps, reader.cols
-            )
-        except Exception as exc:
-            from circuit_widgets.nnsight_model import RemoteError, request_error
-
-            err = exc if isinstance(exc, RemoteError) else request_error(exc)
-            err.partial = grid(False, [str(err)]) if m_clean is not None else None
-            raise err from exc
-        n_req += 1
-        metric = reader(out.float().cpu().view(-1, B, out.shape[-1]))
-        m_corrupt, m_clean = metric[0], metric[1]
-        for k, h in enumerate(job):
-            per_example[:, h.layer, h.head] = metric[2 + k] - m_clean
-            done[h.layer, h.head] = True
-        if on_progress is not None:
-            on_progress(i + 1, len(jobs))
-    return grid(complete, [])
+# path_patch itself runs core.path_patching's sweep; backends.NNsightBackend packs one frozen
+# copy (and for receivers one fresh copy) per sender into the requests below.
 
 
 def _recv_site(nm: Any, layer: int, which: str) -> tuple[Any, int]:
@@ -455,7 +222,7 @@ def _recv_site(nm: Any, layer: int, which: str) -> tuple[Any, int]:
     return getattr(a, f"{which}_proj"), 0
 
 
-def _path_request(
+def path_request(
     nm: Any,
     task: Task,
     senders: list[Head],

@@ -3,7 +3,9 @@
 The fast path (GPT-2, Llama-family, Gemma 3) resumes each patched run at the patched layer,
 and per example at the first position the patch can change (the patched position, or the
 first token where clean and corrupt differ), reading the rest from the cached runs; it runs
-many patched copies per pass. Other architectures run one bridge forward per cell, with hooks.
+many patched copies per pass. Other architectures run one bridge forward per cell, with hooks;
+an nnsight model packs many cells into each request. Which one runs is the Backend's choice
+(core/backends.py); this module holds the sweep and the engines' cell functions.
 """
 
 from __future__ import annotations
@@ -14,25 +16,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core import backends, hooks
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
-    Chunk,
-    ChunkWork,
     MetricReader,
     Progress,
     Stop,
+    SweepOut,
     Window,
     build_grid,
     chunk_notes,
-    chunks,
-    example_chunks,
-    first_diff,
     plan_sweep,
     run_sweep,
-    split_window,
-    variants_per_pass,
-    window_for,
 )
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
@@ -80,8 +75,6 @@ def activation_patch(
     in a later chunk keeps the examples of the chunks that finished.
     """
     check_args("activation_patch", model=model, task=task)
-    if nnsight_backend.is_nnsight(model):
-        return nnsight_backend.dispatch(model, "activation_patch")(**locals())
     plan = plan_sweep(
         model, task, component, direction, heads, positions, on_progress, should_stop, batch_size
     )
@@ -94,107 +87,48 @@ def activation_patch(
     else:
         for h in subset:
             wanted[h.layer, :, h.head] = True
-    noise = dirn == Direction.NOISE
 
-    eng = cache.engine_for(model)
-    notes = []
-    rows = example_chunks(model, task, max_memory, hooked=eng is None)
-    if eng is not None:
+    backend = backends.backend_for(model)
+    spec = backends.ActivationSpec(comp, slots, wanted, dirn == Direction.NOISE, batch_size)
+    rows = backend.chunk_rows(task, max_memory)
 
-        def prepare(chunk: Chunk) -> ChunkWork:
-            sub, B = chunk.task, len(chunk.task)
-            reader = MetricReader(sub, eng.device)
-            fd, end = first_diff(sub), sub.positions["END"].cpu()
-            s = sub.clean_tokens.shape[1]
-            windows = [window_for(slot.mask[chunk.rows, :s], fd, end) for slot in slots]
-            jobs = []
-            for layer in range(L):
-                for p in range(P):
-                    cols = wanted[layer, p].nonzero().flatten().tolist()
-                    per_pass = variants_per_pass(batch_size, B, windows[p].w)
-                    jobs += [((layer, p), c) for c in chunks(cols, per_pass) if c]
-            groups = [split_window(win) for win in windows]
-            metrics = lambda: (
-                cache.chunk_metric(model, chunk, eng, reader, "clean"),
-                cache.chunk_metric(model, chunk, eng, reader, "corrupt"),
+    def grid(out: SweepOut, extra: list[str]) -> HeadGrid:
+        note = backend.note("activation_patch")  # after the sweep: nnsight counts requests
+        notes = ([] if note is None else [note]) + chunk_notes(out, rows) + extra
+        per_example, done = out.per_example, out.done
+        if labels is None:
+            per_example, done = per_example[:, :, 0], done[:, 0]
+        if dirn == Direction.DENOISE:
+            notes.append(
+                "denoise: corrupt run with clean activations patched in; values are still "
+                "patched - clean, recovered = 1 - normalized"
             )
-
-            def run(key: tuple, cols: list[int]) -> Tensor:
-                layer, p = key
-                clean = cache.chunk_run(model, chunk, eng, "clean")
-                corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
-                base, src = (clean, corrupt) if noise else (corrupt, clean)
-                metric = grouped_cells(
-                    groups[p],
-                    len(cols),
-                    B,
-                    lambda ex, win: fast_cells(eng, comp, base, src, layer, cols, win, reader, ex),
-                )  # [V, B]: patched - unpatched base
-                return metric.float().cpu() + _base_gap(metrics(), noise)[None]
-
-            return ChunkWork(jobs, run, metrics)
-    else:
-        notes.append(f"generic path, one bridge forward per cell: {cache.generic_reason(model)}")
-
-        def prepare(chunk: Chunk) -> ChunkWork:
-            sub = chunk.task
-            s = sub.clean_tokens.shape[1]
-            masks = [slot.mask[chunk.rows, :s] for slot in slots]
-            jobs = [
-                ((layer, p), [c])
-                for layer in range(L)
-                for p in range(P)
-                for c in wanted[layer, p].nonzero().flatten().tolist()
-            ]
-            metrics = lambda: cache.chunk_hooked_runs(model, chunk)[2:]
-
-            def run(key: tuple, cols: list[int]) -> Tensor:
-                layer, p = key
-                c_cache, x_cache, m_clean, m_corrupt = cache.chunk_hooked_runs(model, chunk)
-                base_tokens = sub.clean_tokens if noise else sub.corrupt_tokens
-                src_cache = x_cache if noise else c_cache
-                m_base = (m_clean if noise else m_corrupt).to(model.cfg.device)
-                cell = _hooked_cell(
-                    model, sub, comp, base_tokens, src_cache, layer, cols[0], masks[p]
-                )
-                metric = (cell - m_base)[None]
-                return metric.float().cpu() + _base_gap((m_clean, m_corrupt), noise)[None]
-
-            return ChunkWork(jobs, run, metrics)
-
-    out = run_sweep(task, rows, prepare, (L, P, n_cols), on_progress, should_stop)
-    per_example, done, complete = out.per_example, out.done, out.complete
-    m_clean, m_corrupt = out.metric_a, out.metric_b
-    notes += chunk_notes(out, rows)
-    if labels is None:
-        per_example, done = per_example[:, :, 0], done[:, 0]
-    if dirn == Direction.DENOISE:
-        notes.append(
-            "denoise: corrupt run with clean activations patched in; values are still "
-            "patched - clean, recovered = 1 - normalized"
+        return build_grid(
+            per_example,
+            done,
+            out.metric_a,
+            out.metric_b,
+            shape=shape,
+            component=comp,
+            direction=dirn.value,
+            kind="activation",
+            metric_name=task.metric_name,
+            positions=labels,
+            position=single,
+            complete=out.complete,
+            notes=notes,
         )
-    return build_grid(
-        per_example,
-        done,
-        m_clean,
-        m_corrupt,
-        shape=shape,
-        component=comp,
-        direction=dirn.value,
-        kind="activation",
-        metric_name=task.metric_name,
-        positions=labels,
-        position=single,
-        complete=complete,
-        notes=notes,
+
+    out = run_sweep(
+        task,
+        rows,
+        lambda chunk: backend.activation_work(spec, chunk),
+        (L, P, n_cols),
+        on_progress,
+        should_stop,
+        on_error=lambda kept, err: grid(kept, [str(err)]),
     )
-
-
-def _base_gap(metrics: tuple[Tensor, Tensor], noise: bool) -> Tensor:
-    """Per example, (unpatched base - clean): run() gives patched - base; adding this makes
-    values read patched - clean."""
-    m_clean, m_corrupt = metrics
-    return (m_clean if noise else m_corrupt).float().cpu() - m_clean.float().cpu()
+    return grid(out, [])
 
 
 # ---------------------------------------------------------------------- fast path
@@ -300,7 +234,7 @@ def _pattern_z(eng: FastModel, base_v: Tensor, src_pattern: Tensor, pos: Tensor)
 # ---------------------------------------------------------------------- generic path
 
 
-def _hooked_cell(
+def hooked_cell(
     model: ModelLike,
     task: Task,
     comp: Component,

@@ -16,26 +16,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core import backends, hooks
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
-    Chunk,
-    ChunkWork,
     MetricReader,
     Progress,
     Stop,
+    SweepOut,
     Window,
     build_grid,
     check_callbacks,
     check_head,
     check_position_name,
     chunk_notes,
-    chunks,
-    example_chunks,
-    first_diff,
     run_sweep,
-    variants_per_pass,
-    window_for,
 )
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, gather_window, run_window, window_positions
@@ -76,8 +70,6 @@ def path_patch(
     the cached runs; examples are split into chunks that fit (see activation_patch).
     """
     check_args("path_patch", model=model, task=task)
-    if nnsight_backend.is_nnsight(model):
-        return nnsight_backend.dispatch(model, "path_patch")(**locals())
     shape = model_shape(model)
     check_callbacks(on_progress, should_stop, batch_size)
     to_logits, recv = _check_receivers(receivers, shape)
@@ -119,7 +111,9 @@ def path_patch(
     for h in sender_list:
         by_layer.setdefault(h.layer, []).append(h.head)
 
-    eng = cache.engine_for(model)
+    backend = backends.backend_for(model)
+    spec = backends.PathSpec(shape, mask, by_layer, recv, to_logits, freeze_mlps, batch_size)
+    rows = backend.chunk_rows(task, max_memory)
     notes = [
         (
             f"senders: z from the corrupt run at position {position!r}; every other head's z "
@@ -132,86 +126,36 @@ def path_patch(
             "everything else recomputes"
         )
     notes += _gqa_notes(recv, shape)
-    rows = example_chunks(model, task, max_memory, hooked=eng is None)
-    L, H = shape.n_layers, shape.n_heads
-    if eng is not None:
 
-        def prepare(chunk: Chunk) -> ChunkWork:
-            sub, B = chunk.task, len(chunk.task)
-            reader = MetricReader(sub, eng.device)
-            s = sub.clean_tokens.shape[1]
-            win = window_for(
-                mask[chunk.rows, :s],
-                first_diff(sub),
-                sub.positions["END"].cpu(),
-                only_end=to_logits,
-            )
-            per_pass = variants_per_pass(batch_size, B, win.w)
-            jobs = [
-                ((layer,), c)
-                for layer, cols in sorted(by_layer.items())
-                for c in chunks(cols, per_pass)
-            ]
-            metrics = lambda: (
-                cache.chunk_metric(model, chunk, eng, reader, "clean"),
-                cache.chunk_metric(model, chunk, eng, reader, "corrupt"),
-            )
+    def grid(out: SweepOut, extra: list[str]) -> HeadGrid:
+        note = backend.note("path_patch")  # after the sweep: nnsight counts requests
+        return build_grid(
+            out.per_example,
+            out.done,
+            out.metric_a,
+            out.metric_b,
+            shape=shape,
+            component=Component.Z,
+            direction="noise",
+            kind="path",
+            metric_name=task.metric_name,
+            positions=None,
+            position=position,
+            complete=out.complete,
+            receivers=_describe(recv, shape),
+            notes=[*([] if note is None else [note]), *notes, *chunk_notes(out, rows), *extra],
+        )
 
-            def run(key: tuple, cols: list[int]) -> Tensor:
-                clean = cache.chunk_run(model, chunk, eng, "clean")
-                corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
-                return _fast_senders(
-                    eng, clean, corrupt, key[0], cols, win, recv, freeze_mlps, reader
-                ).float()  # already patched - clean
-
-            return ChunkWork(jobs, run, metrics)
-    else:
-        notes.append(f"generic path, two bridge forwards per sender: {cache.generic_reason(model)}")
-
-        def prepare(chunk: Chunk) -> ChunkWork:
-            sub = chunk.task
-            sub_mask = mask[chunk.rows, : sub.clean_tokens.shape[1]]
-            jobs = [((layer,), [c]) for layer, cols in sorted(by_layer.items()) for c in cols]
-            metrics = lambda: cache.chunk_hooked_runs(model, chunk)[2:]
-
-            def run(key: tuple, cols: list[int]) -> Tensor:
-                c_cache, x_cache, m_clean, _ = cache.chunk_hooked_runs(model, chunk)
-                metric = _hooked_sender(
-                    model,
-                    sub,
-                    shape,
-                    c_cache,
-                    x_cache,
-                    key[0],
-                    cols[0],
-                    sub_mask,
-                    recv,
-                    freeze_mlps,
-                )
-                return (metric - m_clean.to(metric.device))[None].float()
-
-            return ChunkWork(jobs, run, metrics)
-
-    out = run_sweep(task, rows, prepare, (L, H), on_progress, should_stop)
-    per_example, done, complete = out.per_example, out.done, out.complete
-    m_clean, m_corrupt = out.metric_a, out.metric_b
-    notes += chunk_notes(out, rows)
-    return build_grid(
-        per_example,
-        done,
-        m_clean,
-        m_corrupt,
-        shape=shape,
-        component=Component.Z,
-        direction="noise",
-        kind="path",
-        metric_name=task.metric_name,
-        positions=None,
-        position=position,
-        complete=complete,
-        receivers=_describe(recv, shape),
-        notes=notes,
+    out = run_sweep(
+        task,
+        rows,
+        lambda chunk: backend.path_work(spec, chunk),
+        (shape.n_layers, shape.n_heads),
+        on_progress,
+        should_stop,
+        on_error=lambda kept, err: grid(kept, [str(err)]),
     )
+    return grid(out, [])
 
 
 # ---------------------------------------------------------------------- validation, labels
@@ -273,7 +217,7 @@ def _gqa_notes(recv: list[Receiver], shape: ModelShape) -> list[str]:
     return notes
 
 
-def _receiver_slots(recv: list[Receiver], group: int) -> dict[tuple[int, str], list[int]]:
+def receiver_slots(recv: list[Receiver], group: int) -> dict[tuple[int, str], list[int]]:
     """(layer, 'q'|'k'|'v') -> the head columns to patch (kv heads for k/v)."""
     out: dict[tuple[int, str], list[int]] = {}
     for r in recv:
@@ -287,7 +231,7 @@ def _receiver_slots(recv: list[Receiver], group: int) -> dict[tuple[int, str], l
 # ---------------------------------------------------------------------- fast path
 
 
-def _fast_senders(
+def fast_senders(
     eng: FastModel,
     clean: Trace,
     corrupt: Trace,
@@ -313,7 +257,7 @@ def _fast_senders(
     attn_new = eng.o_proj(layer, z)
     ar = torch.arange(len(starts), device=dev)
     end = win.end_index.to(dev)
-    slots = _receiver_slots(recv, eng.group)
+    slots = receiver_slots(recv, eng.group)
 
     if not recv and freeze:
         # every other contribution is clean: the final residual moves by this one change
@@ -364,7 +308,7 @@ def _replace_heads(heads: list[int], new: Tensor, pm: Tensor):
 # ---------------------------------------------------------------------- generic path
 
 
-def _hooked_sender(
+def hooked_sender(
     model: ModelLike,
     task: Task,
     shape: ModelShape,
@@ -400,7 +344,7 @@ def _hooked_sender(
             )
             for l in range(shape.n_layers)
         ]
-    slots = _receiver_slots(recv, shape.group_size)
+    slots = receiver_slots(recv, shape.group_size)
     captured: dict[tuple[int, str], Tensor] = {}
     for rl, inp in slots:
         comp = Component.coerce(inp)

@@ -249,3 +249,43 @@ def test_explorer_runs_every_tab_on_nnsight_models(tiny_llama):
     _close(torch.tensor(got.cmap.grid.values), torch.tensor(ref.cmap.grid.values))
     assert got.circuit == ref.circuit and got.attention.heads == ref.attention.heads
     assert nb.requests > 0 and nt.requests > 0
+
+
+def test_local_simulation_does_not_break_imports_in_other_threads(tiny_llama, monkeypatch):
+    """NDIF's local simulation hides this package from sys.modules while it reads a request
+    back; an import in another thread (a widget's worker, the next cell) then waits for the
+    window to close instead of failing with ModuleNotFoundError."""
+    import sys
+    import threading
+
+    from nnsight.schema.request import RequestModel
+
+    task = cw.tasks.ioi(tiny_llama, 2)
+    nm = cw.load_model(tiny_llama, backend="nnsight", remote="local")
+    hidden, trying = threading.Event(), threading.Event()
+    outcome = []
+    real = RequestModel.deserialize
+
+    def slow_deserialize(*args, **kwargs):
+        hidden.set()  # the package is out of sys.modules now
+        trying.wait(10)
+        threading.Event().wait(0.3)  # time for the other thread's import to reach the lock
+        return real(*args, **kwargs)
+
+    def importer():
+        hidden.wait(10)
+        was_hidden = "circuit_widgets.studies.reuse" not in sys.modules
+        trying.set()
+        try:
+            from circuit_widgets.studies import reuse
+
+            outcome.append((was_hidden, reuse.__name__))
+        except ImportError as exc:
+            outcome.append((was_hidden, repr(exc)))
+
+    monkeypatch.setattr(RequestModel, "deserialize", staticmethod(slow_deserialize))
+    thread = threading.Thread(target=importer)
+    thread.start()
+    cw.head_attention(nm, task, ["1.1"], "S1")
+    thread.join(20)
+    assert outcome == [(True, "circuit_widgets.studies.reuse")]

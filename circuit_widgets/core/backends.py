@@ -1,0 +1,574 @@
+"""What runs a sweep's cells: one ``Backend`` per way of running the model.
+
+Every per-cell sweep (activation patching, path patching) is the same job loop,
+``common.run_sweep``: it asks the backend for a chunk's jobs, runs them, fills the grid,
+reports progress and stops between jobs. Attribution asks it for gradient steps. The backend
+decides how a job runs:
+
+- ``FastBackend``: the exact fast engine (``fast_model``), resuming patched runs from cached
+  clean/corrupt Traces; many cells per pass. The default where ``cache.engine_for`` gives one.
+- ``HookBackend``: TransformerLens bridge hooks, one bridge forward per cell (the reference
+  semantics); any architecture, and every run under ``cache.force_hooked``.
+- ``NNsightBackend``: an nnsight-served model, where a job is one request holding many cells
+  as extra batch rows (progress per request, Cancel between requests). Attribution on
+  nnsight (a gradient inside each request) stays in ``nnsight_experiments``.
+
+``backend_for(model)`` picks one. Experiment code never branches on the engine itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from circuit_widgets.core import cache, nnsight_backend
+from circuit_widgets.core.common import (
+    Chunk,
+    ChunkWork,
+    MetricReader,
+    Slot,
+    chunks,
+    example_chunks,
+    first_diff,
+    split_window,
+    variants_per_pass,
+    window_for,
+)
+from circuit_widgets.core.fast_model import FastModel
+from circuit_widgets.core.forward import trace_forward
+from circuit_widgets.models import model_shape
+from circuit_widgets.types import Component, Head, ModelLike, ModelShape, Receiver
+
+if TYPE_CHECKING:
+    from circuit_widgets.tasks.base import Task
+
+# The engines' cell functions live with their experiments (patching.fast_cells, ...), which
+# import this module: the backends import them inside their methods.
+
+
+# ---------------------------------------------------------------------- what a sweep asks for
+
+
+@dataclass(frozen=True)
+class ActivationSpec:
+    """Activation patching's cells: ``wanted[layer, slot, column]``, patched from the source
+    run (corrupt for noise, clean for denoise) into the base run at each slot's mask."""
+
+    comp: Component
+    slots: list[Slot]
+    wanted: Tensor
+    noise: bool
+    batch_size: int | None
+
+
+@dataclass(frozen=True)
+class PathSpec:
+    """Path patching's senders (layer -> heads), their patch mask and the receivers."""
+
+    shape: ModelShape
+    mask: Tensor
+    by_layer: dict[int, list[int]]
+    recv: list[Receiver]
+    to_logits: bool
+    freeze_mlps: bool
+    batch_size: int | None
+
+
+@dataclass(frozen=True)
+class AttributionSpec:
+    """Attribution patching: ``comp`` at every layer; ``frozen``: path patching's paths only."""
+
+    comp: Component
+    noise: bool
+    n_layers: int
+    frozen: bool
+    freeze_mlps: bool
+
+
+@dataclass
+class AttributionWork:
+    """step(examples) -> per-position first-order effects [b, L, s, cols]; each step fills
+    ``m_base`` / ``m_src`` (the metric of the run differentiated / patched from) for its
+    examples; finish(complete) runs once the loop ends."""
+
+    step: Callable[[slice], Tensor]
+    m_base: Tensor
+    m_src: Tensor
+    finish: Callable[[bool], None] = field(default=lambda complete: None)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What a sweep needs from whatever runs the model: how to split the examples, a chunk's
+    jobs for each per-cell sweep (ChunkWork for ``common.run_sweep``) and, where supported,
+    gradient steps for attribution (NotImplementedError elsewhere)."""
+
+    name: str  # "fast" | "hooks" | "nnsight"
+
+    def note(self, experiment: str) -> str | None:
+        """What a result should say about how ``experiment`` ran here (None: nothing)."""
+        ...
+
+    def chunk_rows(
+        self, task: Task, max_memory: Any, *, runs: int = 2, batch_size: int | None = None
+    ) -> list[slice]:
+        """Example ranges whose ``runs`` cached runs fit ``max_memory`` (one per chunk)."""
+        ...
+
+    def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
+        """Jobs (layer, slot) x columns (or per-cell layer and slot lists: one request of many
+        layers); run() gives metric patched - clean [V, b]."""
+        ...
+
+    def path_work(self, spec: PathSpec, chunk: Chunk) -> ChunkWork:
+        """Jobs (sender layer,) x heads (or a per-sender layer list); run() gives metric
+        patched - clean [V, b]."""
+        ...
+
+    def attribution_work(self, spec: AttributionSpec, task: Task, whole: bool) -> AttributionWork:
+        """Gradient steps over ``task``; ``whole``: the task's runs fit and are cached."""
+        ...
+
+
+def backend_for(model: Any) -> Backend:
+    """nnsight for an nnsight-served model, the fast engine where it reproduces the bridge
+    (not under ``cache.force_hooked``, nor with hooks left on the model), else bridge hooks."""
+    if nnsight_backend.is_nnsight(model):
+        return NNsightBackend(model)
+    eng = cache.engine_for(model)
+    if eng is not None:
+        return FastBackend(model, eng)
+    return HookBackend(model)
+
+
+def _base_gap(metrics: tuple[Tensor, Tensor], noise: bool) -> Tensor:
+    """Per example, (unpatched base - clean): a job measured against the base run reads
+    patched - clean once this is added."""
+    m_clean, m_corrupt = metrics
+    return (m_clean if noise else m_corrupt).float().cpu() - m_clean.float().cpu()
+
+
+# ---------------------------------------------------------------------- the fast engine
+
+
+class FastBackend:
+    """The exact fast engine: patched runs resume from cached Traces, many cells per pass."""
+
+    name = "fast"
+
+    def __init__(self, model: ModelLike, eng: FastModel) -> None:
+        self.model, self.eng = model, eng
+
+    def note(self, experiment: str) -> str | None:
+        return None
+
+    def chunk_rows(
+        self, task: Task, max_memory: Any, *, runs: int = 2, batch_size: int | None = None
+    ) -> list[slice]:
+        return example_chunks(self.model, task, max_memory, runs=runs, batch_size=batch_size)
+
+    def _metrics(self, chunk: Chunk, reader: MetricReader) -> Callable[[], tuple[Tensor, Tensor]]:
+        model, eng = self.model, self.eng
+        return lambda: (
+            cache.chunk_metric(model, chunk, eng, reader, "clean"),
+            cache.chunk_metric(model, chunk, eng, reader, "corrupt"),
+        )
+
+    def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
+        from circuit_widgets.core.patching import fast_cells, grouped_cells
+
+        model, eng, comp, noise = self.model, self.eng, spec.comp, spec.noise
+        L, P = spec.wanted.shape[:2]
+        sub, B = chunk.task, len(chunk.task)
+        reader = MetricReader(sub, eng.device)
+        fd, end = first_diff(sub), sub.positions["END"].cpu()
+        s = sub.clean_tokens.shape[1]
+        windows = [window_for(slot.mask[chunk.rows, :s], fd, end) for slot in spec.slots]
+        jobs = []
+        for layer in range(L):
+            for p in range(P):
+                cols = spec.wanted[layer, p].nonzero().flatten().tolist()
+                per_pass = variants_per_pass(spec.batch_size, B, windows[p].w)
+                jobs += [((layer, p), c) for c in chunks(cols, per_pass) if c]
+        groups = [split_window(win) for win in windows]
+        metrics = self._metrics(chunk, reader)
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            layer, p = key
+            clean = cache.chunk_run(model, chunk, eng, "clean")
+            corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
+            base, src = (clean, corrupt) if noise else (corrupt, clean)
+            metric = grouped_cells(
+                groups[p],
+                len(cols),
+                B,
+                lambda ex, win: fast_cells(eng, comp, base, src, layer, cols, win, reader, ex),
+            )  # [V, B]: patched - unpatched base
+            return metric.float().cpu() + _base_gap(metrics(), noise)[None]
+
+        return ChunkWork(jobs, run, metrics)
+
+    def path_work(self, spec: PathSpec, chunk: Chunk) -> ChunkWork:
+        from circuit_widgets.core.path_patching import fast_senders
+
+        model, eng = self.model, self.eng
+        sub, B = chunk.task, len(chunk.task)
+        reader = MetricReader(sub, eng.device)
+        s = sub.clean_tokens.shape[1]
+        win = window_for(
+            spec.mask[chunk.rows, :s],
+            first_diff(sub),
+            sub.positions["END"].cpu(),
+            only_end=spec.to_logits,
+        )
+        per_pass = variants_per_pass(spec.batch_size, B, win.w)
+        jobs = [
+            ((layer,), c)
+            for layer, cols in sorted(spec.by_layer.items())
+            for c in chunks(cols, per_pass)
+        ]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            clean = cache.chunk_run(model, chunk, eng, "clean")
+            corrupt = cache.chunk_run(model, chunk, eng, "corrupt")
+            return fast_senders(
+                eng, clean, corrupt, key[0], cols, win, spec.recv, spec.freeze_mlps, reader
+            ).float()  # already patched - clean
+
+        return ChunkWork(jobs, run, self._metrics(chunk, reader))
+
+    def attribution_work(self, spec: AttributionSpec, task: Task, whole: bool) -> AttributionWork:
+        from circuit_widgets.core.attribution import fast_contrib
+
+        model, eng, noise = self.model, self.eng, spec.noise
+        B = len(task)
+        src_name, base_name = ("corrupt", "clean") if noise else ("clean", "corrupt")
+        m_src, m_base = torch.full((B,), float("nan")), torch.full((B,), float("nan"))
+        reader = MetricReader(task, eng.device)
+        # only the source run is cached; the base run is the forward we differentiate
+        src_tokens = task.clean_tokens if not noise else task.corrupt_tokens
+        base_tokens = task.clean_tokens if noise else task.corrupt_tokens
+        if whole:
+            src = cache.fast_run(model, task, eng, src_name)
+            m_src = cache.fast_metric(model, task, eng, reader, src_name).float()
+
+        def step(sl: slice) -> Tensor:
+            if whole:
+                src_sl = src.subset(sl)
+            else:  # this chunk's source run only, full width like the base tokens
+                with torch.no_grad():
+                    src_sl = trace_forward(eng, src_tokens[sl])
+                    end = task.positions["END"][sl].to(eng.device)
+                    ar = torch.arange(len(end), device=eng.device)
+                    final = src_sl.resid_pre[-1][ar, end]
+                    m_src[sl] = reader(eng.logits(final, reader.cols), sl).float().cpu()
+            contrib, metric = fast_contrib(
+                eng,
+                spec.comp,
+                base_tokens[sl],
+                src_sl,
+                task.positions["END"][sl],
+                reader,
+                sl,
+                spec.frozen,
+                spec.freeze_mlps,
+            )
+            m_base[sl] = metric.float().cpu()
+            return contrib
+
+        def finish(complete: bool) -> None:
+            if complete and whole:  # the differentiated forward's metric, for later sweeps
+                cache.set_metric(model, task, base_name, m_base)
+
+        return AttributionWork(step, m_base, m_src, finish)
+
+
+# ---------------------------------------------------------------------- bridge hooks
+
+
+_HOOK_NOTES = {
+    "activation_patch": "generic path, one bridge forward per cell",
+    "path_patch": "generic path, two bridge forwards per sender",
+    "attribution": "generic path, gradients through bridge hooks",
+}
+
+
+class HookBackend:
+    """TransformerLens bridge hooks: one bridge forward per cell, any architecture."""
+
+    name = "hooks"
+
+    def __init__(self, model: ModelLike) -> None:
+        self.model = model
+        self.reason = cache.generic_reason(model)  # why not the fast engine, when picked
+
+    def note(self, experiment: str) -> str | None:
+        return f"{_HOOK_NOTES[experiment]}: {self.reason}"
+
+    def chunk_rows(
+        self, task: Task, max_memory: Any, *, runs: int = 2, batch_size: int | None = None
+    ) -> list[slice]:
+        # bridge caches keep q and every attention pattern too
+        return example_chunks(
+            self.model, task, max_memory, runs=runs, hooked=True, batch_size=batch_size
+        )
+
+    def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
+        from circuit_widgets.core.patching import hooked_cell
+
+        model, noise = self.model, spec.noise
+        L, P = spec.wanted.shape[:2]
+        sub = chunk.task
+        s = sub.clean_tokens.shape[1]
+        masks = [slot.mask[chunk.rows, :s] for slot in spec.slots]
+        jobs = [
+            ((layer, p), [c])
+            for layer in range(L)
+            for p in range(P)
+            for c in spec.wanted[layer, p].nonzero().flatten().tolist()
+        ]
+        metrics = lambda: cache.chunk_hooked_runs(model, chunk)[2:]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            layer, p = key
+            c_cache, x_cache, m_clean, m_corrupt = cache.chunk_hooked_runs(model, chunk)
+            base_tokens = sub.clean_tokens if noise else sub.corrupt_tokens
+            src_cache = x_cache if noise else c_cache
+            m_base = (m_clean if noise else m_corrupt).to(model.cfg.device)
+            cell = hooked_cell(
+                model, sub, spec.comp, base_tokens, src_cache, layer, cols[0], masks[p]
+            )
+            metric = (cell - m_base)[None]
+            return metric.float().cpu() + _base_gap((m_clean, m_corrupt), noise)[None]
+
+        return ChunkWork(jobs, run, metrics)
+
+    def path_work(self, spec: PathSpec, chunk: Chunk) -> ChunkWork:
+        from circuit_widgets.core.path_patching import hooked_sender
+
+        model = self.model
+        sub = chunk.task
+        sub_mask = spec.mask[chunk.rows, : sub.clean_tokens.shape[1]]
+        jobs = [((layer,), [c]) for layer, cols in sorted(spec.by_layer.items()) for c in cols]
+        metrics = lambda: cache.chunk_hooked_runs(model, chunk)[2:]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            c_cache, x_cache, m_clean, _ = cache.chunk_hooked_runs(model, chunk)
+            metric = hooked_sender(
+                model,
+                sub,
+                spec.shape,
+                c_cache,
+                x_cache,
+                key[0],
+                cols[0],
+                sub_mask,
+                spec.recv,
+                spec.freeze_mlps,
+            )
+            return (metric - m_clean.to(metric.device))[None].float()
+
+        return ChunkWork(jobs, run, metrics)
+
+    def attribution_work(self, spec: AttributionSpec, task: Task, whole: bool) -> AttributionWork:
+        from circuit_widgets.core.attribution import hooked_contrib
+
+        model, noise, L = self.model, spec.noise, spec.n_layers
+        B = len(task)
+        work = AttributionWork(
+            lambda sl: torch.empty(0),
+            torch.full((B,), float("nan")),
+            torch.full((B,), float("nan")),
+        )
+        if whole:
+            c_cache, x_cache, m_clean, m_corrupt = cache.hooked_runs(model, task)
+            work.m_base, work.m_src = (m_clean, m_corrupt) if noise else (m_corrupt, m_clean)
+
+        def step(sl: slice) -> Tensor:
+            if whole:
+                src_cache = x_cache if noise else c_cache
+                base_tokens = task.clean_tokens if noise else task.corrupt_tokens
+                return hooked_contrib(
+                    model,
+                    task,
+                    spec.comp,
+                    base_tokens,
+                    src_cache,
+                    sl,
+                    L,
+                    spec.frozen,
+                    spec.freeze_mlps,
+                )
+            sub = task.subset(torch.arange(B)[sl])
+            c_sub, x_sub, mc, mx = cache.hooked_compute(model, sub)
+            work.m_base[sl], work.m_src[sl] = (mc, mx) if noise else (mx, mc)
+            return hooked_contrib(
+                model,
+                sub,
+                spec.comp,
+                sub.clean_tokens if noise else sub.corrupt_tokens,
+                x_sub if noise else c_sub,
+                slice(None),
+                L,
+                spec.frozen,
+                spec.freeze_mlps,
+            )
+
+        work.step = step
+        return work
+
+
+# ---------------------------------------------------------------------- nnsight
+
+
+class NNsightBackend:
+    """An nnsight-served model: a job is one request packing many cells as batch rows, so
+    run_sweep reports progress per request and stops between requests. Request failures
+    raise RemoteError (one sentence); the caller attaches the partial grid."""
+
+    name = "nnsight"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.requests = 0  # requests sent so far, for the result's notes
+        self.per_request = 0  # cells (or senders) per request
+
+    def note(self, experiment: str) -> str | None:
+        what = "senders" if experiment == "path_patch" else "cells"
+        return (
+            f"nnsight ({nnsight_backend.where(self.model)}): {self.requests} request(s), "
+            f"up to {self.per_request} {what} each"
+        )
+
+    def chunk_rows(
+        self, task: Task, max_memory: Any, *, runs: int = 2, batch_size: int | None = None
+    ) -> list[slice]:
+        return [slice(0, len(task))]  # nothing is cached here: requests are sized by rows
+
+    def _request(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
+        try:
+            out = fn(self.model, *args)
+        except Exception as exc:
+            from circuit_widgets.nnsight_model import RemoteError, request_error
+
+            err = exc if isinstance(exc, RemoteError) else request_error(exc)
+            raise err from exc
+        self.requests += 1
+        return out
+
+    def activation_work(self, spec: ActivationSpec, chunk: Chunk) -> ChunkWork:
+        nnsight_backend.check_component(spec.comp)
+        task, noise = chunk.task, spec.noise
+        B = len(task)
+        _, P, n_cols = spec.wanted.shape
+        cells = [tuple(c) for c in spec.wanted.nonzero().tolist()]  # layer-major
+        per_request = max(
+            P * n_cols, (spec.batch_size or nnsight_backend.DEFAULT_ROWS) // max(B, 1), 1
+        )
+        self.per_request = per_request
+        groups = [cells[i : i + per_request] for i in range(0, len(cells), per_request)]
+        # one job per request; its key lists each cell's layer and slot, cols its column
+        jobs = [(([c[0] for c in g], [c[1] for c in g]), [c[2] for c in g]) for g in groups]
+        reader = MetricReader(task, "cpu")
+        base_tokens, src_tokens = (
+            (task.clean_tokens, task.corrupt_tokens)
+            if noise
+            else (task.corrupt_tokens, task.clean_tokens)
+        )
+        masks = [slot.mask[chunk.rows] for slot in spec.slots]
+        end = task.positions["END"].cpu()
+        dh = model_shape(self.model).d_head
+        state: dict[str, Any] = {"next": 0}
+
+        def request(group: list, first: bool) -> Tensor:
+            by_layer: dict[int, list] = {}
+            for k, (layer, p, col) in enumerate(group):
+                by_layer.setdefault(layer, []).append((k, p, col))
+            out = self._request(
+                nnsight_backend.patch_request,
+                spec.comp,
+                src_tokens,
+                base_tokens,
+                first,
+                by_layer,
+                masks,
+                end,
+                dh,
+                reader.cols,
+            )
+            return reader(out.float().cpu().view(-1, B, out.shape[-1]))  # [rows / B, B]
+
+        def metrics() -> tuple[Tensor, Tensor]:
+            # the first request also runs the base: its rows give both metrics
+            if "metrics" not in state:
+                metric = request(groups[0] if groups else [], True)
+                m_src, m_base = metric[0], metric[1]
+                state["metrics"] = (m_base, m_src) if noise else (m_src, m_base)
+                state["first"] = metric[2:]
+            return state["metrics"]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            i = state["next"]
+            state["next"] += 1
+            m_clean = metrics()[0]
+            metric = state.pop("first") if i == 0 else request(groups[i], False)[1:]
+            return metric - m_clean[None]
+
+        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
+
+    def path_work(self, spec: PathSpec, chunk: Chunk) -> ChunkWork:
+        from circuit_widgets.core.path_patching import receiver_slots
+
+        task, shape = chunk.task, spec.shape
+        B = len(task)
+        senders = [Head(layer, h) for layer, hs in sorted(spec.by_layer.items()) for h in hs]
+        per_cell = 1 if spec.to_logits else 2  # batch copies per sender
+        rows = spec.batch_size or nnsight_backend.DEFAULT_ROWS
+        per_request = max(shape.n_heads, rows // max(B * per_cell, 1), 1)
+        self.per_request = per_request
+        groups = [senders[i : i + per_request] for i in range(0, len(senders), per_request)]
+        jobs = [(([h.layer for h in g],), [h.head for h in g]) for g in groups]
+        reader = MetricReader(task, "cpu")
+        mask, end = spec.mask[chunk.rows], task.positions["END"].cpu()
+        slots = receiver_slots(spec.recv, shape.group_size)
+        state: dict[str, Any] = {"next": 0}
+
+        def request(group: list[Head]) -> Tensor:
+            out = self._request(
+                nnsight_backend.path_request,
+                task,
+                group,
+                mask,
+                end,
+                slots,
+                spec.to_logits,
+                spec.freeze_mlps,
+                reader.cols,
+            )
+            return reader(out.float().cpu().view(-1, B, out.shape[-1]))  # [corrupt, clean, ...]
+
+        def metrics() -> tuple[Tensor, Tensor]:
+            # every request runs corrupt and clean too: the first one's give both metrics
+            if "metrics" not in state:
+                metric = request(groups[0])
+                state["metrics"] = (metric[1], metric[0])
+                state["first"] = metric
+            return state["metrics"]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            i = state["next"]
+            state["next"] += 1
+            metrics()
+            metric = state.pop("first") if i == 0 else request(groups[i])
+            return metric[2:] - metric[1][None]  # against its own request's clean run
+
+        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
+
+    def attribution_work(self, spec: AttributionSpec, task: Task, whole: bool) -> AttributionWork:
+        raise NotImplementedError(
+            "attribution on nnsight keeps its own request loop (nnsight_experiments)"
+        )

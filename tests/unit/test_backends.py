@@ -1,0 +1,247 @@
+"""One job loop, several engines: backend_for picks the fast engine, bridge hooks or nnsight,
+each satisfies the Backend protocol, and a sweep gives the same grid through every one."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import circuit_widgets as cw
+from circuit_widgets import tiny_model
+from circuit_widgets.core import attribution, backends, cache, patching, path_patching
+from circuit_widgets.core.backends import (
+    Backend,
+    FastBackend,
+    HookBackend,
+    NNsightBackend,
+    backend_for,
+)
+from circuit_widgets.core.common import ChunkWork, run_sweep
+from circuit_widgets.types import Receiver
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+PROTOCOL = ("note", "chunk_rows", "activation_work", "path_work", "attribution_work")
+
+
+@pytest.fixture(scope="module")
+def llama(one_thread):
+    return tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def task(llama):
+    return cw.tasks.ioi(llama, 4)
+
+
+@pytest.fixture(scope="module")
+def nnsight_llama(llama):
+    return cw.load_model(llama, backend="nnsight", remote=False)
+
+
+def test_backend_for_picks_fast_hooks_and_nnsight(llama, nnsight_llama):
+    fast = backend_for(llama)
+    assert isinstance(fast, FastBackend) and fast.name == "fast"
+    assert fast.eng is cache.engine_for(llama)
+    with cache.force_hooked():
+        hooked = backend_for(llama)
+    assert isinstance(hooked, HookBackend) and hooked.name == "hooks"
+    assert "force_hooked" in str(hooked.note("activation_patch"))
+    nn = backend_for(nnsight_llama)
+    assert isinstance(nn, NNsightBackend) and nn.name == "nnsight"
+
+
+def test_a_hook_left_on_the_model_picks_bridge_hooks(llama):
+    llama.add_hook("blocks.0.hook_resid_pre", lambda act, hook: act)
+    try:
+        assert isinstance(backend_for(llama), HookBackend)
+    finally:
+        llama.reset_hooks()
+    assert isinstance(backend_for(llama), FastBackend)
+
+
+def test_every_backend_satisfies_the_protocol(llama, nnsight_llama):
+    with cache.force_hooked():
+        hooked = backend_for(llama)
+    for b in (backend_for(llama), hooked, backend_for(nnsight_llama)):
+        assert isinstance(b, Backend)
+        assert isinstance(b.name, str)
+        for member in PROTOCOL:
+            mine = inspect.signature(getattr(type(b), member))
+            spec = inspect.signature(getattr(Backend, member))
+            assert list(mine.parameters) == list(spec.parameters), (type(b).__name__, member)
+    assert not isinstance(object(), Backend)
+
+
+def _three_ways(model, nm, task, fn, **kwargs):
+    fast = fn(model, task, **kwargs)
+    with cache.force_hooked():
+        hooked = fn(model, task, **kwargs)
+    return fast, hooked, fn(nm, task, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"component": "z", "positions": "END"},
+        {"component": "v", "positions": ["S2", "END"], "direction": "denoise"},
+    ],
+)
+def test_activation_patch_is_the_same_through_every_backend(llama, nnsight_llama, task, kwargs):
+    fast, hooked, nn = _three_ways(llama, nnsight_llama, task, cw.activation_patch, **kwargs)
+    assert not any("generic path" in n or "nnsight" in n for n in fast.notes)
+    assert any(n.startswith("generic path, one bridge forward per cell") for n in hooked.notes)
+    assert nn.notes[0].startswith("nnsight (in-process): 1 request(s)")
+    for other in (hooked, nn):
+        assert other.complete and other.done.all() and other.shape == fast.shape
+        torch.testing.assert_close(other.per_example, fast.per_example, atol=1e-4, rtol=0)
+        torch.testing.assert_close(other.metric_clean, fast.metric_clean, atol=1e-4, rtol=0)
+        torch.testing.assert_close(other.metric_corrupt, fast.metric_corrupt, atol=1e-4, rtol=0)
+
+
+def test_path_patch_is_the_same_through_every_backend(llama, nnsight_llama, task):
+    fast, hooked, nn = _three_ways(
+        llama, nnsight_llama, task, cw.path_patch, receivers=[Receiver(1, 1, "q")], position="END"
+    )
+    assert any(n.startswith("generic path, two bridge forwards per sender") for n in hooked.notes)
+    assert nn.notes[0].startswith("nnsight (in-process): 1 request(s)")
+    for other in (hooked, nn):
+        torch.testing.assert_close(
+            other.per_example, fast.per_example, atol=1e-4, rtol=0, equal_nan=True
+        )
+        assert torch.equal(other.done, fast.done) and fast.done[0].all()
+
+
+def test_attribution_is_the_same_through_fast_engine_and_hooks(llama, task):
+    fast = cw.attribution_patch(llama, task, "z")
+    with cache.force_hooked():
+        hooked = cw.attribution_patch(llama, task, "z")
+    assert any(n.startswith("generic path, gradients through bridge hooks") for n in hooked.notes)
+    torch.testing.assert_close(hooked.per_example, fast.per_example, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("module", [patching, path_patching, attribution])
+def test_experiments_no_longer_branch_on_the_engine(module):
+    src = Path(module.__file__).read_text()
+    assert not re.search(r"\beng is (not )?None\b", src), module.__name__
+    assert "engine_for" not in src and "backend_for" in src, module.__name__
+
+
+def test_backends_module_names_every_implementation():
+    assert {FastBackend, HookBackend, NNsightBackend} <= {
+        v for v in vars(backends).values() if isinstance(v, type)
+    }
+
+
+# ---------------------------------------------------------------------- the job loop
+
+
+def _fake_work(n_jobs: int, prepaid: int, log: list) -> ChunkWork:
+    """Jobs of a 2 x 3 grid; job j fills its cells with j + 1 for every example."""
+    keys = [(([0, 1],), [0, 2]), (([1],), [1]), (([0],), [1])][:n_jobs]
+
+    def run(key, cols):
+        j = keys.index((key, cols))
+        log.append(("run", j))
+        return torch.full((len(cols), 2), float(j + 1))
+
+    def metrics():
+        log.append("metrics")
+        return torch.zeros(2), torch.ones(2)
+
+    return ChunkWork(keys, run, metrics, prepaid=prepaid)
+
+
+def _one_chunk_task():
+    class T:
+        def __len__(self):
+            return 2
+
+    return T()
+
+
+def test_a_job_may_hold_cells_of_several_layers_and_prepaid_jobs_are_not_stoppable():
+    log: list = []
+    stops: list = []
+    out = run_sweep(
+        _one_chunk_task(),
+        [slice(0, 2)],
+        lambda chunk: _fake_work(3, 1, log),
+        (2, 3),
+        None,
+        lambda: stops.append(1) or True,  # stop at the first chance
+    )
+    # job 0 came with metrics(): it is kept, and the first stop check is before job 1
+    assert log == ["metrics", ("run", 0)] and len(stops) == 1 and not out.complete
+    expect = torch.full((2, 3), math.nan)
+    expect[0, 0], expect[1, 2] = 1.0, 1.0
+    assert torch.equal(out.per_example[0].nan_to_num(-9), expect.nan_to_num(-9))
+    assert out.done.tolist() == [[True, False, False], [False, False, True]]
+
+
+def test_without_prepaid_jobs_a_stop_comes_before_the_first_job():
+    log: list = []
+    out = run_sweep(
+        _one_chunk_task(),
+        [slice(0, 2)],
+        lambda chunk: _fake_work(3, 0, log),
+        (2, 3),
+        None,
+        lambda: True,
+    )
+    assert log == ["metrics"] and not out.done.any() and not out.complete
+
+
+class _RequestFailed(RuntimeError):
+    partial = None
+
+
+def test_an_error_with_a_partial_leaves_with_what_finished():
+    def prepare(chunk):
+        work = _fake_work(3, 1, [])
+        inner = work.run
+
+        def run(key, cols):
+            if cols == [1]:
+                raise _RequestFailed("request 2 failed")
+            return inner(key, cols)
+
+        work.run = run
+        return work
+
+    with pytest.raises(_RequestFailed) as info:
+        run_sweep(
+            _one_chunk_task(),
+            [slice(0, 2)],
+            prepare,
+            (2, 3),
+            None,
+            None,
+            on_error=lambda kept, err: (kept, str(err)),
+        )
+    kept, msg = info.value.partial
+    assert msg == "request 2 failed" and not kept.complete
+    assert kept.done.tolist() == [[True, False, False], [False, False, True]]
+    assert torch.equal(kept.metric_b, torch.ones(2))
+
+
+def test_other_errors_pass_through_run_sweep_untouched():
+    calls: list = []
+
+    def prepare(chunk):
+        work = _fake_work(1, 0, [])
+
+        def run(key, cols):
+            raise ValueError("a bug, not a failed request")
+
+        work.run = run
+        return work
+
+    with pytest.raises(ValueError, match="a bug"):
+        run_sweep(_one_chunk_task(), [slice(0, 2)], prepare, (2, 3), None, None, calls.append)
+    assert calls == []  # no on_partial either: nothing finished
