@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core import backends, hooks, nnsight_backend
+from circuit_widgets.core import backends, hooks
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     MetricReader,
@@ -24,6 +24,7 @@ from circuit_widgets.core.common import (
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, attend, causal_masks
 from circuit_widgets.core.results import HeadGrid
+from circuit_widgets.nnsight_model import RemoteError
 from circuit_widgets.types import Component, Direction, Head, ModelLike
 
 if TYPE_CHECKING:
@@ -52,8 +53,6 @@ def attribution_patch(
     from free memory) too, with runs made per chunk instead of cached when the task's do not
     fit. It is an approximation: exact for a metric linear in the activation, off where the patch moves softmaxes or norms far.
     """
-    if nnsight_backend.is_nnsight(model):
-        return nnsight_backend.dispatch(model, "attribution_patch")(**locals())
     check_args("attribution_patch", model=model, task=task)
     return _attribute(
         model,
@@ -90,8 +89,6 @@ def path_attribution(
     is where the sender's z is patched, as in path_patch, whose value convention it follows.
     Exact where the metric is linear along those paths; receiver heads are not covered.
     """
-    if nnsight_backend.is_nnsight(model):
-        return nnsight_backend.dispatch(model, "path_attribution")(**locals())
     check_args("path_attribution", model=model, task=task)
     return _attribute(
         model,
@@ -148,53 +145,59 @@ def _attribute(
     else:
         steps = backend.chunk_rows(task, max_memory, runs=3, batch_size=batch_size)
         notes.append(f"ran in {len(steps)} chunks of at most {steps[0].stop} examples (max_memory)")
-    note = backend.note("attribution")
-    if note is not None:
-        notes.append(note)
     noise = dirn == Direction.NOISE
     spec = backends.AttributionSpec(comp, noise, L, frozen, freeze_mlps)
     work = backend.attribution_work(spec, task, whole)
-
     per_example = torch.full((B, L, P, n_cols), float("nan"))
+
+    def grid(complete: bool, extra: list[str]) -> HeadGrid:
+        m_base, m_src = work.m_base, work.m_src
+        m_clean, m_corrupt = (m_base, m_src) if noise else (m_src, m_base)
+        pe = per_example.clone()
+        if dirn == Direction.DENOISE:
+            pe = pe + (m_corrupt - m_clean).float()[:, None, None, None]
+        done = ~pe.isnan().any(0)  # a cell is done once every example's batch is
+        if subset is not None:
+            keep = torch.zeros(L, P, n_cols, dtype=torch.bool)
+            for h in subset:
+                keep[h.layer, :, h.head] = True
+            done &= keep
+        if labels is None:
+            pe, done = pe[:, :, 0], done[:, 0]
+        note = backend.note("attribution")  # after the loop: nnsight counts its requests
+        return build_grid(
+            pe,
+            done,
+            m_clean,
+            m_corrupt,
+            shape=shape,
+            component=comp,
+            direction=dirn.value,
+            kind="attribution",
+            metric_name=task.metric_name,
+            positions=labels,
+            position=single,
+            complete=complete,
+            notes=[*([note] if note is not None else []), *notes, *extra],
+            receivers="logits" if frozen else None,
+        )
+
     complete = True
     for i, sl in enumerate(steps):
         if should_stop is not None and should_stop():
             complete = False
             break
-        contrib = work.step(sl).float().cpu()  # [b, L, s, cols]: per-position first-order effects
+        try:
+            contrib = work.step(sl).float().cpu()  # [b, L, s, cols]: per-position effects
+        except RemoteError as err:  # a failed request keeps the steps that finished
+            err.partial = None if i == 0 else grid(False, [str(err)])
+            raise
         m = masks[sl][:, :, : contrib.shape[2]]  # a chunk's own runs may be trimmed of padding
         per_example[sl] = torch.einsum("bps,blsc->blpc", m, contrib)
         if on_progress is not None:
             on_progress(i + 1, len(steps))
     work.finish(complete)
-    m_base, m_src = work.m_base, work.m_src
-    m_clean, m_corrupt = (m_base, m_src) if noise else (m_src, m_base)
-    if dirn == Direction.DENOISE:
-        per_example = per_example + (m_corrupt - m_clean).float()[:, None, None, None]
-    done = ~per_example.isnan().any(0)  # a cell is done once every example's batch is
-    if subset is not None:
-        keep = torch.zeros(L, P, n_cols, dtype=torch.bool)
-        for h in subset:
-            keep[h.layer, :, h.head] = True
-        done &= keep
-    if labels is None:
-        per_example, done = per_example[:, :, 0], done[:, 0]
-    return build_grid(
-        per_example,
-        done,
-        m_clean,
-        m_corrupt,
-        shape=shape,
-        component=comp,
-        direction=dirn.value,
-        kind="attribution",
-        metric_name=task.metric_name,
-        positions=labels,
-        position=single,
-        complete=complete,
-        notes=notes,
-        receivers="logits" if frozen else None,
-    )
+    return grid(complete, [])
 
 
 def _per_position(comp: Component, delta: Tensor, grad: Tensor) -> Tensor:

@@ -438,6 +438,11 @@ class NNsightBackend:
         self.per_request = 0  # cells (or senders) per request
 
     def note(self, experiment: str) -> str | None:
+        if experiment == "attribution":
+            return (
+                f"nnsight ({nnsight_backend.where(self.model)}): {self.requests} request(s), "
+                f"{self.per_request} examples each"
+            )
         what = "senders" if experiment == "path_patch" else "cells"
         return (
             f"nnsight ({nnsight_backend.where(self.model)}): {self.requests} request(s), "
@@ -449,7 +454,7 @@ class NNsightBackend:
     ) -> list[slice]:
         return [slice(0, len(task))]  # nothing is cached here: requests are sized by rows
 
-    def _request(self, fn: Callable[..., Tensor], *args: Any) -> Tensor:
+    def _request(self, fn: Callable[..., Any], *args: Any) -> Any:
         try:
             out = fn(self.model, *args)
         except Exception as exc:
@@ -569,6 +574,45 @@ class NNsightBackend:
         return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
 
     def attribution_work(self, spec: AttributionSpec, task: Task, whole: bool) -> AttributionWork:
-        raise NotImplementedError(
-            "attribution on nnsight keeps its own request loop (nnsight_experiments)"
+        """One request per step: source and base rows in one forward, the metric's gradient
+        taken inside it (only torch and nnsight run there)."""
+        from circuit_widgets.core import nnsight_experiments as nx
+
+        nnsight_backend.check_component(spec.comp)
+        if task.metric_name not in nx.GRAD_METRICS:
+            where = "path_attribution" if spec.frozen else "attribution_patch"
+            raise ValueError(
+                f"{where} differentiates the metric, and {task.metric_name!r} is a step "
+                f"function with no gradient; use a task with metric in {nx.GRAD_METRICS} "
+                "(task.with_metric('logit_diff'))"
+            )
+        model, noise, B = self.model, spec.noise, len(task)
+        shape = model_shape(model)
+        n_cols = shape.n_heads if spec.comp in (Component.Z, Component.Q) else shape.n_kv_heads
+        base_tokens, src_tokens = (
+            (task.clean_tokens, task.corrupt_tokens)
+            if noise
+            else (task.corrupt_tokens, task.clean_tokens)
         )
+        readout = nx.Readout(task)
+        end = task.positions["END"].cpu()
+        sites = [nnsight_backend.site(model, spec.comp, layer) for layer in range(spec.n_layers)]
+        mlps = (
+            [model.layer(layer).mlp for layer in range(spec.n_layers)] if spec.freeze_mlps else []
+        )
+        m_src, m_base = torch.full((B,), float("nan")), torch.full((B,), float("nan"))
+        self.per_request = 0
+
+        def step(sl: slice) -> Tensor:
+            idx = torch.arange(B)[sl]
+            self.per_request = max(self.per_request, len(idx))
+            out, contribs = self._request(
+                nx.grad_request, src_tokens[sl], base_tokens[sl], end[sl], sites, mlps,
+                spec.frozen, readout.cols, readout.ans[idx], readout.wrong[idx],
+                task.metric_name, n_cols, shape.d_head,
+            )  # fmt: skip
+            metric = readout.scores(out, idx.repeat(2))[0].view(2, -1)
+            m_src[sl], m_base[sl] = metric[0], metric[1]
+            return torch.stack([c.detach().float().cpu() for c in contribs], 1)
+
+        return AttributionWork(step, m_base, m_src)

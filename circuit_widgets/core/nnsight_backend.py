@@ -47,12 +47,10 @@ _ELSEWHERE = (
     "faithfulness",
     "cmap",
     "cmap_grid",
-    "attribution_patch",
-    "path_attribution",
 )
 
 # the core's own sweep runs these, its Backend being backends.NNsightBackend
-_IN_CORE = ("activation_patch", "path_patch")
+_IN_CORE = ("activation_patch", "path_patch", "attribution_patch", "path_attribution")
 
 # why an experiment cannot be one request, where that is the reason it is refused
 WHY_NOT = {
@@ -95,9 +93,10 @@ def dispatch(model: Any, experiment: str) -> Callable[..., Any]:
 
         return getattr(nnsight_masking, experiment)
     if experiment in _IN_CORE:  # the core function runs nnsight through backends.NNsightBackend
-        from circuit_widgets.core import patching, path_patching
+        from circuit_widgets.core import attribution, patching, path_patching
 
-        return getattr(patching if experiment == "activation_patch" else path_patching, experiment)
+        module = {"activation_patch": patching, "path_patch": path_patching}
+        return getattr(module.get(experiment, attribution), experiment)
     if experiment in _ELSEWHERE:
         from circuit_widgets.core import nnsight_experiments
 
@@ -120,7 +119,7 @@ def check(experiment: str, *models: Any) -> None:
 # ---------------------------------------------------------------------- sites
 
 
-def _site(nm: Any, comp: Component, layer: int) -> tuple[Any, bool, int]:
+def site(nm: Any, comp: Component, layer: int) -> tuple[Any, bool, int]:
     """(module envoy, True if the activation is its input, column offset of head 0)."""
     if comp == Component.Z:
         return nm.z_site(layer), True, 0
@@ -129,6 +128,9 @@ def _site(nm: Any, comp: Component, layer: int) -> tuple[Any, bool, int]:
         d = nm.cfg.n_heads * nm.cfg.d_head
         return a.c_attn, False, {"q": 0, "k": d, "v": 2 * d}[comp.value]
     return getattr(a, f"{comp.value}_proj"), False, 0
+
+
+_site = site  # the earlier name, used by nnsight_experiments
 
 
 def check_component(comp: Component) -> None:

@@ -298,8 +298,27 @@ def test_attribution_requests_per_batch_stop_and_errors(tiny_llama):
     assert nm.requests == 2 and seen == [(1, 2), (2, 2)]
     _close(got.per_example, ref.per_example)
     got = cw.attribution_patch(nm, task, batch_size=4, should_stop=lambda: True)
-    # as the fast engine: every request covers every cell, and a cell needs every example
+    # as every engine (one job loop): a stop before the first request sends none
+    assert not got.complete and not got.done.any() and nm.requests == 2
+    calls = []
+    got = cw.attribution_patch(
+        nm, task, batch_size=4, should_stop=lambda: bool(calls.append(1)) or len(calls) > 1
+    )
+    # stopped after the first of two requests: every cell needs every example, so none is done
     assert not got.complete and not got.done.any() and nm.requests == 3
+    assert got.notes[0].startswith("nnsight (NDIF local simulation): 1 request(s), 4 examples")
+
+    def fail(n):
+        if n == 5:
+            raise ConnectionError("connection reset by peer")
+
+    nm._fail = fail
+    with pytest.raises(RemoteError, match="connection reset") as info:
+        cw.attribution_patch(nm, task, batch_size=4)
+    partial = info.value.partial  # a grid saying what happened (no cell has every example)
+    assert partial is not None and not partial.complete and not partial.done.any()
+    assert "connection reset" in partial.notes[-1] and "1 request(s)" in partial.notes[0]
+    nm._fail = None
     with pytest.raises(ValueError, match="'accuracy' is a step function with no gradient"):
         cw.attribution_patch(nm, task.with_metric("accuracy"))
     with pytest.raises(NotImplementedError, match="'pattern' is not available on the nnsight"):
