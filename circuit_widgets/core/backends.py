@@ -10,8 +10,9 @@ decides how a job runs:
 - ``HookBackend``: TransformerLens bridge hooks, one bridge forward per cell (the reference
   semantics); any architecture, and every run under ``cache.force_hooked``.
 - ``NNsightBackend``: an nnsight-served model, where a job is one request holding many cells
-  as extra batch rows (progress per request, Cancel between requests). Attribution on
-  nnsight (a gradient inside each request) stays in ``nnsight_experiments``.
+  as extra batch rows (progress per request, Cancel between requests); attribution takes
+  its gradient inside each request. CMAP (two models) and DCM (a training loop) are not
+  per-cell sweeps of one model and keep loops of their own.
 
 ``backend_for(model)`` picks one. Experiment code never branches on the engine itself.
 """
@@ -105,7 +106,7 @@ class AttributionWork:
 class Backend(Protocol):
     """What a sweep needs from whatever runs the model: how to split the examples, a chunk's
     jobs for each per-cell sweep (ChunkWork for ``common.run_sweep``) and, where supported,
-    gradient steps for attribution (NotImplementedError elsewhere)."""
+    gradient steps for attribution."""
 
     name: str  # "fast" | "hooks" | "nnsight"
 
