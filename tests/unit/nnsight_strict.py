@@ -6,7 +6,8 @@ comes back full, although on NDIF the block runs on the server's copy of that li
 the block's ``.save()``-marked variables travel back (``push_result`` at the outermost
 trace, then ``RemoteBackend._push``). ``StrictSimulationBackend`` runs the deserialised
 request against its own restored variables, as the server does, and pushes back only the
-saved ones, after a ``torch.save`` / ``torch.load`` round trip as the result download does.
+saved ones, after a ``torch.save`` / ``torch.load`` round trip as the result download does;
+the model's parameters are frozen while it runs, as on NDIF's servers.
 """
 
 from __future__ import annotations
@@ -41,10 +42,17 @@ class StrictSimulationBackend(LocalSimulationBackend):
             restored = RequestModel.deserialize(blob, persistent, compress=False)
         finally:
             self._restore(hidden)
+        # NDIF serves its models with every parameter frozen (requires_grad_(False))
+        params = list(self.model._module.parameters())
+        grads = [p.requires_grad for p in params]
         try:
+            for p in params:
+                p.requires_grad_(False)
             # the server's run: the block sees only the shipped copies of the caller's variables
             restored.execute(restored.info.code)
         finally:
+            for p, g in zip(params, grads):
+                p.requires_grad_(g)
             if kept is not None:
                 linecache.cache[filename] = kept
             else:
