@@ -175,3 +175,76 @@ def test_strict_backend_returns_only_saved_variables(tiny_llama):
     assert StrictSimulationBackend.results == [{"kept": s_kept}]
     torch.testing.assert_close(s_kept, kept)
     StrictSimulationBackend.results.clear()
+
+
+# ---------------------------------------------------------------------- every request's shape
+
+REQUEST_MODULES = ("nnsight_backend", "nnsight_experiments", "nnsight_masking")
+
+
+def _request_blocks():
+    """(function, with-node) of every request block (a with whose context passes a backend)."""
+    import ast
+    import importlib
+    import inspect
+
+    for name in REQUEST_MODULES:
+        mod = importlib.import_module(f"circuit_widgets.core.{name}")
+        tree = ast.parse(inspect.getsource(mod))
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef):
+                for node in ast.walk(fn):
+                    if isinstance(node, ast.With) and any(
+                        kw.arg == "backend"
+                        for item in node.items
+                        for call in ast.walk(item.context_expr)
+                        if isinstance(call, ast.Call)
+                        for kw in call.keywords
+                    ):
+                        yield f"{name}.{fn.name}", fn, node
+
+
+def test_every_request_returns_only_variables_bound_to_saved_values():
+    """Statically, for paths the tests above may not reach: no request block mutates an object
+    made outside it (on NDIF that object is the server's copy), and every variable the block
+    binds and the function reads afterwards is bound to ``save(...)`` or ``....save()``."""
+    import ast
+
+    mutators = {"append", "extend", "update", "setdefault", "insert", "pop", "add"}
+    blocks = list(_request_blocks())
+    assert len(blocks) >= 12  # every request function of the three modules
+    for where, fn, block in blocks:
+        stores = [n for n in ast.walk(block) if isinstance(n, ast.Name)]
+        bound = {n.id for n in stores if isinstance(n.ctx, ast.Store)}
+        for n in ast.walk(block):
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute):
+                target = n.func.value
+                if isinstance(target, ast.Name) and n.func.attr in mutators:
+                    assert target.id in bound, f"{where} mutates {target.id!r} made outside it"
+            if isinstance(n, ast.Assign | ast.AugAssign):
+                for t in n.targets if isinstance(n, ast.Assign) else [n.target]:
+                    if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name):
+                        assert t.value.id in bound, f"{where} writes into {t.value.id!r}"
+        after = [
+            n
+            for n in ast.walk(fn)
+            if isinstance(n, ast.Name) and n.lineno > (block.end_lineno or 0)
+        ]
+        rebound = {n.id for n in after if isinstance(n.ctx, ast.Store)}
+        read_after = {n.id for n in after if isinstance(n.ctx, ast.Load)} - rebound
+        for name in bound & read_after:
+            values = [
+                a.value
+                for a in ast.walk(block)
+                if isinstance(a, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == name for t in a.targets)
+            ]
+            assert values, f"{where}: {name!r} is bound in the block only by a loop or with"
+            for v in values:
+                saved = isinstance(v, ast.Call) and (
+                    isinstance(v.func, ast.Name)
+                    and v.func.id == "save"
+                    or isinstance(v.func, ast.Attribute)
+                    and v.func.attr == "save"
+                )
+                assert saved, f"{where}: {name!r} is read after the block but not saved"
