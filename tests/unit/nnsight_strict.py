@@ -7,19 +7,23 @@ the block's ``.save()``-marked variables travel back (``push_result`` at the out
 trace, then ``RemoteBackend._push``). ``StrictSimulationBackend`` runs the deserialised
 request against its own restored variables, as the server does, and pushes back only the
 saved ones, after a ``torch.save`` / ``torch.load`` round trip as the result download does;
-the model's parameters are frozen while it runs, as on NDIF's servers.
+while it runs the model's parameters are frozen and circuit_widgets cannot be imported, as
+on NDIF's servers.
 """
 
 from __future__ import annotations
 
 import io
 import linecache
+import sys
 from typing import Any, ClassVar
 
 import torch
 from nnsight.intervention.backends.local import LocalSimulationBackend
 from nnsight.tracing.tracer import _saves, save
 from nnsight.tracing.util import push
+
+ROOT = "circuit_widgets"
 
 
 class StrictSimulationBackend(LocalSimulationBackend):
@@ -45,12 +49,18 @@ class StrictSimulationBackend(LocalSimulationBackend):
         # NDIF serves its models with every parameter frozen (requires_grad_(False))
         params = list(self.model._module.parameters())
         grads = [p.requires_grad for p in params]
+        # NDIF has no circuit_widgets: nothing of ours may be imported while the block runs
+        ours = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == ROOT}
+        paths = list(sys.path)
+        sys.path[:] = [p for p in paths if "site-packages" in p or "lib/python" in p]
         try:
             for p in params:
                 p.requires_grad_(False)
             # the server's run: the block sees only the shipped copies of the caller's variables
             restored.execute(restored.info.code)
         finally:
+            sys.path[:] = paths
+            sys.modules.update(ours)
             for p, g in zip(params, grads):
                 p.requires_grad_(g)
             if kept is not None:

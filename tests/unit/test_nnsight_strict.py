@@ -177,6 +177,22 @@ def test_strict_backend_returns_only_saved_variables(tiny_llama):
     StrictSimulationBackend.results.clear()
 
 
+def _imports_ours(lm):
+    with torch.no_grad(), lm.trace(torch.tensor([[1, 2]]), backend=StrictSimulationBackend(lm)):
+        import circuit_widgets.core.forward  # noqa: F401 - fails: NDIF has no such package
+
+        kept = lm.output.logits.save()
+    return kept
+
+
+def test_strict_backend_runs_the_block_without_circuit_widgets(tiny_llama):
+    """As on NDIF, where this package is not installed, a block that imports it fails."""
+    nm = cw.load_model(tiny_llama, backend="nnsight", remote="local")
+    with pytest.raises(ModuleNotFoundError, match="circuit_widgets"):
+        _imports_ours(nm.lm)
+    import circuit_widgets.core.forward  # noqa: F401 - importable again afterwards
+
+
 # ---------------------------------------------------------------------- every request's shape
 
 REQUEST_MODULES = ("nnsight_backend", "nnsight_experiments", "nnsight_masking")
