@@ -360,8 +360,11 @@ def _attention_request(nm: Any, tokens: Tensor, layers: list[int], query: Tensor
     mods = [nm.attn(layer) for layer in layers]
     ar = torch.arange(tokens.shape[0])
     lm = nm.lm
-    rows = []
+    from nnsight import save
+
     with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        # built and saved in the block: NDIF sends back only the block's saved variables
+        rows = save([])
         for m in mods:
             rows.append(m.output[1][ar, :, query].save())
     return rows
@@ -492,11 +495,14 @@ def _edit_request(
     steps.sort(key=lambda t: (t[0], t[1]))
     plan = [st[2] for st in steps]
     lm = nm.lm
-    out = []
-    edited: dict[int, Any] = {}
     pick = at is not None
     at_rows = at.cpu() if at is not None else ar
+    from nnsight import save
+
     with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        # built and saved in the block: NDIF sends back only the block's saved variables
+        out = save([])
+        edited = {}
         for i in range(len(plan)):
             step = plan[i]
             if step[0] == "edit":
@@ -568,8 +574,11 @@ def _capture_request(nm: Any, tokens: Tensor, keys: list, at: Tensor | None) -> 
     pick = at is not None
     at_rows = at.cpu() if at is not None else ar
     lm = nm.lm
-    out = []
+    from nnsight import save
+
     with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        # built and saved in the block: NDIF sends back only the block's saved variables
+        out = save([])
         for env, kind, lo, hi in plan:
             if kind == 0:
                 t = env.input

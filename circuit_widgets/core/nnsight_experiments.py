@@ -243,8 +243,11 @@ def _class_sums_request(nm: Any, tokens: Tensor, onehot_t: Tensor) -> list:
     float64); ``onehot_t`` is [classes, tokens] (0 on padding)."""
     lm = nm.lm
     sites = [nm.z_site(layer) for layer in range(nm.cfg.n_layers)]
-    out = []
+    from nnsight import save
+
     with torch.no_grad(), lm.trace(tokens, backend=nm.backend()):
+        # built and saved in the block: NDIF sends back only the block's saved variables
+        out = save([])
         for i in range(len(sites)):
             z = sites[i].input
             flat = z.reshape(-1, z.shape[-1]).double()
@@ -455,8 +458,11 @@ def _capture_layers(
     ar = torch.arange(tokens.shape[0])
     rows = ar if at is None else at
     lm = nm.lm
-    out = []
+    from nnsight import save
+
     with torch.no_grad(), lm.trace(tokens.cpu(), backend=nm.backend()):
+        # built and saved in the block: NDIF sends back only the block's saved variables
+        out = save([])
         for env, as_input, off in plan:
             x = env.input if as_input else env.output
             x = x[:, :, off : off + w]
@@ -766,9 +772,12 @@ def _grad_request(
     wrong2 = wrong if wrong.dim() == 2 else wrong[:, None]
     prob = metric_name == "prob"
     lm = nm.lm
-    acts = []
-    contribs = []
+    from nnsight import save
+
     with lm.trace(inp, backend=nm.backend()):
+        # built and saved in the block: NDIF sends back only the block's saved variables
+        contribs = save([])
+        acts = []
         for i in range(len(sites)):
             env, as_input, off = sites[i]
             x = env.input if as_input else env.output
