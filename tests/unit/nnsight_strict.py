@@ -13,6 +13,7 @@ on NDIF's servers.
 
 from __future__ import annotations
 
+import _imp
 import io
 import linecache
 import sys
@@ -41,6 +42,17 @@ class StrictSimulationBackend(LocalSimulationBackend):
         persistent = self.model._remoteable_persistent_objects()
         filename = tracer.info.frame.f_code.co_filename
         kept = linecache.cache.get(filename)
+        # as NNsightModel's own local simulation: another thread's import waits while our
+        # modules are hidden (a widget's worker would otherwise fail to import them)
+        _imp.acquire_lock()
+        try:
+            return self._run(tracer, blob, persistent, filename, kept)
+        finally:
+            _imp.release_lock()
+
+    def _run(self, tracer: Any, blob: Any, persistent: Any, filename: str, kept: Any) -> dict:
+        from nnsight.schema.request import RequestModel
+
         hidden = self._hide_local_modules()
         try:
             restored = RequestModel.deserialize(blob, persistent, compress=False)
