@@ -120,7 +120,11 @@ def _import_safe(cls: type) -> type:
     The simulation takes every non-installed module out of ``sys.modules`` (and its folder
     out of ``sys.path``) while it reads the request back; an import in another thread meanwhile
     (a widget's worker, a cell run during a request) failed with ModuleNotFoundError. Holding
-    the interpreter's import lock for that window makes such an import wait instead.
+    the interpreter's import lock for that window makes such an import wait instead. Known
+    limit: if another thread is in the middle of a first import of a module the request's
+    deserialisation also imports for the first time, the two wait on each other (the request
+    holds the global lock, the other thread that module's lock); only first imports of the
+    same module at the same moment can meet this way.
     """
     cached = _SAFE.get(cls)
     if cached is not None:

@@ -560,7 +560,7 @@ class NNsightBackend:
         def metrics() -> tuple[Tensor, Tensor]:
             # every request runs corrupt and clean too: the first one's give both metrics
             if "metrics" not in state:
-                metric = request(groups[0])
+                metric = request(groups[0] if groups else [])
                 state["metrics"] = (metric[1], metric[0])
                 state["first"] = metric
             return state["metrics"]

@@ -244,7 +244,7 @@ def path_request(
     F0, R0 = 2 * B, (2 + n) * B  # first frozen row, first fresh row
     L = nm.cfg.n_layers
     dh = nm.cfg.d_head
-    lo = min(h.layer for h in senders)
+    lo = min((h.layer for h in senders), default=L)  # no senders: the two plain runs only
     stop = L if to_logits else max(layer for layer, _ in slots)
     # per layer: receiver sites [(envoy, [(a, b)])], z envoy, sender patches, mlp envoy
     plan = []
@@ -454,7 +454,8 @@ def run_with_edits(
                 # the request edits z; the pattern it read is the model's own, so edit it here
                 pattern = pattern.clone()
                 for c in spec["cols"]:
-                    pattern[torch.arange(b), c, spec["query"]] = spec["row"].to(pattern.dtype)
+                    row = spec["row"].to(pattern.device, pattern.dtype)
+                    pattern[torch.arange(b), c, spec["query"].to(pattern.device)] = row
                 captured[(layer, "pattern")] = pattern
     return EditedRun(logits, captured)
 

@@ -72,16 +72,18 @@ def dcm(
     plan = M._Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
     run = _Run(model, plan, on_progress, should_stop, total=2)
     settings = (epochs, lr, seed, eval_every)
-    if not run.prepare():
-        return run.unfinished(lam, *settings)
-    if run.stop_requested():
-        return run.unfinished(lam, *settings)
-    try:
-        result = run.train(lam, *settings)
-    except Exception as exc:
-        err = _fail(exc)
-        err.partial = run.unfinished(lam, *settings, extra=[str(err)])
-        raise err from exc
+    # weights frozen here as on a local model: autograd then keeps no inputs for their gradients
+    with M._frozen(model.lm._module):
+        if not run.prepare():
+            return run.unfinished(lam, *settings)
+        if run.stop_requested():
+            return run.unfinished(lam, *settings)
+        try:
+            result = run.train(lam, *settings)
+        except Exception as exc:
+            err = _fail(exc)
+            err.partial = run.unfinished(lam, *settings, extra=[str(err)])
+            raise err from exc
     return result
 
 
@@ -130,19 +132,34 @@ def dcm_sweep(
     def sweep(complete: bool) -> SweepResult:
         return M.SweepResult(lams, list(results), run.base, run.full, complete)
 
-    if run.prepare():
-        for each in lams:
-            if run.stop_requested():
-                break
-            try:
-                results.append(run.train(each, epochs, lr, seed, eval_every))
-            except Exception as exc:
-                err = _fail(exc)
-                err.partial = sweep(False)
-                raise err from exc
-            if on_result is not None:
-                on_result(results[-1])
+    with M._frozen(model.lm._module):
+        if run.prepare():
+            _sweep_lams(run, lams, results, sweep, on_result, (epochs, lr, seed, eval_every))
     return sweep(len(results) == len(lams) and not run.stopped)
+
+
+def _sweep_lams(
+    run: _Run,
+    lams: list[float],
+    results: list[MaskResult],
+    sweep: Callable[[bool], SweepResult],
+    on_result: Callable[[MaskResult], None] | None,
+    settings: tuple[int, float, int, int | None],
+) -> None:
+    """Train each lambda in turn (one request each) until stopped; a failed request raises
+    with the sweep so far."""
+    epochs, lr, seed, eval_every = settings
+    for each in lams:
+        if run.stop_requested():
+            break
+        try:
+            results.append(run.train(each, epochs, lr, seed, eval_every))
+        except Exception as exc:
+            err = _fail(exc)
+            err.partial = sweep(False)
+            raise err from exc
+        if on_result is not None:
+            on_result(results[-1])
 
 
 class _Run:

@@ -289,3 +289,43 @@ def test_local_simulation_does_not_break_imports_in_other_threads(tiny_llama, mo
     cw.head_attention(nm, task, ["1.1"], "S1")
     thread.join(20)
     assert outcome == [(True, "circuit_widgets.studies.reuse")]
+
+
+def test_path_patch_with_no_senders_on_nnsight(tiny_llama):
+    """An empty sender list gives what the local engines give: an empty, complete grid with
+    the two plain runs' metrics (one request), not an IndexError."""
+    from circuit_widgets.types import Receiver
+
+    task = cw.tasks.ioi(tiny_llama, 4)
+    for receivers in ("logits", [Receiver(1, 2, "q")]):
+        ref = cw.path_patch(tiny_llama, task, senders=[], receivers=receivers)
+        nm = cw.load_model(tiny_llama, backend="nnsight", remote="local")
+        got = cw.path_patch(nm, task, senders=[], receivers=receivers)
+        assert got.complete and ref.complete and not got.done.any()
+        _close(got.metric_clean, ref.metric_clean)
+        _close(got.metric_corrupt, ref.metric_corrupt)
+        assert nm.requests == 1
+
+
+def test_nnsight_dcm_freezes_the_weights_while_it_trains(tiny_llama):
+    """As on a local model: no weight keeps requires_grad during the requests (autograd would
+    otherwise keep every layer's input for gradients nobody asks for); restored after."""
+    from circuit_widgets.tasks import desiderata
+
+    des = desiderata(tiny_llama, 6, seed=0, n_boxes=2)["positional"]
+    nm = cw.load_model(tiny_llama, backend="nnsight", remote="local")
+    params = list(nm.lm._module.parameters())
+    before = [p.requires_grad for p in params]  # a shared fixture: put back as found
+    for p in params:
+        p.requires_grad_(True)
+    seen = []
+    cw.dcm(
+        nm,
+        des,
+        epochs=1,
+        on_progress=lambda d, t: seen.append(any(p.requires_grad for p in params)),
+    )
+    assert seen == [False, False]
+    assert all(p.requires_grad for p in params)
+    for p, flag in zip(params, before):
+        p.requires_grad_(flag)
