@@ -15,8 +15,7 @@ decides how a job runs:
 
 Cross-model grids (``cmap_grid``) run on the base model's backend, with the fine-tuned
 model's backend of the same kind (``pair_backends``) as ``cmap_work``'s source. Still on
-loops of their own: ``cmap_grid`` on nnsight pairs, ``cmap`` (groups of heads) and DCM (a
-training loop).
+loops of their own: ``cmap`` (groups of heads) and DCM (a training loop).
 
 ``backend_for(model)`` picks one. Experiment code never branches on the engine itself.
 """
@@ -103,6 +102,7 @@ class CMAPSpec:
     n_layers: int
     n_cols: int
     posmask: Tensor
+    position: str | None  # the position's name (None: every position)
     batch_size: int | None
 
 
@@ -598,8 +598,15 @@ class NNsightBackend:
         self.model = model
         self.requests = 0  # requests sent so far, for the result's notes
         self.per_request = 0  # cells (or senders) per request
+        self.source: NNsightBackend | None = None  # cmap_work's fine-tuned model
 
     def note(self, experiment: str) -> str | None:
+        if experiment == "cmap_grid":
+            n = self.requests + (self.source.requests if self.source is not None else 0)
+            return (
+                f"nnsight ({nnsight_backend.where(self.model)}): {n} request(s): 1 capturing "
+                f"the fine-tuned model, then up to {self.per_request} cells each"
+            )
         if experiment == "attribution":
             return (
                 f"nnsight ({nnsight_backend.where(self.model)}): {self.requests} request(s), "
@@ -780,4 +787,66 @@ class NNsightBackend:
         return AttributionWork(step, m_base, m_src)
 
     def cmap_work(self, spec: CMAPSpec, chunk: Chunk, source: Backend) -> ChunkWork:
-        raise NotImplementedError("nnsight model pairs run nnsight_experiments.cmap_grid")
+        """One request captures the fine-tuned model's activations at every layer (metrics()'s
+        setup step), then requests of patched base rows, one cell per copy of the batch; the
+        first also runs the unpatched base (its metric), so it is prepaid."""
+        from circuit_widgets.core import nnsight_experiments as nx
+
+        assert isinstance(source, NNsightBackend), "cmap_work pairs backends of one kind"
+        self.source = source
+        task, base, B = chunk.task, self.model, len(chunk.task)
+        site, n_cols, dh = spec.comp.value, spec.n_cols, model_shape(self.model).d_head
+        cells = [(layer, c) for layer in range(spec.n_layers) for c in range(n_cols)]
+        per_request = max(n_cols, (spec.batch_size or nnsight_backend.DEFAULT_ROWS) // max(B, 1), 1)
+        self.per_request = per_request
+        groups = [cells[i : i + per_request] for i in range(0, len(cells), per_request)]
+        jobs = [(([c[0] for c in g],), [c[1] for c in g]) for g in groups]
+        posmask = spec.posmask[chunk.rows][:, :, None]  # [B, s, 1]
+        readout = nx.Readout(task)
+        end = task.positions["END"].cpu()
+        at = None if spec.position is None else task.positions[spec.position].cpu()
+        ex = torch.arange(B)
+        state: dict[str, Any] = {"next": 0}
+
+        def request(group: list, acts: list, first: bool) -> Tensor:
+            lead = 1 if first else 0  # the first request also runs the unpatched base
+            n_rows = (lead + len(group)) * B
+            plan: list = []
+            for k, (layer, c) in enumerate(group):
+                env, as_input, off = nx.envoy(base, layer, site)
+                r0 = (lead + k) * B
+                src = acts[layer][..., c * dh : (c + 1) * dh]
+                span = (r0, r0 + B, off + c * dh, off + (c + 1) * dh, src, posmask, at)
+                if plan and plan[-1][0] is env:
+                    plan[-1][2].append(span)
+                else:
+                    plan.append((env, as_input, [span]))
+            out = self._request(
+                nx.cross_request,
+                task.clean_tokens.repeat(n_rows // B, 1),
+                end.repeat(n_rows // B),
+                plan,
+                readout.cols,
+                dh,
+            )
+            return readout.scores(out, ex.repeat(n_rows // B))[0].view(-1, B)
+
+        def metrics() -> tuple[Tensor, Tensor]:
+            if "metrics" not in state:
+                ft_logits, acts = source._request(
+                    nx.capture_layers, task.clean_tokens, site, end, at
+                )
+                state["acts"] = acts
+                metric = request(groups[0], acts, True)
+                state["metrics"] = (metric[0], task.metric(ft_logits).float())
+                state["first"] = metric[1:]
+            return state["metrics"]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            i = state["next"]
+            state["next"] += 1
+            base_m = metrics()[0]
+            metric = state.pop("first") if i == 0 else request(groups[i], state["acts"], False)
+            return metric - base_m[None]
+
+        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0, setup=1)

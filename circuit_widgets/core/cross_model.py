@@ -24,6 +24,7 @@ from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
     Progress,
     Stop,
+    SweepOut,
     build_grid,
     check_callbacks,
     check_heads,
@@ -649,28 +650,64 @@ def cmap_grid(
     if not isinstance(position, str):
         raise TypeError(f"position must be a task position name or 'all', got {position!r}")
     pos = _check_position(task, position)
+    return grid_sweep(
+        base,
+        finetuned,
+        task,
+        comp,
+        position,
+        pos,
+        batch_size,
+        max_memory,
+        on_progress,
+        should_stop,
+        on_partial,
+    )
+
+
+def grid_sweep(
+    base: Any,
+    finetuned: Any,
+    task: Task,
+    comp: Component,
+    position: str,
+    pos: str | None,
+    batch_size: int | None,
+    max_memory: int | str | None,
+    on_progress: Progress,
+    should_stop: Stop,
+    on_partial: Callable[[HeadGrid], None] | None,
+) -> HeadGrid:
+    """cmap_grid once its arguments are checked: the base model's backend runs the cells with
+    the fine-tuned model's (same kind) as source, through the common job loop. A failed
+    request's RemoteError carries the grid so far as ``partial``."""
     shape = model_shape(base)
     b_back, f_back = pair_backends(base, finetuned)
     n_cols = hooks.n_columns(comp, shape)
     L = shape.n_layers
-    spec = CMAPSpec(comp, L, n_cols, _position_mask(task, pos, slice(None)), batch_size)
+    posmask = _position_mask(task, pos, slice(None))
+    spec = CMAPSpec(comp, L, n_cols, posmask, pos, batch_size)
     rows = b_back.chunk_rows(task, max_memory)
-    note = b_back.note("cmap_grid")
-    grid = lambda out: _cmap_headgrid(
-        out.per_example,
-        out.done,
-        out.metric_a,
-        out.metric_b,
-        task,
-        comp,
-        position,
-        shape,
-        out.complete,
-        chunk_notes(out, rows) + ([note] if note else []),
-    )
+
+    def grid(out: SweepOut, extra: list[str] | None = None) -> HeadGrid:
+        note = b_back.note("cmap_grid")  # after the sweep: it may count requests
+        return _cmap_headgrid(
+            out.per_example,
+            out.done,
+            out.metric_a,
+            out.metric_b,
+            task,
+            comp,
+            position,
+            shape,
+            out.complete,
+            chunk_notes(out, rows) + ([note] if note else []) + (extra or []),
+        )
+
     partial = None if on_partial is None else (lambda out: on_partial(grid(out)))
     prepare = lambda chunk: b_back.cmap_work(spec, chunk, f_back)
-    out = run_sweep(task, rows, prepare, (L, n_cols), on_progress, should_stop, partial)
+    on_error = lambda out, err: grid(out, [str(err)])
+    out = run_sweep(task, rows, prepare, (L, n_cols), on_progress, should_stop, partial, on_error)
     return grid(out)
 
 

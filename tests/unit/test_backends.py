@@ -254,6 +254,26 @@ def test_without_prepaid_jobs_a_stop_comes_before_the_first_job():
     assert log == ["metrics"] and not out.done.any() and not out.complete
 
 
+def test_setup_steps_of_metrics_count_in_progress():
+    log: list = []
+    seen: list = []
+
+    def prepare(chunk):
+        work = _fake_work(2, 1, log)
+        work.setup = 1  # metrics() sends a request of its own (cmap's fine-tuned capture)
+        return work
+
+    out = run_sweep(
+        _one_chunk_task(),
+        [slice(0, 2)],
+        prepare,
+        (2, 3),
+        lambda d, t: seen.append((d, t, len(log))),
+        None,
+    )
+    assert out.complete and seen == [(1, 3, 1), (2, 3, 2), (3, 3, 3)]
+
+
 class _RequestFailed(RuntimeError):
     partial = None
 
