@@ -11,8 +11,11 @@ decides how a job runs:
   semantics); any architecture, and every run under ``cache.force_hooked``.
 - ``NNsightBackend``: an nnsight-served model, where a job is one request holding many cells
   as extra batch rows (progress per request, Cancel between requests); attribution takes
-  its gradient inside each request. CMAP (two models) and DCM (a training loop) are not
-  per-cell sweeps of one model and keep loops of their own.
+  its gradient inside each request.
+
+Cross-model grids (``cmap_grid``) run on the base model's backend, with the fine-tuned
+model's backend of the same kind (``pair_backends``) as ``cmap_work``'s source. Still on
+loops of their own: ``cmap`` (groups of heads) and DCM (a training loop).
 
 ``backend_for(model)`` picks one. Experiment code never branches on the engine itself.
 """
@@ -90,6 +93,19 @@ class AttributionSpec:
     freeze_mlps: bool
 
 
+@dataclass(frozen=True)
+class CMAPSpec:
+    """Cross-model patching's cells: every (layer, column) of ``comp``, the source (fine-tuned)
+    model's activation written into the base run at ``posmask`` [n, s] (the task's rows)."""
+
+    comp: Component
+    n_layers: int
+    n_cols: int
+    posmask: Tensor
+    position: str | None  # the position's name (None: every position)
+    batch_size: int | None
+
+
 @dataclass
 class AttributionWork:
     """step(examples) -> per-position first-order effects [b, L, s, cols]; each step fills
@@ -134,6 +150,12 @@ class Backend(Protocol):
         """Gradient steps over ``task``; ``whole``: the task's runs fit and are cached."""
         ...
 
+    def cmap_work(self, spec: CMAPSpec, chunk: Chunk, source: Backend) -> ChunkWork:
+        """Cross-model jobs (layer,) x columns (or per-cell layer lists) on this, the base
+        model, with ``source`` (the fine-tuned model, same kind of backend) giving the patched
+        activations; run() gives metric patched - base [V, b], metrics() (base, fine-tuned)."""
+        ...
+
 
 def backend_for(model: Any) -> Backend:
     """nnsight for an nnsight-served model, the fast engine where it reproduces the bridge
@@ -144,6 +166,22 @@ def backend_for(model: Any) -> Backend:
     if eng is not None:
         return FastBackend(model, eng)
     return HookBackend(model)
+
+
+def pair_backends(base: Any, finetuned: Any) -> tuple[Backend, Backend]:
+    """Backends of one kind for a model pair (cross-model patching): the fast engine only
+    where both models run on it, else bridge hooks for both (the reason names the model)."""
+    b, f = backend_for(base), backend_for(finetuned)
+    if isinstance(b, FastBackend) and isinstance(f, FastBackend):
+        return b, f
+    if isinstance(b, NNsightBackend) or isinstance(f, NNsightBackend):
+        return b, f
+    hb, hf = HookBackend(base), HookBackend(finetuned)
+    for label, m in (("base", base), ("fine-tuned", finetuned)):
+        if cache.engine_for(m) is None:
+            hb.reason = hf.reason = f"{label} model: {cache.generic_reason(m)}"
+            break
+    return hb, hf
 
 
 def _base_gap(metrics: tuple[Tensor, Tensor], noise: bool) -> Tensor:
@@ -287,6 +325,48 @@ class FastBackend:
 
         return AttributionWork(step, m_base, m_src, finish)
 
+    def cmap_work(self, spec: CMAPSpec, chunk: Chunk, source: Backend) -> ChunkWork:
+        from circuit_widgets.core.patching import fast_cells, grouped_cells
+
+        assert isinstance(source, FastBackend), "cmap_work pairs backends of one kind"
+        base, eng_b, finetuned, eng_f = self.model, self.eng, source.model, source.eng
+        comp = spec.comp
+        sub, B = chunk.task, len(chunk.task)
+        reader = MetricReader(sub, eng_b.device)
+        s = sub.clean_tokens.shape[1]
+        # the models differ from the first token on: a patch at p changes positions p.. END
+        win = window_for(
+            spec.posmask[chunk.rows, :s],
+            torch.zeros(B, dtype=torch.long),
+            sub.positions["END"].cpu(),
+        )
+        per_pass = variants_per_pass(spec.batch_size, B, win.w)
+        jobs = [
+            ((layer,), c)
+            for layer in range(spec.n_layers)
+            for c in chunks(list(range(spec.n_cols)), per_pass)
+        ]
+        groups = split_window(win)
+        metrics = lambda: (
+            cache.chunk_metric(base, chunk, eng_b, reader, "clean"),
+            cache.chunk_metric(finetuned, chunk, eng_f, reader, "clean"),
+        )
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            (layer,) = key
+            b_run = cache.chunk_run(base, chunk, eng_b, "clean")
+            f_run = cache.chunk_run(finetuned, chunk, eng_f, "clean")
+            return grouped_cells(
+                groups,
+                len(cols),
+                B,
+                lambda ex, w: fast_cells(
+                    eng_b, comp, b_run, f_run, layer, cols, w, reader, ex, src_eng=eng_f
+                ),
+            ).float()
+
+        return ChunkWork(jobs, run, metrics)
+
 
 # ---------------------------------------------------------------------- bridge hooks
 
@@ -308,6 +388,8 @@ class HookBackend:
         self.reason = cache.generic_reason(model)  # why not the fast engine, when picked
 
     def note(self, experiment: str) -> str | None:
+        if experiment == "cmap_grid":
+            return f"generic path: full forwards per batch of heads ({self.reason})"
         return f"{_HOOK_NOTES[experiment]}: {self.reason}"
 
     def chunk_rows(
@@ -422,6 +504,85 @@ class HookBackend:
         work.step = step
         return work
 
+    def cmap_work(self, spec: CMAPSpec, chunk: Chunk, source: Backend) -> ChunkWork:
+        """Batches of the chunk's examples (a row budget per forward); a job is a run of cells
+        in layer-major order, each forward holding the unpatched base as row block 0 and one
+        block per cell, its cells measured against that block. The first job is run for
+        metrics() (its block 0 is the base metric), so it is prepaid."""
+        from circuit_widgets.core.cross_model import ROW_BUDGET, _edits_from
+        from circuit_widgets.core.edits import run_with_edits
+
+        assert isinstance(source, HookBackend), "cmap_work pairs backends of one kind"
+        base, finetuned = self.model, source.model
+        sub, B = chunk.task, len(chunk.task)
+        n_cols, site = spec.n_cols, spec.comp.value
+        cells = [(layer, c) for layer in range(spec.n_layers) for c in range(n_cols)]
+        s = sub.clean_tokens.shape[1]
+        rows = spec.batch_size or max(1, ROW_BUDGET // max(s, 1))
+        ex_per = max(1, min(B, rows // 2))
+        var_per = max(1, rows // ex_per - 1)
+        batches = [slice(i, min(i + ex_per, B)) for i in range(0, B, ex_per)]
+        groups = [cells[i : i + var_per] for i in range(0, len(cells), var_per)]
+        jobs = [(([c[0] for c in g],), [c[1] for c in g]) for g in groups]
+        end = sub.positions["END"]
+        keys = [(layer, site) for layer in range(spec.n_layers)]
+        posmask = spec.posmask[chunk.rows, :s]
+        state: dict[str, Any] = {"next": 0}
+
+        def part(i: int) -> Task:
+            return sub.subset(torch.arange(B)[batches[i]]) if B > 1 else sub
+
+        def captured() -> list:  # the fine-tuned run of each batch: logits and activations
+            return chunk.get(
+                f"cmap_ft_{id(finetuned)}",
+                lambda: [
+                    run_with_edits(finetuned, sub.clean_tokens[sl], capture=keys, at=end[sl])
+                    for sl in batches
+                ],
+            )
+
+        def forward(group: list) -> tuple[Tensor, Tensor]:
+            """[V, B] patched - base, and the base metric [B], batch by batch."""
+            out, base_m = torch.empty(len(group), B), torch.empty(B)
+            for i, sl in enumerate(batches):
+                tokens, part_i = sub.clean_tokens[sl], part(i)
+                b, n_var = tokens.shape[0], len(group) + 1
+                masks: dict[tuple[int, str], Tensor] = {}
+                for v, (layer, c) in enumerate(group, start=1):
+                    m = masks.setdefault(
+                        (layer, site), torch.zeros(n_var * b, s, n_cols, dtype=torch.bool)
+                    )
+                    m[v * b : (v + 1) * b, :, c] = posmask[sl]
+                logits = run_with_edits(
+                    base,
+                    tokens.repeat(n_var, 1),
+                    _edits_from(captured()[i].captured, masks, n_var),
+                    at=end[sl].repeat(n_var),
+                ).logits.view(n_var, b, -1)
+                bm = part_i.metric(logits[0]).float().cpu()
+                base_m[sl] = bm
+                for v in range(1, n_var):
+                    out[v - 1, sl] = part_i.metric(logits[v]).float().cpu() - bm
+            return out, base_m
+
+        def metrics() -> tuple[Tensor, Tensor]:
+            if "metrics" not in state:
+                first, base_m = forward(groups[0]) if groups else (None, None)
+                ft_m = torch.cat(
+                    [part(i).metric(r.logits).float().cpu() for i, r in enumerate(captured())]
+                )
+                state["first"] = first
+                state["metrics"] = (base_m if base_m is not None else torch.empty(0), ft_m)
+            return state["metrics"]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            i = state["next"]
+            state["next"] += 1
+            metrics()
+            return state.pop("first") if i == 0 else forward(groups[i])[0]
+
+        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
+
 
 # ---------------------------------------------------------------------- nnsight
 
@@ -437,8 +598,15 @@ class NNsightBackend:
         self.model = model
         self.requests = 0  # requests sent so far, for the result's notes
         self.per_request = 0  # cells (or senders) per request
+        self.source: NNsightBackend | None = None  # cmap_work's fine-tuned model
 
     def note(self, experiment: str) -> str | None:
+        if experiment == "cmap_grid":
+            n = self.requests + (self.source.requests if self.source is not None else 0)
+            return (
+                f"nnsight ({nnsight_backend.where(self.model)}): {n} request(s): 1 capturing "
+                f"the fine-tuned model, then up to {self.per_request} cells each"
+            )
         if experiment == "attribution":
             return (
                 f"nnsight ({nnsight_backend.where(self.model)}): {self.requests} request(s), "
@@ -617,3 +785,68 @@ class NNsightBackend:
             return torch.stack([c.detach().float().cpu() for c in contribs], 1)
 
         return AttributionWork(step, m_base, m_src)
+
+    def cmap_work(self, spec: CMAPSpec, chunk: Chunk, source: Backend) -> ChunkWork:
+        """One request captures the fine-tuned model's activations at every layer (metrics()'s
+        setup step), then requests of patched base rows, one cell per copy of the batch; the
+        first also runs the unpatched base (its metric), so it is prepaid."""
+        from circuit_widgets.core import nnsight_experiments as nx
+
+        assert isinstance(source, NNsightBackend), "cmap_work pairs backends of one kind"
+        self.source = source
+        task, base, B = chunk.task, self.model, len(chunk.task)
+        site, n_cols, dh = spec.comp.value, spec.n_cols, model_shape(self.model).d_head
+        cells = [(layer, c) for layer in range(spec.n_layers) for c in range(n_cols)]
+        per_request = max(n_cols, (spec.batch_size or nnsight_backend.DEFAULT_ROWS) // max(B, 1), 1)
+        self.per_request = per_request
+        groups = [cells[i : i + per_request] for i in range(0, len(cells), per_request)]
+        jobs = [(([c[0] for c in g],), [c[1] for c in g]) for g in groups]
+        posmask = spec.posmask[chunk.rows][:, :, None]  # [B, s, 1]
+        readout = nx.Readout(task)
+        end = task.positions["END"].cpu()
+        at = None if spec.position is None else task.positions[spec.position].cpu()
+        ex = torch.arange(B)
+        state: dict[str, Any] = {"next": 0}
+
+        def request(group: list, acts: list, first: bool) -> Tensor:
+            lead = 1 if first else 0  # the first request also runs the unpatched base
+            n_rows = (lead + len(group)) * B
+            plan: list = []
+            for k, (layer, c) in enumerate(group):
+                env, as_input, off = nx.envoy(base, layer, site)
+                r0 = (lead + k) * B
+                src = acts[layer][..., c * dh : (c + 1) * dh]
+                span = (r0, r0 + B, off + c * dh, off + (c + 1) * dh, src, posmask, at)
+                if plan and plan[-1][0] is env:
+                    plan[-1][2].append(span)
+                else:
+                    plan.append((env, as_input, [span]))
+            out = self._request(
+                nx.cross_request,
+                task.clean_tokens.repeat(n_rows // B, 1),
+                end.repeat(n_rows // B),
+                plan,
+                readout.cols,
+                dh,
+            )
+            return readout.scores(out, ex.repeat(n_rows // B))[0].view(-1, B)
+
+        def metrics() -> tuple[Tensor, Tensor]:
+            if "metrics" not in state:
+                ft_logits, acts = source._request(
+                    nx.capture_layers, task.clean_tokens, site, end, at
+                )
+                state["acts"] = acts
+                metric = request(groups[0], acts, True)
+                state["metrics"] = (metric[0], task.metric(ft_logits).float())
+                state["first"] = metric[1:]
+            return state["metrics"]
+
+        def run(key: tuple, cols: list[int]) -> Tensor:
+            i = state["next"]
+            state["next"] += 1
+            base_m = metrics()[0]
+            metric = state.pop("first") if i == 0 else request(groups[i], state["acts"], False)
+            return metric - base_m[None]
+
+        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0, setup=1)

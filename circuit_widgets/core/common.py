@@ -473,12 +473,14 @@ class ChunkWork:
     values per column and example; metrics() -> the chunk's two reference metrics [b]. A key
     of index lists (one entry per column) lets one job hold cells of several layers.
     ``prepaid``: leading jobs whose values metrics() already computed (the same request), so
-    no stop is checked before them: stopping there would save nothing."""
+    no stop is checked before them: stopping there would save nothing. ``setup``: steps of
+    metrics()'s own (a request that is no job), counted in progress once metrics() returns."""
 
     jobs: list[tuple[tuple, list[int]]]
     run: Callable[[tuple, list[int]], Tensor]
     metrics: Callable[[], tuple[Tensor, Tensor]]
     prepaid: int = 0
+    setup: int = 0
 
 
 @dataclass
@@ -513,7 +515,7 @@ def run_sweep(
         Chunk(sl, task if whole else task.subset(torch.arange(n)[sl]), whole) for sl in chunk_rows
     ]
     works: list[ChunkWork | None] = [prepare(c) for c in chunks_]
-    total = sum(len(w.jobs) for w in works if w is not None)
+    total = sum(len(w.jobs) + w.setup for w in works if w is not None)
     per_example = torch.full((n, *grid_shape), math.nan)
     done = torch.zeros(grid_shape, dtype=torch.bool)
     m_a, m_b = torch.full((n,), math.nan), torch.full((n,), math.nan)
@@ -525,6 +527,10 @@ def run_sweep(
         with torch.no_grad():
             a, b = work.metrics()
         m_a[sl], m_b[sl] = a.float().cpu(), b.float().cpu()
+        if work.setup:
+            step += work.setup
+            if on_progress is not None:
+                on_progress(step, total)
         for j, (key, cols) in enumerate(work.jobs):
             if j >= work.prepaid and should_stop is not None and should_stop():
                 complete = False

@@ -18,28 +18,21 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from circuit_widgets.core import cache, hooks, nnsight_backend
+from circuit_widgets.core import hooks, nnsight_backend
+from circuit_widgets.core.backends import CMAPSpec, pair_backends
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
-    Chunk,
-    ChunkWork,
-    MetricReader,
     Progress,
     Stop,
+    SweepOut,
     build_grid,
     check_callbacks,
     check_heads,
     chunk_notes,
-    chunks,
-    example_chunks,
     parse_memory,
     run_sweep,
-    split_window,
-    variants_per_pass,
-    window_for,
 )
 from circuit_widgets.core.edits import run_with_edits
-from circuit_widgets.core.patching import fast_cells, grouped_cells
 from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.models import check_adapters, model_shape
 from circuit_widgets.types import Circuit, Component, Head, ModelLike, ModelShape
@@ -657,72 +650,64 @@ def cmap_grid(
     if not isinstance(position, str):
         raise TypeError(f"position must be a task position name or 'all', got {position!r}")
     pos = _check_position(task, position)
-    shape = model_shape(base)
-    eng_b, eng_f = cache.engine_for(base), cache.engine_for(finetuned)
-    if eng_b is None or eng_f is None:
-        return _grid_hooked(
-            base,
-            finetuned,
-            task,
-            comp,
-            position,
-            pos,
-            shape,
-            batch_size,
-            on_progress,
-            should_stop,
-            on_partial,
-        )
-    n_cols = hooks.n_columns(comp, shape)
-    L = shape.n_layers
-    posmask = _position_mask(task, pos, slice(None))  # [n, s]
-
-    def prepare(chunk: Chunk) -> ChunkWork:
-        sub, B = chunk.task, len(chunk.task)
-        reader = MetricReader(sub, eng_b.device)
-        s = sub.clean_tokens.shape[1]
-        # the models differ from the first token on: a patch at p changes positions p.. END
-        win = window_for(
-            posmask[chunk.rows, :s], torch.zeros(B, dtype=torch.long), sub.positions["END"].cpu()
-        )
-        per_pass = variants_per_pass(batch_size, B, win.w)
-        jobs = [((l,), c) for l in range(L) for c in chunks(list(range(n_cols)), per_pass)]
-        groups = split_window(win)
-        metrics = lambda: (
-            cache.chunk_metric(base, chunk, eng_b, reader, "clean"),
-            cache.chunk_metric(finetuned, chunk, eng_f, reader, "clean"),
-        )
-
-        def run(key: tuple, cols: list[int]) -> Tensor:
-            (layer,) = key
-            b_run = cache.chunk_run(base, chunk, eng_b, "clean")
-            f_run = cache.chunk_run(finetuned, chunk, eng_f, "clean")
-            return grouped_cells(
-                groups,
-                len(cols),
-                B,
-                lambda ex, w: fast_cells(
-                    eng_b, comp, b_run, f_run, layer, cols, w, reader, ex, src_eng=eng_f
-                ),
-            ).float()
-
-        return ChunkWork(jobs, run, metrics)
-
-    rows = example_chunks(base, task, max_memory)
-    grid = lambda out: _cmap_headgrid(
-        out.per_example,
-        out.done,
-        out.metric_a,
-        out.metric_b,
+    return grid_sweep(
+        base,
+        finetuned,
         task,
         comp,
         position,
-        shape,
-        out.complete,
-        chunk_notes(out, rows),
+        pos,
+        batch_size,
+        max_memory,
+        on_progress,
+        should_stop,
+        on_partial,
     )
+
+
+def grid_sweep(
+    base: Any,
+    finetuned: Any,
+    task: Task,
+    comp: Component,
+    position: str,
+    pos: str | None,
+    batch_size: int | None,
+    max_memory: int | str | None,
+    on_progress: Progress,
+    should_stop: Stop,
+    on_partial: Callable[[HeadGrid], None] | None,
+) -> HeadGrid:
+    """cmap_grid once its arguments are checked: the base model's backend runs the cells with
+    the fine-tuned model's (same kind) as source, through the common job loop. A failed
+    request's RemoteError carries the grid so far as ``partial``."""
+    shape = model_shape(base)
+    b_back, f_back = pair_backends(base, finetuned)
+    n_cols = hooks.n_columns(comp, shape)
+    L = shape.n_layers
+    posmask = _position_mask(task, pos, slice(None))
+    spec = CMAPSpec(comp, L, n_cols, posmask, pos, batch_size)
+    rows = b_back.chunk_rows(task, max_memory)
+
+    def grid(out: SweepOut, extra: list[str] | None = None) -> HeadGrid:
+        note = b_back.note("cmap_grid")  # after the sweep: it may count requests
+        return _cmap_headgrid(
+            out.per_example,
+            out.done,
+            out.metric_a,
+            out.metric_b,
+            task,
+            comp,
+            position,
+            shape,
+            out.complete,
+            chunk_notes(out, rows) + ([note] if note else []) + (extra or []),
+        )
+
     partial = None if on_partial is None else (lambda out: on_partial(grid(out)))
-    out = run_sweep(task, rows, prepare, (L, n_cols), on_progress, should_stop, partial)
+    prepare = lambda chunk: b_back.cmap_work(spec, chunk, f_back)
+    on_error = lambda out, err: grid(out, [str(err)])
+    out = run_sweep(task, rows, prepare, (L, n_cols), on_progress, should_stop, partial, on_error)
     return grid(out)
 
 
@@ -762,119 +747,3 @@ def _cmap_headgrid(
         complete=complete,
         notes=notes,
     )
-
-
-def _grid_hooked(
-    base: Any,
-    finetuned: Any,
-    task: Task,
-    comp: Component,
-    position: str,
-    pos: str | None,
-    shape: ModelShape,
-    batch_size: int | None,
-    on_progress: Progress,
-    should_stop: Stop,
-    on_partial: Callable[[HeadGrid], None] | None = None,
-) -> HeadGrid:
-    """cmap_grid through full forwards (bridge hooks where the fast engine does not run)."""
-    n_cols = hooks.n_columns(comp, shape)
-    cells = [(l, c) for l in range(shape.n_layers) for c in range(n_cols)]
-    n, s = len(task), task.seq_len
-    end = task.positions["END"]
-    rows = batch_size or max(1, ROW_BUDGET // max(s, 1))
-    ex_per = max(1, min(n, rows // 2))
-    var_per = max(1, rows // ex_per - 1)
-    batches = _batches(n, ex_per)
-    per_example = torch.zeros(n, shape.n_layers, n_cols)
-    done = torch.zeros(shape.n_layers, n_cols, dtype=torch.bool)
-    ex_done = torch.zeros(n, dtype=torch.bool)
-    base_m, ft_m = torch.full((n,), math.nan), torch.full((n,), math.nan)
-    total = len(batches) * math.ceil(len(cells) / var_per)
-    step, complete = 0, True
-    site = comp.value
-    for sl in batches:
-        sub = task.subset(torch.arange(n)[sl]) if n > 1 else task
-        tokens, sub_end = task.clean_tokens[sl], end[sl]
-        b = tokens.shape[0]
-        keys = [(l, site) for l in range(shape.n_layers)]
-        ft_run = run_with_edits(finetuned, tokens, capture=keys, at=sub_end)
-        ft_m[sl] = sub.metric(ft_run.logits).float().cpu()
-        posmask = _position_mask(task, pos, sl)
-        for start in range(0, len(cells), var_per):
-            if should_stop is not None and should_stop():
-                complete = False
-                break
-            chunk = cells[start : start + var_per]
-            # Row block 0 is the unpatched base, run in the same forward as the patched blocks.
-            n_var = len(chunk) + 1
-            masks: dict[tuple[int, str], Tensor] = {}
-            for v, (l, c) in enumerate(chunk, start=1):
-                m = masks.setdefault((l, site), torch.zeros(n_var * b, s, n_cols, dtype=torch.bool))
-                m[v * b : (v + 1) * b, :, c] = posmask
-            logits = run_with_edits(
-                base,
-                tokens.repeat(n_var, 1),
-                _edits_from(ft_run.captured, masks, n_var),
-                at=sub_end.repeat(n_var),
-            ).logits
-            logits = logits.view(n_var, b, -1)
-            bm = sub.metric(logits[0]).float().cpu()
-            base_m[sl] = bm
-            for v, (l, c) in enumerate(chunk, start=1):
-                per_example[sl, l, c] = sub.metric(logits[v]).float().cpu() - bm
-                if sl.start == 0:
-                    done[l, c] = True
-            step += 1
-            if on_progress is not None:
-                on_progress(step, total)
-            if on_partial is not None:  # finished batches' examples, or this first one's
-                keep = ex_done.clone() if bool(ex_done.any()) else torch.zeros(n, dtype=torch.bool)
-                if not keep.any():
-                    keep[sl] = True
-                on_partial(
-                    _cmap_headgrid(
-                        per_example[keep].clone(),
-                        done.clone(),
-                        base_m[keep].clone(),
-                        ft_m[keep].clone(),
-                        task,
-                        comp,
-                        position,
-                        shape,
-                        False,
-                    )
-                )
-        if not complete:
-            break
-        ex_done[sl] = True
-    if not complete:
-        # A cell counts only when every finished example has it; unfinished examples drop out.
-        keep = ex_done
-        if not keep.any():
-            keep = torch.zeros(n, dtype=torch.bool)
-            keep[batches[0]] = True
-        per_example, base_m, ft_m = per_example[keep], base_m[keep], ft_m[keep]
-    return _cmap_headgrid(
-        per_example,
-        done,
-        base_m,
-        ft_m,
-        task,
-        comp,
-        position,
-        shape,
-        complete,
-        [
-            "generic path: full forwards per batch of heads ("
-            + _generic_reason(base, finetuned)
-            + ")"
-        ],
-    )
-
-
-def _generic_reason(base: Any, finetuned: Any) -> str:
-    for label, m in (("base", base), ("fine-tuned", finetuned)):
-        if cache.engine_for(m) is None:
-            return f"{label} model: {cache.generic_reason(m)}"
-    return ""

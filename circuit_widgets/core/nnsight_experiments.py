@@ -639,7 +639,6 @@ def cmap_grid(
     request, ``should_stop`` is checked between requests (finished heads kept), and a failed
     request raises ``RemoteError`` with the grid so far as ``partial``."""
     from circuit_widgets.core.checks import check_args
-    from circuit_widgets.models import model_shape
 
     cm = check_pair("cmap_grid", base, finetuned)
     check_args("cmap_grid", task=task)
@@ -652,93 +651,19 @@ def cmap_grid(
     if not isinstance(position, str):
         raise TypeError(f"position must be a task position name or 'all', got {position!r}")
     pos = cm._check_position(task, position)
-    shape = model_shape(base)
-    site = comp.value
-    n_cols = shape.n_kv_heads if comp.per_kv_head else shape.n_heads
-    L, B, dh = shape.n_layers, len(task), shape.d_head
-    cells = [(layer, c) for layer in range(L) for c in range(n_cols)]
-    per_request = max(n_cols, (batch_size or DEFAULT_ROWS) // max(B, 1), 1)
-    jobs = [cells[i : i + per_request] for i in range(0, len(cells), per_request)]
-    posmask = cm._position_mask(task, pos, slice(None))[:, :, None]  # [B, s, 1]
-    readout = _Readout(task)
-    end = task.positions["END"].cpu()
-    ex = torch.arange(B)
-    per_example = torch.full((B, L, n_cols), math.nan)
-    done = torch.zeros(L, n_cols, dtype=torch.bool)
-    base_m: Any = torch.full((B,), math.nan)
-    ft_m: Any = torch.full((B,), math.nan)
-    n_req, complete = 0, True
-    total = 1 + len(jobs)
-
-    def grid(complete: bool, extra: list[str]) -> HeadGrid:
-        head = (
-            f"nnsight ({_where(base)}): {n_req} request(s): 1 capturing the fine-tuned model, "
-            f"then up to {per_request} cells each"
-        )
-        return cm._cmap_headgrid(
-            per_example.clone(),
-            done.clone(),
-            base_m,
-            ft_m,
-            task,
-            comp,
-            position,
-            shape,
-            complete,
-            [head, *extra],
-        )
-
-    at = None if pos is None else task.positions[pos].cpu()
-    try:
-        ft_logits, acts = _capture_layers(finetuned, task.clean_tokens, site, end, at)
-    except Exception as exc:
-        raise _fail(exc) from exc
-    n_req += 1
-    ft_m = task.metric(ft_logits).float()
-    if on_progress is not None:
-        on_progress(1, total)
-    for i, job in enumerate(jobs):
-        if i > 0 and should_stop is not None and should_stop():
-            complete = False
-            break
-        first = i == 0
-        lead = 1 if first else 0  # the first request also runs the unpatched base
-        n_rows = (lead + len(job)) * B
-        plan: list = []
-        for k, (layer, c) in enumerate(job):
-            env, as_input, off = _envoy(base, layer, site)
-            r0 = (lead + k) * B
-            src = acts[layer][..., c * dh : (c + 1) * dh]
-            span = (r0, r0 + B, off + c * dh, off + (c + 1) * dh, src, posmask, at)
-            if plan and plan[-1][0] is env:
-                plan[-1][2].append(span)
-            else:
-                plan.append((env, as_input, [span]))
-        try:
-            out = _cross_request(
-                base,
-                task.clean_tokens.repeat(n_rows // B, 1),
-                end.repeat(n_rows // B),
-                plan,
-                readout.cols,
-                dh,
-            )
-        except Exception as exc:
-            err = _fail(exc)
-            err.partial = None if first else grid(False, [str(err)])
-            raise err from exc
-        n_req += 1
-        metric = readout.scores(out, ex.repeat(n_rows // B))[0].view(-1, B)
-        if first:
-            base_m, metric = metric[0], metric[1:]
-        for k, (layer, c) in enumerate(job):
-            per_example[:, layer, c] = metric[k] - base_m
-            done[layer, c] = True
-        if on_progress is not None:
-            on_progress(i + 2, total)
-        if on_partial is not None:
-            on_partial(grid(False, []))
-    return grid(complete, [])
+    return cm.grid_sweep(
+        base,
+        finetuned,
+        task,
+        comp,
+        position,
+        pos,
+        batch_size,
+        max_memory,
+        on_progress,
+        should_stop,
+        on_partial,
+    )
 
 
 # ---------------------------------------------------------------------- attribution
@@ -815,6 +740,9 @@ def _grad_request(
     return (sub, top, lse), contribs
 
 
-# the names backends.NNsightBackend uses for attribution (its own loop is the core's)
+# the names backends.NNsightBackend uses (attribution and cmap_grid run the core's loop)
 Readout = _Readout
 grad_request = _grad_request
+envoy = _envoy
+cross_request = _cross_request
+capture_layers = _capture_layers

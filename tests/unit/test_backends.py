@@ -13,7 +13,14 @@ import torch
 
 import circuit_widgets as cw
 from circuit_widgets import tiny_model
-from circuit_widgets.core import attribution, backends, cache, patching, path_patching
+from circuit_widgets.core import (
+    attribution,
+    backends,
+    cache,
+    cross_model,
+    patching,
+    path_patching,
+)
 from circuit_widgets.core.backends import (
     Backend,
     FastBackend,
@@ -26,7 +33,14 @@ from circuit_widgets.types import Receiver
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-PROTOCOL = ("note", "chunk_rows", "activation_work", "path_work", "attribution_work")
+PROTOCOL = (
+    "note",
+    "chunk_rows",
+    "activation_work",
+    "path_work",
+    "attribution_work",
+    "cmap_work",
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,11 +139,54 @@ def test_attribution_is_the_same_through_fast_engine_and_hooks(llama, task):
     torch.testing.assert_close(hooked.per_example, fast.per_example, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("module", [patching, path_patching, attribution])
+@pytest.fixture(scope="module")
+def finetuned(one_thread):
+    """The same architecture with every attention and MLP weight moved a little."""
+    ft = tiny_model("llama", n_layers=2, n_heads=4, n_kv_heads=2, d_model=32, seed=0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in ft.original_model.model.layers.parameters():
+            p += 0.3 * torch.randn(p.shape, generator=g)
+    return ft
+
+
+@pytest.mark.parametrize("component,position", [("z", "END"), ("v", "all"), ("q", "all")])
+def test_cmap_grid_is_the_same_through_every_backend(
+    llama, nnsight_llama, finetuned, task, component, position
+):
+    kw = {"component": component, "position": position}
+    fast = cross_model.cmap_grid(llama, finetuned, task, **kw)
+    with cache.force_hooked():
+        hooked = cross_model.cmap_grid(llama, finetuned, task, **kw)
+    nm_ft = cw.load_model(finetuned, backend="nnsight", remote=False)
+    nn = cross_model.cmap_grid(nnsight_llama, nm_ft, task, **kw)
+    assert not any("generic path" in n or "nnsight" in n for n in fast.notes)
+    assert any(n.startswith("generic path: full forwards per batch of heads") for n in hooked.notes)
+    assert any(n.startswith("nnsight (in-process)") for n in nn.notes)
+    assert float(fast.values.abs().max()) > 1e-3  # the fine-tune moved something
+    for other in (hooked, nn):
+        assert other.complete and other.done.all() and other.shape == fast.shape
+        torch.testing.assert_close(other.per_example, fast.per_example, atol=1e-4, rtol=0)
+        torch.testing.assert_close(other.metric_clean, fast.metric_clean, atol=1e-4, rtol=0)
+        torch.testing.assert_close(other.metric_corrupt, fast.metric_corrupt, atol=1e-4, rtol=0)
+
+
+def test_cmap_grid_picks_hooks_for_both_models_when_one_lacks_the_engine(llama, finetuned, task):
+    fast = cross_model.cmap_grid(llama, finetuned, task, component="z")
+    finetuned.add_hook("blocks.0.hook_resid_pre", lambda act, hook: act)
+    try:
+        mixed = cross_model.cmap_grid(llama, finetuned, task, component="z")
+    finally:
+        finetuned.reset_hooks()
+    assert any("(fine-tuned model: hooks are left on the model" in n for n in mixed.notes)
+    torch.testing.assert_close(mixed.per_example, fast.per_example, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("module", [patching, path_patching, attribution, cross_model])
 def test_experiments_no_longer_branch_on_the_engine(module):
     src = Path(module.__file__).read_text()
     assert not re.search(r"\beng is (not )?None\b", src), module.__name__
-    assert "engine_for" not in src and "backend_for" in src, module.__name__
+    assert "engine_for" not in src and "backend" in src, module.__name__
 
 
 def test_backends_module_names_every_implementation():
@@ -195,6 +252,26 @@ def test_without_prepaid_jobs_a_stop_comes_before_the_first_job():
         lambda: True,
     )
     assert log == ["metrics"] and not out.done.any() and not out.complete
+
+
+def test_setup_steps_of_metrics_count_in_progress():
+    log: list = []
+    seen: list = []
+
+    def prepare(chunk):
+        work = _fake_work(2, 1, log)
+        work.setup = 1  # metrics() sends a request of its own (cmap's fine-tuned capture)
+        return work
+
+    out = run_sweep(
+        _one_chunk_task(),
+        [slice(0, 2)],
+        prepare,
+        (2, 3),
+        lambda d, t: seen.append((d, t, len(log))),
+        None,
+    )
+    assert out.complete and seen == [(1, 3, 1), (2, 3, 2), (3, 3, 3)]
 
 
 class _RequestFailed(RuntimeError):
