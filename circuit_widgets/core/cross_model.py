@@ -588,17 +588,36 @@ def cmap(
             on_progress(i + 1, len(batches))
     if not complete:
         notes.append(f"stopped after {int(done.sum())} of {n} examples")
+    return cmap_result(
+        patches, comps, shape, task, (base_m, ft_m, out_metric), (base_a, ft_a, out_acc), done,
+        complete, notes,
+    )  # fmt: skip
+
+
+def cmap_result(
+    patches: Sequence[_Patch],
+    comps: list[Component],
+    shape: ModelShape,
+    task: Task,
+    metrics: tuple[Tensor, Tensor, Tensor],
+    accuracies: tuple[Tensor, Tensor, Tensor],
+    done: Tensor,
+    complete: bool,
+    notes: list[str],
+) -> CMAPResult:
+    """``cmap``'s result from its per-example (base, fine-tuned, patched) metrics and
+    accuracies, whatever ran them."""
     kvg = hooks.kv_groups(shape) if any(c.per_kv_head for c in comps) else None
     return CMAPResult(
         groups=[p.name for p in patches],
         heads={p.name: p.heads for p in patches},
         positions={p.name: p.position for p in patches},
-        base_metric=base_m,
-        finetuned_metric=ft_m,
-        patched_metric=out_metric,
-        base_accuracy=base_a,
-        finetuned_accuracy=ft_a,
-        patched_accuracy=out_acc,
+        base_metric=metrics[0],
+        finetuned_metric=metrics[1],
+        patched_metric=metrics[2],
+        base_accuracy=accuracies[0],
+        finetuned_accuracy=accuracies[1],
+        patched_accuracy=accuracies[2],
         done=done,
         complete=complete,
         components=[c.value for c in comps],

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -123,12 +123,11 @@ def mean_ablate(
     batch_size: examples per forward; max_memory (bytes or '2GB', None = from free memory)
     bounds it too, so a long task runs in chunks with the same scores.
     """
-    if nnsight_backend.is_nnsight(model):
-        return nnsight_backend.dispatch(model, "mean_ablate")(**locals())
     check_args("mean_ablate", model=model, task=task)
-    return _Ablator(model, task, reference_task, reference, batch_size, means, max_memory).run(
-        circuit
-    )
+    abl = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    res = abl.run(circuit)
+    requests = abl.request_notes()
+    return replace(res, notes=[*requests, *res.notes]) if requests else res
 
 
 class _Ablator:
@@ -513,17 +512,17 @@ def faithfulness(
     (``random_circuit_like``), drawn with seeds ``seed, seed + 1, ...``. A ratio whose full
     score is 0 is NaN.
     """
-    if nnsight_backend.is_nnsight(model):
-        return nnsight_backend.dispatch(model, "faithfulness")(**locals())
     check_args("faithfulness", model=model, task=task)
     if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
         raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
-    abl = _Ablator(model, task, reference_task, reference, batch_size, means, max_memory)
+    abl = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
     circ = _as_circuit(circuit, abl.shape, task)
+    seeds = [seed + i for i in range(n_random)]
+    rands = [random_circuit_like(circ, abl.shape, s) for s in seeds]
+    abl.prefetch([None, *(abl.target(c) for c in [circ, *rands])])
     full_m, full_a, _ = abl.scores(None)
     res = abl.run(circ)
-    seeds = [seed + i for i in range(n_random)]
-    rand = [abl.run(random_circuit_like(circ, abl.shape, s)) for s in seeds]
+    rand = [abl.run(c) for c in rands]
     fm, fa = float(full_m.mean()), float(full_a.mean())
     return FaithfulnessResult(
         full_metric=fm,
@@ -538,7 +537,7 @@ def faithfulness(
         n_heads=len(circ),
         metric_name=task.metric_name,
         circuit=circ,
-        notes=res.notes,
+        notes=[*abl.request_notes(), *res.notes],
         means=abl.mode,
     )
 

@@ -28,8 +28,6 @@ SUPPORTED = (
     "path_patch",
     "head_attention",
     "run_with_edits",
-    "mean_ablate",
-    "faithfulness",
     "cmap",
     "cmap_grid",
     "attribution_patch",
@@ -38,13 +36,11 @@ SUPPORTED = (
     "dcm_sweep",
 )
 # built from the experiments above by backend-neutral code (evaluation.py, discovery.py)
-COMPOSED = ("completeness", "minimality", "circuit_pipeline")
+COMPOSED = ("mean_ablate", "faithfulness", "completeness", "minimality", "circuit_pipeline")
 # written in core/nnsight_masking.py
 _MASKING = ("dcm", "dcm_sweep")
 # written in core/nnsight_experiments.py
 _ELSEWHERE = (
-    "mean_ablate",
-    "faithfulness",
     "cmap",
     "cmap_grid",
 )

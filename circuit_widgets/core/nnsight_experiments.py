@@ -1,9 +1,11 @@
 """Circuit evaluation and cross-model patching on nnsight-served models.
 
-``mean_ablate`` / ``faithfulness``: the means come from one capture request per chunk of the
-reference set (every layer's z in one trace); the circuits to score then travel as extra batch
-rows, so a whole faithfulness run (the full model, the circuit and ``n_random`` random
-circuits) costs ceil((n_random + 2) x examples / 512) requests after the means.
+The ablator that ``evaluation``'s ``mean_ablate``, ``faithfulness``, ``completeness`` and
+``minimality`` use on an nnsight model (``make_ablator``): the means come from one capture
+request per chunk of the reference set (every layer's z in one trace); the circuits to score
+then travel as extra batch rows, so a whole faithfulness run (the full model, the circuit and
+``n_random`` random circuits) costs ceil((n_random + 2) x examples / 512) requests after the
+means.
 ``cmap`` / ``cmap_grid`` (both models nnsight-served): one request captures the fine-tuned
 model's activations, then the base model runs with them written in, the patched cells as extra
 batch rows: a full grid costs at most 1 + n_layers requests. Inside a trace only torch and
@@ -15,7 +17,6 @@ from __future__ import annotations
 import importlib
 import math
 from collections.abc import Callable
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -292,83 +293,11 @@ def _ablate_request(
     return sub, top, lse
 
 
-def mean_ablate(
-    model: Any,
-    task: Task,
-    circuit: Any = None,
-    *,
-    reference_task: Task | None = None,
-    batch_size: int | None = None,
-    reference: str = "corrupt",
-    means: str = "auto",
-    max_memory: int | str | None = None,  # requests are sized by batch_size instead
-) -> Any:
-    """``mean_ablate`` through nnsight: one capture request per chunk of the reference set
-    (``batch_size`` examples, default all), then one request scoring the circuit."""
-    from circuit_widgets.core.checks import check_args
-
-    check_args("mean_ablate", model=model, task=task)
-    abl, _ = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
-    res = abl.run(circuit)
-    return replace(res, notes=[_requests_note(model, abl), *res.notes])
-
-
 def _requests_note(model: Any, abl: Any) -> str:
     total = abl.means_requests + abl.n_requests
     return (
         f"nnsight ({_where(model)}): {total} request(s): {abl.means_requests} for the means, "
         f"{abl.n_requests} scoring"
-    )
-
-
-def faithfulness(
-    model: Any,
-    task: Task,
-    circuit: Any,
-    *,
-    n_random: int = 5,
-    seed: int = 0,
-    reference_task: Task | None = None,
-    reference: str = "corrupt",
-    batch_size: int | None = None,
-    means: str = "auto",
-    max_memory: int | str | None = None,  # requests are sized by batch_size instead
-) -> Any:
-    """``faithfulness`` through nnsight: the means, then the full model, the circuit and every
-    random circuit scored together, as extra batch rows (512 rows a request)."""
-    from circuit_widgets.core.checks import check_args
-
-    check_args("faithfulness", model=model, task=task)
-    if isinstance(n_random, bool) or not isinstance(n_random, int) or n_random < 0:
-        raise ValueError(f"n_random must be an int >= 0, got {n_random!r}")
-    abl, circuits = _ablator(model, task, reference_task, reference, batch_size, means, max_memory)
-    circ = circuits._as_circuit(circuit, abl.shape, task)
-    seeds = [seed + i for i in range(n_random)]
-    rands = [circuits.random_circuit_like(circ, abl.shape, s) for s in seeds]
-    n_total = abl.shape.n_layers * abl.shape.n_heads
-    # as _Ablator.run: a circuit keeping every head everywhere is scored as the plain model
-    whole = lambda c: len(c) == n_total and all(g.position is None for g in c.groups)
-    abl.prefetch([None, *(None if whole(c) else c for c in [circ, *rands])])
-    full_m, full_a, _ = abl.scores(None)
-    res = abl.run(circ)
-    rand = [abl.run(c) for c in rands]
-    fm, fa = float(full_m.mean()), float(full_a.mean())
-    ratio = lambda a, b: a / b if b != 0 else math.nan
-    return circuits.FaithfulnessResult(
-        full_metric=fm,
-        circuit_metric=res.metric,
-        ratio=ratio(res.metric, fm),
-        full_accuracy=fa,
-        circuit_accuracy=res.accuracy,
-        accuracy_ratio=ratio(res.accuracy, fa),
-        random_metric=[r.metric for r in rand],
-        random_accuracy=[r.accuracy for r in rand],
-        random_seeds=seeds,
-        n_heads=len(circ),
-        metric_name=task.metric_name,
-        circuit=circ,
-        notes=[_requests_note(model, abl), *res.notes],
-        means=abl.mode,
     )
 
 
@@ -549,29 +478,11 @@ def cmap(
     keys = sorted({k for p in singles for k in p.columns}, key=lambda k: (k[0], _SITE_ORDER[k[1]]))
 
     def result(complete: bool, extra: list[str]) -> Any:
-        kvg = None
-        if any(c.per_kv_head for c in comps):
-            from circuit_widgets.core import hooks
-
-            kvg = hooks.kv_groups(shape)
         head = f"nnsight ({_where(base)}): {n_req} request(s), 2 per batch of examples"
-        return cm.CMAPResult(
-            groups=[p.name for p in patches],
-            heads={p.name: p.heads for p in patches},
-            positions={p.name: p.position for p in patches},
-            base_metric=base_m,
-            finetuned_metric=ft_m,
-            patched_metric=out_metric,
-            base_accuracy=base_a,
-            finetuned_accuracy=ft_a,
-            patched_accuracy=out_acc,
-            done=done,
-            complete=complete,
-            components=[c.value for c in comps],
-            metric_name=task.metric_name,
-            kv_groups=kvg,
-            notes=[head, *notes, *extra],
-        )
+        return cm.cmap_result(
+            patches, comps, shape, task, (base_m, ft_m, out_metric), (base_a, ft_a, out_acc),
+            done, complete, [head, *notes, *extra],
+        )  # fmt: skip
 
     for i, sl in enumerate(batches):
         if should_stop is not None and should_stop():
