@@ -271,16 +271,13 @@ def dcm(
     free memory, whichever is less. On an nnsight model the mask trains server-side in 2
     requests (core/nnsight_masking.py); progress and stopping then act between requests.
     """
-    if nnsight_backend.is_nnsight(model):  # the mask trains server-side: 2 requests
-        return nnsight_backend.dispatch(model, "dcm")(
-            model, desideratum, heads=heads, position=position, lam=lam, lr=lr, epochs=epochs,
-            batch_size=batch_size, seed=seed, split=split, eval_every=eval_every,
-            on_progress=on_progress, should_stop=should_stop, max_memory=max_memory,
-        )  # fmt: skip
     check_args("dcm", model=model, desideratum=desideratum)
     _check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
     plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
+    if nnsight_backend.is_nnsight(model):  # the mask trains server-side: 2 requests
+        run = nnsight_backend.dispatch(model, "dcm")
+        return run(model, plan, lam, (epochs, lr, seed, eval_every), on_progress, should_stop)
     ticker = _Ticker(
         on_progress,
         should_stop,
@@ -325,13 +322,6 @@ def dcm_sweep(
     full-patch test accuracies are measured before training, so ``on_result`` receives each
     lambda's finished result, reference accuracies included, as soon as it is trained. On an
     nnsight model: 1 + len(lams) requests, progress and stopping per request (per lambda)."""
-    if nnsight_backend.is_nnsight(model):  # 1 + len(lams) requests
-        return nnsight_backend.dispatch(model, "dcm_sweep")(
-            model, desideratum, heads=heads, position=position, lams=lams,
-            on_progress=on_progress, should_stop=should_stop, lr=lr, epochs=epochs,
-            batch_size=batch_size, seed=seed, split=split, eval_every=eval_every,
-            max_memory=max_memory, on_result=on_result, lam=lam,
-        )  # fmt: skip
     check_args("dcm_sweep", model=model, desideratum=desideratum)
     if lam is not None:  # dcm's own argument, the likeliest slip here
         raise TypeError(
@@ -344,14 +334,18 @@ def dcm_sweep(
     _check_numbers(lam=0.0, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
     check_callbacks(on_progress, should_stop, batch_size)
     plan = _Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
+    if on_result is not None and not callable(on_result):
+        raise TypeError(f"on_result must be a callable taking a MaskResult, got {on_result!r}")
+    if nnsight_backend.is_nnsight(model):  # 1 + len(lams) requests
+        run = nnsight_backend.dispatch(model, "dcm_sweep")
+        settings = (epochs, lr, seed, eval_every)
+        return run(model, plan, lams, settings, on_progress, should_stop, on_result)
     per_run = plan.run_units(epochs, eval_every)
     ticker = _Ticker(
         on_progress, should_stop, plan.prep_units() + len(lams) * per_run + plan.reference_units()
     )
     results: list[MaskResult] = []
     base = full = math.nan
-    if on_result is not None and not callable(on_result):
-        raise TypeError(f"on_result must be a callable taking a MaskResult, got {on_result!r}")
     with _frozen(model):
         if plan.prepare(ticker):
             base, full = plan.reference_accuracies(ticker)

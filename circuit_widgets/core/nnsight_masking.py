@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from circuit_widgets.core.common import Progress, Stop, check_callbacks
+from circuit_widgets.core.common import Progress, Stop
 from circuit_widgets.core.nnsight_backend import _where
 from circuit_widgets.core.nnsight_experiments import _fail
-from circuit_widgets.types import Head
 
 if TYPE_CHECKING:
     from circuit_widgets.core.masking import MaskResult, SweepResult
@@ -46,32 +45,17 @@ def _masking() -> Any:
 
 def dcm(
     model: Any,
-    desideratum: Any,
-    *,
-    heads: Sequence[Head | str | tuple[int, int]] | None = None,
-    position: str = "END",
-    lam: float = 0.01,
-    lr: float = 0.1,
-    epochs: int = 2,
-    batch_size: int = 32,
-    seed: int = 0,
-    split: Sequence[float] = (0.6, 0.2, 0.2),
-    eval_every: int | None = None,
-    on_progress: Progress = None,
-    should_stop: Stop = None,
-    max_memory: int | str | None = None,  # requests are sized by batch_size instead
+    plan: Any,
+    lam: float,
+    settings: tuple[int, float, int, int | None],
+    on_progress: Progress,
+    should_stop: Stop,
 ) -> MaskResult:
-    """``dcm`` through nnsight, the same contract as the fast engine's: 2 requests (the source
-    activations and reference accuracies, then the whole training loop in one session)."""
+    """``masking.dcm``'s run on an nnsight model, its arguments checked and ``plan`` built
+    there: 2 requests (the source activations and reference accuracies, then the whole
+    training loop in one session). ``settings``: (epochs, lr, seed, eval_every)."""
     M = _masking()
-    from circuit_widgets.core.checks import check_args
-
-    check_args("dcm", model=model, desideratum=desideratum)
-    M._check_numbers(lam=lam, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
-    check_callbacks(on_progress, should_stop, batch_size)
-    plan = M._Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
     run = _Run(model, plan, on_progress, should_stop, total=2)
-    settings = (epochs, lr, seed, eval_every)
     # weights frozen here as on a local model: autograd then keeps no inputs for their gradients
     with M._frozen(model.lm._module):
         if not run.prepare():
@@ -89,43 +73,17 @@ def dcm(
 
 def dcm_sweep(
     model: Any,
-    desideratum: Any,
-    *,
-    heads: Sequence[Head | str | tuple[int, int]] | None = None,
-    position: str = "END",
-    lams: Sequence[float] | None = None,
-    on_progress: Progress = None,
-    should_stop: Stop = None,
-    lr: float = 0.1,
-    epochs: int = 2,
-    batch_size: int = 32,
-    seed: int = 0,
-    split: Sequence[float] = (0.6, 0.2, 0.2),
-    eval_every: int | None = None,
-    max_memory: int | str | None = None,  # requests are sized by batch_size instead
-    on_result: Callable[[MaskResult], None] | None = None,
-    lam: None = None,
+    plan: Any,
+    lams: list[float],
+    settings: tuple[int, float, int, int | None],
+    on_progress: Progress,
+    should_stop: Stop,
+    on_result: Callable[[MaskResult], None] | None,
 ) -> SweepResult:
-    """``dcm_sweep`` through nnsight: one request for the source activations and reference
-    accuracies, then one session per lambda (1 + len(lams) requests)."""
+    """``masking.dcm_sweep``'s run on an nnsight model, its arguments checked and ``plan``
+    built there: one request for the source activations and reference accuracies, then one
+    session per lambda (1 + len(lams) requests)."""
     M = _masking()
-    from circuit_widgets.core.checks import check_args
-
-    check_args("dcm_sweep", model=model, desideratum=desideratum)
-    if lam is not None:  # dcm's own argument, the likeliest slip here
-        raise TypeError(
-            "dcm_sweep got unexpected keyword argument(s) ['lam'] (the sweep's lambdas go in "
-            "lams=[...])"
-        )
-    lams = M.DEFAULT_LAMS if lams is None else lams
-    if isinstance(lams, (str, bytes)) or not isinstance(lams, Sequence) or len(lams) == 0:
-        raise ValueError(f"lams must be a non-empty list of numbers >= 0, got {lams!r}")
-    lams = [float(M._number("lams item", x, low=0.0)) for x in lams]
-    M._check_numbers(lam=0.0, lr=lr, epochs=epochs, seed=seed, eval_every=eval_every)
-    check_callbacks(on_progress, should_stop, batch_size)
-    if on_result is not None and not callable(on_result):
-        raise TypeError(f"on_result must be a callable taking a MaskResult, got {on_result!r}")
-    plan = M._Plan.build(model, desideratum, heads, position, split, seed, batch_size, max_memory)
     run = _Run(model, plan, on_progress, should_stop, total=1 + len(lams))
     results: list[MaskResult] = []
 
@@ -134,7 +92,7 @@ def dcm_sweep(
 
     with M._frozen(model.lm._module):
         if run.prepare():
-            _sweep_lams(run, lams, results, sweep, on_result, (epochs, lr, seed, eval_every))
+            _sweep_lams(run, lams, results, sweep, on_result, settings)
     return sweep(len(results) == len(lams) and not run.stopped)
 
 
