@@ -655,16 +655,24 @@ def cmap_grid(
     on_partial(grid) receives the partial grid after each pass of the first chunk and after
     each later chunk (a widget draws it).
     """
-    if nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned):
-        return nnsight_backend.dispatch_pair("cmap_grid", base, finetuned)(**locals())
-    check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
-    base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
-    check_compatible(base, finetuned)
+    served = nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned)
+    if served:  # both nnsight-served and alike; requests are sized by rows, not max_memory
+        from circuit_widgets.core import nnsight_experiments
+
+        nnsight_experiments.check_pair("cmap_grid", base, finetuned)
+        check_args("cmap_grid", task=task)
+    else:
+        check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
+        base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
+        check_compatible(base, finetuned)
     check_callbacks(on_progress, should_stop, batch_size)
-    parse_memory(max_memory)
+    if not served:
+        parse_memory(max_memory)
     comps = _components(component)
     if len(comps) != 1:
         raise ValueError("cmap_grid takes one component; use cmap for several at once")
+    if served:
+        nnsight_experiments.check_components(comps)
     comp = comps[0]
     if not isinstance(position, str):
         raise TypeError(f"position must be a task position name or 'all', got {position!r}")

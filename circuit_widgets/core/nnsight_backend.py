@@ -40,13 +40,10 @@ COMPOSED = ("mean_ablate", "faithfulness", "completeness", "minimality", "circui
 # written in core/nnsight_masking.py
 _MASKING = ("dcm", "dcm_sweep")
 # written in core/nnsight_experiments.py
-_ELSEWHERE = (
-    "cmap",
-    "cmap_grid",
-)
+_ELSEWHERE = ("cmap",)
 
 # the core's own sweep runs these, its Backend being backends.NNsightBackend
-_IN_CORE = ("activation_patch", "path_patch", "attribution_patch", "path_attribution")
+_IN_CORE = ("activation_patch", "path_patch", "attribution_patch", "path_attribution", "cmap_grid")
 
 # why an experiment cannot be one request, where that is the reason it is refused
 WHY_NOT = {
@@ -89,9 +86,13 @@ def dispatch(model: Any, experiment: str) -> Callable[..., Any]:
 
         return getattr(nnsight_masking, experiment)
     if experiment in _IN_CORE:  # the core function runs nnsight through backends.NNsightBackend
-        from circuit_widgets.core import attribution, patching, path_patching
+        from circuit_widgets.core import attribution, cross_model, patching, path_patching
 
-        module = {"activation_patch": patching, "path_patch": path_patching}
+        module = {
+            "activation_patch": patching,
+            "path_patch": path_patching,
+            "cmap_grid": cross_model,
+        }
         return getattr(module.get(experiment, attribution), experiment)
     if experiment in _ELSEWHERE:
         from circuit_widgets.core import nnsight_experiments

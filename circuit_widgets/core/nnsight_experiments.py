@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,7 +29,6 @@ from circuit_widgets.core.nnsight_backend import (
     _where,
     is_nnsight,
 )
-from circuit_widgets.core.results import HeadGrid
 from circuit_widgets.types import Component
 
 if TYPE_CHECKING:
@@ -343,7 +341,7 @@ def check_pair(where: str, base: Any, finetuned: Any) -> Any:
     return cm
 
 
-def _check_components(comps: list) -> None:
+def check_components(comps: list) -> None:
     bad = [c.value for c in comps if c not in CMAP_COMPONENTS]
     if bad:
         raise NotImplementedError(
@@ -459,7 +457,7 @@ def cmap(
     check_args("cmap", task=task)
     check_callbacks(on_progress, should_stop, batch_size)
     comps = cm._components(component)
-    _check_components(comps)
+    check_components(comps)
     shape = model_shape(base)
     patches, notes = cm._plan(base, task, circuit, heads, comps, positions, shape)
     singles = patches[:-1] if patches[-1].name == cm.WHOLE else patches
@@ -528,53 +526,6 @@ def cmap(
             on_progress(i + 1, len(batches))
     extra = [] if complete else [f"stopped after {int(done.sum())} of {n} examples"]
     return result(complete, extra)
-
-
-def cmap_grid(
-    base: Any,
-    finetuned: Any,
-    task: Task,
-    *,
-    component: Any = "z",
-    position: str = "END",
-    batch_size: int | None = None,
-    on_progress: Progress = None,
-    should_stop: Stop = None,
-    max_memory: int | str | None = None,  # requests are sized by batch_size (rows) instead
-    on_partial: Callable[[HeadGrid], None] | None = None,
-) -> HeadGrid:
-    """``cmap_grid`` with both models nnsight-served: one request captures the fine-tuned
-    model's activations at every layer, then the base model runs with one head patched per
-    copy of the batch, ``max(n_heads, batch_size // examples)`` heads per request (batch_size
-    = rows, default 512), layer by layer: at most 1 + n_layers requests. Progress advances per
-    request, ``should_stop`` is checked between requests (finished heads kept), and a failed
-    request raises ``RemoteError`` with the grid so far as ``partial``."""
-    from circuit_widgets.core.checks import check_args
-
-    cm = check_pair("cmap_grid", base, finetuned)
-    check_args("cmap_grid", task=task)
-    check_callbacks(on_progress, should_stop, batch_size)
-    comps = cm._components(component)
-    if len(comps) != 1:
-        raise ValueError("cmap_grid takes one component; use cmap for several at once")
-    _check_components(comps)
-    comp = comps[0]
-    if not isinstance(position, str):
-        raise TypeError(f"position must be a task position name or 'all', got {position!r}")
-    pos = cm._check_position(task, position)
-    return cm.grid_sweep(
-        base,
-        finetuned,
-        task,
-        comp,
-        position,
-        pos,
-        batch_size,
-        max_memory,
-        on_progress,
-        should_stop,
-        on_partial,
-    )
 
 
 # ---------------------------------------------------------------------- attribution
