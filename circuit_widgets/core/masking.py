@@ -862,15 +862,19 @@ class _Plan:
             best_step=best[2] if best is not None else step,
             n_examples=tuple(len(p.d) for p in self.parts),
             complete=complete,
-            settings={
-                "lr": lr,
-                "epochs": epochs,
-                "batch_size": self.bs,
-                "seed": seed,
-                "eval_every": eval_every,
-            },
+            settings=self.settings(lr, epochs, seed, eval_every),
             notes=notes,
         )
+
+    def settings(self, lr: float, epochs: int, seed: int, eval_every: int | None) -> dict:
+        """A result's record of how its mask was trained."""
+        return {
+            "lr": lr,
+            "epochs": epochs,
+            "batch_size": self.bs,
+            "seed": seed,
+            "eval_every": eval_every,
+        }
 
     def reference_accuracies(self, ticker: _Ticker) -> tuple[float, float]:
         """Test accuracy with no head patched and with every trained head patched."""
@@ -913,13 +917,7 @@ class _Plan:
             best_step=0,
             n_examples=tuple(len(p.d) for p in self.parts),
             complete=False,
-            settings={
-                "lr": lr,
-                "epochs": epochs,
-                "batch_size": self.bs,
-                "seed": seed,
-                "eval_every": eval_every,
-            },
+            settings=self.settings(lr, epochs, seed, eval_every),
             notes=["stopped before training began"],
         )
 

@@ -249,13 +249,7 @@ class _Run:
             best_step=best_i + 1 if best_i >= 0 else len(steps),
             n_examples=tuple(self.sizes),
             complete=True,
-            settings={
-                "lr": lr,
-                "epochs": epochs,
-                "batch_size": bs,
-                "seed": seed,
-                "eval_every": eval_every,
-            },
+            settings=plan.settings(lr, epochs, seed, eval_every),
             notes=[self.note()],
         )
 
