@@ -106,3 +106,28 @@ def patch_strict(monkeypatch: Any) -> None:
         return StrictSimulationBackend(self.lm) if self.remote == "local" else got
 
     monkeypatch.setattr(NNsightModel, "backend", backend)
+
+
+def record_requests(monkeypatch: Any, *models: Any) -> list[bytes]:
+    """Every request these nnsight models send from now on, serialised as for NDIF (each still
+    runs under the local simulation); the list fills as they run."""
+    from nnsight.schema.request import RequestModel
+
+    blobs: list[bytes] = []
+
+    class Recording(LocalSimulationBackend):
+        def __call__(self, tracer: Any) -> Any:
+            blobs.append(RequestModel.serialize(tracer, compress=False))
+            return super().__call__(tracer)
+
+    for m in models:
+        monkeypatch.setattr(m, "backend", lambda m=m: Recording(m.lm))
+    return blobs
+
+
+def assert_no_module_of_ours(blobs: list[bytes]) -> None:
+    """Each request names no module of this package (NDIF could not import it), only the
+    nnsight_* modules' source files, for line numbers."""
+    for blob in blobs:
+        assert b"circuit_widgets.core" not in blob and b"circuit_widgets.tasks" not in blob
+        assert blob.count(b"circuit_widgets") == blob.count(b"circuit_widgets/core/nnsight_")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nnsight_strict import assert_no_module_of_ours, record_requests
 
 import circuit_widgets as cw
 from circuit_widgets.types import Circuit, CircuitGroup, Head
@@ -195,28 +196,16 @@ def test_studies_on_nnsight_equal_the_local_model(tiny_llama):
 def test_new_requests_never_reference_circuit_widgets(tiny_llama, monkeypatch):
     """What the server would receive for an edited run and a completeness test names only the
     nnsight_* modules' source files (for line numbers), never a module NDIF would import."""
-    from nnsight.intervention.backends.local import LocalSimulationBackend
-    from nnsight.schema.request import RequestModel
-
     from circuit_widgets.core.edits import run_with_edits
 
     task = cw.tasks.ioi(tiny_llama, 4)
-    blobs = []
-
-    class Recording(LocalSimulationBackend):
-        def __call__(self, tracer):
-            blobs.append(RequestModel.serialize(tracer, compress=False))
-            return super().__call__(tracer)
-
     nm = cw.load_model(tiny_llama, backend="nnsight", remote="local")
-    monkeypatch.setattr(nm, "backend", lambda: Recording(nm.lm))
+    blobs = record_requests(monkeypatch, nm)
     iv = cw.intervene(nm, task, heads=["1.1"], attend_to="S1", replace_with="corrupt")
     run_with_edits(nm, task.clean_tokens, iv.edits(), capture=[(1, "pattern")])
     cw.completeness(nm, task, CIRCUIT, n_random=1)
     assert len(blobs) == 4  # replace_with's capture, the edited run, means, scoring
-    for blob in blobs:
-        assert b"circuit_widgets.core" not in blob and b"circuit_widgets.tasks" not in blob
-        assert blob.count(b"circuit_widgets") == blob.count(b"circuit_widgets/core/nnsight_")
+    assert_no_module_of_ours(blobs)
 
 
 # ---------------------------------------------------------------------- widgets

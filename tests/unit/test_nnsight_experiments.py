@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from nnsight_strict import assert_no_module_of_ours, record_requests
 
 import circuit_widgets as cw
 from circuit_widgets.nnsight_model import RemoteError
@@ -228,26 +229,13 @@ def test_cmap_needs_two_alike_nnsight_models(tiny_gpt2, tiny_llama):
 
 
 def test_requests_never_reference_circuit_widgets(tiny_llama, monkeypatch):
-    from nnsight.intervention.backends.local import LocalSimulationBackend
-    from nnsight.schema.request import RequestModel
-
     task = cw.tasks.ioi(tiny_llama, 4)
-    blobs = []
-
-    class Recording(LocalSimulationBackend):
-        def __call__(self, tracer):
-            blobs.append(RequestModel.serialize(tracer, compress=False))
-            return super().__call__(tracer)
-
     nb, nf = _nn(tiny_llama, "local"), _nn(_tiny("llama", 1), "local")
-    for m in (nb, nf):
-        monkeypatch.setattr(m, "backend", lambda m=m: Recording(m.lm))
+    blobs = record_requests(monkeypatch, nb, nf)
     cw.faithfulness(nb, task, CIRCUIT, n_random=2)
     cw.cmap_grid(nb, nf, task, component="k")
     assert len(blobs) == 4
-    for blob in blobs:
-        assert b"circuit_widgets.core" not in blob and b"circuit_widgets.tasks" not in blob
-        assert blob.count(b"circuit_widgets") == blob.count(b"circuit_widgets/core/nnsight_")
+    assert_no_module_of_ours(blobs)
 
 
 # ---------------------------------------------------------------------- attribution

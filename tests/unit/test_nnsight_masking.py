@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from nnsight_strict import assert_no_module_of_ours, record_requests
 from test_dcm import (
     CARRIERS,
     planted_dcm_model,
@@ -219,23 +220,11 @@ def test_bad_input_is_refused_before_any_request(planted):
 def test_requests_never_reference_circuit_widgets(planted, monkeypatch):
     """What travels (the session blocks and their values) names no module of this package:
     NDIF could not import it."""
-    from nnsight.intervention.backends.local import LocalSimulationBackend
-    from nnsight.schema.request import RequestModel
-
-    blobs = []
-
-    class Recording(LocalSimulationBackend):
-        def __call__(self, tracer):
-            blobs.append(RequestModel.serialize(tracer, compress=False))
-            return super().__call__(tracer)
-
     nm = _nn(planted, "local")
-    monkeypatch.setattr(nm, "backend", lambda: Recording(nm.lm))
+    blobs = record_requests(monkeypatch, nm)
     r = dcm(nm, planted_desideratum(n=10, seed=1), lr=0.2, batch_size=4, epochs=1)
     assert r.complete and len(blobs) == 2
-    for blob in blobs:
-        assert b"circuit_widgets.core" not in blob and b"circuit_widgets.tasks" not in blob
-        assert blob.count(b"circuit_widgets") == blob.count(b"circuit_widgets/core/nnsight_")
+    assert_no_module_of_ours(blobs)
 
 
 # ---------------------------------------------------------------------- widget
