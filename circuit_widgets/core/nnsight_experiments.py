@@ -14,7 +14,6 @@ nnsight run, so NDIF never imports this package; the values that travel are plai
 
 from __future__ import annotations
 
-import importlib
 import math
 from typing import TYPE_CHECKING, Any
 
@@ -34,22 +33,8 @@ from circuit_widgets.types import Component
 if TYPE_CHECKING:
     from circuit_widgets.tasks.base import Task
 
-# q16 moves these modules; whichever exists serves (the names used here are unchanged)
-_CIRCUITS = ("circuit_widgets.core.evaluation",)
-_CMAP = ("circuit_widgets.core.cross_model",)
 # the order a forward reaches a layer's sites: q, k, v projections, then o_proj's input (z)
 _SITE_ORDER = {"q": 0, "k": 1, "v": 2, "z": 3}
-
-
-def _module(names: tuple[str, ...], attr: str) -> Any:
-    for name in names:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, attr):
-            return mod
-    raise ImportError(f"none of {names} defines {attr}")
 
 
 def _fail(exc: BaseException, partial: Any = None) -> Any:
@@ -100,11 +85,14 @@ class _Readout:
 # ---------------------------------------------------------------------- mean ablation
 
 
-def _ablator(
+def make_ablator(
     model: Any, task: Task, reference_task: Task | None, reference: str, batch_size, means, mem
-):
-    """circuits._Ablator whose scoring runs every circuit of a request as extra batch rows."""
-    circuits = _module(_CIRCUITS, "_Ablator")
+) -> Any:
+    """The ablator ``evaluation``'s mean_ablate, faithfulness, completeness and minimality use
+    on an nnsight model: an ``_Ablator`` whose scoring runs every circuit it is asked for
+    (``prefetch``) as extra batch rows, in as few requests as the rows allow."""
+    from circuit_widgets.core import evaluation as circuits
+
     parent: Any = circuits._Ablator
 
     class NNAblator(parent):
@@ -226,15 +214,7 @@ def _ablator(
         def request_notes(self) -> list[str]:
             return [_requests_note(model, self)]
 
-    return NNAblator(model, task, reference_task, reference, batch_size, means, mem), circuits
-
-
-def make_ablator(
-    model: Any, task: Task, reference_task: Task | None, reference: str, batch_size, means, mem
-) -> Any:
-    """The ablator ``completeness`` and ``minimality`` use on an nnsight model: every circuit
-    they ``prefetch`` is scored in as few requests as the rows allow."""
-    return _ablator(model, task, reference_task, reference, batch_size, means, mem)[0]
+    return NNAblator(model, task, reference_task, reference, batch_size, means, mem)
 
 
 def _class_sums_request(nm: Any, tokens: Tensor, onehot_t: Tensor) -> list:
@@ -316,7 +296,8 @@ def check_pair(where: str, base: Any, finetuned: Any) -> Any:
             f"{where} on the nnsight backend needs both models served through nnsight "
             f"(load_model(..., backend='nnsight')); {', '.join(kinds)}"
         )
-    cm = _module(_CMAP, "_tokenizer_diffs")
+    from circuit_widgets.core import cross_model as cm
+
     a, b = base.cfg, finetuned.cfg
     diffs = [
         f"{name}: base {getattr(a, name)}, finetuned {getattr(b, name)}"
