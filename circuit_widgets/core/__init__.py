@@ -1,7 +1,7 @@
 """The patching engine: plain torch functions returning result dataclasses. No UI imports.
 
-activation_patch, path_patch, attribution and cmap_grid run one job loop (common.run_sweep, or
-attribution's gradient steps) over a Backend (backends.py) that backend_for picks per model:
+activation_patch, path_patch, attribution_patch, path_attribution, cmap and cmap_grid run one
+job loop (common.run_sweep) over a Backend (backends.py) that backend_for picks per model:
 the exact fast engine where it applies, TransformerLens bridge hooks otherwise (or under
 cache.force_hooked), nnsight requests for an nnsight-served model.
 """

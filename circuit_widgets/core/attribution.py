@@ -15,16 +15,19 @@ from torch import Tensor
 from circuit_widgets.core import backends, hooks
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
+    Chunk,
+    ChunkWork,
     MetricReader,
     Progress,
     Stop,
+    SweepOut,
     build_grid,
     plan_sweep,
+    run_sweep,
 )
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, attend, causal_masks
 from circuit_widgets.core.results import HeadGrid
-from circuit_widgets.nnsight_model import RemoteError
 from circuit_widgets.types import Component, Direction, Head, ModelLike
 
 if TYPE_CHECKING:
@@ -148,15 +151,15 @@ def _attribute(
     noise = dirn == Direction.NOISE
     spec = backends.AttributionSpec(comp, noise, L, frozen, freeze_mlps)
     work = backend.attribution_work(spec, task, whole)
-    per_example = torch.full((B, L, P, n_cols), float("nan"))
+    # a step's values fill every cell: one job of (layer, slot, column) lists per chunk
+    cells = torch.cartesian_prod(torch.arange(L), torch.arange(P), torch.arange(n_cols))
+    job = ((cells[:, 0].tolist(), cells[:, 1].tolist()), cells[:, 2].tolist())
 
-    def grid(complete: bool, extra: list[str]) -> HeadGrid:
-        m_base, m_src = work.m_base, work.m_src
-        m_clean, m_corrupt = (m_base, m_src) if noise else (m_src, m_base)
-        pe = per_example.clone()
+    def grid(out: SweepOut, extra: list[str] | None = None) -> HeadGrid:
+        m_clean, m_corrupt, pe = out.metric_a, out.metric_b, out.per_example
         if dirn == Direction.DENOISE:
             pe = pe + (m_corrupt - m_clean).float()[:, None, None, None]
-        done = ~pe.isnan().any(0)  # a cell is done once every example's batch is
+        done = out.done.clone()
         if subset is not None:
             keep = torch.zeros(L, P, n_cols, dtype=torch.bool)
             for h in subset:
@@ -164,6 +167,8 @@ def _attribute(
             done &= keep
         if labels is None:
             pe, done = pe[:, :, 0], done[:, 0]
+        if not out.complete:
+            extra = [f"stopped: {len(m_clean)} of {B} examples kept", *(extra or [])]
         note = backend.note("attribution")  # after the loop: nnsight counts its requests
         return build_grid(
             pe,
@@ -177,27 +182,34 @@ def _attribute(
             metric_name=task.metric_name,
             positions=labels,
             position=single,
-            complete=complete,
-            notes=[*([note] if note is not None else []), *notes, *extra],
+            complete=out.complete,
+            notes=[*([note] if note is not None else []), *notes, *(extra or [])],
             receivers="logits" if frozen else None,
         )
 
-    complete = True
-    for i, sl in enumerate(steps):
-        if should_stop is not None and should_stop():
-            complete = False
-            break
-        try:
-            contrib = work.step(sl).float().cpu()  # [b, L, s, cols]: per-position effects
-        except RemoteError as err:  # a failed request keeps the steps that finished
-            err.partial = None if i == 0 else grid(False, [str(err)])
-            raise
-        m = masks[sl][:, :, : contrib.shape[2]]  # a chunk's own runs may be trimmed of padding
-        per_example[sl] = torch.einsum("bps,blsc->blpc", m, contrib)
-        if on_progress is not None:
-            on_progress(i + 1, len(steps))
-    work.finish(complete)
-    return grid(complete, [])
+    def prepare(chunk: Chunk) -> ChunkWork:
+        sl, memo = chunk.rows, list[Tensor]()
+
+        def values(key: tuple = (), cols: list[int] | None = None) -> Tensor:
+            if not memo:
+                with torch.enable_grad():  # the sweep runs jobs under no_grad
+                    contrib = work.step(sl).float().cpu()  # [b, L, s, cols]: per position
+                m = masks[sl][:, :, : contrib.shape[2]]  # a chunk's own runs may be trimmed
+                per = torch.einsum("bps,blsc->blpc", m, contrib)
+                memo.append(per.reshape(per.shape[0], -1).T)
+            return memo[0]
+
+        def metrics() -> tuple[Tensor, Tensor]:
+            values()  # the step fills the chunk's metrics
+            m_base, m_src = work.m_base[sl], work.m_src[sl]
+            return (m_base, m_src) if noise else (m_src, m_base)
+
+        return ChunkWork([job], values, metrics, prepaid=1)
+
+    on_error = lambda out, err: grid(out, [str(err)])
+    out = run_sweep(task, steps, prepare, (L, P, n_cols), on_progress, should_stop, None, on_error)
+    work.finish(out.complete)
+    return grid(out)
 
 
 def _per_position(comp: Component, delta: Tensor, grad: Tensor) -> Tensor:

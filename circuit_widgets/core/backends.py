@@ -1,9 +1,9 @@
 """What runs a sweep's cells: one ``Backend`` per way of running the model.
 
-Every per-cell sweep (activation patching, path patching) is the same job loop,
-``common.run_sweep``: it asks the backend for a chunk's jobs, runs them, fills the grid,
-reports progress and stops between jobs. Attribution asks it for gradient steps. The backend
-decides how a job runs:
+Every sweep is the same job loop, ``common.run_sweep``: it asks the backend for a chunk's jobs,
+runs them, fills the grid, reports progress and stops between jobs. Activation and path
+patching ask for cells; attribution for gradient steps (one job per batch of examples, every
+cell at once); cross-model patching as below. The backend decides how a job runs:
 
 - ``FastBackend``: the exact fast engine (``fast_model``), resuming patched runs from cached
   clean/corrupt Traces; many cells per pass. The default where ``cache.engine_for`` gives one.
@@ -13,9 +13,10 @@ decides how a job runs:
   as extra batch rows (progress per request, Cancel between requests); attribution takes
   its gradient inside each request.
 
-Cross-model grids (``cmap_grid``) run on the base model's backend, with the fine-tuned
-model's backend of the same kind (``pair_backends``) as ``cmap_work``'s source. Still on
-loops of their own: ``cmap`` (groups of heads) and DCM (a training loop).
+Cross-model patching runs on the base model's backend, with the fine-tuned model's backend
+of the same kind (``pair_backends``) as the source: ``cmap_work`` for a grid (``cmap_grid``),
+``cmap_groups_work`` for a circuit's groups (``cmap``), a job per batch of examples. DCM keeps
+its own loop (a training loop, not cells).
 
 ``backend_for(model)`` picks one. Experiment code never branches on the engine itself.
 """
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from circuit_widgets.core import cache, nnsight_backend
 from circuit_widgets.core.common import (
+    DEFAULT_ROW_BUDGET,
     Chunk,
     ChunkWork,
     MetricReader,
@@ -106,6 +108,18 @@ class CMAPSpec:
     batch_size: int | None
 
 
+@dataclass(frozen=True)
+class CMAPGroupsSpec:
+    """Cross-model patching of a circuit's groups (``cross_model._Patch``es: columns per
+    (layer, site) at a position): each group alone, then, with ``union``, all at once. A job
+    runs the unpatched base, the fine-tuned model and every variant on a batch of examples;
+    ``cross_model.group_values`` says how its values are laid out."""
+
+    patches: list
+    union: bool
+    shape: ModelShape
+
+
 @dataclass
 class AttributionWork:
     """step(examples) -> per-position first-order effects [b, L, s, cols]; each step fills
@@ -156,6 +170,16 @@ class Backend(Protocol):
         activations; run() gives metric patched - base [V, b], metrics() (base, fine-tuned)."""
         ...
 
+    def row_budget(self, task: Task) -> int:
+        """Batch rows (examples x variants) one forward or request should hold."""
+        ...
+
+    def cmap_groups_work(self, spec: CMAPGroupsSpec, chunk: Chunk, source: Backend) -> ChunkWork:
+        """One prepaid job for the chunk (a batch of examples): ``cross_model.group_values``
+        of the unpatched base, the fine-tuned ``source`` and every variant of ``spec``;
+        metrics() (base, fine-tuned)."""
+        ...
+
 
 def backend_for(model: Any) -> Backend:
     """nnsight for an nnsight-served model, the fast engine where it reproduces the bridge
@@ -189,6 +213,34 @@ def _base_gap(metrics: tuple[Tensor, Tensor], noise: bool) -> Tensor:
     patched - clean once this is added."""
     m_clean, m_corrupt = metrics
     return (m_clean if noise else m_corrupt).float().cpu() - m_clean.float().cpu()
+
+
+def _local_groups_work(
+    base: ModelLike, finetuned: ModelLike, spec: CMAPGroupsSpec, chunk: Chunk
+) -> ChunkWork:
+    """cmap_groups_work for in-process models: one fine-tuned forward capturing the patched
+    sites, one base forward holding the unpatched base as row block 0 and a block per variant
+    (same forward shape: a patch writing identical values gives bit-identical logits)."""
+    from circuit_widgets.core.cross_model import _edits_from, group_job, group_values, variant_masks
+    from circuit_widgets.core.edits import run_with_edits
+
+    sub = chunk.task
+    tokens, end = sub.clean_tokens, sub.positions["END"]
+    masks, n_var = variant_masks(spec, sub)
+    keys = sorted({k for p in spec.patches for k in p.columns})
+    b = tokens.shape[0]
+
+    def values() -> Tensor:
+        ft = run_with_edits(finetuned, tokens, capture=keys, at=end)
+        logits = run_with_edits(
+            base, tokens.repeat(n_var, 1), _edits_from(ft.captured, masks, n_var),
+            at=end.repeat(n_var),
+        ).logits.view(n_var, b, -1)  # fmt: skip
+        m = torch.stack([sub.metric(x).float().cpu() for x in logits])
+        a = torch.stack([sub.accuracy(x).float().cpu() for x in logits])
+        return group_values(m, a, sub.metric(ft.logits), sub.accuracy(ft.logits))
+
+    return group_job(values, n_var)
 
 
 # ---------------------------------------------------------------------- the fast engine
@@ -367,6 +419,18 @@ class FastBackend:
 
         return ChunkWork(jobs, run, metrics)
 
+    def row_budget(self, task: Task) -> int:
+        return DEFAULT_ROW_BUDGET // max(task.seq_len, 1)
+
+    def cmap_groups_work(self, spec: CMAPGroupsSpec, chunk: Chunk, source: Backend) -> ChunkWork:
+        # bridge forwards with edits (run_with_edits), as on hooks: a handful of variants
+        return _local_groups_work(self.model, _local(source), spec, chunk)
+
+
+def _local(source: Backend) -> ModelLike:
+    assert isinstance(source, (FastBackend, HookBackend)), "cmap pairs backends of one kind"
+    return source.model
+
 
 # ---------------------------------------------------------------------- bridge hooks
 
@@ -388,6 +452,8 @@ class HookBackend:
         self.reason = cache.generic_reason(model)  # why not the fast engine, when picked
 
     def note(self, experiment: str) -> str | None:
+        if experiment == "cmap":  # bridge forwards whatever the engine, as on the fast one
+            return None
         if experiment == "cmap_grid":
             return f"generic path: full forwards per batch of heads ({self.reason})"
         return f"{_HOOK_NOTES[experiment]}: {self.reason}"
@@ -583,6 +649,12 @@ class HookBackend:
 
         return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
 
+    def row_budget(self, task: Task) -> int:
+        return DEFAULT_ROW_BUDGET // max(task.seq_len, 1)
+
+    def cmap_groups_work(self, spec: CMAPGroupsSpec, chunk: Chunk, source: Backend) -> ChunkWork:
+        return _local_groups_work(self.model, _local(source), spec, chunk)
+
 
 # ---------------------------------------------------------------------- nnsight
 
@@ -606,6 +678,12 @@ class NNsightBackend:
             return (
                 f"nnsight ({nnsight_backend.where(self.model)}): {n} request(s): 1 capturing "
                 f"the fine-tuned model, then up to {self.per_request} cells each"
+            )
+        if experiment == "cmap":
+            n = self.requests + (self.source.requests if self.source is not None else 0)
+            return (
+                f"nnsight ({nnsight_backend.where(self.model)}): {n} request(s), 2 per batch "
+                "of examples"
             )
         if experiment == "attribution":
             return (
@@ -850,3 +928,43 @@ class NNsightBackend:
             return metric - base_m[None]
 
         return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0, setup=1)
+
+    def row_budget(self, task: Task) -> int:
+        return nnsight_backend.DEFAULT_ROWS
+
+    def cmap_groups_work(self, spec: CMAPGroupsSpec, chunk: Chunk, source: Backend) -> ChunkWork:
+        """Two requests for the batch: the fine-tuned model's END logits and activations at the
+        patched sites, then the base model with the unpatched base and every variant as row
+        blocks, read out compactly (a request never returns [rows, vocab])."""
+        from circuit_widgets.core import nnsight_experiments as nx
+        from circuit_widgets.core.cross_model import group_job, group_values, variant_masks
+
+        assert isinstance(source, NNsightBackend), "cmap pairs backends of one kind"
+        self.source = source
+        base, sub = self.model, chunk.task
+        tokens, end = sub.clean_tokens, sub.positions["END"].cpu()
+        masks, n_var = variant_masks(spec, sub)
+        keys = sorted({k for p in spec.patches for k in p.columns})
+        readout = nx.Readout(sub)
+        b, dh = tokens.shape[0], spec.shape.d_head
+
+        def values() -> Tensor:
+            ft_logits, acts = source._request(nx.capture_ft, tokens, keys, end)
+            plan: list = []
+            for key in nx.forward_order(keys):
+                env, as_input, off = nx.envoy(base, *key)
+                src = acts[key].repeat(n_var, 1, 1)
+                span = (0, n_var * b, off, off + nx.width(base, key[1]), src, masks[key], None)
+                if plan and plan[-1][0] is env:  # GPT-2: q, k and v share c_attn
+                    plan[-1][2].append(span)
+                else:
+                    plan.append((env, as_input, [span]))
+            out = self._request(
+                nx.cross_request, tokens.repeat(n_var, 1), end.repeat(n_var), plan, readout.cols, dh
+            )
+            m, a, _ = readout.scores(out, torch.arange(b).repeat(n_var))
+            return group_values(
+                m.view(n_var, b), a.view(n_var, b), sub.metric(ft_logits), sub.accuracy(ft_logits)
+            )
+
+        return group_job(values, n_var)

@@ -505,10 +505,11 @@ def run_sweep(
 ) -> SweepOut:
     """The skeleton every per-cell sweep shares: plan each chunk's jobs, run them chunk by
     chunk (only one chunk's runs alive at a time), fill the per-example grid, report progress,
-    stop between jobs. A cell is done once chunk 0 has it (every chunk runs every cell). On a
-    stop the finished chunks' examples are kept (chunk 0's if none finished). A job that
-    raises an error with a ``partial`` attribute (a failed nnsight request's RemoteError)
-    leaves with ``partial = on_error(what finished, the error)``."""
+    stop between jobs and before a later chunk's metrics(). A cell is done once chunk 0 has it
+    (every chunk runs every cell). On a stop the finished chunks' examples are kept (chunk 0's
+    if none finished). A job or metrics() that raises an error with a ``partial`` attribute (a
+    failed nnsight request's RemoteError) leaves with ``partial = on_error(what finished, the
+    error)``."""
     n = len(task)
     whole = len(chunk_rows) == 1
     chunks_ = [
@@ -520,12 +521,26 @@ def run_sweep(
     done = torch.zeros(grid_shape, dtype=torch.bool)
     m_a, m_b = torch.full((n,), math.nan), torch.full((n,), math.nan)
     step, finished, complete = 0, 0, True
+
+    def failed(exc: Exception) -> None:
+        if on_error is not None and hasattr(exc, "partial"):
+            kept = _kept(per_example, done, m_a, m_b, chunk_rows, finished, False)
+            exc.partial = on_error(kept, exc)
+
     for ci, sl in enumerate(chunk_rows):
         work = works[ci]
         works[ci] = None
         assert work is not None
-        with torch.no_grad():
-            a, b = work.metrics()
+        # a later chunk's metrics() is its base runs: stopping first saves them
+        if ci > 0 and should_stop is not None and should_stop():
+            complete = False
+            break
+        try:
+            with torch.no_grad():
+                a, b = work.metrics()
+        except Exception as exc:
+            failed(exc)
+            raise
         m_a[sl], m_b[sl] = a.float().cpu(), b.float().cpu()
         if work.setup:
             step += work.setup
@@ -539,9 +554,7 @@ def run_sweep(
                 with torch.no_grad():
                     vals = work.run(key, cols)  # [V, b]
             except Exception as exc:
-                if on_error is not None and hasattr(exc, "partial"):
-                    kept = _kept(per_example, done, m_a, m_b, chunk_rows, finished, False)
-                    exc.partial = on_error(kept, exc)
+                failed(exc)
                 raise
             cells = (*key, cols)
             at = (sl, *cells)  # built apart: mypy reads x[(a, *b)] as the 3.11-only x[a, *b]

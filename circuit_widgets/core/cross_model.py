@@ -19,9 +19,11 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from circuit_widgets.core import hooks, nnsight_backend
-from circuit_widgets.core.backends import CMAPSpec, pair_backends
+from circuit_widgets.core.backends import CMAPGroupsSpec, CMAPSpec, pair_backends
 from circuit_widgets.core.checks import check_args
 from circuit_widgets.core.common import (
+    DEFAULT_ROW_BUDGET,
+    ChunkWork,
     Progress,
     Stop,
     SweepOut,
@@ -49,7 +51,7 @@ COMPONENTS = (
     Component.MLP_OUT,
 )
 # Rows x positions of one forward; ~0.3 GB of activations on the demo model.
-ROW_BUDGET = 6144
+ROW_BUDGET = DEFAULT_ROW_BUDGET
 WHOLE = "circuit"
 
 
@@ -500,8 +502,69 @@ def cmap_logits(
 # ---------------------------------------------------------------------- cmap
 
 
-def _batches(n: int, rows_per_variant: int) -> list[slice]:
-    return [slice(i, min(i + rows_per_variant, n)) for i in range(0, n, rows_per_variant)]
+def _checked_pair(where: str, base: Any, finetuned: Any, task: Task) -> tuple[Any, Any, bool]:
+    """(base, finetuned, served): both nnsight-served and alike by their configs, or both
+    bridges (adapters resolved) of one architecture and tokenizer; ``task`` checked too."""
+    if nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned):
+        from circuit_widgets.core import nnsight_experiments
+
+        nnsight_experiments.check_pair(where, base, finetuned)
+        check_args(where, task=task)
+        return base, finetuned, True
+    check_args(where, base=base, finetuned=finetuned, task=task)
+    base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
+    check_compatible(base, finetuned)
+    return base, finetuned, False
+
+
+def _check_served_components(comps: list[Component]) -> None:
+    """nnsight patches z, q, k and v only (see nnsight_experiments.check_components)."""
+    from circuit_widgets.core import nnsight_experiments
+
+    nnsight_experiments.check_components(comps)
+
+
+def variant_masks(spec: CMAPGroupsSpec, task: Task) -> tuple[dict[tuple[int, str], Tensor], int]:
+    """The masks of a batch's base forward (``_cell_masks``) and its number of row blocks:
+    the unpatched base (block 0), each group, then with ``spec.union`` every group's cells."""
+    singles = list(spec.patches)
+    masks = _cell_masks([_Patch("base", {}, None, [])] + singles, task, slice(None), spec.shape)
+    b = len(task)
+    if spec.union:  # "circuit" = the union of every group's cells
+        for key, m in list(masks.items()):
+            union = m.view(len(singles) + 1, b, *m.shape[1:]).any(0)
+            masks[key] = torch.cat([m, union])
+    return masks, len(singles) + 1 + int(spec.union)
+
+
+def group_values(
+    metric: Tensor, accuracy: Tensor, ft_metric: Tensor, ft_accuracy: Tensor
+) -> Tensor:
+    """A cmap job's values [2 K, b] from the base forward's row blocks ([n_var, b]: the base,
+    then each variant) and the fine-tuned run ([b]): the metric, then the accuracy, each of
+    K = n_var + 1 columns: every variant, the base, the fine-tuned model."""
+    row = lambda x, ft: torch.cat([x[1:], x[:1], ft.float().cpu()[None]])
+    return torch.cat(
+        [row(metric.float().cpu(), ft_metric), row(accuracy.float().cpu(), ft_accuracy)]
+    )
+
+
+def group_job(values: Callable[[], Tensor], n_var: int) -> ChunkWork:
+    """A chunk's one job over the grid (2, K) of ``group_values``, computed once: metrics()
+    reads the base and fine-tuned metric columns off it, so the job is prepaid."""
+    k = n_var + 1
+    memo: list[Tensor] = []
+
+    def run(key: tuple, cols: list[int]) -> Tensor:
+        if not memo:
+            memo.append(values())
+        return memo[0]
+
+    def metrics() -> tuple[Tensor, Tensor]:
+        v = run((), [])
+        return v[k - 2], v[k - 1]
+
+    return ChunkWork([(([0] * k + [1] * k,), list(range(k)) * 2)], run, metrics, prepaid=1)
 
 
 def cmap(
@@ -527,71 +590,44 @@ def cmap(
     needs components of one column kind (z/q, k/v, or attn_out/mlp_out); mixing kinds is an
     error, since (1, 1) would be query head 1 for z but key/value head 1 for v.
     component: z, q, k, v (per head), attn_out, mlp_out (per layer), or a list of them.
-    batch_size: examples per forward. Stopping keeps the finished examples (complete=False).
+    batch_size: examples per batch (default: as many as the backend's row budget holds with
+    every variant). Each batch is a job of the common sweep: two forwards (nnsight: two
+    requests), progress once per batch; stopping, between batches, keeps the finished examples
+    (complete=False); a failed nnsight request's RemoteError carries them as ``partial``.
     """
-    if nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned):
-        return nnsight_backend.dispatch_pair("cmap", base, finetuned)(**locals())
-    check_args("cmap", base=base, finetuned=finetuned, task=task)
-    base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
-    check_compatible(base, finetuned)
+    base, finetuned, served = _checked_pair("cmap", base, finetuned, task)
     check_callbacks(on_progress, should_stop, batch_size)
     comps = _components(component)
+    if served:
+        _check_served_components(comps)
     shape = model_shape(base)
     patches, notes = _plan(base, task, circuit, heads, comps, positions, shape)
-    if patches[-1].name == WHOLE:  # the whole circuit: every group's own cells at once
-        singles = patches[:-1]
-    else:
-        singles = patches
-    n, s = len(task), task.seq_len
-    rows = batch_size or max(1, ROW_BUDGET // max(s, 1) // (len(patches) + 1))
-    end = task.positions["END"]
-    out_metric = torch.full((len(patches), n), math.nan)
-    out_acc = torch.full((len(patches), n), math.nan)
-    base_m, ft_m, base_a, ft_a = (torch.full((n,), math.nan) for _ in range(4))
-    done = torch.zeros(n, dtype=torch.bool)
-    batches = _batches(n, rows)
-    complete = True
-    for i, sl in enumerate(batches):
-        if should_stop is not None and should_stop():
-            complete = False
-            break
-        sub = task.subset(torch.arange(n)[sl]) if n > 1 else task
-        sub_end = end[sl]
-        tokens = task.clean_tokens[sl]
-        ft_run = run_with_edits(finetuned, tokens, capture=_site_needs(singles), at=sub_end)
-        b = tokens.shape[0]
-        # Variant 0 is the unpatched base: same forward shape as the patched rows, so a patch
-        # that writes identical values gives bit-identical logits.
-        masks = _cell_masks([_Patch("base", {}, None, [])] + singles, task, sl, shape)
-        if len(singles) < len(patches):  # "circuit" = the union of every group's cells
-            for key, m in list(masks.items()):
-                union = m.view(len(singles) + 1, b, *m.shape[1:]).any(0)
-                masks[key] = torch.cat([m, union])
-        n_var = len(patches) + 1
-        logits = run_with_edits(
-            base,
-            tokens.repeat(n_var, 1),
-            _edits_from(ft_run.captured, masks, n_var),
-            at=sub_end.repeat(n_var),
-        ).logits
-        logits = logits.view(n_var, b, -1)
-        base_logits, patched = logits[0], logits[1:]
-        base_m[sl] = sub.metric(base_logits).float().cpu()
-        ft_m[sl] = sub.metric(ft_run.logits).float().cpu()
-        base_a[sl] = sub.accuracy(base_logits).cpu()
-        ft_a[sl] = sub.accuracy(ft_run.logits).cpu()
-        for v in range(n_var - 1):
-            out_metric[v, sl] = sub.metric(patched[v]).float().cpu()
-            out_acc[v, sl] = sub.accuracy(patched[v]).cpu()
-        done[sl] = True
-        if on_progress is not None:
-            on_progress(i + 1, len(batches))
-    if not complete:
-        notes.append(f"stopped after {int(done.sum())} of {n} examples")
-    return cmap_result(
-        patches, comps, shape, task, (base_m, ft_m, out_metric), (base_a, ft_a, out_acc), done,
-        complete, notes,
-    )  # fmt: skip
+    union = patches[-1].name == WHOLE  # the whole circuit: every group's own cells at once
+    spec = CMAPGroupsSpec(patches[:-1] if union else patches, union, shape)
+    b_back, f_back = pair_backends(base, finetuned)
+    n, G = len(task), len(patches)
+    size = batch_size or max(1, b_back.row_budget(task) // (G + 1))
+    rows = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def result(out: SweepOut, extra: list[str] | None = None) -> CMAPResult:
+        k = len(out.metric_a)
+        vals = torch.full((n, 2, G + 2), math.nan)
+        vals[:k] = out.per_example
+        done = ~vals[:, 1, G].isnan()  # the base's accuracy: set for every example run
+        if not out.complete:
+            extra = [f"stopped after {int(done.sum())} of {n} examples", *(extra or [])]
+        note = b_back.note("cmap")  # after the sweep: it counts requests
+        return cmap_result(
+            patches, comps, shape, task,
+            (vals[:, 0, G], vals[:, 0, G + 1], vals[:, 0, :G].T),
+            (vals[:, 1, G], vals[:, 1, G + 1], vals[:, 1, :G].T),
+            done, out.complete, ([note] if note else []) + notes + (extra or []),
+        )  # fmt: skip
+
+    prepare = lambda chunk: b_back.cmap_groups_work(spec, chunk, f_back)
+    on_error = lambda out, err: result(out, [str(err)])
+    out = run_sweep(task, rows, prepare, (2, G + 2), on_progress, should_stop, None, on_error)
+    return result(out)
 
 
 def cmap_result(
@@ -655,16 +691,8 @@ def cmap_grid(
     on_partial(grid) receives the partial grid after each pass of the first chunk and after
     each later chunk (a widget draws it).
     """
-    served = nnsight_backend.is_nnsight(base) or nnsight_backend.is_nnsight(finetuned)
-    if served:  # both nnsight-served and alike; requests are sized by rows, not max_memory
-        from circuit_widgets.core import nnsight_experiments
-
-        nnsight_experiments.check_pair("cmap_grid", base, finetuned)
-        check_args("cmap_grid", task=task)
-    else:
-        check_args("cmap_grid", base=base, finetuned=finetuned, task=task)
-        base, finetuned = _bridge(base, "base"), _bridge(finetuned, "finetuned")
-        check_compatible(base, finetuned)
+    # nnsight: requests are sized by rows, not max_memory
+    base, finetuned, served = _checked_pair("cmap_grid", base, finetuned, task)
     check_callbacks(on_progress, should_stop, batch_size)
     if not served:
         parse_memory(max_memory)
@@ -672,7 +700,7 @@ def cmap_grid(
     if len(comps) != 1:
         raise ValueError("cmap_grid takes one component; use cmap for several at once")
     if served:
-        nnsight_experiments.check_components(comps)
+        _check_served_components(comps)
     comp = comps[0]
     if not isinstance(position, str):
         raise TypeError(f"position must be a task position name or 'all', got {position!r}")

@@ -39,11 +39,16 @@ SUPPORTED = (
 COMPOSED = ("mean_ablate", "faithfulness", "completeness", "minimality", "circuit_pipeline")
 # written in core/nnsight_masking.py
 _MASKING = ("dcm", "dcm_sweep")
-# written in core/nnsight_experiments.py
-_ELSEWHERE = ("cmap",)
 
 # the core's own sweep runs these, its Backend being backends.NNsightBackend
-_IN_CORE = ("activation_patch", "path_patch", "attribution_patch", "path_attribution", "cmap_grid")
+_IN_CORE = (
+    "activation_patch",
+    "path_patch",
+    "attribution_patch",
+    "path_attribution",
+    "cmap",
+    "cmap_grid",
+)
 
 # why an experiment cannot be one request, where that is the reason it is refused
 WHY_NOT = {
@@ -91,20 +96,11 @@ def dispatch(model: Any, experiment: str) -> Callable[..., Any]:
         module = {
             "activation_patch": patching,
             "path_patch": path_patching,
+            "cmap": cross_model,
             "cmap_grid": cross_model,
         }
         return getattr(module.get(experiment, attribution), experiment)
-    if experiment in _ELSEWHERE:
-        from circuit_widgets.core import nnsight_experiments
-
-        return getattr(nnsight_experiments, experiment)
     return globals()[experiment]
-
-
-def dispatch_pair(experiment: str, base: Any, finetuned: Any) -> Callable[..., Any]:
-    """``dispatch`` for a two-model experiment where either model is nnsight-served (the
-    nnsight version then checks that both are)."""
-    return dispatch(base if is_nnsight(base) else finetuned, experiment)
 
 
 def check(experiment: str, *models: Any) -> None:

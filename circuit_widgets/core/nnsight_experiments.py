@@ -6,21 +6,21 @@ request per chunk of the reference set (every layer's z in one trace); the circu
 then travel as extra batch rows, so a whole faithfulness run (the full model, the circuit and
 ``n_random`` random circuits) costs ceil((n_random + 2) x examples / 512) requests after the
 means.
-``cmap`` / ``cmap_grid`` (both models nnsight-served): one request captures the fine-tuned
-model's activations, then the base model runs with them written in, the patched cells as extra
-batch rows: a full grid costs at most 1 + n_layers requests. Inside a trace only torch and
-nnsight run, so NDIF never imports this package; the values that travel are plain tensors.
+The requests of ``cmap`` / ``cmap_grid`` (both models nnsight-served; the core's sweep sends
+them through ``backends.NNsightBackend``): one captures the fine-tuned model's activations,
+then the base model runs with them written in, the patched cells (or groups) as extra batch
+rows: a full grid costs at most 1 + n_layers requests, ``cmap`` 2 per batch of examples.
+Inside a trace only torch and nnsight run, so NDIF never imports this package; the values
+that travel are plain tensors.
 """
 
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from circuit_widgets.core.common import Progress, Stop, check_callbacks
 from circuit_widgets.core.nnsight_backend import (
     DEFAULT_ROWS,
     _capture_request,
@@ -348,7 +348,7 @@ def _envoy(nm: Any, layer: int, site: str) -> tuple[Any, bool, int]:
 def _capture_ft(ft: Any, tokens: Tensor, keys: list, end: Tensor) -> tuple[Tensor, dict]:
     """One request: the fine-tuned model's END logits and its activations at ``keys``, each
     [b, s, width] (heads concatenated)."""
-    order = sorted(keys, key=lambda k: (k[0], _SITE_ORDER[k[1]]))
+    order = forward_order(keys)
     logits, raw = _capture_request(ft, tokens.cpu(), order, end)
     acts = {k: t.detach().reshape(t.shape[0], t.shape[1], -1).cpu() for k, t in zip(order, raw)}
     return logits.detach().float().cpu(), acts
@@ -412,101 +412,6 @@ def _cross_request(
         top = logits.argmax(-1).save()
         lse = logits.float().logsumexp(-1).save()
     return sub, top, lse
-
-
-def cmap(
-    base: Any,
-    finetuned: Any,
-    task: Task,
-    *,
-    circuit: Any = None,
-    heads: Any = None,
-    component: Any = "z",
-    positions: Any = None,
-    batch_size: int | None = None,
-    on_progress: Progress = None,
-    should_stop: Stop = None,
-) -> Any:
-    """``cmap`` with both models nnsight-served: per batch of examples one request captures
-    the fine-tuned model's activations, one runs the base model with every group's patch (and
-    the unpatched base) as extra batch rows; ``batch_size`` examples per batch (default: as
-    many as 512 rows hold). Stopping (between batches) keeps the finished examples."""
-    from circuit_widgets.core.checks import check_args
-    from circuit_widgets.models import model_shape
-
-    cm = check_pair("cmap", base, finetuned)
-    check_args("cmap", task=task)
-    check_callbacks(on_progress, should_stop, batch_size)
-    comps = cm._components(component)
-    check_components(comps)
-    shape = model_shape(base)
-    patches, notes = cm._plan(base, task, circuit, heads, comps, positions, shape)
-    singles = patches[:-1] if patches[-1].name == cm.WHOLE else patches
-    n = len(task)
-    n_var = len(patches) + 1
-    size = batch_size or max(1, DEFAULT_ROWS // n_var)
-    batches = [slice(i, min(i + size, n)) for i in range(0, n, size)]
-    readout = _Readout(task)
-    end = task.positions["END"].cpu()
-    dh = shape.d_head
-    out_metric = torch.full((len(patches), n), math.nan)
-    out_acc = torch.full((len(patches), n), math.nan)
-    base_m, ft_m, base_a, ft_a = (torch.full((n,), math.nan) for _ in range(4))
-    done = torch.zeros(n, dtype=torch.bool)
-    complete, n_req = True, 0
-    keys = sorted({k for p in singles for k in p.columns}, key=lambda k: (k[0], _SITE_ORDER[k[1]]))
-
-    def result(complete: bool, extra: list[str]) -> Any:
-        head = f"nnsight ({_where(base)}): {n_req} request(s), 2 per batch of examples"
-        return cm.cmap_result(
-            patches, comps, shape, task, (base_m, ft_m, out_metric), (base_a, ft_a, out_acc),
-            done, complete, [head, *notes, *extra],
-        )  # fmt: skip
-
-    for i, sl in enumerate(batches):
-        if should_stop is not None and should_stop():
-            complete = False
-            break
-        idx = torch.arange(n)[sl]
-        sub = task.subset(idx)
-        tokens, sub_end = sub.clean_tokens, end[sl]
-        b = tokens.shape[0]
-        masks = cm._cell_masks([cm._Patch("base", {}, None, [])] + singles, sub, slice(None), shape)
-        if len(singles) < len(patches):  # "circuit" = the union of every group's cells
-            for key, m in list(masks.items()):
-                union = m.view(len(singles) + 1, b, *m.shape[1:]).any(0)
-                masks[key] = torch.cat([m, union])
-        try:
-            ft_logits, acts = _capture_ft(finetuned, tokens, keys, sub_end)
-            n_req += 1
-            plan: list = []
-            for key in keys:
-                env, as_input, off = _envoy(base, *key)
-                src = acts[key].repeat(n_var, 1, 1)
-                span = (0, n_var * b, off, off + _width(base, key[1]), src, masks[key], None)
-                if plan and plan[-1][0] is env:  # GPT-2: q, k and v share c_attn
-                    plan[-1][2].append(span)
-                else:
-                    plan.append((env, as_input, [span]))
-            out = _cross_request(
-                base, tokens.repeat(n_var, 1), sub_end.repeat(n_var), plan, readout.cols, dh
-            )
-            n_req += 1
-        except Exception as exc:
-            err = _fail(exc)
-            err.partial = result(False, [str(err)])
-            raise err from exc
-        m, a, _ = readout.scores(out, idx.repeat(n_var))
-        m, a = m.view(n_var, b), a.view(n_var, b)
-        base_m[sl], base_a[sl] = m[0], a[0]
-        ft_m[sl] = sub.metric(ft_logits).float()
-        ft_a[sl] = sub.accuracy(ft_logits).float()
-        out_metric[:, sl], out_acc[:, sl] = m[1:], a[1:]
-        done[sl] = True
-        if on_progress is not None:
-            on_progress(i + 1, len(batches))
-    extra = [] if complete else [f"stopped after {int(done.sum())} of {n} examples"]
-    return result(complete, extra)
 
 
 # ---------------------------------------------------------------------- attribution
@@ -583,9 +488,16 @@ def _grad_request(
     return (sub, top, lse), contribs
 
 
-# the names backends.NNsightBackend uses (attribution and cmap_grid run the core's loop)
+# the names backends.NNsightBackend uses (attribution, cmap and cmap_grid run the core's loop)
 Readout = _Readout
 grad_request = _grad_request
 envoy = _envoy
 cross_request = _cross_request
 capture_layers = _capture_layers
+capture_ft = _capture_ft
+width = _width
+
+
+def forward_order(keys: list) -> list:
+    """(layer, site) keys in the order the forward reaches them (an nnsight trace's order)."""
+    return sorted(keys, key=lambda k: (k[0], _SITE_ORDER[k[1]]))

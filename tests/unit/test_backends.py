@@ -40,6 +40,8 @@ PROTOCOL = (
     "path_work",
     "attribution_work",
     "cmap_work",
+    "row_budget",
+    "cmap_groups_work",
 )
 
 
@@ -182,6 +184,49 @@ def test_cmap_grid_picks_hooks_for_both_models_when_one_lacks_the_engine(llama, 
     torch.testing.assert_close(mixed.per_example, fast.per_example, atol=1e-4, rtol=0)
 
 
+def test_cmap_groups_are_the_same_through_every_backend(llama, nnsight_llama, finetuned, task):
+    """cmap (a circuit's groups, each alone, then all) through the one sweep on each backend;
+    two batches of examples, so two jobs of the job loop."""
+    circuit = cw.Circuit.from_groups({"a": ["0.1", "1.2"], "b": ["1.0"]}, positions={"a": "S2"})
+    kw = {"circuit": circuit, "component": ["z", "v"], "batch_size": 3}
+    seen: list = []
+    fast = cross_model.cmap(
+        llama, finetuned, task, on_progress=lambda d, t: seen.append((d, t)), **kw
+    )
+    with cache.force_hooked():
+        hooked = cross_model.cmap(llama, finetuned, task, **kw)
+    nm_ft = cw.load_model(finetuned, backend="nnsight", remote=False)
+    nnsight_llama.requests = 0
+    nn = cross_model.cmap(nnsight_llama, nm_ft, task, **kw)
+    assert seen == [(1, 2), (2, 2)] and fast.groups == ["a", "b", "circuit"]
+    assert nn.notes[0] == "nnsight (in-process): 4 request(s), 2 per batch of examples"
+    assert (nnsight_llama.requests, nm_ft.requests) == (2, 2)
+    assert float((fast.patched_metric - fast.base_metric).abs().max()) > 1e-3
+    for other in (hooked, nn):
+        assert other.complete and other.done.all() and other.groups == fast.groups
+        for name in ("base_metric", "finetuned_metric", "patched_metric", "patched_accuracy"):
+            torch.testing.assert_close(getattr(other, name), getattr(fast, name), atol=1e-4, rtol=0)
+    # a plain reference: the fine-tuned z and v of group b's head written in by hand
+    ft_run = cw.run_with_edits(finetuned, task.clean_tokens, capture=[(1, "z"), (1, "v")])
+
+    def put(key, cols):
+        src = ft_run.captured[key]
+
+        def edit(act):
+            act = act.clone()
+            act[:, :, cols] = src[:, :, cols].to(act.dtype)
+            return act
+
+        return edit
+
+    kv = llama.cfg.n_heads // llama.cfg.n_key_value_heads
+    logits = cw.run_with_edits(
+        llama, task.clean_tokens, {(1, "z"): put((1, "z"), [0]), (1, "v"): put((1, "v"), [0 // kv])}
+    ).logits
+    by_hand = task.metric(logits[torch.arange(len(task)), task.positions["END"]])
+    torch.testing.assert_close(fast.patched_metric[1], by_hand.float(), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("module", [patching, path_patching, attribution, cross_model])
 def test_experiments_no_longer_branch_on_the_engine(module):
     src = Path(module.__file__).read_text()
@@ -214,10 +259,13 @@ def _fake_work(n_jobs: int, prepaid: int, log: list) -> ChunkWork:
     return ChunkWork(keys, run, metrics, prepaid=prepaid)
 
 
-def _one_chunk_task():
+def _one_chunk_task(n: int = 2):
     class T:
         def __len__(self):
-            return 2
+            return n
+
+        def subset(self, idx):
+            return _one_chunk_task(len(idx))
 
     return T()
 
@@ -278,6 +326,21 @@ class _RequestFailed(RuntimeError):
     partial = None
 
 
+def _partial_of(prepare, rows: list[slice]):
+    """run_sweep's error's partial: (what finished, the message), as on_error built it."""
+    with pytest.raises(_RequestFailed) as info:
+        run_sweep(
+            _one_chunk_task(rows[-1].stop),
+            rows,
+            prepare,
+            (2, 3),
+            None,
+            None,
+            on_error=lambda kept, err: (kept, str(err)),
+        )
+    return info.value.partial
+
+
 def test_an_error_with_a_partial_leaves_with_what_finished():
     def prepare(chunk):
         work = _fake_work(3, 1, [])
@@ -291,17 +354,7 @@ def test_an_error_with_a_partial_leaves_with_what_finished():
         work.run = run
         return work
 
-    with pytest.raises(_RequestFailed) as info:
-        run_sweep(
-            _one_chunk_task(),
-            [slice(0, 2)],
-            prepare,
-            (2, 3),
-            None,
-            None,
-            on_error=lambda kept, err: (kept, str(err)),
-        )
-    kept, msg = info.value.partial
+    kept, msg = _partial_of(prepare, [slice(0, 2)])
     assert msg == "request 2 failed" and not kept.complete
     assert kept.done.tolist() == [[True, False, False], [False, False, True]]
     assert torch.equal(kept.metric_b, torch.ones(2))
@@ -322,3 +375,40 @@ def test_other_errors_pass_through_run_sweep_untouched():
     with pytest.raises(ValueError, match="a bug"):
         run_sweep(_one_chunk_task(), [slice(0, 2)], prepare, (2, 3), None, None, calls.append)
     assert calls == []  # no on_partial either: nothing finished
+
+
+def test_a_stop_comes_before_a_later_chunks_metrics():
+    """A later chunk's metrics() runs its base models: a stop requested during chunk 0 keeps
+    chunk 0 and never computes them."""
+    log: list = []
+    out = run_sweep(
+        _one_chunk_task(4),
+        [slice(0, 2), slice(2, 4)],
+        lambda chunk: _fake_work(1, 1, log),
+        (2, 3),
+        None,
+        lambda: True,
+    )
+    assert log == ["metrics", ("run", 0)] and not out.complete
+    assert out.per_example.shape[0] == 2 and torch.equal(out.metric_b, torch.ones(2))
+
+
+def test_a_failed_metrics_request_leaves_with_the_finished_chunks():
+    calls = {"n": 0}
+
+    def prepare(chunk):
+        work = _fake_work(1, 1, [])
+        inner = work.metrics
+
+        def metrics():
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise _RequestFailed("chunk 2's base request failed")
+            return inner()
+
+        work.metrics = metrics
+        return work
+
+    kept, msg = _partial_of(prepare, [slice(0, 2), slice(2, 4)])
+    assert msg == "chunk 2's base request failed" and not kept.complete
+    assert kept.per_example.shape[0] == 2 and not kept.per_example[:, 0, 0].isnan().any()

@@ -128,9 +128,10 @@ def test_chunks_stream_and_stop(setup):
     assert [g.per_example.shape[0] for g in seen][-4:] == [1, 2, 3, 4]
     n = []
     part = cmap_grid(
-        base, ft, task, component="z", max_memory=1, should_stop=lambda: len(n.append(1) or n) > 4
+        base, ft, task, component="z", max_memory=1, should_stop=lambda: len(n.append(1) or n) > 5
     )
-    # two passes (one per layer) per one-example chunk: the fifth call is in the third chunk
+    # two passes (one per layer) per one-example chunk, and a check before each later chunk's
+    # runs: the sixth call comes before the third chunk, which is then never run
     assert not part.complete and part.per_example.shape[0] == 2
     k = 2
     torch.testing.assert_close(part.values, whole.per_example[:k].mean(0), atol=1e-5, rtol=1e-5)

@@ -203,16 +203,26 @@ def test_cmap_batches_progress_and_stop(tiny_gpt2):
     )
     _close(got.patched_metric, ref.patched_metric)
     assert (nb.requests, nf.requests) == (2, 2) and seen == [(1, 2), (2, 2)]
-    calls = []
-    got = cw.cmap(
-        nb,
-        nf,
-        task,
-        heads=["0.1"],
-        batch_size=4,
-        should_stop=lambda: len(calls) > 0 or calls.append(1),
-    )
+    # stop is checked between batches (the common sweep's chunks): the first batch is kept
+    nb.requests = nf.requests = 0
+    got = cw.cmap(nb, nf, task, heads=["0.1"], batch_size=4, should_stop=lambda: True)
     assert not got.complete and got.done.tolist() == [True] * 4 + [False] * 2
+    assert (nb.requests, nf.requests) == (1, 1) and "stopped after 4 of 6 examples" in got.notes
+    ref_one = cw.cmap(tiny_gpt2, ft, task, heads=["0.1"])
+    _close(got.patched_metric[:, :4], ref_one.patched_metric[:, :4])
+    assert got.patched_metric[:, 4:].isnan().all()
+    # the second batch's base request fails: one sentence, the first batch survives as .partial
+    nb._fail = lambda n: (_ for _ in ()).throw(ConnectionError("reset")) if n >= 2 else None
+    nb.requests = 0
+    with pytest.raises(RemoteError, match="ConnectionError: reset") as info:
+        cw.cmap(nb, nf, task, heads=["0.1"], batch_size=4)
+    part = info.value.partial
+    assert not part.complete and part.done.tolist() == [True] * 4 + [False] * 2
+    assert "reset" in part.notes[-1] and part.notes[0].startswith(
+        "nnsight (in-process): 3 request(s)"
+    )
+    _close(part.base_metric[:4], got.base_metric[:4])
+    nb._fail = None
 
 
 def test_cmap_needs_two_alike_nnsight_models(tiny_gpt2, tiny_llama):
@@ -286,14 +296,11 @@ def test_attribution_requests_per_batch_stop_and_errors(tiny_llama):
     assert nm.requests == 2 and seen == [(1, 2), (2, 2)]
     _close(got.per_example, ref.per_example)
     got = cw.attribution_patch(nm, task, batch_size=4, should_stop=lambda: True)
-    # as every engine (one job loop): a stop before the first request sends none
-    assert not got.complete and not got.done.any() and nm.requests == 2
-    calls = []
-    got = cw.attribution_patch(
-        nm, task, batch_size=4, should_stop=lambda: bool(calls.append(1)) or len(calls) > 1
-    )
-    # stopped after the first of two requests: every cell needs every example, so none is done
-    assert not got.complete and not got.done.any() and nm.requests == 3
+    # as every sweep (one job loop): the first batch runs, a stop comes between requests and
+    # keeps the finished examples
+    assert not got.complete and got.done.all() and nm.requests == 3
+    assert got.per_example.shape[0] == 4 and "stopped: 4 of 6 examples kept" in got.notes
+    _close(got.per_example, ref.per_example[:4])
     assert got.notes[0].startswith("nnsight (NDIF local simulation): 1 request(s), 4 examples")
 
     def fail(n):
@@ -303,9 +310,10 @@ def test_attribution_requests_per_batch_stop_and_errors(tiny_llama):
     nm._fail = fail
     with pytest.raises(RemoteError, match="connection reset") as info:
         cw.attribution_patch(nm, task, batch_size=4)
-    partial = info.value.partial  # a grid saying what happened (no cell has every example)
-    assert partial is not None and not partial.complete and not partial.done.any()
+    partial = info.value.partial  # the second request failed: the first batch's grid survives
+    assert partial is not None and not partial.complete and partial.done.all()
     assert "connection reset" in partial.notes[-1] and "1 request(s)" in partial.notes[0]
+    _close(partial.per_example, ref.per_example[:4])
     nm._fail = None
     with pytest.raises(ValueError, match="'accuracy' is a step function with no gradient"):
         cw.attribution_patch(nm, task.with_metric("accuracy"))
