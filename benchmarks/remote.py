@@ -9,9 +9,9 @@ Usage:
 and extrapolates it to the whole grid (labelled "extrapolated"); --layers K does the same for
 the nnsight runs too (on a busy machine), and prints the request count of the whole grid.
 --more also times attribution_patch, faithfulness (5 random circuits), completeness,
-intervene's edits, dcm (one lambda) and cmap_grid (k, the model against demo-arith when --model
-is demo, else against itself) on the fast engine and through NDIF's local simulation, with
-request counts and the largest difference.
+intervene's edits, dcm (one lambda), cmap_grid (k) and cmap (z, two groups and the circuit;
+both the model against demo-arith when --model is demo, else against itself) on the fast engine
+and through NDIF's local simulation, with request counts and the largest difference.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="TL baseline on 3 layers, extrapolated")
     ap.add_argument("--layers", type=int, default=None, help="nnsight on K layers, extrapolated")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--more", action="store_true", help="attribution, faithfulness, cmap_grid")
+    ap.add_argument("--more", action="store_true", help="attribution, ..., cmap_grid, cmap")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,6 +190,14 @@ def more(model, task, args, F, timed) -> None:
         "cmap_grid (k at END)" + (" vs demo-arith" if twin is not model else " vs itself"),
         lambda m, f: cw.cmap_grid(m, f, task, component="k"),
         grid_diff,
+        twin,
+        twin_nn,
+    )
+    groups = cw.Circuit.from_groups({"early": circuit[:2], "late": circuit[2:]})
+    compare(
+        "cmap (z, 2 groups + the circuit)" + (" vs demo-arith" if twin is not model else ""),
+        lambda m, f: cw.cmap(m, f, task, circuit=groups, component="z"),
+        lambda g, r: float((g.patched_metric - r.patched_metric).abs().nan_to_num(0).max()),
         twin,
         twin_nn,
     )
