@@ -119,6 +119,11 @@ class CMAPGroupsSpec:
     union: bool
     shape: ModelShape
 
+    @property
+    def sites(self) -> list[tuple[int, str]]:
+        """(layer, site) pairs some group patches: what the fine-tuned run must capture."""
+        return sorted({k for p in self.patches for k in p.columns})
+
 
 @dataclass
 class AttributionWork:
@@ -227,7 +232,7 @@ def _local_groups_work(
     sub = chunk.task
     tokens, end = sub.clean_tokens, sub.positions["END"]
     masks, n_var = variant_masks(spec, sub)
-    keys = sorted({k for p in spec.patches for k in p.columns})
+    keys = spec.sites
     b = tokens.shape[0]
 
     def values() -> Tensor:
@@ -944,7 +949,7 @@ class NNsightBackend:
         base, sub = self.model, chunk.task
         tokens, end = sub.clean_tokens, sub.positions["END"].cpu()
         masks, n_var = variant_masks(spec, sub)
-        keys = sorted({k for p in spec.patches for k in p.columns})
+        keys = spec.sites
         readout = nx.Readout(sub)
         b, dh = tokens.shape[0], spec.shape.d_head
 

@@ -430,10 +430,6 @@ def _plan(
 # ---------------------------------------------------------------------- edits
 
 
-def _site_needs(patches: Sequence[_Patch]) -> list[tuple[int, str]]:
-    return sorted({k for p in patches for k in p.columns})
-
-
 def _position_mask(task: Task, position: str | None, rows: slice) -> Tensor:
     b = task.clean_tokens[rows].shape[0]
     s = task.clean_tokens.shape[1]
