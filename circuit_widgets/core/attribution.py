@@ -167,8 +167,9 @@ def _attribute(
             done &= keep
         if labels is None:
             pe, done = pe[:, :, 0], done[:, 0]
-        if not out.complete:
-            extra = [f"stopped: {len(m_clean)} of {B} examples kept", *(extra or [])]
+        if not out.complete:  # a failed first batch leaves its rows, unfilled
+            kept = int((~m_clean.isnan()).sum())
+            extra = [f"stopped: {kept} of {B} examples kept", *(extra or [])]
         note = backend.note("attribution")  # after the loop: nnsight counts its requests
         return build_grid(
             pe,

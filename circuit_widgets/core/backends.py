@@ -120,6 +120,11 @@ class CMAPGroupsSpec:
     shape: ModelShape
 
     @property
+    def blocks(self) -> int:
+        """Row blocks of a batch's base forward: the unpatched base, then every variant."""
+        return 1 + len(self.patches) + int(self.union)
+
+    @property
     def sites(self) -> list[tuple[int, str]]:
         """(layer, site) pairs some group patches: what the fine-tuned run must capture."""
         return sorted({k for p in self.patches for k in p.columns})
@@ -229,14 +234,13 @@ def _local_groups_work(
     from circuit_widgets.core.cross_model import _edits_from, group_job, group_values, variant_masks
     from circuit_widgets.core.edits import run_with_edits
 
-    sub = chunk.task
+    sub, n_var = chunk.task, spec.blocks
     tokens, end = sub.clean_tokens, sub.positions["END"]
-    masks, n_var = variant_masks(spec, sub)
-    keys = spec.sites
     b = tokens.shape[0]
 
-    def values() -> Tensor:
-        ft = run_with_edits(finetuned, tokens, capture=keys, at=end)
+    def values() -> Tensor:  # masks made here: only the running batch's are alive
+        masks = variant_masks(spec, sub)
+        ft = run_with_edits(finetuned, tokens, capture=spec.sites, at=end)
         logits = run_with_edits(
             base, tokens.repeat(n_var, 1), _edits_from(ft.captured, masks, n_var),
             at=end.repeat(n_var),
@@ -946,14 +950,12 @@ class NNsightBackend:
 
         assert isinstance(source, NNsightBackend), "cmap pairs backends of one kind"
         self.source = source
-        base, sub = self.model, chunk.task
+        base, sub, n_var = self.model, chunk.task, spec.blocks
         tokens, end = sub.clean_tokens, sub.positions["END"].cpu()
-        masks, n_var = variant_masks(spec, sub)
-        keys = spec.sites
-        readout = nx.Readout(sub)
-        b, dh = tokens.shape[0], spec.shape.d_head
+        keys, b, dh = spec.sites, tokens.shape[0], spec.shape.d_head
 
-        def values() -> Tensor:
+        def values() -> Tensor:  # masks made here: only the running batch's are alive
+            masks, readout = variant_masks(spec, sub), nx.Readout(sub)
             ft_logits, acts = source._request(nx.capture_ft, tokens, keys, end)
             plan: list = []
             for key in nx.forward_order(keys):

@@ -354,6 +354,12 @@ def _plan(
         if not circuit.groups or not circuit.heads:
             raise ValueError("the circuit has no heads")
         circuit.validate(shape.n_layers, shape.n_heads, task.positions)
+        names = [g.name for g in circuit.groups]
+        if len(names) > 1 and WHOLE in names:
+            raise ValueError(
+                f"group name {WHOLE!r} is taken: cmap reports every group together under it; "
+                f"rename that group (the circuit's groups are {names})"
+            )
         if positions is not None and not isinstance(positions, (str, dict)):
             raise ValueError(
                 "with a circuit, positions is None (each group's own), 'all', a position "
@@ -520,9 +526,9 @@ def _check_served_components(comps: list[Component]) -> None:
     nnsight_experiments.check_components(comps)
 
 
-def variant_masks(spec: CMAPGroupsSpec, task: Task) -> tuple[dict[tuple[int, str], Tensor], int]:
-    """The masks of a batch's base forward (``_cell_masks``) and its number of row blocks:
-    the unpatched base (block 0), each group, then with ``spec.union`` every group's cells."""
+def variant_masks(spec: CMAPGroupsSpec, task: Task) -> dict[tuple[int, str], Tensor]:
+    """The masks of a batch's base forward (``_cell_masks``), ``spec.blocks`` row blocks: the
+    unpatched base (block 0), each group, then with ``spec.union`` every group's cells."""
     singles = list(spec.patches)
     masks = _cell_masks([_Patch("base", {}, None, [])] + singles, task, slice(None), spec.shape)
     b = len(task)
@@ -530,7 +536,7 @@ def variant_masks(spec: CMAPGroupsSpec, task: Task) -> tuple[dict[tuple[int, str
         for key, m in list(masks.items()):
             union = m.view(len(singles) + 1, b, *m.shape[1:]).any(0)
             masks[key] = torch.cat([m, union])
-    return masks, len(singles) + 1 + int(spec.union)
+    return masks
 
 
 def group_values(
@@ -598,7 +604,7 @@ def cmap(
         _check_served_components(comps)
     shape = model_shape(base)
     patches, notes = _plan(base, task, circuit, heads, comps, positions, shape)
-    union = patches[-1].name == WHOLE  # the whole circuit: every group's own cells at once
+    union = len(patches) > 1  # _plan's last: the whole circuit, every group's own cells at once
     spec = CMAPGroupsSpec(patches[:-1] if union else patches, union, shape)
     b_back, f_back = pair_backends(base, finetuned)
     n, G = len(task), len(patches)

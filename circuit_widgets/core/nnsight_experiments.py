@@ -284,9 +284,9 @@ def _requests_note(model: Any, abl: Any) -> str:
 CMAP_COMPONENTS = (Component.Z, Component.Q, Component.K, Component.V)
 
 
-def check_pair(where: str, base: Any, finetuned: Any) -> Any:
+def check_pair(where: str, base: Any, finetuned: Any) -> None:
     """Both models nnsight-served and alike (the cmap module's checks, read off the configs);
-    returns the cmap module. ValueError naming every difference otherwise."""
+    ValueError naming every difference otherwise."""
     if not (is_nnsight(base) and is_nnsight(finetuned)):
         kinds = [
             f"{label} is {'nnsight-served' if is_nnsight(m) else type(m).__name__}"
@@ -319,7 +319,6 @@ def check_pair(where: str, base: Any, finetuned: Any) -> Any:
             "base and finetuned models are not compatible for cross-model patching: "
             + "; ".join(diffs)
         )
-    return cm
 
 
 def check_components(comps: list) -> None:

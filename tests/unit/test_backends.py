@@ -186,7 +186,9 @@ def test_cmap_grid_picks_hooks_for_both_models_when_one_lacks_the_engine(llama, 
 
 def test_cmap_groups_are_the_same_through_every_backend(llama, nnsight_llama, finetuned, task):
     """cmap (a circuit's groups, each alone, then all) through the one sweep on each backend;
-    two batches of examples, so two jobs of the job loop."""
+    two batches of examples, so two jobs of the job loop. Locally both backends run
+    run_with_edits, on the fast engine or (force_hooked) on bridge hooks; nnsight sends
+    requests; a hand-written edit is the reference."""
     circuit = cw.Circuit.from_groups({"a": ["0.1", "1.2"], "b": ["1.0"]}, positions={"a": "S2"})
     kw = {"circuit": circuit, "component": ["z", "v"], "batch_size": 3}
     seen: list = []

@@ -96,7 +96,9 @@ def test_a_stop_in_a_later_chunk_keeps_the_finished_chunks(llama, task):
 
     def stop() -> bool:
         calls.append(1)
-        return len(calls) > 2 * jobs_per_chunk + 1  # mid-way through the third chunk
+        # a later chunk checks before its metrics and before each job: chunks 0 and 1 take
+        # 2 J + 1 calls, chunk 2's check and first job 2 more: stop before its second job
+        return len(calls) > 2 * jobs_per_chunk + 3
 
     part = activation_patch(
         llama, task, component="z", positions="END", max_memory=TINY, should_stop=stop

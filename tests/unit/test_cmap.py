@@ -153,6 +153,13 @@ def test_circuit_groups_and_the_whole_circuit(planted, task):
     )
     over = cmap(base, ft, task, circuit=circ, positions={"A": "IO"})
     assert over.positions["A"] == "IO" and over.positions["B"] == "END"
+    # "circuit" names all groups together: a lone group may take it, one of several may not
+    lone = cmap(base, ft, task, circuit=Circuit.from_groups({"circuit": [(1, 0)]}))
+    alone = cmap(base, ft, task, circuit=Circuit.from_groups({"A": [(1, 0)]}))
+    assert lone.groups == ["circuit"] and torch.equal(lone.patched_metric, alone.patched_metric)
+    assert not torch.equal(lone.patched_metric[0], lone.base_metric)
+    with pytest.raises(ValueError, match="group name 'circuit' is taken.*'A', 'circuit'"):
+        cmap(base, ft, task, circuit=Circuit.from_groups({"A": [(1, 0)], "circuit": [(1, 3)]}))
 
 
 def _reference(base, ft, task, layer, heads, position):

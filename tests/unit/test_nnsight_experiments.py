@@ -314,6 +314,12 @@ def test_attribution_requests_per_batch_stop_and_errors(tiny_llama):
     assert partial is not None and not partial.complete and partial.done.all()
     assert "connection reset" in partial.notes[-1] and "1 request(s)" in partial.notes[0]
     _close(partial.per_example, ref.per_example[:4])
+    assert "stopped: 4 of 6 examples kept" in partial.notes
+    nm._fail = lambda n: (_ for _ in ()).throw(ConnectionError("refused"))  # the first fails
+    with pytest.raises(RemoteError, match="refused") as info:
+        cw.attribution_patch(nm, task, batch_size=4)
+    first = info.value.partial  # a grid saying nothing finished, not a claim of kept prompts
+    assert not first.done.any() and "stopped: 0 of 6 examples kept" in first.notes
     nm._fail = None
     with pytest.raises(ValueError, match="'accuracy' is a step function with no gradient"):
         cw.attribution_patch(nm, task.with_metric("accuracy"))
