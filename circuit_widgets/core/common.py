@@ -595,6 +595,7 @@ def chunk_notes(out: SweepOut, rows: list[slice]) -> list[str]:
         f"ran in {out.n_chunks} chunks of at most {size} examples (max_memory); "
         + "values are the same as in one pass"
     ]
-    if not out.complete:
-        notes.append(f"stopped: {len(out.metric_a)} of {rows[-1].stop} examples kept")
+    if not out.complete:  # a failed first chunk leaves its rows, unfilled
+        kept = int((~out.metric_a.isnan()).sum())
+        notes.append(f"stopped: {kept} of {rows[-1].stop} examples kept")
     return notes

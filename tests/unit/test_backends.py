@@ -414,3 +414,16 @@ def test_a_failed_metrics_request_leaves_with_the_finished_chunks():
     kept, msg = _partial_of(prepare, [slice(0, 2), slice(2, 4)])
     assert msg == "chunk 2's base request failed" and not kept.complete
     assert kept.per_example.shape[0] == 2 and not kept.per_example[:, 0, 0].isnan().any()
+
+
+def test_chunk_notes_count_only_the_examples_that_ran():
+    from circuit_widgets.core.common import SweepOut, chunk_notes
+
+    rows = [slice(0, 2), slice(2, 4)]
+    nan2 = torch.full((2,), math.nan)
+    failed_first = SweepOut(torch.full((2, 3), math.nan), torch.zeros(3, dtype=torch.bool),
+                            nan2, nan2, False, 2)  # fmt: skip
+    assert "stopped: 0 of 4 examples kept" in chunk_notes(failed_first, rows)
+    one = SweepOut(torch.zeros(2, 3), torch.ones(3, dtype=torch.bool), torch.zeros(2),
+                   torch.ones(2), False, 2)  # fmt: skip
+    assert "stopped: 2 of 4 examples kept" in chunk_notes(one, rows)
