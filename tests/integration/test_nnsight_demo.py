@@ -65,7 +65,8 @@ def test_demo_attribution_equals_fast_engine(demo_model, demo_nn, ioi):
 
 def test_demo_cmap_grid_with_its_arithmetic_fine_tune_equals_fast_engine(demo_model, demo_nn):
     """Two nnsight models (the demo and demo-arith, merged): the k grid in 1 capture request of
-    the fine-tuned model and 1 of the base (90 cells x 2 prompts fit 512 rows)."""
+    the fine-tuned model and 1 of the base (90 cells x 2 prompts fit 512 rows); cmap of two
+    groups and the whole circuit in 1 + 1 too."""
     from circuit_widgets.tasks.arithmetic import arithmetic
 
     arith = cw.load_model("demo-arith")
@@ -80,6 +81,16 @@ def test_demo_cmap_grid_with_its_arithmetic_fine_tune_equals_fast_engine(demo_mo
     torch.testing.assert_close(got.per_example, ref.per_example, atol=1e-4, rtol=0)
     torch.testing.assert_close(got.metric_corrupt, ref.metric_corrupt, atol=1e-4, rtol=0)
     assert float(ref.values.abs().max()) > 1e-2  # the fine-tune's k moves the metric
+    # cmap of a circuit's groups (z; each alone, then together): 2 requests for the batch
+    circuit = cw.Circuit.from_groups({"early": ["9.4", "9.6"], "late": ["14.1", "22.3"]})
+    ref_c = cw.cmap(demo_model, arith, task, circuit=circuit)
+    demo_nn.requests = arith_nn.requests = 0
+    got_c = cw.cmap(demo_nn, arith_nn, task, circuit=circuit)
+    assert (demo_nn.requests, arith_nn.requests) == (1, 1) and got_c.done.all()
+    assert got_c.groups == ref_c.groups == ["early", "late", "circuit"]
+    for name in ("base_metric", "finetuned_metric", "patched_metric", "patched_accuracy"):
+        torch.testing.assert_close(getattr(got_c, name), getattr(ref_c, name), atol=1e-4, rtol=0)
+    assert float((ref_c.finetuned_metric - ref_c.base_metric).abs().max()) > 1e-2
 
 
 def test_demo_completeness_equals_fast_engine(demo_model, demo_nn, ioi):
