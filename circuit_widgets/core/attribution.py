@@ -23,7 +23,9 @@ from circuit_widgets.core.common import (
     SweepOut,
     build_grid,
     plan_sweep,
+    prepaid_work,
     run_sweep,
+    stopped_note,
 )
 from circuit_widgets.core.fast_model import FastModel
 from circuit_widgets.core.forward import Trace, attend, causal_masks
@@ -167,9 +169,8 @@ def _attribute(
             done &= keep
         if labels is None:
             pe, done = pe[:, :, 0], done[:, 0]
-        if not out.complete:  # a failed first batch leaves its rows, unfilled
-            kept = int((~m_clean.isnan()).sum())
-            extra = [f"stopped: {kept} of {B} examples kept", *(extra or [])]
+        if not out.complete:
+            extra = [stopped_note(out, B), *(extra or [])]
         note = backend.note("attribution")  # after the loop: nnsight counts its requests
         return build_grid(
             pe,
@@ -189,23 +190,18 @@ def _attribute(
         )
 
     def prepare(chunk: Chunk) -> ChunkWork:
-        sl, memo = chunk.rows, list[Tensor]()
+        sl = chunk.rows
 
-        def values(key: tuple = (), cols: list[int] | None = None) -> Tensor:
-            if not memo:
-                with torch.enable_grad():  # the sweep runs jobs under no_grad
-                    contrib = work.step(sl).float().cpu()  # [b, L, s, cols]: per position
-                m = masks[sl][:, :, : contrib.shape[2]]  # a chunk's own runs may be trimmed
-                per = torch.einsum("bps,blsc->blpc", m, contrib)
-                memo.append(per.reshape(per.shape[0], -1).T)
-            return memo[0]
+        def first() -> tuple[tuple[Tensor, Tensor], Tensor]:
+            with torch.enable_grad():  # the sweep runs jobs under no_grad
+                contrib = work.step(sl).float().cpu()  # [b, L, s, cols]: per position
+            m = masks[sl][:, :, : contrib.shape[2]]  # a chunk's own runs may be trimmed
+            per = torch.einsum("bps,blsc->blpc", m, contrib)
+            m_base, m_src = work.m_base[sl], work.m_src[sl]  # the step filled them
+            metrics = (m_base, m_src) if noise else (m_src, m_base)
+            return metrics, per.reshape(per.shape[0], -1).T
 
-        def metrics() -> tuple[Tensor, Tensor]:
-            values()  # the step fills the chunk's metrics
-            m_base, m_src = work.m_base[sl], work.m_src[sl]
-            return (m_base, m_src) if noise else (m_src, m_base)
-
-        return ChunkWork([job], values, metrics, prepaid=1)
+        return prepaid_work([job], first)
 
     on_error = lambda out, err: grid(out, [str(err)])
     out = run_sweep(task, steps, prepare, (L, P, n_cols), on_progress, should_stop, None, on_error)

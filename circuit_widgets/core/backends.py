@@ -36,10 +36,12 @@ from circuit_widgets.core.common import (
     Chunk,
     ChunkWork,
     MetricReader,
+    Metrics,
     Slot,
     chunks,
     example_chunks,
     first_diff,
+    prepaid_work,
     split_window,
     variants_per_pass,
     window_for,
@@ -602,7 +604,6 @@ class HookBackend:
         end = sub.positions["END"]
         keys = [(layer, site) for layer in range(spec.n_layers)]
         posmask = spec.posmask[chunk.rows, :s]
-        state: dict[str, Any] = {"next": 0}
 
         def part(i: int) -> Task:
             return sub.subset(torch.arange(B)[batches[i]]) if B > 1 else sub
@@ -640,23 +641,14 @@ class HookBackend:
                     out[v - 1, sl] = part_i.metric(logits[v]).float().cpu() - bm
             return out, base_m
 
-        def metrics() -> tuple[Tensor, Tensor]:
-            if "metrics" not in state:
-                first, base_m = forward(groups[0]) if groups else (None, None)
-                ft_m = torch.cat(
-                    [part(i).metric(r.logits).float().cpu() for i, r in enumerate(captured())]
-                )
-                state["first"] = first
-                state["metrics"] = (base_m if base_m is not None else torch.empty(0), ft_m)
-            return state["metrics"]
+        def first() -> tuple[Metrics, Tensor | None]:
+            vals, base_m = forward(groups[0]) if groups else (None, None)
+            ft_m = torch.cat(
+                [part(i).metric(r.logits).float().cpu() for i, r in enumerate(captured())]
+            )
+            return (base_m if base_m is not None else torch.empty(0), ft_m), vals
 
-        def run(key: tuple, cols: list[int]) -> Tensor:
-            i = state["next"]
-            state["next"] += 1
-            metrics()
-            return state.pop("first") if i == 0 else forward(groups[i])[0]
-
-        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
+        return prepaid_work(jobs, first, lambda i, m: forward(groups[i])[0])
 
     def row_budget(self, task: Task) -> int:
         return DEFAULT_ROW_BUDGET // max(task.seq_len, 1)
@@ -743,7 +735,6 @@ class NNsightBackend:
         masks = [slot.mask[chunk.rows] for slot in spec.slots]
         end = task.positions["END"].cpu()
         dh = model_shape(self.model).d_head
-        state: dict[str, Any] = {"next": 0}
 
         def request(group: list, first: bool) -> Tensor:
             by_layer: dict[int, list] = {}
@@ -763,23 +754,15 @@ class NNsightBackend:
             )
             return reader(out.float().cpu().view(-1, B, out.shape[-1]))  # [rows / B, B]
 
-        def metrics() -> tuple[Tensor, Tensor]:
+        def first() -> tuple[Metrics, Tensor]:
             # the first request also runs the base: its rows give both metrics
-            if "metrics" not in state:
-                metric = request(groups[0] if groups else [], True)
-                m_src, m_base = metric[0], metric[1]
-                state["metrics"] = (m_base, m_src) if noise else (m_src, m_base)
-                state["first"] = metric[2:]
-            return state["metrics"]
+            metric = request(groups[0] if groups else [], True)
+            m_src, m_base = metric[0], metric[1]
+            m = (m_base, m_src) if noise else (m_src, m_base)
+            return m, metric[2:] - m[0][None]
 
-        def run(key: tuple, cols: list[int]) -> Tensor:
-            i = state["next"]
-            state["next"] += 1
-            m_clean = metrics()[0]
-            metric = state.pop("first") if i == 0 else request(groups[i], False)[1:]
-            return metric - m_clean[None]
-
-        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
+        later = lambda i, m: request(groups[i], False)[1:] - m[0][None]
+        return prepaid_work(jobs, first, later)
 
     def path_work(self, spec: PathSpec, chunk: Chunk) -> ChunkWork:
         from circuit_widgets.core.path_patching import receiver_slots
@@ -796,7 +779,6 @@ class NNsightBackend:
         reader = MetricReader(task, "cpu")
         mask, end = spec.mask[chunk.rows], task.positions["END"].cpu()
         slots = receiver_slots(spec.recv, shape.group_size)
-        state: dict[str, Any] = {"next": 0}
 
         def request(group: list[Head]) -> Tensor:
             out = self._request(
@@ -812,22 +794,15 @@ class NNsightBackend:
             )
             return reader(out.float().cpu().view(-1, B, out.shape[-1]))  # [corrupt, clean, ...]
 
-        def metrics() -> tuple[Tensor, Tensor]:
-            # every request runs corrupt and clean too: the first one's give both metrics
-            if "metrics" not in state:
-                metric = request(groups[0] if groups else [])
-                state["metrics"] = (metric[1], metric[0])
-                state["first"] = metric
-            return state["metrics"]
-
-        def run(key: tuple, cols: list[int]) -> Tensor:
-            i = state["next"]
-            state["next"] += 1
-            metrics()
-            metric = state.pop("first") if i == 0 else request(groups[i])
+        def values(metric: Tensor) -> Tensor:
             return metric[2:] - metric[1][None]  # against its own request's clean run
 
-        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0)
+        def first() -> tuple[Metrics, Tensor]:
+            # every request runs corrupt and clean too: the first one's give both metrics
+            metric = request(groups[0] if groups else [])
+            return (metric[1], metric[0]), values(metric)
+
+        return prepaid_work(jobs, first, lambda i, m: values(request(groups[i])))
 
     def attribution_work(self, spec: AttributionSpec, task: Task, whole: bool) -> AttributionWork:
         """One request per step: source and base rows in one forward, the metric's gradient
@@ -893,7 +868,7 @@ class NNsightBackend:
         end = task.positions["END"].cpu()
         at = None if spec.position is None else task.positions[spec.position].cpu()
         ex = torch.arange(B)
-        state: dict[str, Any] = {"next": 0}
+        acts: list = []  # the fine-tuned capture, every layer: the first request's
 
         def request(group: list, acts: list, first: bool) -> Tensor:
             lead = 1 if first else 0  # the first request also runs the unpatched base
@@ -918,25 +893,16 @@ class NNsightBackend:
             )
             return readout.scores(out, ex.repeat(n_rows // B))[0].view(-1, B)
 
-        def metrics() -> tuple[Tensor, Tensor]:
-            if "metrics" not in state:
-                ft_logits, acts = source._request(
-                    nx.capture_layers, task.clean_tokens, site, end, at
-                )
-                state["acts"] = acts
-                metric = request(groups[0], acts, True)
-                state["metrics"] = (metric[0], task.metric(ft_logits).float())
-                state["first"] = metric[1:]
-            return state["metrics"]
+        def first() -> tuple[Metrics, Tensor]:
+            ft_logits, captured = source._request(
+                nx.capture_layers, task.clean_tokens, site, end, at
+            )
+            acts[:] = captured
+            metric = request(groups[0], acts, True)
+            return (metric[0], task.metric(ft_logits).float()), metric[1:] - metric[0][None]
 
-        def run(key: tuple, cols: list[int]) -> Tensor:
-            i = state["next"]
-            state["next"] += 1
-            base_m = metrics()[0]
-            metric = state.pop("first") if i == 0 else request(groups[i], state["acts"], False)
-            return metric - base_m[None]
-
-        return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0, setup=1)
+        later = lambda i, m: request(groups[i], acts, False) - m[0][None]
+        return prepaid_work(jobs, first, later, setup=1)
 
     def row_budget(self, task: Task) -> int:
         return nnsight_backend.DEFAULT_ROWS

@@ -483,6 +483,37 @@ class ChunkWork:
     setup: int = 0
 
 
+Metrics = tuple[Tensor, Tensor]
+
+
+def prepaid_work(
+    jobs: list[tuple[tuple, list[int]]],
+    first: Callable[[], tuple[Metrics, Any]],
+    later: Callable[[int, Metrics], Tensor] | None = None,
+    setup: int = 0,
+) -> ChunkWork:
+    """A chunk whose first run (one request or forward) gives both its metrics and job 0's
+    values: metrics() makes it once, job 0 reads it (prepaid), job i > 0 runs
+    ``later(i, metrics)``. Jobs run in order, as run_sweep runs them."""
+    state: dict[str, Any] = {"next": 0}
+
+    def metrics() -> Metrics:
+        if "metrics" not in state:
+            state["metrics"], state["first"] = first()
+        return state["metrics"]
+
+    def run(key: tuple, cols: list[int]) -> Tensor:
+        i = state["next"]
+        state["next"] += 1
+        m = metrics()
+        if i == 0:
+            return state.pop("first")
+        assert later is not None, "a chunk of several jobs needs later()"
+        return later(i, m)
+
+    return ChunkWork(jobs, run, metrics, prepaid=1 if jobs else 0, setup=setup)
+
+
 @dataclass
 class SweepOut:
     per_example: Tensor
@@ -595,7 +626,12 @@ def chunk_notes(out: SweepOut, rows: list[slice]) -> list[str]:
         f"ran in {out.n_chunks} chunks of at most {size} examples (max_memory); "
         + "values are the same as in one pass"
     ]
-    if not out.complete:  # a failed first chunk leaves its rows, unfilled
-        kept = int((~out.metric_a.isnan()).sum())
-        notes.append(f"stopped: {kept} of {rows[-1].stop} examples kept")
+    if not out.complete:
+        notes.append(stopped_note(out, rows[-1].stop))
     return notes
+
+
+def stopped_note(out: SweepOut, n: int) -> str:
+    """How many of ``n`` examples a stopped sweep kept: those that ran (a failed first chunk
+    leaves its rows, unfilled)."""
+    return f"stopped: {int((~out.metric_a.isnan()).sum())} of {n} examples kept"

@@ -32,6 +32,7 @@ from circuit_widgets.core.common import (
     check_heads,
     chunk_notes,
     parse_memory,
+    prepaid_work,
     run_sweep,
 )
 from circuit_widgets.core.edits import run_with_edits
@@ -555,18 +556,12 @@ def group_job(values: Callable[[], Tensor], n_var: int) -> ChunkWork:
     """A chunk's one job over the grid (2, K) of ``group_values``, computed once: metrics()
     reads the base and fine-tuned metric columns off it, so the job is prepaid."""
     k = n_var + 1
-    memo: list[Tensor] = []
 
-    def run(key: tuple, cols: list[int]) -> Tensor:
-        if not memo:
-            memo.append(values())
-        return memo[0]
+    def first() -> tuple[tuple[Tensor, Tensor], Tensor]:
+        v = values()
+        return (v[k - 2], v[k - 1]), v
 
-    def metrics() -> tuple[Tensor, Tensor]:
-        v = run((), [])
-        return v[k - 2], v[k - 1]
-
-    return ChunkWork([(([0] * k + [1] * k,), list(range(k)) * 2)], run, metrics, prepaid=1)
+    return prepaid_work([(([0] * k + [1] * k,), list(range(k)) * 2)], first)
 
 
 def cmap(
